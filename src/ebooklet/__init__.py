@@ -1,0 +1,49 @@
+"""ebooklet: a dict-like key/value database in a local file, synced with S3."""
+
+from .changes import Change, Changes, PushResult
+from .connection import S3Connection
+from .ebooklet import EBooklet, open
+from .errors import (
+    AuthError,
+    ConflictError,
+    ConsistencyWarning,
+    EBookletError,
+    FormatVersionError,
+    IntegrityError,
+    LockedError,
+    OfflineError,
+    OfflineWarning,
+    ReadOnlyError,
+    RemoteError,
+    RemoteNotFoundError,
+    SerializationError,
+)
+from .remote import break_lock
+
+open_ebooklet = open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "Change",
+    "Changes",
+    "ConflictError",
+    "ConsistencyWarning",
+    "EBooklet",
+    "EBookletError",
+    "FormatVersionError",
+    "IntegrityError",
+    "LockedError",
+    "OfflineError",
+    "OfflineWarning",
+    "PushResult",
+    "ReadOnlyError",
+    "RemoteError",
+    "RemoteNotFoundError",
+    "S3Connection",
+    "SerializationError",
+    "break_lock",
+    "open",
+    "open_ebooklet",
+]

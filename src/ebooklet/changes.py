@@ -1,0 +1,432 @@
+"""`Changes`: what differs between a local copy and its remote, and moving it.
+
+Three-way state per key (md5s): *local changed* = local ≠ base, *remote
+changed* = remote ≠ base, both = *conflict* (unless both sides hold the same).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import format as fmt
+from .connection import PreconditionFailed
+from .errors import ConflictError, OfflineError, ReadOnlyError
+from .format import Entry
+from .local import Upload
+from .remote import KEYS_PER_SHARD, PACK_SIZE, PART_SIZE
+
+if TYPE_CHECKING:
+    from .ebooklet import EBooklet
+
+MAX_COMMIT_ATTEMPTS = 8
+
+
+class Change(NamedTuple):
+    """One key that differs between the local copy and the remote.
+
+    ``kind`` is ``"added"``, ``"modified"``, ``"deleted"`` (local edits),
+    ``"remote_changed"``, ``"remote_deleted"`` (remote changes to values cached
+    locally) or ``"conflict"``. The md5s are hex strings or ``None``.
+    """
+
+    kind: str
+    key: Any
+    local_md5: str | None
+    remote_md5: str | None
+    base_md5: str | None
+
+
+@dataclass
+class PushResult:
+    """What a push did."""
+
+    keys_pushed: int = 0
+    keys_deleted: int = 0
+    bytes_uploaded: int = 0
+    requests: Counter = field(default_factory=Counter)
+    commit_id: str | None = None
+    seq: int | None = None
+
+    @property
+    def committed(self) -> bool:
+        """True when the push made a new commit."""
+        return self.commit_id is not None
+
+
+def _hex(m: bytes | None) -> str | None:
+    return m.hex() if m is not None else None
+
+
+class _Plan(NamedTuple):
+    sets: dict[bytes, bytes]  # key -> local md5
+    deletes: set[bytes]
+    settled: list[bytes]  # edits that already match the remote
+    conflicts: list[bytes]
+
+
+class Changes:
+    """The differences between a database's local copy and its remote.
+
+    Obtained from :meth:`EBooklet.changes`.
+    """
+
+    def __init__(self, db: EBooklet):
+        self._db = db
+
+    # ------------------------------------------------------------ inspecting
+
+    def _remote_entries(self, keys: Iterable[bytes]) -> dict[bytes, Entry | None]:
+        db = self._db
+        if db._log.replace:
+            return dict.fromkeys(keys)
+        return db._remote.entries(keys)
+
+    def _refresh(self) -> None:
+        db = self._db
+        if db._conn is None:
+            raise OfflineError(
+                f"{db.path} has no remote; reopen it with an S3Connection to sync."
+            )
+        db._refresh()
+
+    def iter_changes(self) -> Iterator[Change]:
+        """Every local edit, conflict, and remote change to a locally cached value.
+
+        Refreshes the remote manifest first (offline: local edits only).
+        """
+        db = self._db
+        try:
+            self._refresh()
+            online = True
+        except OfflineError:
+            online = False
+        edits = dict(db._log.edits)
+        remote = self._remote_entries(edits) if online else {kb: None for kb in edits}
+        for kb, edit in edits.items():
+            entry = remote[kb]
+            r = entry.md5 if entry is not None else (edit.base if not online else None)
+            if edit.md5 == r:
+                continue
+            if online and r != edit.base and not db._log.replace:
+                kind = "conflict"
+            elif edit.md5 is None:
+                kind = "deleted"
+            elif edit.base is None or db._log.replace:
+                kind = "added"
+            else:
+                kind = "modified"
+            yield Change(kind, db._ks.loads(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
+        if online and not db._log.replace:
+            for kb, kind, entry in self._stale_cache():
+                yield Change(kind, db._ks.loads(kb), None, _hex(entry.md5) if entry else None, None)
+
+    def _stale_cache(self) -> Iterator[tuple[bytes, str, Entry | None]]:
+        """Cached values (not edited) that the remote changed or deleted."""
+        db = self._db
+        cached = [(db._key(k), ts) for k, ts in db._data.timestamps()]
+        cached = [(kb, ts) for kb, ts in cached if kb not in db._log.edits]
+        remote = db._remote.entries(kb for kb, _ in cached)
+        for kb, ts in cached:
+            entry = remote[kb]
+            if entry is None:
+                yield kb, "remote_deleted", None
+            elif entry.timestamp != ts:
+                yield kb, "remote_changed", entry
+
+    # ------------------------------------------------------------ pull & discard
+
+    def pull(self, keys: Iterable[Any] | None = None, force: bool = False) -> int:
+        """Bring remote changes into the local file; returns values downloaded.
+
+        Without ``keys``: refresh, re-download cached values the remote changed
+        and drop those it deleted. With ``keys``: download those keys. Keys with
+        local edits keep them unless ``force=True``, which discards the edits.
+        """
+        db = self._db
+        db._check_open()
+        self._refresh()
+        if force:
+            self.discard(keys)
+        if keys is not None:
+            return db.load_items(keys)
+        if db._log.replace:
+            return 0
+        stale = list(self._stale_cache())
+        gone = [kb for kb, kind, _ in stale if kind == "remote_deleted"]
+        with db._rlock:
+            for kb in gone:
+                key = db._ks.loads(kb)
+                if key in db._data:
+                    del db._data[key]
+        changed = [db._ks.loads(kb) for kb, kind, _ in stale if kind == "remote_changed"]
+        return db.load_items(changed) if changed else 0
+
+    def discard(self, keys: Iterable[Any] | None = None) -> int:
+        """Drop local edits (of ``keys``, or all); those keys read the remote again.
+
+        Returns how many edits were dropped.
+        """
+        db = self._db
+        db._check_writable()
+        with db._rlock:
+            if keys is None:
+                kbs = list(db._log.edits)
+                if db._log.replace:
+                    db._log.set_replace(False)
+                if db._log.metadata_dirty:
+                    db._log.set_metadata_dirty(False)
+            else:
+                kbs = [kb for kb in (db._key(k) for k in keys) if kb in db._log.edits]
+            db._log.mark_clean(kbs)
+            for kb in kbs:
+                key = db._ks.loads(kb)
+                if key in db._data:
+                    del db._data[key]
+            return len(kbs)
+
+    # ------------------------------------------------------------ push
+
+    def push(self, keys: Iterable[Any] | None = None, force: bool = False, message: str | None = None) -> PushResult:
+        """Upload local edits (of ``keys``, or all) in one atomic commit.
+
+        Takes the remote write lock if not held, refreshes the manifest, checks
+        for conflicts, uploads new packs and the touched index shards, then
+        commits with a conditional manifest PUT, retrying on top of a
+        concurrent commit. Pushing nothing sends no PUT.
+
+        Args:
+            keys: push only these keys' edits.
+            force: on conflict keep the local values instead of raising.
+            message: a note recorded in the commit.
+
+        Raises:
+            ConflictError: keys changed on both sides (nothing is committed).
+            LockedError: another writer holds the lock.
+            OfflineError: the remote cannot be reached (edits stay pending).
+        """
+        db = self._db
+        db._check_writable()
+        conn = db._conn
+        if conn is None or not conn.writable:
+            raise ReadOnlyError(
+                f"{db.path} has no writable remote; reopen it with an S3Connection to push."
+            )
+        if keys is not None and db._log.replace:
+            raise ValueError("This database replaces its remote at the next push: push all keys.")
+        selected = None if keys is None else {db._key(k) for k in keys}
+        before = Counter(conn.request_counts)
+        result = PushResult()
+        with db._rlock:
+            db.sync()
+            lock = db._ensure_lock()
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                self._refresh()
+                plan = self._plan(selected, force)
+                if plan.settled:
+                    db._log.mark_clean(plan.settled)
+                metadata = db._log.metadata_dirty and selected is None
+                if not (plan.sets or plan.deletes or metadata or db._log.replace):
+                    break
+                try:
+                    self._commit(plan, metadata, message, result)
+                except PreconditionFailed:
+                    time.sleep(0.05)
+                    continue
+                lock.ensure()
+                self._after_commit(plan, metadata)
+                break
+            else:
+                raise ConflictError([], "Gave up after repeated concurrent commits; push again.")
+        result.requests = Counter(conn.request_counts) - before
+        return result
+
+    def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
+        db = self._db
+        edits = {kb: e for kb, e in db._log.edits.items() if selected is None or kb in selected}
+        remote = self._remote_entries(edits)
+        sets: dict[bytes, bytes] = {}
+        deletes: set[bytes] = set()
+        settled, conflicts = [], []
+        for kb, edit in edits.items():
+            entry = remote[kb]
+            r = entry.md5 if entry is not None else None
+            if edit.md5 == r:
+                settled.append(kb)
+                continue
+            if r != edit.base and not force and not db._log.replace:
+                conflicts.append(kb)
+            elif edit.md5 is None:
+                deletes.add(kb)
+            else:
+                sets[kb] = edit.md5
+        if conflicts:
+            raise ConflictError([db._ks.loads(kb) for kb in conflicts])
+        return _Plan(sets, deletes, settled, conflicts)
+
+    def _commit(self, plan: _Plan, metadata: bool, message: str | None, result: PushResult) -> None:
+        db = self._db
+        remote = db._remote
+        head = None if db._log.replace else remote.manifest
+        new_entries, uploaded = self._upload_values(plan.sets, head)
+        commit_id = fmt.new_commit_id()
+        shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
+        base = remote.manifest
+        manifest = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "uuid": db.uuid,
+            "seq": (base["seq"] + 1) if base else 1,
+            "commit_id": commit_id,
+            "parent": {"seq": base["seq"], "commit_id": base["commit_id"]} if base else None,
+            "timestamp": int(time.time() * 1_000_000),
+            "key_serializer": db._ks_name,
+            "value_serializer": db._vs_name,
+            "n_buckets": db._data._n_buckets,
+            "n_shards": n_shards,
+            "shards": shards,
+            "n_keys": n_keys,
+            "n_bytes": n_bytes,
+            "metadata": db._data.get_metadata() if metadata else (head or {}).get("metadata"),
+            "message": message,
+            "changed_keys": len(plan.sets) + len(plan.deletes),
+        }
+        remote.commit(manifest, remote.etag)
+        result.keys_pushed = len(plan.sets)
+        result.keys_deleted = len(plan.deletes)
+        result.bytes_uploaded = uploaded
+        result.commit_id = commit_id
+        result.seq = manifest["seq"]
+
+    def _upload_values(self, sets: dict[bytes, bytes], head: dict | None) -> tuple[dict[bytes, Entry], int]:
+        """Upload the values of ``sets`` in packs; returns their entries and bytes sent.
+
+        Values already uploaded by an earlier attempt (journaled), whose md5 is
+        in a loaded index shard, or equal to another value of this push, are
+        uploaded once at most. Small values are packed and uploaded in the
+        background, at most ``threads`` packs at once.
+        """
+        db = self._db
+        remote, conn = db._remote, db._conn
+        known = self._known_locations(head)
+        entries: dict[bytes, Entry] = {}
+        duplicates: list[tuple[bytes, bytes, int]] = []
+        pack: list[tuple[bytes, bytes, bytes, int]] = []
+        in_flight: list = []
+        uploaded = pack_size = 0
+
+        def finished(located: list[tuple[bytes, Entry]]) -> None:
+            journal = []
+            for kb, entry in located:
+                entries[kb] = known[entry.md5] = entry
+                journal.append((entry.md5, Upload(entry.pack, entry.offset, entry.length, entry.timestamp)))
+            db._log.record_uploads(journal)
+
+        def send_pack() -> None:
+            nonlocal pack, pack_size
+            if pack:
+                in_flight.append(conn.submit(remote.upload_pack, pack))
+                pack, pack_size = [], 0
+            while len(in_flight) > conn.threads:
+                finished(in_flight.pop(0).result())
+
+        for kb in sorted(sets):
+            cached = db._cached(db._ks.loads(kb))
+            if cached is None:
+                continue  # the write never reached the data file (a crash): nothing to push
+            ts, raw = cached
+            m = fmt.md5(raw)
+            if m in known:
+                duplicates.append((kb, m, ts))
+                continue
+            known[m] = None  # being uploaded by this push
+            uploaded += len(raw)
+            if len(raw) > PART_SIZE:
+                finished(remote.upload_pack([(kb, raw, m, ts)]))
+                continue
+            pack.append((kb, raw, m, ts))
+            pack_size += len(raw)
+            if pack_size >= PACK_SIZE:
+                send_pack()
+        send_pack()
+        for future in in_flight:
+            finished(future.result())
+        for kb, m, ts in duplicates:
+            e = known[m]
+            entries[kb] = Entry(m, ts, e.pack, e.offset, e.length)
+        return entries, uploaded
+
+    def _known_locations(self, head: dict | None) -> dict[bytes, Entry | None]:
+        """md5 -> location of values already remote: journaled uploads and loaded shards."""
+        db = self._db
+        known: dict[bytes, Entry | None] = {}
+        if head is not None:
+            for _, name in fmt.iter_shard_names(head):
+                shard = db._remote.cached_shard(name)
+                for entry in (shard or {}).values():
+                    known[entry.md5] = entry
+        for m, up in db._log.uploads.items():
+            known[m] = Entry(m, up.timestamp, up.pack, up.offset, up.length)
+        return known
+
+    def _write_shards(
+        self, head: dict | None, new_entries: dict[bytes, Entry], deletes: set[bytes], commit_id: str
+    ) -> tuple[list[str | None], int, int, int]:
+        """Upload the touched index shards; returns the manifest's shard list and counts."""
+        db = self._db
+        remote = db._remote
+        old_n = head["n_shards"] if head else 1
+        old_keys = head["n_keys"] if head else 0
+        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), KEYS_PER_SHARD))
+        if head is not None and n_shards == old_n:
+            shards = list(head["shards"])
+            touched = {fmt.shard_of(kb, n_shards) for kb in [*new_entries, *deletes]}
+            contents = {i: dict(remote.shard(fmt.shard_name_at(head, i))) for i in sorted(touched)}
+        else:
+            shards = [None] * n_shards
+            contents = {i: {} for i in range(n_shards)}
+            for kb, entry in remote.iter_entries(head) if head else ():
+                contents[fmt.shard_of(kb, n_shards)][kb] = entry
+        for kb in deletes:
+            contents[fmt.shard_of(kb, n_shards)].pop(kb, None)
+        for kb, entry in new_entries.items():
+            contents[fmt.shard_of(kb, n_shards)][kb] = entry
+
+        def upload(i: int) -> tuple[int, str | None]:
+            if not contents[i]:
+                return i, None
+            remote.upload_shard(commit_id, i, contents[i])
+            return i, commit_id
+
+        for i, written in db._conn.map(upload, sorted(contents)):
+            shards[i] = written
+        n_keys, n_bytes = self._counts(head, contents, shards)
+        return shards, n_shards, n_keys, n_bytes
+
+    def _counts(self, head: dict | None, contents: dict[int, dict], shards: list) -> tuple[int, int]:
+        """Key and byte counts of the new commit (touched shards recounted exactly)."""
+        db = self._db
+        if head is None or len(shards) != head["n_shards"]:
+            entries = [e for c in contents.values() for e in c.values()]
+            return len(entries), sum(e.length for e in entries)
+        n_keys, n_bytes = head["n_keys"], head["n_bytes"]
+        for i, content in contents.items():
+            old = db._remote.shard(fmt.shard_name_at(head, i))
+            n_keys += len(content) - len(old)
+            n_bytes += sum(e.length for e in content.values()) - sum(e.length for e in old.values())
+        return n_keys, n_bytes
+
+    def _after_commit(self, plan: _Plan, metadata: bool) -> None:
+        db = self._db
+        log = db._log
+        log.mark_clean([*plan.sets, *plan.deletes])
+        if log.replace:
+            log.set_replace(False)
+        if metadata:
+            log.set_metadata_dirty(False)
+        log.uploads.clear()
+        log.compact()
+        db._meta.save(uuid=db.uuid)

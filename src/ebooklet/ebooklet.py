@@ -1,0 +1,727 @@
+"""`EBooklet`, the dict-like database, and :func:`open`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, MutableMapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import booklet
+from booklet import serializers as bk_serializers
+
+from . import format as fmt
+from .changes import Changes
+from .connection import S3Connection, connection_from
+from .errors import (
+    EBookletError,
+    IntegrityError,
+    OfflineError,
+    OfflineWarning,
+    ReadOnlyError,
+    RemoteNotFoundError,
+    SerializationError,
+)
+from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths, remove_local_files
+from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
+
+logger = logging.getLogger("ebooklet")
+
+FLAGS = ("r", "w", "c", "n")
+_NOT_GIVEN = object()
+_CHUNK = 1000
+
+
+def _serializer(name_or_class: Any, what: str) -> tuple[Any, str | None]:
+    """``(serializer, recorded name)``; custom classes are recorded as ``None``."""
+    if isinstance(name_or_class, str) or name_or_class is None:
+        if name_or_class not in bk_serializers.serial_dict:
+            raise ValueError(
+                f"{what} {name_or_class!r} is not a booklet serializer; use one of "
+                f"{sorted(str(k) for k in booklet.available_serializers)} or a class with dumps/loads."
+            )
+        return bk_serializers.serial_dict[name_or_class], name_or_class
+    if hasattr(name_or_class, "dumps") and hasattr(name_or_class, "loads"):
+        return name_or_class, None
+    raise TypeError(f"{what} must be a serializer name or a class with dumps and loads methods.")
+
+
+class EBooklet(MutableMapping):
+    """A key/value database in a local booklet file, kept in sync with S3.
+
+    Open one with :func:`ebooklet.open`. Reads prefer local edits, then the
+    newest remote version (fetched once, then cached); writes stay local until
+    ``changes().push()``. Thread-safe.
+    """
+
+    def __init__(self) -> None:  # built by open(); see _open
+        raise TypeError("Use ebooklet.open(remote, file_path, flag) to open a database.")
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def _open(
+        cls,
+        remote: S3Connection | str | None,
+        file_path: str | os.PathLike,
+        flag: str,
+        value_serializer: Any,
+        key_serializer: Any,
+        n_buckets: int,
+        buffer_size: int,
+        lock_timeout: float,
+        timeout: float | None,
+    ) -> EBooklet:
+        if not isinstance(flag, str) or flag not in FLAGS:
+            raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}.")
+        if not isinstance(file_path, (str, os.PathLike)):
+            raise TypeError(f"file_path must be a str or path, not {type(file_path).__name__}.")
+        conn = connection_from(remote)
+        if flag != "r" and conn is not None and not conn.writable:
+            raise ReadOnlyError(
+                f"{conn.db_url} is a public URL: it can only be opened with flag 'r'. "
+                "Use an S3Connection with credentials to write."
+            )
+        self = object.__new__(cls)
+        self.path = Path(file_path)
+        self.flag = flag
+        self.writable = flag != "r"
+        self.offline = conn is None
+        self._conn = conn
+        self._rlock = threading.RLock()
+        self._closed = True
+        self._lock: RemoteLock | None = None
+        if flag == "n":
+            remove_local_files(self.path)
+        data_path, log_path, mirror_path, meta_path = local_paths(self.path)
+        self._meta = LocalMeta(meta_path)
+        local_exists = data_path.exists()
+        self._check_same_remote(conn)
+        self._mirror = IndexMirror(mirror_path)
+        self._remote = RemoteIndex(conn, self._mirror)
+        self._log = ChangeLog(log_path)
+        try:
+            self._refresh_at_open(flag, local_exists)
+            self._init_serializers(key_serializer, value_serializer)
+            self._data = _open_data(data_path, self._ks, self._vs, n_buckets, buffer_size, timeout)
+            self._closed = False
+            if flag == "n":
+                self._log.reset()
+                self._log.set_replace(True)
+                self._meta.data["uuid"] = uuid.uuid4().hex
+            self._meta.data.setdefault("uuid", uuid.uuid4().hex)
+            self._meta.save(
+                remote=conn.public_params() if conn else self._meta.data.get("remote"),
+                key_serializer=self._ks_name,
+                value_serializer=self._vs_name,
+                n_buckets=n_buckets,
+            )
+            if self.writable and conn is not None and conn.writable and not self.offline:
+                self._lock = RemoteLock(conn, self._meta.owner_id, str(self.path.resolve()))
+                self._lock.acquire(lock_timeout)
+        except BaseException:
+            self._close_files()
+            raise
+        return self
+
+    def _check_same_remote(self, conn: S3Connection | None) -> None:
+        known = self._meta.data.get("remote")
+        if conn is None or not known or not conn.writable or not known.get("db_key"):
+            return
+        mine = conn.public_params()
+        for field in ("bucket", "db_key", "endpoint_url"):
+            if known.get(field) != mine[field]:
+                raise ValueError(
+                    f"{self.path} is the local copy of another remote ({field} "
+                    f"{known.get(field)!r}, not {mine[field]!r}); use another file path, "
+                    "or flag 'n' to start this one afresh."
+                )
+
+    def _refresh_at_open(self, flag: str, local_exists: bool) -> None:
+        if self._conn is not None:
+            try:
+                self._refresh()
+            except OfflineError as exc:
+                self.offline = True
+                warnings.warn(f"Working offline from local files: {exc}", OfflineWarning, stacklevel=4)
+        remote_exists = self._remote.exists
+        if flag in ("r", "w") and not (remote_exists or local_exists):
+            where = repr(self._conn) if self._conn is not None else "no remote given"
+            raise RemoteNotFoundError(
+                f"No database at {self.path} and none remote ({where}); "
+                "use flag 'c' to create one."
+            )
+        if flag == "w" and self._conn is not None and self._conn.writable and not remote_exists and not self.offline:
+            logger.warning(
+                "%s does not exist remotely yet: the first push creates it from %s.",
+                self._conn,
+                self.path,
+            )
+        manifest = self._remote.manifest
+        if manifest is not None and flag != "n":
+            known = self._meta.data.get("uuid")
+            if known and known != manifest["uuid"]:
+                self._adopt_foreign_remote(manifest)
+            self._meta.data["uuid"] = manifest["uuid"]
+
+    def _adopt_foreign_remote(self, manifest: dict) -> None:
+        """The remote was replaced by another database: drop caches built for the old one."""
+        if self._log.edits or self._log.metadata_dirty:
+            raise EBookletError(
+                f"The remote database was replaced (uuid {manifest['uuid']}) while {self.path} "
+                "has unpushed edits of the old one. Open with flag 'n' to start over, or "
+                "open the old file read-only elsewhere to recover the edits."
+            )
+        data_path = local_paths(self.path)[0]
+        if data_path.exists():
+            data_path.unlink()
+
+    def _init_serializers(self, key_serializer: Any, value_serializer: Any) -> None:
+        manifest = self._remote.manifest
+        recorded = manifest if manifest is not None and self.flag != "n" else self._meta.data
+        if "key_serializer" in recorded and self.flag != "n":
+            ks_name, vs_name = recorded["key_serializer"], recorded["value_serializer"]
+            key_serializer = ks_name if ks_name is not None else key_serializer
+            value_serializer = vs_name if vs_name is not None else value_serializer
+        self._ks, self._ks_name = _serializer(key_serializer, "key_serializer")
+        self._vs, self._vs_name = _serializer(value_serializer, "value_serializer")
+
+    def _refresh(self) -> bool:
+        """Adopt the newest remote manifest, first resolving unknown bases of edits."""
+        old_manifest = self._remote.manifest
+        manifest, etag = self._remote.fetch_manifest()
+        if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
+            self.offline = False
+            return False
+        unknown = [k for k, e in self._log.edits.items() if e.base == UNKNOWN_MD5]
+        if unknown:
+            entries = self._remote.entries(unknown, old_manifest)
+            self._log.record_edits(
+                (k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()
+            )
+        self._remote.adopt(manifest, etag)
+        self.offline = False
+        return True
+
+    # ------------------------------------------------------------ encoding
+
+    def _key(self, key: Any) -> bytes:
+        try:
+            kb = self._ks.dumps(key)
+        except Exception as exc:
+            raise SerializationError(
+                f"Key {key!r} cannot be encoded by the key serializer {self._ks_name!r}: {exc}"
+            ) from None
+        if not isinstance(kb, bytes):
+            raise SerializationError(f"The key serializer returned {type(kb).__name__}, not bytes.")
+        return kb
+
+    def _value(self, value: Any) -> bytes:
+        try:
+            raw = self._vs.dumps(value)
+        except Exception as exc:
+            raise SerializationError(
+                f"Value of type {type(value).__name__} cannot be encoded by the value "
+                f"serializer {self._vs_name!r}: {exc}"
+            ) from None
+        if not isinstance(raw, bytes):
+            raise SerializationError(f"The value serializer returned {type(raw).__name__}, not bytes.")
+        return raw
+
+    def _decode(self, raw: bytes) -> Any:
+        return self._vs.loads(raw)
+
+    # ------------------------------------------------------------ state checks
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EBookletError(f"{self.path} is closed; reopen it with ebooklet.open().")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise ReadOnlyError(f"{self.path} was opened read-only (flag 'r'); reopen with 'w' to write.")
+
+    # ------------------------------------------------------------ the read path
+
+    def _remote_entry(self, kb: bytes) -> Any:
+        """The remote entry of a key, :data:`MISSING_SHARD` when unknowable offline."""
+        if self._log.replace:
+            return None
+        if self.offline or self._conn is None:
+            return self._remote.entry(kb, fetch=False)
+        try:
+            return self._remote.entry(kb)
+        except OfflineError:
+            return self._remote.entry(kb, fetch=False)
+
+    def _cached(self, key: Any) -> tuple[int, bytes] | None:
+        return self._data.get_timestamp(key, include_value=True, decode_value=False)
+
+    def _raw(self, key: Any) -> tuple[int, bytes] | None:
+        """``(timestamp, encoded value)`` of a key, fetching it if needed."""
+        self._check_open()
+        kb = self._key(key)
+        edit = self._log.edits.get(kb)
+        if edit is not None or self._log.replace:
+            if edit is None or edit.md5 is None:
+                return None
+            return self._cached(key)
+        entry = self._remote_entry(kb)
+        if entry is None:
+            return None
+        cached = self._cached(key)
+        if entry is MISSING_SHARD:
+            if cached is None:
+                raise OfflineError(
+                    f"Key {key!r} is not cached locally and the remote cannot be reached; "
+                    "reconnect and try again."
+                )
+            return cached
+        if cached is not None and cached[0] == entry.timestamp:
+            return cached
+        for _, e, raw in self._remote.fetch_values([(kb, entry)]):
+            self._data.set(key, raw, timestamp=e.timestamp, encode_value=False)
+            return e.timestamp, raw
+        return None
+
+    def __getitem__(self, key: Any) -> Any:
+        found = self._raw(key)
+        if found is None:
+            raise KeyError(key)
+        return self._decode(found[1])
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of ``key``, or ``default``."""
+        found = self._raw(key)
+        return default if found is None else self._decode(found[1])
+
+    def __contains__(self, key: Any) -> bool:
+        self._check_open()
+        kb = self._key(key)
+        edit = self._log.edits.get(kb)
+        if edit is not None:
+            return edit.md5 is not None
+        entry = self._remote_entry(kb)
+        if entry is MISSING_SHARD:
+            return key in self._data
+        return entry is not None
+
+    def _edits_in_remote(self) -> dict[bytes, bool]:
+        """For every edited key, whether the remote head has it."""
+        edits = dict(self._log.edits)
+        if self._log.replace or not self._remote.exists:
+            return dict.fromkeys(edits, False)
+        if not self.offline:
+            try:
+                entries = self._remote.entries(edits)
+                return {k: e is not None for k, e in entries.items()}
+            except OfflineError:
+                pass
+        out = {}
+        for kb, edit in edits.items():
+            entry = self._remote.entry(kb, fetch=False)
+            out[kb] = edit.base is not None if entry is MISSING_SHARD else entry is not None
+        return out
+
+    def __len__(self) -> int:
+        self._check_open()
+        with self._rlock:
+            edits = dict(self._log.edits)
+            in_remote = self._edits_in_remote()
+            manifest = self._remote.manifest
+            n = 0 if self._log.replace or manifest is None else manifest["n_keys"]
+            for kb, edit in edits.items():
+                n += (edit.md5 is not None) - in_remote[kb]
+            return n
+
+    def _iter_key_bytes(self) -> Iterator[bytes]:
+        edits = dict(self._log.edits)
+        if not self._log.replace and self._remote.exists:
+            try:
+                for kb, _ in self._remote.iter_entries():
+                    if kb not in edits:
+                        yield kb
+            except OfflineError as exc:
+                warnings.warn(
+                    f"Listing only locally cached keys: {exc}", OfflineWarning, stacklevel=3
+                )
+                for key in self._data:
+                    kb = self._key(key)
+                    if kb not in edits:
+                        yield kb
+        for kb, edit in edits.items():
+            if edit.md5 is not None:
+                yield kb
+
+    def __iter__(self) -> Iterator[Any]:
+        self._check_open()
+        for kb in self._iter_key_bytes():
+            yield self._ks.loads(kb)
+
+    def keys(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
+        """The keys of the database (or those of ``keys`` that exist)."""
+        if keys is None:
+            return iter(self)
+        return (k for k in keys if k in self)
+
+    def items(self, keys: Iterable[Any] | None = None) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
+        """``(key, value)`` pairs, downloading missing values in coalesced batches."""
+        self._check_open()
+        chunk: list[Any] = []
+        for key in self.keys(keys):
+            chunk.append(key)
+            if len(chunk) == _CHUNK:
+                yield from self._items_chunk(chunk)
+                chunk = []
+        yield from self._items_chunk(chunk)
+
+    def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
+        self.load_items(keys)
+        for key in keys:
+            found = self._raw(key)
+            if found is not None:
+                yield key, self._decode(found[1])
+
+    def values(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
+        """The values (of ``keys`` when given)."""
+        for _, value in self.items(keys):
+            yield value
+
+    def get_items(self, keys: Iterable[Any], default: Any = None) -> Iterator[tuple[Any, Any]]:
+        """``(key, value or default)`` for each of ``keys``, fetched in coalesced batches."""
+        keys = list(keys)
+        self.load_items(keys)
+        for key in keys:
+            yield key, self.get(key, default)
+
+    def load_items(self, keys: Iterable[Any] | None = None) -> int:
+        """Download values into the local file without returning them.
+
+        Neighbouring values are fetched together. ``keys=None`` loads every key.
+        Returns how many values were downloaded.
+        """
+        self._check_open()
+        if self._log.replace or not self._remote.exists or self.offline:
+            return 0
+        kbs = [self._key(k) for k in keys] if keys is not None else None
+        if kbs is None:
+            candidates = [(kb, e) for kb, e in self._remote.iter_entries()]
+        else:
+            entries = self._remote.entries(kbs)
+            candidates = [(kb, e) for kb, e in entries.items() if e is not None]
+        wanted = []
+        for kb, entry in candidates:
+            if kb in self._log.edits:
+                continue
+            cached = self._data.get_timestamp(self._ks.loads(kb))
+            if cached != entry.timestamp:
+                wanted.append((kb, entry))
+        count = 0
+        for kb, entry, raw in self._remote.fetch_values(wanted):
+            self._data.set(self._ks.loads(kb), raw, timestamp=entry.timestamp, encode_value=False)
+            count += 1
+        return count
+
+    # ------------------------------------------------------------ the write path
+
+    def _base(self, kb: bytes) -> bytes | None:
+        """The remote md5 a new edit of ``kb`` replaces (no request is made)."""
+        edit = self._log.edits.get(kb)
+        if edit is not None:
+            return edit.base
+        if self._log.replace:
+            return None
+        entry = self._remote.entry(kb, fetch=False)
+        if entry is MISSING_SHARD:
+            return UNKNOWN_MD5
+        return entry.md5 if entry is not None else None
+
+    def set(self, key: Any, value: Any, timestamp: int | str | datetime | None = None) -> None:
+        """Set ``key`` to ``value`` locally, with an optional timestamp (µs, ISO str or datetime)."""
+        self._check_writable()
+        kb = self._key(key)
+        raw = self._value(value)
+        with self._rlock:
+            self._log.record_edits([(kb, fmt.md5(raw), self._base(kb))])
+            self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.set(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Set many keys at once (a mapping, pairs, or keyword arguments)."""
+        self._check_writable()
+        pairs = dict(*args, **kwargs)
+        encoded = [(key, self._key(key), self._value(value)) for key, value in pairs.items()]
+        with self._rlock:
+            self._log.record_edits((kb, fmt.md5(raw), self._base(kb)) for _, kb, raw in encoded)
+            for key, _, raw in encoded:
+                self._data.set(key, raw, encode_value=False)
+
+    def __delitem__(self, key: Any) -> None:
+        self._check_writable()
+        kb = self._key(key)
+        with self._rlock:
+            if key not in self:
+                raise KeyError(key)
+            self._log.record_edits([(kb, None, self._base(kb))])
+            if key in self._data:
+                del self._data[key]
+
+    def clear(self) -> None:
+        """Delete every key; the next push replaces the remote database with an empty one."""
+        self._check_writable()
+        with self._rlock:
+            metadata_dirty = self._log.metadata_dirty
+            self._log.reset()
+            self._log.set_replace(True)
+            if metadata_dirty:
+                self._log.set_metadata_dirty(True)
+            self._data.clear()
+
+    # ------------------------------------------------------------ timestamps & metadata
+
+    def get_timestamp(self, key: Any, include_value: bool = False, default: Any = None) -> Any:
+        """The timestamp (µs) of ``key``; ``(timestamp, value)`` with ``include_value``."""
+        self._check_open()
+        kb = self._key(key)
+        if not include_value and kb not in self._log.edits and not self._log.replace:
+            entry = self._remote_entry(kb)
+            if entry is None:
+                return default
+            if entry is not MISSING_SHARD:
+                return entry.timestamp
+        found = self._raw(key)
+        if found is None:
+            return default
+        return (found[0], self._decode(found[1])) if include_value else found[0]
+
+    def timestamps(self, include_value: bool = False) -> Iterator[tuple]:
+        """``(key, timestamp)`` (or ``(key, timestamp, value)``) for every key."""
+        if include_value:
+            for key, value in self.items():
+                yield key, self.get_timestamp(key), value
+            return
+        for key in self:
+            yield key, self.get_timestamp(key)
+
+    def set_timestamp(self, key: Any, timestamp: int | str | datetime) -> None:
+        """Change the timestamp of ``key`` (makes it a local edit)."""
+        self._check_writable()
+        found = self._raw(key)
+        if found is None:
+            raise KeyError(key)
+        with self._rlock:
+            kb = self._key(key)
+            self._log.record_edits([(kb, fmt.md5(found[1]), self._base(kb))])
+            self._data.set(key, found[1], timestamp=timestamp, encode_value=False)
+
+    def set_metadata(self, data: Any) -> None:
+        """Set the database's user metadata (any JSON-serializable object); pushed with the data."""
+        self._check_writable()
+        with self._rlock:
+            self._log.set_metadata_dirty(True)
+            self._data.set_metadata(data)
+
+    def get_metadata(self) -> Any:
+        """The user metadata: the local edit if any, else the remote's."""
+        self._check_open()
+        if self._log.metadata_dirty or self._remote.manifest is None:
+            return self._data.get_metadata()
+        return self._remote.manifest.get("metadata")
+
+    # ------------------------------------------------------------ sync
+
+    def changes(self) -> Changes:
+        """The :class:`Changes` between this copy and the remote (push, pull, discard)."""
+        self._check_open()
+        return Changes(self)
+
+    def pull(self, keys: Iterable[Any] | None = None, force: bool = False) -> int:
+        """Bring the remote's changes into the local file; see :meth:`Changes.pull`."""
+        return self.changes().pull(keys, force=force)
+
+    def prune(self, timestamp: int | str | datetime | None = None) -> int:
+        """Compact the local file; with ``timestamp``, delete keys older than it.
+
+        Returns how many keys were deleted.
+        """
+        self._check_writable()
+        removed = 0
+        if timestamp is not None:
+            cutoff = booklet.make_timestamp_int(timestamp)
+            old = [key for key, ts in self.timestamps() if ts < cutoff]
+            for key in old:
+                del self[key]
+            removed = len(old)
+        with self._rlock:
+            self._data.prune()
+        return removed
+
+    def get_local_hash(self) -> int:
+        """Rebuild the change log from the data file (after editing it with plain booklet).
+
+        Every value whose md5 differs from the remote index becomes a local edit.
+        Returns how many edits were found.
+        """
+        self._check_writable()
+        with self._rlock:
+            self._data.sync()
+            pairs = [(self._key(k), k) for k in self._data]
+            remote = self._remote.entries(kb for kb, _ in pairs) if self._remote.exists and not self._log.replace else {}
+            edits = []
+            for kb, key in pairs:
+                raw = self._cached(key)[1]
+                entry = remote.get(kb)
+                if entry is None or entry.md5 != fmt.md5(raw):
+                    edits.append((kb, fmt.md5(raw), entry.md5 if entry else None))
+            self._log.record_edits(edits)
+            self._log.compact()
+            return len(edits)
+
+    def get_remote_hash(self) -> dict[Any, tuple[str, int]]:
+        """Rebuild the remote index from the packs' footers: ``key -> (md5 hex, timestamp)``.
+
+        Lists every pack of the database (needs list permission); where a key is
+        in several packs, the newest timestamp wins. A recovery and audit tool: it
+        cannot know which keys were deleted later.
+        """
+        self._check_open()
+        if self._conn is None or not self._conn.writable:
+            raise ReadOnlyError("get_remote_hash lists the bucket: it needs an S3Connection with credentials.")
+        from .remote import read_pack_footer
+
+        found: dict[bytes, tuple[bytes, int]] = {}
+        packs = [name for name, _ in self._conn.list(fmt.PREFIX + "pack/")]
+        for items in self._conn.map(lambda name: read_pack_footer(self._conn, name), packs):
+            for item in items:
+                if item.key not in found or found[item.key][1] < item.timestamp:
+                    found[item.key] = (item.md5, item.timestamp)
+        return {self._ks.loads(k): (m.hex(), ts) for k, (m, ts) in found.items()}
+
+    def sync(self) -> None:
+        """Flush local files to disk."""
+        self._check_open()
+        with self._rlock:
+            self._data.sync()
+            self._mirror.sync()
+
+    # ------------------------------------------------------------ attributes
+
+    @property
+    def remote(self) -> S3Connection | None:
+        """The connection this database syncs with (``None``: local only)."""
+        return self._conn
+
+    @property
+    def uuid(self) -> str:
+        """The database's uuid (shared by every copy of it)."""
+        return self._meta.data["uuid"]
+
+    def _ensure_lock(self, timeout: float = 0.0) -> RemoteLock:
+        if self._lock is None or not self._lock.held:
+            self._lock = RemoteLock(self._conn, self._meta.owner_id, str(self.path.resolve()))
+            self._lock.acquire(timeout)
+        return self._lock
+
+    # ------------------------------------------------------------ closing
+
+    def _close_files(self) -> None:
+        for closer in (
+            lambda: self._data.close(),
+            self._log.close,
+            self._mirror.close,
+        ):
+            with contextlib.suppress(AttributeError):
+                closer()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def close(self) -> None:
+        """Flush and close the local files and release the remote write lock."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_files()
+
+    def __enter__(self) -> EBooklet:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("offline" if self.offline else "online")
+        return f"<EBooklet {str(self.path)!r} flag={self.flag!r} {state} remote={self._conn!r}>"
+
+
+def _open_data(path: Path, ks: Any, vs: Any, n_buckets: int, buffer_size: int, timeout: float | None):
+    try:
+        return booklet.open(
+            str(path), "c", key_serializer=ks, value_serializer=vs,
+            n_buckets=n_buckets, buffer_size=buffer_size, timeout=timeout,
+        )
+    except booklet.LockTimeoutError:
+        raise
+    except Exception as exc:
+        raise IntegrityError(
+            f"{path} cannot be opened as a booklet file ({type(exc).__name__}: {exc}). "
+            "Move it away: whatever was pushed is safe remotely, and reopening "
+            "downloads it again."
+        ) from None
+
+
+def open(
+    remote: S3Connection | str | None,
+    file_path: str | os.PathLike,
+    flag: str = "r",
+    value_serializer: Any = None,
+    key_serializer: Any = "str",
+    n_buckets: int = 12007,
+    buffer_size: int = 2**22,
+    lock_timeout: float = 0.0,
+    timeout: float | None = None,
+) -> EBooklet:
+    """Open a database kept in ``file_path`` and synced with ``remote``.
+
+    Args:
+        remote: an :class:`S3Connection`, a public URL string (read-only), or
+            ``None`` to work locally only.
+        file_path: the local booklet file; ``.local_hash``, ``.remote_index``
+            and ``.ebk.json`` files are kept beside it.
+        flag: ``'r'`` read-only, ``'w'`` read-write existing, ``'c'`` create if
+            missing, ``'n'`` new and empty (the next push replaces the remote).
+        value_serializer, key_serializer: booklet serializer names or classes
+            with ``dumps``/``loads``; recorded with a new database and read back
+            from an existing one.
+        n_buckets, buffer_size: booklet parameters of the local file.
+        lock_timeout: seconds to wait for another writer's remote lock.
+        timeout: seconds to wait for another process's local file lock
+            (``None``: wait).
+
+    Raises:
+        ValueError, TypeError: bad arguments.
+        ReadOnlyError: a write flag with a public URL.
+        RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
+        LockedError: another writer holds the remote lock.
+        IntegrityError, FormatVersionError: damaged or too new files.
+    """
+    return EBooklet._open(
+        remote, file_path, flag, value_serializer, key_serializer,
+        n_buckets, buffer_size, lock_timeout, timeout,
+    )

@@ -1,0 +1,84 @@
+"""The exception hierarchy of ebooklet.
+
+Every error raised on purpose by ebooklet is an :class:`EBookletError`; each
+message says what happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class EBookletError(Exception):
+    """Base class of every error ebooklet raises on purpose."""
+
+
+class ReadOnlyError(EBookletError, PermissionError):
+    """A write was attempted on a database opened read-only."""
+
+
+class RemoteNotFoundError(EBookletError, FileNotFoundError):
+    """The remote database (or its bucket) does not exist, or is not public."""
+
+
+class ConflictError(EBookletError):
+    """The same keys were changed locally and remotely since the last sync.
+
+    Attributes:
+        keys: the conflicting keys (decoded with the key serializer).
+    """
+
+    def __init__(self, keys: Iterable, message: str | None = None):
+        self.keys = list(keys)
+        shown = ", ".join(repr(k) for k in self.keys[:10])
+        more = f" and {len(self.keys) - 10} more" if len(self.keys) > 10 else ""
+        super().__init__(
+            message
+            or f"{len(self.keys)} key(s) changed both locally and remotely: {shown}{more}. "
+            "Resolve with changes().push(keys, force=True) to keep the local values, "
+            "or changes().pull(keys) / discard(keys) to keep the remote ones."
+        )
+
+
+class LockedError(EBookletError):
+    """Another writer holds the remote write lock.
+
+    Attributes:
+        owner: the lock record (host, pid, owner id, created, expires).
+    """
+
+    def __init__(self, owner: dict, message: str):
+        self.owner = owner
+        super().__init__(message)
+
+
+class IntegrityError(EBookletError):
+    """A remote or local object is corrupt, truncated, or not ebooklet's."""
+
+
+class FormatVersionError(EBookletError):
+    """A file or object was written by a newer (or unknown) format version."""
+
+
+class OfflineError(EBookletError, ConnectionError):
+    """The remote cannot be reached and the operation needs it."""
+
+
+class AuthError(EBookletError, PermissionError):
+    """The remote refused our credentials or permissions (HTTP 401/403)."""
+
+
+class RemoteError(EBookletError):
+    """The remote answered with an unexpected error."""
+
+
+class SerializationError(EBookletError, TypeError):
+    """A key or value could not be encoded or decoded by its serializer."""
+
+
+class OfflineWarning(UserWarning):
+    """The remote could not be reached; the database works from local files."""
+
+
+class ConsistencyWarning(UserWarning):
+    """The remote server does not honour conditional writes; only the lock protects pushes."""

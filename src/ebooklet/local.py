@@ -1,0 +1,320 @@
+"""The local files of a database and its three-way state.
+
+For a user path ``P``:
+
+- ``P`` — a booklet file with the values: local edits and cached remote values.
+- ``P.local_hash`` — :class:`ChangeLog`, an append-only journal of local edits
+  (md5 of the local value, md5 of the remote version it replaced), uploads not
+  yet committed, and flags. Each record is written with one unbuffered
+  ``os.write`` *before* the value goes into ``P``, so a process killed at any
+  point never hides an edit from the next push.
+- ``P.remote_index`` — :class:`IndexMirror`, a booklet file with the last
+  manifest seen and the index shards already fetched.
+- ``P.ebk.json`` — human-readable metadata: where the remote is (no
+  credentials), the database uuid, the serializers, the owner id of the writer.
+
+Byte layouts are in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import booklet
+import orjson
+
+from .errors import FormatVersionError, IntegrityError
+from .format import NO_MD5
+
+LOCAL_FORMAT_VERSION = 1
+UNKNOWN_MD5 = b"\xff" * 16
+"""Base md5 not yet known: the key's shard was not fetched when it was edited."""
+
+_LOG_MAGIC = b"EBKLOG01"
+_RECORD = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
+_UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
+
+SET, DELETE, CLEAN, UPLOADED, REPLACE, METADATA, RESET = (
+    b"S", b"D", b"C", b"U", b"R", b"M", b"X"
+)
+
+
+class Edit(NamedTuple):
+    """A key's local edit: md5 of the local value (``None``: deleted) and its base."""
+
+    md5: bytes | None
+    base: bytes | None
+
+
+class Upload(NamedTuple):
+    """A value uploaded into a pack by a push that has not (yet) committed."""
+
+    pack: bytes
+    offset: int
+    length: int
+    timestamp: int
+
+
+def _md5_or_none(raw: bytes) -> bytes | None:
+    return None if raw == NO_MD5 else raw
+
+
+class ChangeLog:
+    """The ``P.local_hash`` journal: pending local edits and uncommitted uploads.
+
+    The whole state is kept in memory (it is proportional to what was edited
+    since the last push); the file is only appended to, and rewritten compactly
+    after a push.
+    """
+
+    def __init__(self, path: Path, writable: bool = True):
+        self.path = Path(path)
+        self.edits: dict[bytes, Edit] = {}
+        self.uploads: dict[bytes, Upload] = {}
+        self.replace = False
+        self.metadata_dirty = False
+        self._lock = threading.RLock()
+        self._records = 0
+        self._fd: int | None = None
+        if self.path.exists():
+            data = self.path.read_bytes()
+            valid = self._replay(data)
+            if writable and valid < len(data):
+                os.truncate(self.path, valid)
+        if writable:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if os.fstat(self._fd).st_size == 0:
+                os.write(self._fd, _LOG_MAGIC)
+
+    def _replay(self, data: bytes) -> int:
+        """Load the journal; returns the length of its intact part."""
+        if not data:
+            return 0
+        if data[:8] != _LOG_MAGIC:
+            raise IntegrityError(
+                f"{self.path} is not an ebooklet change log; move it away and call "
+                "get_local_hash() to rebuild it from the data file."
+            )
+        pos, end = 8, len(data)
+        while pos + _RECORD.size <= end:
+            kind, key_len, md5_, base = _RECORD.unpack_from(data, pos)
+            stop = pos + _RECORD.size + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
+            if stop > end:
+                break  # a record cut short by a crash: the edit after it never happened
+            key = data[pos + _RECORD.size : pos + _RECORD.size + key_len]
+            extra = data[pos + _RECORD.size + key_len : stop]
+            self._apply(kind, key, md5_, base, extra)
+            pos = stop
+        return pos
+
+    def _apply(self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes) -> None:
+        self._records += 1
+        if kind in (SET, DELETE):
+            self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base))
+        elif kind == CLEAN:
+            self.edits.pop(key, None)
+        elif kind == UPLOADED:
+            self.uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
+        elif kind == REPLACE:
+            self.replace = md5_ != NO_MD5
+        elif kind == METADATA:
+            self.metadata_dirty = md5_ != NO_MD5
+        elif kind == RESET:
+            self.edits.clear()
+            self.uploads.clear()
+            self.replace = False
+            self.metadata_dirty = False
+        else:
+            raise IntegrityError(f"{self.path} holds an unknown record kind {kind!r}.")
+
+    @staticmethod
+    def _encode(kind: bytes, key: bytes, md5_: bytes | None, base: bytes | None, extra: bytes = b"") -> bytes:
+        return _RECORD.pack(kind, len(key), md5_ or NO_MD5, base or NO_MD5) + key + extra
+
+    def _write(self, records: list[tuple]) -> None:
+        if self._fd is None:
+            raise IntegrityError(f"{self.path} is open read-only.")
+        blob = b"".join(self._encode(*r) for r in records)
+        with self._lock:
+            os.write(self._fd, blob)
+            for r in records:
+                kind, key, md5_, base = r[:4]
+                self._apply(kind, key, md5_ or NO_MD5, base or NO_MD5, r[4] if len(r) > 4 else b"")
+
+    # ---------------------------------------------------------------- edits
+
+    def record_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
+        """Journal local edits ``(key, md5 or None for a deletion, base md5)``."""
+        self._write([(SET if m else DELETE, k, m, b) for k, m, b in edits])
+
+    def mark_clean(self, keys: Iterable[bytes]) -> None:
+        """Forget the edits of ``keys`` (pushed or discarded)."""
+        self._write([(CLEAN, k, None, None) for k in keys])
+
+    def record_uploads(self, uploads: Iterable[tuple[bytes, Upload]]) -> None:
+        """Remember values uploaded by a push that may not commit (reused by the next)."""
+        self._write([(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in uploads])
+
+    def set_replace(self, on: bool) -> None:
+        """Set or clear the "next push replaces the remote database" flag."""
+        self._write([(REPLACE, b"", b"\x01" * 16 if on else None, None)])
+
+    def set_metadata_dirty(self, on: bool) -> None:
+        """Set or clear the "user metadata changed locally" flag."""
+        self._write([(METADATA, b"", b"\x01" * 16 if on else None, None)])
+
+    def reset(self) -> None:
+        """Forget everything (a new, empty database)."""
+        self._write([(RESET, b"", None, None)])
+
+    def compact(self) -> None:
+        """Rewrite the journal with only the live state, atomically."""
+        if self._fd is None:
+            return
+        with self._lock:
+            records = [(SET if e.md5 else DELETE, k, e.md5, e.base) for k, e in self.edits.items()]
+            records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self.uploads.items()]
+            if self.replace:
+                records.append((REPLACE, b"", b"\x01" * 16, None))
+            if self.metadata_dirty:
+                records.append((METADATA, b"", b"\x01" * 16, None))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_bytes(_LOG_MAGIC + b"".join(self._encode(*r) for r in records))
+            os.replace(tmp, self.path)
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._records = len(records)
+
+    def needs_compaction(self) -> bool:
+        """True when most of the journal is superseded records."""
+        live = len(self.edits) + len(self.uploads) + 2
+        return self._records > 1000 and self._records > 4 * live
+
+    def close(self) -> None:
+        """Compact if worthwhile and close the file."""
+        if self._fd is not None:
+            if self.needs_compaction():
+                self.compact()
+            os.close(self._fd)
+            self._fd = None
+
+
+class IndexMirror:
+    """``P.remote_index``: the manifests and index shards already fetched.
+
+    Holds two manifests: ``head`` (the newest seen, which reads use) and
+    ``synced`` (the one the local state was last reconciled with by pull or push).
+    """
+
+    def __init__(self, path: Path, writable: bool = True):
+        self.path = Path(path)
+        flag = "c" if writable else "r"
+        if not writable and not self.path.exists():
+            self._db = None
+        else:
+            self._db = booklet.open(str(self.path), flag, key_serializer="str", value_serializer=None)
+        self._lock = threading.Lock()
+
+    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
+        """``(manifest, etag)`` stored under ``which`` ('head' or 'synced')."""
+        raw = self._db.get(which) if self._db is not None else None
+        if raw is None:
+            return None, None
+        record = orjson.loads(raw)
+        return record["manifest"], record["etag"]
+
+    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
+        """Store a manifest and its ETag under ``which``."""
+        with self._lock:
+            if manifest is None:
+                if which in self._db:
+                    del self._db[which]
+            else:
+                self._db[which] = orjson.dumps({"manifest": manifest, "etag": etag})
+            self._db.sync()
+
+    def get_shard(self, name: str) -> bytes | None:
+        """The raw bytes of a fetched shard, or ``None``."""
+        return self._db.get("shard:" + name) if self._db is not None else None
+
+    def set_shard(self, name: str, data: bytes) -> None:
+        """Store a fetched (immutable) shard."""
+        with self._lock:
+            self._db["shard:" + name] = data
+
+    def sync(self) -> None:
+        if self._db is not None and self._db.writable:
+            with self._lock:
+                self._db.sync()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._db.clear()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class LocalMeta:
+    """``P.ebk.json``: what the local files are a copy of (never credentials)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                self.data = orjson.loads(self.path.read_bytes())
+            except orjson.JSONDecodeError:
+                raise IntegrityError(
+                    f"{self.path} is not valid JSON; delete it and reopen with a connection "
+                    "to rebuild it (no pushed data is lost)."
+                ) from None
+            version = self.data.get("version")
+            if not isinstance(version, int) or version > LOCAL_FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{self.path} was written by a newer ebooklet (local format {version!r}); "
+                    "upgrade ebooklet."
+                )
+
+    @property
+    def owner_id(self) -> str:
+        """A stable id of this local copy as a writer (reclaims its own lock after a crash)."""
+        if "owner_id" not in self.data:
+            self.data["owner_id"] = uuid.uuid4().hex
+        return self.data["owner_id"]
+
+    def save(self, **fields: Any) -> None:
+        """Update fields and write the file atomically."""
+        self.data.update(fields)
+        self.data["version"] = LOCAL_FORMAT_VERSION
+        self.data.setdefault("format", "ebooklet-local")
+        self.owner_id  # noqa: B018 - make sure it is recorded
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+        os.replace(tmp, self.path)
+
+
+def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
+    """``(data, change log, index mirror, metadata)`` paths for a user path."""
+    p = Path(path)
+    return (
+        p,
+        p.with_name(p.name + ".local_hash"),
+        p.with_name(p.name + ".remote_index"),
+        p.with_name(p.name + ".ebk.json"),
+    )
+
+
+def remove_local_files(path: str | os.PathLike) -> None:
+    """Delete every local file of a database (flag ``'n'``)."""
+    for p in local_paths(path):
+        if p.exists():
+            p.unlink()

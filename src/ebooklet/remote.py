@@ -1,0 +1,568 @@
+"""The remote database: manifest, index shards, values, packs, commits and the lock.
+
+Nothing here knows about the local files beyond the :class:`IndexMirror`-like
+object it is handed to keep fetched shards in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from typing import Any, NamedTuple, Protocol
+
+import orjson
+
+from . import format as fmt
+from .connection import Fetched, NotModified, PreconditionFailed, S3Connection
+from .errors import (
+    ConsistencyWarning,
+    EBookletError,
+    IntegrityError,
+    LockedError,
+    OfflineError,
+    RemoteError,
+    RemoteNotFoundError,
+)
+from .format import Entry
+
+PACK_SIZE = 8 << 20
+"""Small values are grouped into packs of about this many bytes."""
+PART_SIZE = 8 << 20
+"""Multipart part size, and the size above which a value gets a pack of its own."""
+RANGE_GAP = 256 << 10
+"""Neighbouring values of one pack closer than this are fetched in one GET."""
+RANGE_MAX = 16 << 20
+"""A coalesced range GET is cut at about this many bytes."""
+KEYS_PER_SHARD = 4096
+SHARD_CACHE = 256
+"""Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
+LOCK_LEASE = 30.0
+"""Seconds a write lock lives without renewal; renewed every third of it."""
+
+
+class Mirror(Protocol):
+    """Where fetched manifests and shards are kept (``local.IndexMirror``)."""
+
+    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]: ...
+    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None: ...
+    def get_shard(self, name: str) -> bytes | None: ...
+    def set_shard(self, name: str, data: bytes) -> None: ...
+
+
+class RemoteIndex:
+    """The remote database as seen through its manifest and index shards.
+
+    Args:
+        conn: how to reach the remote (``None``: local only, offline for good).
+        mirror: where fetched manifests and shards are kept.
+    """
+
+    def __init__(self, conn: S3Connection | None, mirror: Mirror):
+        self.conn = conn
+        self.mirror = mirror
+        self.manifest, self.etag = mirror.get_manifest("head")
+        self._shards: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
+        self._lock = threading.RLock()
+        self._fetching: dict[str, threading.Lock] = {}
+
+    # ------------------------------------------------------------ manifest
+
+    @property
+    def exists(self) -> bool:
+        """True when a remote manifest is known."""
+        return self.manifest is not None
+
+    def fetch_manifest(self) -> tuple[dict | None, str | None]:
+        """GET the head manifest, conditional on the one we hold.
+
+        Returns ``(manifest, etag)``; ``(None, None)`` when the database does not exist.
+        """
+        self._require_conn()
+        try:
+            answer = self.conn.get("", self.etag if self.manifest is not None else None)
+        except RemoteNotFoundError as exc:
+            if "Bucket" in str(exc):
+                raise
+            return None, None
+        if isinstance(answer, NotModified):
+            return self.manifest, self.etag
+        return fmt.decode_manifest(answer.data, f"manifest of {self.conn!r}"), answer.etag
+
+    def refresh(self) -> bool:
+        """Adopt the newest head manifest; True when it changed."""
+        manifest, etag = self.fetch_manifest()
+        changed = etag != self.etag or (manifest is None) != (self.manifest is None)
+        if changed:
+            self.adopt(manifest, etag)
+        return changed
+
+    def adopt(self, manifest: dict | None, etag: str | None) -> None:
+        """Make ``manifest`` the head (after a refresh or our own commit)."""
+        with self._lock:
+            self.manifest, self.etag = manifest, etag
+            self.mirror.set_manifest(manifest, etag, "head")
+
+    def _require_conn(self) -> None:
+        if self.conn is None:
+            raise OfflineError(
+                "This database has no remote; reopen it with an S3Connection to reach one."
+            )
+
+    # ------------------------------------------------------------ shards
+
+    def shard_for(self, key: bytes, manifest: dict | None = None) -> tuple[int, str | None]:
+        """``(shard number, object suffix or None if empty)`` holding ``key``."""
+        manifest = manifest if manifest is not None else self.manifest
+        i = fmt.shard_of(key, manifest["n_shards"])
+        return i, fmt.shard_name_at(manifest, i)
+
+    def cached_shard(self, name: str) -> dict[bytes, Entry] | None:
+        """A shard already in memory or in the local mirror (no request)."""
+        with self._lock:
+            shard = self._shards.get(name)
+            if shard is not None:
+                self._shards.move_to_end(name)
+                return shard
+        raw = self.mirror.get_shard(name)
+        if raw is None:
+            return None
+        return self._remember(name, fmt.decode_shard(raw, name))
+
+    def _remember(self, name: str, shard: dict[bytes, Entry]) -> dict[bytes, Entry]:
+        with self._lock:
+            self._shards[name] = shard
+            while len(self._shards) > SHARD_CACHE:
+                self._shards.popitem(last=False)
+        return shard
+
+    def shard(self, name: str | None) -> dict[bytes, Entry]:
+        """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard."""
+        if name is None:
+            return {}
+        shard = self.cached_shard(name)
+        if shard is not None:
+            return shard
+        with self._lock:
+            guard = self._fetching.setdefault(name, threading.Lock())
+        with guard:
+            shard = self.cached_shard(name)
+            if shard is None:
+                self._require_conn()
+                answer = self.conn.get(name)
+                shard = fmt.decode_shard(answer.data, name)
+                self.mirror.set_shard(name, answer.data)
+                self._remember(name, shard)
+        return shard
+
+    def load_shards(self, names: Iterable[str | None]) -> None:
+        """Fetch the given shards that are not local yet, in parallel."""
+        missing = sorted({n for n in names if n is not None and self.cached_shard(n) is None})
+        if missing:
+            self._require_conn()
+            list(self.conn.map(self.shard, missing))
+
+    def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
+        """The remote index entry of ``key`` (``None``: not in the remote).
+
+        With ``fetch=False`` only local shards are consulted and
+        :data:`MISSING_SHARD` is returned when the shard is not local.
+        """
+        manifest = manifest if manifest is not None else self.manifest
+        if manifest is None:
+            return None
+        _, name = self.shard_for(key, manifest)
+        if name is None:
+            return None
+        shard = self.shard(name) if fetch else self.cached_shard(name)
+        if shard is None:
+            return MISSING_SHARD
+        return shard.get(key)
+
+    def entries(self, keys: Iterable[bytes], manifest: dict | None = None) -> dict[bytes, Entry | None]:
+        """Remote entries of many keys, fetching their shards in parallel."""
+        manifest = manifest if manifest is not None else self.manifest
+        keys = list(keys)
+        if manifest is None:
+            return dict.fromkeys(keys)
+        names = {k: self.shard_for(k, manifest)[1] for k in keys}
+        self.load_shards(names.values())
+        return {k: self.shard(n).get(k) for k, n in names.items()}
+
+    def iter_entries(self, manifest: dict | None = None) -> Iterator[tuple[bytes, Entry]]:
+        """Every ``(key, entry)`` of the remote index (all shards fetched in parallel)."""
+        manifest = manifest if manifest is not None else self.manifest
+        if manifest is None:
+            return
+        names = [n for _, n in fmt.iter_shard_names(manifest)]
+        self.load_shards(names)
+        for name in names:
+            yield from self.shard(name).items()
+
+    # ------------------------------------------------------------ values
+
+    def fetch_values(self, wanted: Sequence[tuple[bytes, Entry]]) -> Iterator[tuple[bytes, Entry, bytes]]:
+        """Download and md5-verify values; yields ``(key, entry, bytes)``.
+
+        Neighbouring values of the same pack are coalesced into one range GET;
+        ranges are fetched ``conn.threads`` at a time. Values larger than
+        :data:`PART_SIZE` are fetched in parallel parts.
+
+        Raises:
+            IntegrityError: a value does not match its md5.
+        """
+        self._require_conn()
+        ranges = plan_ranges(wanted)
+        batch: list[_Range] = []
+        for rng in ranges:
+            if rng.length > PART_SIZE:
+                yield from self._verified(rng, self._get_large(rng))
+                continue
+            batch.append(rng)
+            if len(batch) == self.conn.threads:
+                yield from self._fetch_batch(batch)
+                batch = []
+        yield from self._fetch_batch(batch)
+
+    def _fetch_batch(self, batch: list[_Range]) -> Iterator[tuple[bytes, Entry, bytes]]:
+        def get(rng: _Range) -> bytes:
+            return self.conn.get_range(fmt.pack_name(rng.pack), rng.start, rng.length)
+
+        for rng, data in zip(batch, self.conn.map(get, batch), strict=False):
+            yield from self._verified(rng, data)
+
+    def _get_large(self, rng: _Range) -> bytes:
+        buffer = bytearray(rng.length)
+        name = fmt.pack_name(rng.pack)
+
+        def get(offset: int) -> None:
+            length = min(PART_SIZE, rng.length - offset)
+            buffer[offset : offset + length] = self.conn.get_range(name, rng.start + offset, length)
+
+        list(self.conn.map(get, range(0, rng.length, PART_SIZE)))
+        return bytes(buffer)
+
+    @staticmethod
+    def _verified(rng: _Range, data: bytes) -> Iterator[tuple[bytes, Entry, bytes]]:
+        view = memoryview(data)
+        for key, entry in rng.items:
+            start = entry.offset - rng.start
+            value = view[start : start + entry.length]
+            if fmt.md5(value) != entry.md5:
+                raise IntegrityError(
+                    f"The value of key {key!r} in {fmt.pack_name(entry.pack)} does not match "
+                    "its md5: the pack is corrupted. Nothing was cached; run ebooklet.check()."
+                )
+            whole = start == 0 and entry.length == len(data)
+            yield key, entry, data if whole else bytes(value)
+
+    # ------------------------------------------------------------ uploads
+
+    def upload_pack(self, items: Sequence[tuple[bytes, bytes, bytes, int]]) -> list[tuple[bytes, Entry]]:
+        """Upload ``(key, value, md5, timestamp)`` items as one new pack.
+
+        Returns each key's new :class:`Entry`. A pack over :data:`PART_SIZE`
+        goes up by multipart, in parts taken from the values without copying them.
+        """
+        self._require_conn()
+        pack = fmt.new_id()
+        located: list[tuple[bytes, Entry]] = []
+        footer_items: list[fmt.PackItem] = []
+        offset = 0
+        for key, value, md5_, ts in items:
+            located.append((key, Entry(md5_, ts, pack, offset, len(value))))
+            footer_items.append(fmt.PackItem(key, md5_, ts, offset, len(value)))
+            offset += len(value)
+        footer = fmt.encode_pack_footer(footer_items)
+        name = fmt.pack_name(pack)
+        if offset + len(footer) <= PART_SIZE:
+            self.conn.put(name, b"".join([v for _, v, _, _ in items] + [footer]))
+        else:
+            self.conn.put_multipart(name, _parts([v for _, v, _, _ in items], footer))
+        return located
+
+    def upload_shard(self, commit_id: str, number: int, entries: dict[bytes, Entry]) -> str:
+        """Upload one index shard for ``commit_id``; returns its object suffix."""
+        name = fmt.shard_name(commit_id, number)
+        data = fmt.encode_shard(entries)
+        self.conn.put(name, data)
+        self.mirror.set_shard(name, data)
+        self._remember(name, entries)
+        return name
+
+    # ------------------------------------------------------------ commit
+
+    def commit(self, manifest: dict, base_etag: str | None) -> str:
+        """Commit ``manifest``: its commit record, then the conditional manifest PUT.
+
+        Returns the new ETag. Raises :class:`PreconditionFailed` when another
+        writer committed first (read back, so a retried PUT that had in fact
+        succeeded is not mistaken for a loss).
+        """
+        self._require_conn()
+        body = fmt.encode_manifest(manifest)
+        self.conn.put(fmt.commit_name(manifest["seq"], manifest["commit_id"]), body)
+        if not self.conn.conditional_writes():
+            warnings.warn(
+                f"{self.conn!r}: the server ignores conditional writes; "
+                "only the write lock protects this push from a concurrent writer.",
+                ConsistencyWarning,
+                stacklevel=3,
+            )
+        try:
+            etag = self.conn.put(
+                "", body, if_match=base_etag, if_none_match=base_etag is None,
+                content_type="application/json",
+            )
+        except (PreconditionFailed, OfflineError, RemoteError) as exc:
+            head, head_etag = self._read_back()
+            if head is not None and head.get("commit_id") == manifest["commit_id"]:
+                etag = head_etag
+            else:
+                raise exc from None
+        self.adopt(manifest, etag)
+        return etag
+
+    def _read_back(self) -> tuple[dict | None, str | None]:
+        try:
+            answer = self.conn.get("")
+        except (RemoteNotFoundError, OfflineError):
+            return None, None
+        return fmt.decode_manifest(answer.data), answer.etag
+
+
+class _MissingShard:
+    def __repr__(self) -> str:
+        return "MISSING_SHARD"
+
+
+MISSING_SHARD: Any = _MissingShard()
+"""Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local."""
+
+
+class _Range(NamedTuple):
+    pack: bytes
+    start: int
+    length: int
+    items: list[tuple[bytes, Entry]]
+
+
+def plan_ranges(wanted: Iterable[tuple[bytes, Entry]]) -> list[_Range]:
+    """Group wanted values into as few range GETs as sensible (same pack, close by)."""
+    by_pack: dict[bytes, list[tuple[bytes, Entry]]] = {}
+    for key, entry in wanted:
+        by_pack.setdefault(entry.pack, []).append((key, entry))
+    ranges = []
+    for pack, items in by_pack.items():
+        items.sort(key=lambda item: item[1].offset)
+        current: list[tuple[bytes, Entry]] = []
+        start = end = 0
+        for key, entry in items:
+            if current and (
+                entry.offset - end > RANGE_GAP
+                or entry.offset + entry.length - start > RANGE_MAX
+                or entry.length > PART_SIZE
+                or current[0][1].length > PART_SIZE
+            ):
+                ranges.append(_Range(pack, start, end - start, current))
+                current = []
+            if not current:
+                start = entry.offset
+            current.append((key, entry))
+            end = max(end, entry.offset + entry.length)
+        if current:
+            ranges.append(_Range(pack, start, end - start, current))
+    return ranges
+
+
+def _parts(values: list[bytes], footer: bytes) -> Iterator[memoryview | bytes]:
+    """Cut concatenated ``values + footer`` into multipart parts of :data:`PART_SIZE`."""
+    pending: list[memoryview] = []
+    size = 0
+    for chunk in [*values, footer]:
+        view = memoryview(chunk)
+        while view.nbytes:
+            take = min(PART_SIZE - size, view.nbytes)
+            pending.append(view[:take])
+            size += take
+            view = view[take:]
+            if size == PART_SIZE:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+# ---------------------------------------------------------------- the write lock
+
+
+class RemoteLock:
+    """The write lock ``D.ebk/lock``: a lease renewed in the background while held.
+
+    Args:
+        conn: a writable connection.
+        owner_id: the stable id of the local copy taking the lock; a lock with
+            the same owner id (left by a crashed process) is reclaimed at once.
+        path: the local path, recorded for humans.
+        lease: seconds the lock lives without renewal.
+    """
+
+    def __init__(self, conn: S3Connection, owner_id: str, path: str, lease: float = LOCK_LEASE):
+        self.conn = conn
+        self.owner_id = owner_id
+        self.path = path
+        self.lease = lease
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        return self.etag is not None and not self.lost
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return orjson.dumps(
+            {
+                "owner_id": self.owner_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "path": self.path,
+                "created": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                "expires": now + self.lease,
+            }
+        )
+
+    def acquire(self, timeout: float = 0.0) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds for another writer.
+
+        Raises:
+            LockedError: another live writer holds it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_none_match=True)
+                break
+            except PreconditionFailed:
+                pass
+            holder, etag = read_lock(self.conn)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.get("owner_id") == self.owner_id or holder.get("expires", 0) < time.time():
+                try:
+                    self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=etag)
+                    break
+                except PreconditionFailed:
+                    continue
+            if time.monotonic() >= deadline:
+                raise LockedError(holder, _locked_message(self.conn, holder))
+            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+        self.lost = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name="ebooklet-lock", daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            try:
+                self.renew()
+            except EBookletError:
+                continue  # a transient failure; the next round tries again
+
+    def renew(self) -> None:
+        """Extend the lease; marks the lock lost if someone broke it meanwhile."""
+        with self._lock:
+            if self.etag is None:
+                return
+            try:
+                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=self.etag)
+            except (PreconditionFailed, RemoteNotFoundError):
+                self.lost = True
+                self._stop.set()
+
+    def ensure(self) -> None:
+        """Raise if the lock was broken or taken over while we held it."""
+        if self.lost:
+            holder, _ = read_lock(self.conn)
+            raise LockedError(
+                holder or {},
+                f"The write lock on {self.conn!r} was broken while this writer held it; "
+                "reopen the database to take it again.",
+            )
+
+    def release(self, tries: int = 3) -> None:
+        """Stop renewing and delete the lock (retried; it expires by itself anyway)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.conn.timeout)
+        with self._lock:
+            etag, self.etag = self.etag, None
+        if etag is None or self.lost:
+            return
+        for attempt in range(tries):
+            try:
+                self.conn.delete(fmt.LOCK_NAME, if_match=etag)
+                return
+            except PreconditionFailed:
+                return  # no longer ours
+            except EBookletError:
+                if attempt == tries - 1:
+                    warnings.warn(
+                        f"Could not release the write lock on {self.conn!r}; it expires "
+                        f"by itself within {self.lease:.0f} s.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                else:
+                    time.sleep(0.2 * 2**attempt)
+
+
+def read_pack_footer(conn: S3Connection, name: str) -> list[fmt.PackItem]:
+    """The footer of pack ``name`` (two range GETs: trailer, then footer)."""
+    size = dict(conn.list(name)).get(name)
+    if size is None:
+        raise RemoteNotFoundError(f"Pack {name} does not exist.")
+    trailer = conn.get_range(name, size - fmt.PACK_TRAILER_SIZE, fmt.PACK_TRAILER_SIZE)
+    length = fmt.pack_footer_length(trailer, name)
+    footer = conn.get_range(name, size - fmt.PACK_TRAILER_SIZE - length, length)
+    return fmt.decode_pack_footer(footer, name)
+
+
+def read_lock(conn: S3Connection) -> tuple[dict | None, str | None]:
+    """The current lock record and its ETag, or ``(None, None)`` when unlocked."""
+    try:
+        answer = conn.get(fmt.LOCK_NAME)
+    except RemoteNotFoundError:
+        return None, None
+    assert isinstance(answer, Fetched)
+    try:
+        return orjson.loads(answer.data), answer.etag
+    except orjson.JSONDecodeError:
+        return {"owner_id": None, "expires": 0}, answer.etag
+
+
+def _locked_message(conn: S3Connection, holder: dict) -> str:
+    left = holder.get("expires", 0) - time.time()
+    return (
+        f"{conn!r} is locked by another writer: host {holder.get('host')!r}, pid "
+        f"{holder.get('pid')}, path {holder.get('path')!r}, since {holder.get('created')} "
+        f"(lease expires in {left:.0f} s unless renewed). Wait for it to close, pass "
+        "lock_timeout= to wait, or ebooklet.break_lock(conn) if that writer is gone."
+    )
+
+
+def break_lock(conn: S3Connection) -> dict | None:
+    """Delete the write lock of ``conn``'s database by hand; returns the broken record."""
+    if not conn.writable:
+        raise ValueError("break_lock needs a writable S3Connection (bucket, db_key, credentials).")
+    holder, _ = read_lock(conn)
+    conn.delete(fmt.LOCK_NAME)
+    return holder
