@@ -1,0 +1,765 @@
+"""Syncing a local copy with its remote: behaviours 1-5 of issue 2 and the mapping API.
+
+1. round trip by connection and by public URL, with ``len``/iteration/``in`` answered
+   from the index alone;
+2. lazy reads and coalesced range GETs;
+3. pushes that send only what changed (md5 dedup, touched index shards, one manifest PUT);
+4. remote priority (changes and deletions made elsewhere win over an untouched cache);
+5. conflicts, how to resolve them, and what ``iter_changes`` reports;
+
+plus recorded serializers, non-str keys, metadata, timestamps, ``setdefault``/``pop``/
+``update``, ``clear``, flag ``'n'`` and commit messages.
+
+Every read-side test takes the ``reader`` fixture, so it runs once through an
+``S3Connection`` and once through the database's public URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import booklet
+import pytest
+
+import ebooklet
+from ebooklet import ConflictError
+
+# --------------------------------------------------------------------------- helpers
+
+
+def open_db(remote: Any, path: Path, flag: str = "r", **kw: Any) -> ebooklet.EBooklet:
+    return ebooklet.open(remote, path, flag, **kw)
+
+
+def push_new(conn: Any, path: Path, data: dict, **kw: Any) -> ebooklet.changes.PushResult:
+    """Create (or replace) the remote database with exactly ``data``."""
+    with open_db(conn, path, "n", **kw) as db:
+        db.update(data)
+        return db.changes().push()
+
+
+def push_edits(
+    conn: Any, path: Path, sets: dict | None = None, deletes: Iterable = (), **kw: Any
+) -> ebooklet.changes.PushResult:
+    """Open the local copy at ``path`` read-write, apply the edits, push and close."""
+    with open_db(conn, path, "w", **kw) as db:
+        db.update(sets or {})
+        for key in deletes:
+            del db[key]
+        return db.changes().push()
+
+
+def gets(db: ebooklet.EBooklet) -> int:
+    """GET requests sent so far through this database's connection."""
+    return db.remote.request_counts["GET"]
+
+
+def local_keys(path: Path) -> set:
+    """Keys held in the local data file (a plain booklet file), read after closing."""
+    with booklet.open(str(path), "r") as f:
+        return set(f.keys())
+
+
+def remote_manifest(s3_server: Any, db_key: str) -> tuple[dict, bytes]:
+    """The head manifest of the database, read with plain boto3: ``(dict, raw bytes)``."""
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=db_key)["Body"].read()
+    return json.loads(body), body
+
+
+def remote_objects(s3_server: Any, db_key: str, kind: str) -> set[str]:
+    """Object keys under ``<db_key>.ebk/<kind>/`` (kind: pack, index, commit)."""
+    paginator = s3_server.client().get_paginator("list_objects_v2")
+    prefix = f"{db_key}.ebk/{kind}/"
+    return {
+        obj["Key"]
+        for page in paginator.paginate(Bucket=s3_server.bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    }
+
+
+def shard_names(manifest: dict) -> list[str]:
+    """Names of the non-empty index shards a manifest lists."""
+    return [f"{commit}-{i}" for i, commit in enumerate(manifest["shards"]) if commit is not None]
+
+
+def small_values(n: int, prefix: str = "k", tag: bytes = b"v") -> dict[str, bytes]:
+    return {f"{prefix}{i:05d}": tag + b"-%d" % i for i in range(n)}
+
+
+SAMPLE = {
+    "int": 1,
+    "list": [1, 2, 3],
+    "nested": {"a": [1.5, None, True], "b": "text"},
+    "bytes": b"\x00\x01\x02" * 100,
+    "unicode key \u00e9\u4e2d": "unicode value \u2603",
+    "big": "x" * 300_000,
+    "empty": "",
+}
+
+
+# --------------------------------------------------------------------------- 1. round trip
+
+
+def test_round_trip_reads_identical_values(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """Values written and pushed read back identically from a fresh local file."""
+    push_new(conn, tmp_path / "w.blt", SAMPLE, value_serializer="pickle")
+    with open_db(reader(conn), tmp_path / "r.blt") as db:
+        assert not db.writable
+        for key, value in SAMPLE.items():
+            assert db[key] == value
+        assert dict(db.items()) == SAMPLE
+        assert db.get("missing", "dflt") == "dflt"
+        with pytest.raises(KeyError):
+            db["missing"]
+    # a second fresh reader sees the same thing through items() alone
+    with open_db(reader(conn), tmp_path / "r2.blt") as db:
+        assert dict(db.items()) == SAMPLE
+
+
+def test_len_iter_contains_need_no_value_download(
+    conn: Any, reader: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    """len, iteration and ``in`` are answered from the manifest and index shards only."""
+    data = small_values(5000)  # more than one index shard
+    push_new(conn, tmp_path / "w.blt", data)
+    manifest, _ = remote_manifest(s3_server, db_key)
+    n_shards = len(shard_names(manifest))
+    assert n_shards >= 2
+
+    rpath = tmp_path / "r.blt"
+    with open_db(reader(conn), rpath) as db:
+        assert gets(db) == 1  # the manifest
+        assert len(db) == len(data) == manifest["n_keys"]
+        assert gets(db) == 1
+        assert "k00007" in db
+        assert "nope" not in db
+        assert sorted(db) == sorted(data)
+        assert set(db.keys()) == set(data)
+        # one GET per index shard, none for values
+        assert gets(db) == 1 + n_shards
+        assert db["k00007"] == data["k00007"]
+        assert gets(db) == 2 + n_shards  # now one range GET
+    assert local_keys(rpath) == {"k00007"}
+
+
+# --------------------------------------------------------------------------- 2. lazy reads
+
+
+def test_lazy_read_fetches_only_the_key_asked(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """Reading a key downloads that value alone, once; later reads come from the cache."""
+    data = small_values(200)
+    push_new(conn, tmp_path / "w.blt", data)
+    rpath = tmp_path / "r.blt"
+    with open_db(reader(conn), rpath) as db:
+        before = gets(db)
+        assert db["k00001"] == data["k00001"]
+        assert gets(db) == before + 2  # the key's index shard, then one range GET
+        assert db["k00001"] == data["k00001"]
+        assert db.get("k00001") == data["k00001"]
+        assert gets(db) == before + 2  # cached
+        assert db["k00002"] == data["k00002"]
+        assert gets(db) == before + 3  # shard cached: one range GET
+        # only k00003 was still missing
+        assert db.load_items(["k00001", "k00002", "k00003"]) == 1
+        assert db.load_items(["k00003"]) == 0
+    assert local_keys(rpath) == {"k00001", "k00002", "k00003"}
+
+
+def _load(db: ebooklet.EBooklet, keys: list | None) -> dict:
+    db.load_items(keys)
+    return {k: db[k] for k in (keys if keys is not None else list(db))}
+
+
+def _get_items(db: ebooklet.EBooklet, keys: list | None) -> dict:
+    return dict(db.get_items(keys if keys is not None else list(db)))
+
+
+def _items(db: ebooklet.EBooklet, keys: list | None) -> dict:
+    return dict(db.items(keys))
+
+
+def _values(db: ebooklet.EBooklet, keys: list | None) -> dict:
+    keys_ = keys if keys is not None else list(db)
+    return dict(zip(keys_, db.values(keys_), strict=True))
+
+
+BULK_READS: dict[str, Callable[[ebooklet.EBooklet, list | None], dict]] = {
+    "load_items": _load,
+    "get_items": _get_items,
+    "items": _items,
+    "values": _values,
+}
+
+
+@pytest.mark.parametrize("subset", ["all", "every_third"])
+@pytest.mark.parametrize("bulk", list(BULK_READS))
+def test_bulk_reads_coalesce_ranges_per_pack(
+    conn: Any,
+    reader: Any,
+    s3_server: Any,
+    db_key: str,
+    tmp_path: Path,
+    bulk: str,
+    subset: str,
+) -> None:
+    """Reading many keys costs about one GET per pack, not one per key."""
+    wpath = tmp_path / "w.blt"
+    data: dict[str, bytes] = {}
+    for batch in range(3):  # three pushes: three packs
+        part = small_values(200, prefix=f"b{batch}-", tag=b"batch%d" % batch)
+        data.update(part)
+        if batch == 0:
+            push_new(conn, wpath, part)
+        else:
+            push_edits(conn, wpath, part)
+    packs = remote_objects(s3_server, db_key, "pack")
+    assert len(packs) == 3
+    manifest, _ = remote_manifest(s3_server, db_key)
+    n_shards = len(shard_names(manifest))
+
+    keys = None if subset == "all" else sorted(data)[::3]
+    expected = data if keys is None else {k: data[k] for k in keys}
+    with open_db(reader(conn), tmp_path / "r.blt") as db:
+        before = gets(db)
+        assert BULK_READS[bulk](db, keys) == expected
+        value_gets = gets(db) - before - n_shards
+        assert 1 <= value_gets <= len(packs), value_gets
+        # everything is cached now: reading again sends nothing
+        before = gets(db)
+        assert BULK_READS[bulk](db, keys) == expected
+        assert gets(db) == before
+
+
+def test_bulk_read_api_semantics(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """get_items/items/values/keys with ``keys=`` skip or default missing keys, keep order."""
+    data = small_values(50)
+    push_new(conn, tmp_path / "w.blt", data)
+    asked = ["k00010", "missing", "k00003"]
+    with open_db(reader(conn), tmp_path / "r.blt") as db:
+        assert list(db.get_items(asked, default=b"?")) == [
+            ("k00010", data["k00010"]),
+            ("missing", b"?"),
+            ("k00003", data["k00003"]),
+        ]
+        assert list(db.keys(asked)) == ["k00010", "k00003"]
+        assert list(db.items(asked)) == [("k00010", data["k00010"]), ("k00003", data["k00003"])]
+        assert list(db.values(asked)) == [data["k00010"], data["k00003"]]
+        assert sorted(db.values()) == sorted(data.values())
+
+
+# --------------------------------------------------------------------------- 3. push cost
+
+
+def test_push_sends_only_changed_values(conn: Any, tmp_path: Path) -> None:
+    """A push uploads the bytes of new and modified values only, and counts deletions."""
+    data = small_values(100)
+    first = push_new(conn, tmp_path / "w.blt", data)
+    assert first.keys_pushed == 100
+    assert first.bytes_uploaded == sum(len(v) for v in data.values())
+
+    changes = {"k00001": b"changed one", "k00002": b"changed two!", "new": b"brand new"}
+    result = push_edits(conn, tmp_path / "w.blt", changes, deletes=["k00050"])
+    assert result.committed
+    assert result.keys_pushed == 3
+    assert result.keys_deleted == 1
+    assert result.bytes_uploaded == sum(len(v) for v in changes.values())
+    assert result.seq == first.seq + 1
+
+
+def test_push_dedups_identical_values(conn: Any, make_conn: Any, tmp_path: Path) -> None:
+    """Equal values (same md5) are uploaded once, within a push and across pushes."""
+    blob = b"the same bytes " * 1000
+    other = b"something else"
+    result = push_new(conn, tmp_path / "w.blt", {"a": blob, "b": blob, "c": other})
+    assert result.keys_pushed == 3
+    assert result.bytes_uploaded == len(blob) + len(other)
+
+    again = push_edits(conn, tmp_path / "w.blt", {"d": blob, "e": other})
+    assert again.committed
+    assert again.keys_pushed == 2
+    assert again.bytes_uploaded == 0
+
+    with open_db(make_conn(), tmp_path / "r.blt") as db:
+        assert dict(db.items()) == {"a": blob, "b": blob, "c": other, "d": blob, "e": other}
+
+
+def test_push_rewrites_only_touched_shards_with_one_manifest_put(
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    """Changing one key uploads one pack, one index shard, one commit record, one manifest."""
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, small_values(9000))
+    old, _ = remote_manifest(s3_server, db_key)
+    assert old["n_shards"] >= 4
+    objects_before = {k: remote_objects(s3_server, db_key, k) for k in ("pack", "index", "commit")}
+
+    result = push_edits(conn, wpath, {"k00042": b"new value"})
+    new, _ = remote_manifest(s3_server, db_key)
+    changed = [
+        i for i, (a, b) in enumerate(zip(old["shards"], new["shards"], strict=True)) if a != b
+    ]
+    assert len(changed) == 1
+    assert new["seq"] == old["seq"] + 1
+    assert new["parent"] == {"seq": old["seq"], "commit_id": old["commit_id"]}
+    assert new["n_keys"] == old["n_keys"] == 9000
+
+    created = {
+        k: remote_objects(s3_server, db_key, k) - before for k, before in objects_before.items()
+    }
+    assert {k: len(v) for k, v in created.items()} == {"pack": 1, "index": 1, "commit": 1}
+    # every PUT is one of those new objects, plus exactly one manifest PUT
+    assert result.requests["PUT"] == sum(len(v) for v in created.values()) + 1
+
+
+def test_push_without_changes_sends_no_put(
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    """Nothing to push (or only values equal to the remote's): no PUT, no commit."""
+    data = small_values(20)
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, data)
+    _, raw_before = remote_manifest(s3_server, db_key)
+    with open_db(conn, wpath, "w") as db:
+        nothing = db.changes().push()
+        assert not nothing.committed
+        assert nothing.requests["PUT"] == 0
+        db["k00003"] = data["k00003"]  # set to the value it already has remotely
+        same = db.changes().push()
+        assert not same.committed
+        assert same.requests["PUT"] == 0
+    assert remote_manifest(s3_server, db_key)[1] == raw_before
+
+
+def test_settled_edit_leaves_no_phantom_remote_change(conn: Any, tmp_path: Path) -> None:
+    """Setting a key to the value it already has remotely is a no-op once pushed."""
+    data = small_values(5)
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, data)
+    with open_db(conn, wpath, "w") as db:
+        db["k00003"] = data["k00003"]
+        db.changes().push()
+        assert list(db.changes().iter_changes()) == []
+        before = gets(db)
+        assert db["k00003"] == data["k00003"]
+        assert gets(db) == before  # still cached: nothing to download
+
+
+def test_push_message_is_recorded(conn: Any, s3_server: Any, db_key: str, tmp_path: Path) -> None:
+    with open_db(conn, tmp_path / "w.blt", "n") as db:
+        db["a"] = b"1"
+        result = db.changes().push(message="first import")
+    manifest, _ = remote_manifest(s3_server, db_key)
+    assert manifest["message"] == "first import"
+    assert manifest["commit_id"] == result.commit_id
+    assert manifest["seq"] == result.seq == 1
+    commits = remote_objects(s3_server, db_key, "commit")
+    assert len(commits) == 1
+    record = s3_server.client().get_object(Bucket=s3_server.bucket, Key=commits.pop())
+    assert json.loads(record["Body"].read())["message"] == "first import"
+
+
+# --------------------------------------------------------------------------- 4. remote priority
+
+
+def test_open_reader_sees_remote_changes_after_pull(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """A reader keeps its snapshot until pull(); then changed keys read new, deleted keys go."""
+    wpath, rpath = tmp_path / "w.blt", tmp_path / "r.blt"
+    data = small_values(30)
+    push_new(conn, wpath, data)
+    with open_db(reader(conn), rpath) as rdb:
+        assert dict(rdb.items()) == data  # everything cached locally
+        push_edits(conn, wpath, {"k00001": b"remote edit"}, deletes=["k00002"])
+        assert rdb["k00001"] == data["k00001"]  # the reader's snapshot
+        rdb.pull()
+        assert rdb["k00001"] == b"remote edit"
+        with pytest.raises(KeyError):
+            rdb["k00002"]
+        assert "k00002" not in rdb
+        assert "k00002" not in set(rdb)
+        assert len(rdb) == len(data) - 1
+        assert rdb.get("k00002") is None
+    assert "k00002" not in local_keys(rpath)
+
+
+def test_reopened_copy_prefers_remote_for_untouched_keys(
+    conn: Any, make_conn: Any, tmp_path: Path
+) -> None:
+    """A second copy's remote edits win over a stale cache; the copy's own edits stay."""
+    apath, bpath = tmp_path / "a.blt", tmp_path / "b.blt"
+    data = small_values(30)
+    push_new(conn, apath, data)
+    with open_db(make_conn(), bpath, "w") as b:
+        assert b.load_items() == 30  # cache every value in copy B
+        b["mine"] = b"local only"
+    push_edits(conn, apath, {"k00001": b"remote edit"}, deletes=["k00002"])
+
+    with open_db(make_conn(), bpath, "w") as b:
+        assert b["k00001"] == b"remote edit"
+        assert "k00002" not in b
+        with pytest.raises(KeyError):
+            b["k00002"]
+        assert "k00002" not in list(b)
+        assert b["mine"] == b"local only"
+        assert len(b) == len(data) - 1 + 1
+        result = b.changes().push()
+        assert result.keys_pushed == 1
+    with open_db(conn, apath, "r") as a:
+        assert a["mine"] == b"local only"
+        assert len(a) == len(data)
+
+
+# --------------------------------------------------------------------------- 5. conflicts
+
+
+DELETE = object()
+"""An edit that deletes the key."""
+
+BASE = {"k1": b"base 1", "k2": b"base 2", "k3": b"base 3"}
+
+
+def _edit(db: ebooklet.EBooklet, key: str, value: Any) -> None:
+    if value is DELETE:
+        del db[key]
+    else:
+        db[key] = value
+
+
+def _conflict_setup(
+    conn: Any,
+    make_conn: Any,
+    tmp_path: Path,
+    key: str = "k1",
+    b_value: Any = b"B's edit",
+    a_value: Any = b"A's edit",
+) -> tuple[Path, Any]:
+    """Copy B edits ``key`` (conflicting) and k2 (not); copy A edits ``key`` and pushes first.
+
+    The remote starts as :data:`BASE`. Returns B's local path and connection.
+    """
+    apath, bpath = tmp_path / "a.blt", tmp_path / "b.blt"
+    push_new(conn, apath, BASE)
+    bconn = make_conn()
+    with open_db(bconn, bpath, "w") as b:
+        _edit(b, key, b_value)
+        b["k2"] = b"B's k2"
+    with open_db(conn, apath, "w") as a:
+        _edit(a, key, a_value)
+        assert a.changes().push().committed
+    return bpath, bconn
+
+
+CONFLICTS = {
+    "both_modify": ("k1", b"B's edit", b"A's edit"),
+    "local_delete_remote_modify": ("k1", DELETE, b"A's edit"),
+    "local_modify_remote_delete": ("k1", b"B's edit", DELETE),
+    "both_add": ("k9", b"B's edit", b"A's edit"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(CONFLICTS))
+def test_conflict_raises_and_commits_nothing(
+    conn: Any, make_conn: Any, s3_server: Any, db_key: str, tmp_path: Path, scenario: str
+) -> None:
+    key, b_value, a_value = CONFLICTS[scenario]
+    bpath, bconn = _conflict_setup(conn, make_conn, tmp_path, key, b_value, a_value)
+    _, raw_before = remote_manifest(s3_server, db_key)
+    commits_before = remote_objects(s3_server, db_key, "commit")
+    with open_db(bconn, bpath, "w") as b:
+        with pytest.raises(ConflictError) as info:
+            b.changes().push()
+        assert info.value.keys == [key]
+        assert repr(key) in str(info.value)
+        assert remote_manifest(s3_server, db_key)[1] == raw_before
+        assert remote_objects(s3_server, db_key, "commit") == commits_before
+        # the local edits are still there and still pending
+        assert b.get(key, DELETE) == b_value
+        assert b["k2"] == b"B's k2"
+        kinds = {c.key: c.kind for c in b.changes().iter_changes()}
+        assert kinds == {key: "conflict", "k2": "modified"}
+        # pushing only the other key works and leaves the conflict pending
+        assert b.changes().push(["k2"]).keys_pushed == 1
+        with pytest.raises(ConflictError):
+            b.changes().push()
+    with open_db(make_conn(), tmp_path / "r.blt") as r:
+        assert r["k2"] == b"B's k2"
+        assert r.get(key, DELETE) == a_value
+
+
+def _keep_local(b: ebooklet.EBooklet) -> None:
+    b.changes().push(force=True)
+
+
+def _discard(b: ebooklet.EBooklet) -> None:
+    assert b.changes().discard(["k1"]) == 1
+    b.changes().push()
+
+
+def _pull_force(b: ebooklet.EBooklet) -> None:
+    b.pull(["k1"], force=True)
+    b.changes().push()
+
+
+@pytest.mark.parametrize(
+    ("resolve", "k1"),
+    [(_keep_local, b"B's edit"), (_discard, b"A's edit"), (_pull_force, b"A's edit")],
+    ids=["push_force", "discard", "pull_force"],
+)
+def test_conflict_resolution(
+    conn: Any,
+    make_conn: Any,
+    reader: Any,
+    tmp_path: Path,
+    resolve: Callable[[ebooklet.EBooklet], None],
+    k1: bytes,
+) -> None:
+    """push(force=True) keeps the local value; discard/pull(force=True) keep the remote."""
+    bpath, bconn = _conflict_setup(conn, make_conn, tmp_path)
+    with open_db(bconn, bpath, "w") as b:
+        resolve(b)
+        assert b["k1"] == k1
+        assert list(b.changes().iter_changes()) == []
+    with open_db(reader(conn), tmp_path / "r.blt") as r:
+        assert dict(r.items()) == {"k1": k1, "k2": b"B's k2", "k3": BASE["k3"]}
+
+
+def test_iter_changes_reports_every_kind(conn: Any, make_conn: Any, tmp_path: Path) -> None:
+    apath, bpath = tmp_path / "a.blt", tmp_path / "b.blt"
+    data = {k: f"base {k}".encode() for k in "abcdefgh"}
+    push_new(conn, apath, data)
+    bconn = make_conn()
+    with open_db(bconn, bpath, "w") as b:
+        b.load_items()  # B caches every value
+        b["a"] = b"B's a"  # also changed by A: conflict
+        b["b"] = b"same on both"  # A makes the same change: not a conflict
+        b["c"] = b"B's c"  # modified
+        del b["d"]  # deleted
+        b["new"] = b"B's new"  # added
+    push_edits(conn, apath, {"a": b"A's a", "b": b"same on both", "e": b"A's e"}, deletes=["f"])
+    md5 = lambda v: hashlib.md5(v).hexdigest()  # noqa: E731
+    with open_db(bconn, bpath, "w") as b:
+        changes = {c.key: c for c in b.changes().iter_changes()}
+        assert {k: c.kind for k, c in changes.items()} == {
+            "a": "conflict",
+            "c": "modified",
+            "d": "deleted",
+            "new": "added",
+            "e": "remote_changed",
+            "f": "remote_deleted",
+        }
+        assert changes["a"][2:] == (md5(b"B's a"), md5(b"A's a"), md5(data["a"]))
+        assert changes["c"][2:] == (md5(b"B's c"), md5(data["c"]), md5(data["c"]))
+        assert changes["d"][2:] == (None, md5(data["d"]), md5(data["d"]))
+        assert changes["new"][2:] == (md5(b"B's new"), None, None)
+        assert changes["e"].remote_md5 == md5(b"A's e")
+        assert changes["f"].remote_md5 is None
+        # remote priority for the untouched keys, local edits for the others
+        assert b["e"] == b"A's e"
+        assert "f" not in b
+        assert b["c"] == b"B's c"
+
+
+# --------------------------------------------------------------------------- serializers and keys
+
+
+@pytest.mark.parametrize(
+    ("key_serializer", "value_serializer", "data"),
+    [
+        ("str", "pickle", {"a": {"x": (1, 2)}, "b": [None, 1.5]}),
+        ("str", "orjson", {"a": {"x": [1, 2]}, "b": [None, 1.5]}),
+        ("uint4", "json", {0: "zero", 7: [7], 2**32 - 1: {"max": True}}),
+        ("pickle", "pickle", {("t", 1): b"tuple key", 3.5: {"f": 1}, None: "none"}),
+        ("int8", None, {-5: b"neg", 10**12: b"big"}),
+    ],
+    ids=["str-pickle", "str-orjson", "uint4-json", "pickle-pickle", "int8-bytes"],
+)
+def test_serializers_are_recorded_and_keys_need_not_be_str(
+    conn: Any,
+    reader: Any,
+    tmp_path: Path,
+    key_serializer: str,
+    value_serializer: str | None,
+    data: dict,
+) -> None:
+    """A reader opening someone else's database gives no serializer and gets decoded data."""
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, data, key_serializer=key_serializer, value_serializer=value_serializer)
+    with open_db(reader(conn), tmp_path / "r.blt") as db:
+        assert len(db) == len(data)
+        assert set(db) == set(data)
+        for key, value in data.items():
+            assert key in db
+            assert db[key] == value
+        assert dict(db.items()) == data
+    # the writer reopens without serializers too, and deletes a non-str key
+    victim = next(iter(data))
+    push_edits(conn, wpath, deletes=[victim])
+    with open_db(reader(conn), tmp_path / "r2.blt") as db:
+        assert victim not in db
+        assert set(db) == set(data) - {victim}
+
+
+# --------------------------------------------------------------------------- metadata, timestamps
+
+
+def test_metadata_is_pushed_with_the_data(
+    conn: Any, reader: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, {"a": b"1"})
+    meta = {"title": "test db", "tags": ["x", "y"], "n": 3}
+    with open_db(conn, wpath, "w") as db:
+        db.set_metadata(meta)
+        assert db.get_metadata() == meta
+        with open_db(reader(conn), tmp_path / "before.blt") as r:
+            assert r.get_metadata() is None  # not pushed yet
+        result = db.changes().push()  # a metadata-only push still commits
+        assert result.committed
+        assert result.keys_pushed == 0
+    assert remote_manifest(s3_server, db_key)[0]["metadata"] == meta
+    with open_db(reader(conn), tmp_path / "after.blt") as r:
+        assert r.get_metadata() == meta
+        assert r["a"] == b"1"
+    # later data pushes keep the metadata
+    push_edits(conn, wpath, {"b": b"2"})
+    with open_db(reader(conn), tmp_path / "later.blt") as r:
+        assert r.get_metadata() == meta
+
+
+def test_timestamps_round_trip(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """Explicit and implicit timestamps are pushed and read back without fetching values."""
+    wpath = tmp_path / "w.blt"
+    with open_db(conn, wpath, "n", value_serializer="pickle") as db:
+        db.set("old", "o", timestamp=1_600_000_000_000_000)
+        db.set("iso", "i", timestamp="2021-06-01T00:00:00+00:00")
+        db["now"] = "n"
+        expected = dict(db.timestamps())
+        assert expected["old"] == 1_600_000_000_000_000
+        assert expected["iso"] == 1_622_505_600_000_000
+        db.changes().push()
+    with open_db(reader(conn), tmp_path / "r.blt") as r:
+        before = gets(r)
+        assert dict(r.timestamps()) == expected
+        assert r.get_timestamp("old") == expected["old"]
+        assert r.get_timestamp("missing") is None
+        assert gets(r) - before == 1  # the one index shard, no values
+        assert r.get_timestamp("iso", include_value=True) == (expected["iso"], "i")
+        assert sorted(r.timestamps(include_value=True)) == sorted(
+            (k, expected[k], v) for k, v in {"old": "o", "iso": "i", "now": "n"}.items()
+        )
+
+
+def test_set_timestamp_is_pushed(conn: Any, reader: Any, tmp_path: Path) -> None:
+    wpath = tmp_path / "w.blt"
+    with open_db(conn, wpath, "n", value_serializer="pickle") as db:
+        db.set("k", "v", timestamp=1_600_000_000_000_000)
+        db.changes().push()
+    with open_db(conn, wpath, "w") as db:
+        db.set_timestamp("k", 1_700_000_000_000_000)
+        assert [c.kind for c in db.changes().iter_changes()] == ["modified"]
+        assert db.changes().push().committed
+        assert db.get_timestamp("k") == 1_700_000_000_000_000
+    with open_db(reader(conn), tmp_path / "r.blt") as r:
+        assert r.get_timestamp("k") == 1_700_000_000_000_000
+        assert r["k"] == "v"
+
+
+# --------------------------------------------------------------------------- mapping methods
+
+
+def test_setdefault_pop_update_on_remote_data(conn: Any, reader: Any, tmp_path: Path) -> None:
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, {"a": 1, "b": 2, "c": 3}, value_serializer="pickle")
+    with open_db(conn, wpath, "w") as db:
+        assert db.setdefault("a", 100) == 1  # existing remote key: unchanged
+        assert db.setdefault("z", 26) == 26
+        assert db.pop("b") == 2
+        assert db.pop("b", "gone") == "gone"
+        with pytest.raises(KeyError):
+            db.pop("b")
+        db.update({"c": 30, "d": 4}, e=5)
+        db.update([("f", 6)])
+        kinds = Counter(c.kind for c in db.changes().iter_changes())
+        assert kinds == Counter({"added": 4, "deleted": 1, "modified": 1})
+        result = db.changes().push()
+        assert (result.keys_pushed, result.keys_deleted) == (5, 1)
+    expected = {"a": 1, "c": 30, "d": 4, "e": 5, "f": 6, "z": 26}
+    with open_db(reader(conn), tmp_path / "r.blt") as r:
+        assert dict(r.items()) == expected
+        assert len(r) == len(expected)
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["same_session", "reopened"])
+def test_clear_then_push_empties_the_remote(
+    conn: Any, reader: Any, s3_server: Any, db_key: str, tmp_path: Path, reopen: bool
+) -> None:
+    """clear() empties the local view at once and the remote at the next push."""
+    wpath = tmp_path / "w.blt"
+    push_new(conn, wpath, small_values(50))
+    db = open_db(conn, wpath, "w")
+    try:
+        db.clear()
+        if reopen:
+            db.close()
+            db = open_db(conn, wpath, "w")
+        assert len(db) == 0
+        assert list(db) == []
+        assert "k00001" not in db
+        with open_db(reader(conn), tmp_path / "before.blt") as r:
+            assert len(r) == 50  # nothing changes remotely before the push
+        result = db.changes().push()
+        assert result.committed
+    finally:
+        db.close()
+    manifest, _ = remote_manifest(s3_server, db_key)
+    assert manifest["n_keys"] == 0
+    with open_db(reader(conn), tmp_path / "after.blt") as r:
+        assert len(r) == 0
+        assert list(r) == []
+        assert "k00001" not in r
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["same_session", "reopened"])
+def test_flag_n_replaces_the_remote_only_at_push(
+    conn: Any, reader: Any, tmp_path: Path, reopen: bool
+) -> None:
+    """'n' starts empty locally; readers see the old database until the next push.
+
+    With ``reopened`` the new database is closed unpushed and reopened 'w' (without
+    serializer arguments) before the push.
+    """
+    old = small_values(40, prefix="old")
+    push_new(conn, tmp_path / "w.blt", old)
+    old_reader = tmp_path / "old_reader.blt"
+    with open_db(reader(conn), old_reader) as r:
+        assert dict(r.items()) == old  # cached by a reader that will reopen later
+
+    new = {1: {"fresh": True}, 2: [2]}
+    npath = tmp_path / "new.blt"
+    db = open_db(conn, npath, "n", key_serializer="uint4", value_serializer="pickle")
+    try:
+        assert len(db) == 0
+        assert list(db) == []
+        db.update(new)
+        if reopen:
+            db.close()
+            db = open_db(conn, npath, "w")
+            assert dict(db.items()) == new
+            assert len(db) == len(new)
+        with open_db(reader(conn), tmp_path / "mid.blt") as r:
+            assert dict(r.items()) == old
+        assert db.changes().push().committed
+    finally:
+        db.close()
+
+    with open_db(reader(conn), tmp_path / "after.blt") as r:
+        assert dict(r.items()) == new
+    # the reader with a cache of the old database follows the replacement
+    with open_db(reader(conn), old_reader) as r:
+        assert dict(r.items()) == new
+        assert 1 in r
+    assert local_keys(old_reader) <= set(new)  # the old cache was dropped
