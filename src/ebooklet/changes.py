@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import format as fmt
 from .connection import PreconditionFailed
-from .errors import ConflictError, OfflineError, ReadOnlyError
+from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
 from .format import Entry
 from .local import Upload
 from .remote import KEYS_PER_SHARD, PACK_SIZE, PART_SIZE
@@ -64,7 +64,7 @@ def _hex(m: bytes | None) -> str | None:
 class _Plan(NamedTuple):
     sets: dict[bytes, bytes]  # key -> local md5
     deletes: set[bytes]
-    settled: list[bytes]  # edits that already match the remote
+    settled: list[tuple[bytes, Entry | None]]  # edits that already match the remote
     conflicts: list[bytes]
 
 
@@ -109,14 +109,14 @@ class Changes:
         for kb, edit in edits.items():
             entry = remote[kb]
             r = entry.md5 if entry is not None else (edit.base if not online else None)
-            if edit.md5 == r:
+            if edit.md5 == r and not edit.retimed:
                 continue
             if online and r != edit.base and not db._log.replace:
                 kind = "conflict"
             elif edit.md5 is None:
                 kind = "deleted"
             elif edit.base is None or db._log.replace:
-                kind = "added"
+                kind = "added" if r is None else "modified"
             else:
                 kind = "modified"
             yield Change(kind, db._ks.loads(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
@@ -226,8 +226,7 @@ class Changes:
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
                 plan = self._plan(selected, force)
-                if plan.settled:
-                    db._log.mark_clean(plan.settled)
+                self._settle(plan.settled)
                 metadata = db._log.metadata_dirty and selected is None
                 if not (plan.sets or plan.deletes or metadata or db._log.replace):
                     break
@@ -254,8 +253,8 @@ class Changes:
         for kb, edit in edits.items():
             entry = remote[kb]
             r = entry.md5 if entry is not None else None
-            if edit.md5 == r:
-                settled.append(kb)
+            if edit.md5 == r and not (edit.retimed and entry.timestamp != self._local_ts(kb)):
+                settled.append((kb, entry))
                 continue
             if r != edit.base and not force and not db._log.replace:
                 conflicts.append(kb)
@@ -266,6 +265,18 @@ class Changes:
         if conflicts:
             raise ConflictError([db._ks.loads(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
+
+    def _local_ts(self, kb: bytes) -> int | None:
+        return self._db._data.get_timestamp(self._db._ks.loads(kb))
+
+    def _settle(self, settled: list[tuple[bytes, Entry | None]]) -> None:
+        """Forget edits equal to the remote; the local copy takes the remote timestamp."""
+        db = self._db
+        for kb, entry in settled:
+            key = db._ks.loads(kb)
+            if entry is not None and key in db._data:
+                db._data.set_timestamp(key, entry.timestamp)
+        db._log.mark_clean(kb for kb, _ in settled)
 
     def _commit(self, plan: _Plan, metadata: bool, message: str | None, result: PushResult) -> None:
         db = self._db
@@ -294,10 +305,10 @@ class Changes:
             "message": message,
             "changed_keys": len(plan.sets) + len(plan.deletes),
         }
+        result.bytes_uploaded += uploaded  # counted even if this attempt loses the race
         remote.commit(manifest, remote.etag)
         result.keys_pushed = len(plan.sets)
         result.keys_deleted = len(plan.deletes)
-        result.bytes_uploaded = uploaded
         result.commit_id = commit_id
         result.seq = manifest["seq"]
 
@@ -368,9 +379,28 @@ class Changes:
                 shard = db._remote.cached_shard(name)
                 for entry in (shard or {}).values():
                     known[entry.md5] = entry
-        for m, up in db._log.uploads.items():
-            known[m] = Entry(m, up.timestamp, up.pack, up.offset, up.length)
+        uploads = dict(db._log.uploads)
+        alive = self._existing_packs({up.pack for up in uploads.values()})
+        for m, up in uploads.items():
+            if up.pack in alive:  # vacuum() deletes the packs of pushes that never committed
+                known[m] = Entry(m, up.timestamp, up.pack, up.offset, up.length)
         return known
+
+    def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
+        """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
+        checked: dict[bytes, bool] = self.__dict__.setdefault("_packs_checked", {})
+        conn = self._db._conn
+
+        def exists(pack: bytes) -> bool:
+            try:
+                conn.get_range(fmt.pack_name(pack), 0, 1)
+                return True
+            except RemoteNotFoundError:
+                return False
+
+        todo = sorted(packs - checked.keys())
+        checked.update(zip(todo, conn.map(exists, todo), strict=True))
+        return {p for p in packs if checked[p]}
 
     def _write_shards(
         self, head: dict | None, new_entries: dict[bytes, Entry], deletes: set[bytes], commit_id: str

@@ -36,7 +36,7 @@ class ConflictError(EBookletError):
             message
             or f"{len(self.keys)} key(s) changed both locally and remotely: {shown}{more}. "
             "Resolve with changes().push(keys, force=True) to keep the local values, "
-            "or changes().pull(keys) / discard(keys) to keep the remote ones."
+            "or changes().pull(keys, force=True) / discard(keys) to keep the remote ones."
         )
 
 
@@ -82,3 +82,7 @@ class OfflineWarning(UserWarning):
 
 class ConsistencyWarning(UserWarning):
     """The remote server does not honour conditional writes; only the lock protects pushes."""
+
+
+class RemoteExistsError(EBookletError, FileExistsError):
+    """The target of a copy already holds a database (pass ``overwrite=True`` to replace it)."""

@@ -40,16 +40,21 @@ _LOG_MAGIC = b"EBKLOG01"
 _RECORD = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 
-SET, DELETE, CLEAN, UPLOADED, REPLACE, METADATA, RESET = (
-    b"S", b"D", b"C", b"U", b"R", b"M", b"X"
+SET, DELETE, RETIME, CLEAN, UPLOADED, REPLACE, METADATA, RESET = (
+    b"S", b"D", b"T", b"C", b"U", b"R", b"M", b"X"
 )
 
 
 class Edit(NamedTuple):
-    """A key's local edit: md5 of the local value (``None``: deleted) and its base."""
+    """A key's local edit: md5 of the local value (``None``: deleted) and its base.
+
+    ``retimed`` marks an explicit timestamp change, pushed even when the value
+    equals the remote one.
+    """
 
     md5: bytes | None
     base: bytes | None
+    retimed: bool = False
 
 
 class Upload(NamedTuple):
@@ -59,6 +64,12 @@ class Upload(NamedTuple):
     offset: int
     length: int
     timestamp: int
+
+
+def _edit_kind(md5_: bytes | None, retimed: bool) -> bytes:
+    if md5_ is None:
+        return DELETE
+    return RETIME if retimed else SET
 
 
 def _md5_or_none(raw: bytes) -> bytes | None:
@@ -73,7 +84,7 @@ class ChangeLog:
     after a push.
     """
 
-    def __init__(self, path: Path, writable: bool = True):
+    def __init__(self, path: Path, writable: bool = True, damaged_ok: bool = False):
         self.path = Path(path)
         self.edits: dict[bytes, Edit] = {}
         self.uploads: dict[bytes, Upload] = {}
@@ -82,7 +93,7 @@ class ChangeLog:
         self._lock = threading.RLock()
         self._records = 0
         self._fd: int | None = None
-        if self.path.exists():
+        if self.path.exists() and not damaged_ok:
             data = self.path.read_bytes()
             valid = self._replay(data)
             if writable and valid < len(data):
@@ -115,8 +126,8 @@ class ChangeLog:
 
     def _apply(self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes) -> None:
         self._records += 1
-        if kind in (SET, DELETE):
-            self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base))
+        if kind in (SET, DELETE, RETIME):
+            self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base), kind == RETIME)
         elif kind == CLEAN:
             self.edits.pop(key, None)
         elif kind == UPLOADED:
@@ -149,9 +160,14 @@ class ChangeLog:
 
     # ---------------------------------------------------------------- edits
 
-    def record_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
-        """Journal local edits ``(key, md5 or None for a deletion, base md5)``."""
-        self._write([(SET if m else DELETE, k, m, b) for k, m, b in edits])
+    def record_edits(
+        self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]], retimed: bool = False
+    ) -> None:
+        """Journal local edits ``(key, md5 or None for a deletion, base md5)``.
+
+        ``retimed``: the edits are explicit timestamp changes.
+        """
+        self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits])
 
     def mark_clean(self, keys: Iterable[bytes]) -> None:
         """Forget the edits of ``keys`` (pushed or discarded)."""
@@ -178,7 +194,7 @@ class ChangeLog:
         if self._fd is None:
             return
         with self._lock:
-            records = [(SET if e.md5 else DELETE, k, e.md5, e.base) for k, e in self.edits.items()]
+            records = [(_edit_kind(e.md5, e.retimed), k, e.md5, e.base) for k, e in self.edits.items()]
             records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self.uploads.items()]
             if self.replace:
                 records.append((REPLACE, b"", b"\x01" * 16, None))
@@ -212,13 +228,24 @@ class IndexMirror:
     ``synced`` (the one the local state was last reconciled with by pull or push).
     """
 
-    def __init__(self, path: Path, writable: bool = True):
+    def __init__(self, path: Path, writable: bool = True, timeout: float | None = None):
         self.path = Path(path)
         flag = "c" if writable else "r"
         if not writable and not self.path.exists():
             self._db = None
         else:
-            self._db = booklet.open(str(self.path), flag, key_serializer="str", value_serializer=None)
+            try:
+                self._db = booklet.open(
+                    str(self.path), flag, key_serializer="str", value_serializer=None,
+                    timeout=timeout,
+                )
+            except booklet.LockTimeoutError:
+                raise
+            except Exception as exc:
+                raise IntegrityError(
+                    f"{self.path} cannot be opened ({type(exc).__name__}: {exc}). It is only "
+                    "a cache of the remote index: delete it and reopen."
+                ) from None
         self._lock = threading.Lock()
 
     def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
@@ -248,6 +275,13 @@ class IndexMirror:
         with self._lock:
             self._db["shard:" + name] = data
 
+    def drop_shards(self, names: Iterable[str]) -> None:
+        """Forget shards no longer referenced by the head manifest."""
+        with self._lock:
+            for name in names:
+                if "shard:" + name in self._db:
+                    del self._db["shard:" + name]
+
     def sync(self) -> None:
         if self._db is not None and self._db.writable:
             with self._lock:
@@ -266,13 +300,15 @@ class IndexMirror:
 class LocalMeta:
     """``P.ebk.json``: what the local files are a copy of (never credentials)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, damaged_ok: bool = False):
         self.path = Path(path)
         self.data: dict[str, Any] = {}
         if self.path.exists():
             try:
                 self.data = orjson.loads(self.path.read_bytes())
             except orjson.JSONDecodeError:
+                if damaged_ok:
+                    return
                 raise IntegrityError(
                     f"{self.path} is not valid JSON; delete it and reopen with a connection "
                     "to rebuild it (no pushed data is lost)."
@@ -311,10 +347,3 @@ def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
         p.with_name(p.name + ".remote_index"),
         p.with_name(p.name + ".ebk.json"),
     )
-
-
-def remove_local_files(path: str | os.PathLike) -> None:
-    """Delete every local file of a database (flag ``'n'``)."""
-    for p in local_paths(path):
-        if p.exists():
-            p.unlink()

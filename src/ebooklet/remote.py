@@ -53,6 +53,7 @@ class Mirror(Protocol):
     def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None: ...
     def get_shard(self, name: str) -> bytes | None: ...
     def set_shard(self, name: str, data: bytes) -> None: ...
+    def drop_shards(self, names: Iterable[str]) -> None: ...
 
 
 class RemoteIndex:
@@ -105,8 +106,12 @@ class RemoteIndex:
     def adopt(self, manifest: dict | None, etag: str | None) -> None:
         """Make ``manifest`` the head (after a refresh or our own commit)."""
         with self._lock:
+            gone = _shard_names(self.manifest) - _shard_names(manifest)
             self.manifest, self.etag = manifest, etag
             self.mirror.set_manifest(manifest, etag, "head")
+            self.mirror.drop_shards(gone)
+            for name in gone:
+                self._shards.pop(name, None)
 
     def _require_conn(self) -> None:
         if self.conn is None:
@@ -266,8 +271,10 @@ class RemoteIndex:
     def upload_pack(self, items: Sequence[tuple[bytes, bytes, bytes, int]]) -> list[tuple[bytes, Entry]]:
         """Upload ``(key, value, md5, timestamp)`` items as one new pack.
 
-        Returns each key's new :class:`Entry`. A pack over :data:`PART_SIZE`
-        goes up by multipart, in parts taken from the values without copying them.
+        Returns each key's new :class:`Entry`. A large value's own pack (over
+        :data:`PART_SIZE`) goes up by multipart, in parts taken from the value without
+        copying it; a pack of small values (at most ``PACK_SIZE`` plus one value) is
+        one PUT, even when its footer takes it past ``PART_SIZE``.
         """
         self._require_conn()
         pack = fmt.new_id()
@@ -280,7 +287,7 @@ class RemoteIndex:
             offset += len(value)
         footer = fmt.encode_pack_footer(footer_items)
         name = fmt.pack_name(pack)
-        if offset + len(footer) <= PART_SIZE:
+        if len(items) > 1 or offset + len(footer) <= PART_SIZE:
             self.conn.put(name, b"".join([v for _, v, _, _ in items] + [footer]))
         else:
             self.conn.put_multipart(name, _parts([v for _, v, _, _ in items], footer))
@@ -334,6 +341,10 @@ class RemoteIndex:
         except (RemoteNotFoundError, OfflineError):
             return None, None
         return fmt.decode_manifest(answer.data), answer.etag
+
+
+def _shard_names(manifest: dict | None) -> set[str]:
+    return {name for _, name in fmt.iter_shard_names(manifest)} if manifest else set()
 
 
 class _MissingShard:
@@ -409,33 +420,39 @@ class RemoteLock:
         owner_id: the stable id of the local copy taking the lock; a lock with
             the same owner id (left by a crashed process) is reclaimed at once.
         path: the local path, recorded for humans.
-        lease: seconds the lock lives without renewal.
+        lease: seconds the lock lives without renewal (default: :data:`LOCK_LEASE`,
+            read when the lock is made, so setting it shortens later leases).
     """
 
-    def __init__(self, conn: S3Connection, owner_id: str, path: str, lease: float = LOCK_LEASE):
+    def __init__(self, conn: S3Connection, owner_id: str, path: str, lease: float | None = None):
         self.conn = conn
         self.owner_id = owner_id
         self.path = path
-        self.lease = lease
+        self.lease = LOCK_LEASE if lease is None else lease
         self.etag: str | None = None
         self.lost = False
+        self.contended = False
+        """True when the last :meth:`acquire` found the lock taken (then waited or reclaimed)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._created: float | None = None
 
     @property
     def held(self) -> bool:
         return self.etag is not None and not self.lost
 
-    def _record(self) -> bytes:
+    def _record(self, renewal: bool = False) -> bytes:
         now = time.time()
+        if not renewal or self._created is None:
+            self._created = now  # "created" says since when the lock is held: kept on renewal
         return orjson.dumps(
             {
                 "owner_id": self.owner_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "path": self.path,
-                "created": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                "created": datetime.fromtimestamp(self._created, timezone.utc).isoformat(),
                 "expires": now + self.lease,
             }
         )
@@ -447,12 +464,13 @@ class RemoteLock:
             LockedError: another live writer holds it.
         """
         deadline = time.monotonic() + timeout
+        self.contended = False
         while True:
             try:
                 self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_none_match=True)
                 break
             except PreconditionFailed:
-                pass
+                self.contended = True
             holder, etag = read_lock(self.conn)
             if holder is None:
                 continue  # released meanwhile
@@ -483,8 +501,14 @@ class RemoteLock:
             if self.etag is None:
                 return
             try:
-                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=self.etag)
+                self.etag = self.conn.put(
+                    fmt.LOCK_NAME, self._record(renewal=True), if_match=self.etag
+                )
             except (PreconditionFailed, RemoteNotFoundError):
+                holder, etag = read_lock(self.conn)
+                if holder and (holder.get("owner_id"), holder.get("pid")) == (self.owner_id, os.getpid()):
+                    self.etag = etag  # a retried renewal whose first try had succeeded
+                    return
                 self.lost = True
                 self._stop.set()
 
