@@ -2,7 +2,7 @@
 
 from .changes import Change, Changes, PushResult
 from .connection import S3Connection
-from .ebooklet import EBooklet, open
+from .ebooklet import EBooklet, open, open_rcg
 from .errors import (
     AuthError,
     ConflictError,
@@ -15,9 +15,12 @@ from .errors import (
     OfflineWarning,
     ReadOnlyError,
     RemoteError,
+    RemoteExistsError,
     RemoteNotFoundError,
     SerializationError,
 )
+from .maintenance import check
+from .rcg import RemoteConnGroup
 from .remote import break_lock
 
 open_ebooklet = open
@@ -39,11 +42,15 @@ __all__ = [
     "OfflineWarning",
     "PushResult",
     "ReadOnlyError",
+    "RemoteConnGroup",
     "RemoteError",
+    "RemoteExistsError",
     "RemoteNotFoundError",
     "S3Connection",
     "SerializationError",
     "break_lock",
+    "check",
     "open",
     "open_ebooklet",
+    "open_rcg",
 ]

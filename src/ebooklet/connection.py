@@ -319,6 +319,8 @@ class S3Connection:
         if status == 412:
             return PreconditionFailed(f"{what}: a concurrent writer changed it first (412).")
         if status == 404 and code == "NoSuchBucket":
+            if not self.writable:  # an anonymous reader knows only the URL
+                return RemoteNotFoundError(f"Bucket of {self.db_url} does not exist; check the URL.")
             return RemoteNotFoundError(
                 f"Bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; "
                 "create it first or check its name."
@@ -351,10 +353,17 @@ class S3Connection:
 
     def get_range(self, suffix: str, start: int, length: int) -> bytes:
         """The ``length`` bytes of an object from ``start``, read straight into one buffer."""
+        if length == 0:  # an empty value: no valid Range header exists for it
+            return b""
         url = self._url(suffix)
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         response = self.request("GET", url, headers, stream=True)
         try:
+            if response.status == 416:  # the object ends before the range starts
+                response.read()
+                raise IntegrityError(
+                    f"{self._describe(suffix)} is truncated: it ends before byte {start}."
+                )
             if response.status not in (200, 206):
                 response.read()
                 raise self._fail(response, f"GET {self._describe(suffix)} (range)")
@@ -509,6 +518,180 @@ class S3Connection:
             self._http.clear()
             self._http = None
 
+    # ------------------------------------------------------------ maintenance operations
+    # (server-side copy, object versions, bulk delete, tail reads; used by maintenance.py)
+
+    def copy_source(self, suffix: str) -> str:
+        """The ``x-amz-copy-source`` header value naming the object ``db_key + suffix``."""
+        if not self.writable:
+            raise ValueError("A server-side copy needs a source connection with bucket and db_key.")
+        return "/" + quote(f"{self.bucket}/{self.db_key}{suffix}", safe="/~")
+
+    def copy_object(
+        self,
+        source: S3Connection,
+        suffix: str,
+        size: int,
+        target_suffix: str | None = None,
+        *,
+        max_single: int | None = None,
+        part_size: int | None = None,
+    ) -> str:
+        """Copy ``source``'s object ``source.db_key + suffix`` here, server-side.
+
+        The object is written as ``db_key + target_suffix`` (default: the same
+        suffix). Both connections must reach the same endpoint, with credentials
+        that can read the source and write here; no byte passes through this
+        machine. Objects over ``max_single`` bytes (5 GiB, CopyObject's limit) are
+        copied by multipart ``UploadPartCopy`` in parts of ``part_size``.
+        Returns the new object's ETag.
+
+        Raises:
+            RemoteNotFoundError, AuthError, RemoteError: the copy failed.
+        """
+        target = suffix if target_suffix is None else target_suffix
+        header = source.copy_source(suffix)
+        what = f"COPY {source._describe(suffix)} to {self._describe(target)}"
+        max_single = COPY_SINGLE_MAX if max_single is None else max_single
+        if size > max_single:
+            return self._copy_multipart(header, what, target, size, part_size or COPY_PART_SIZE)
+        response = self.request("PUT", self._url(target), {"x-amz-copy-source": header})
+        if response.status != 200 or b"<Error>" in response.data:
+            raise self._fail(response, what)
+        return _find_text(ET.fromstring(response.data), "ETag")
+
+    def _copy_multipart(self, header: str, what: str, target: str, size: int, part_size: int) -> str:
+        response = self.request("POST", self._url(target, {"uploads": ""}))
+        if response.status != 200:
+            raise self._fail(response, f"start multipart {what}")
+        upload_id = _find_text(ET.fromstring(response.data), "UploadId")
+
+        def copy_part(numbered: tuple[int, int]) -> str:
+            number, start = numbered
+            end = min(start + part_size, size) - 1
+            url = self._url(target, {"partNumber": str(number), "uploadId": upload_id})
+            headers = {"x-amz-copy-source": header, "x-amz-copy-source-range": f"bytes={start}-{end}"}
+            answer = self.request("PUT", url, headers)
+            if answer.status != 200 or b"<Error>" in answer.data:
+                raise self._fail(answer, f"part {number} of {what}")
+            return _find_text(ET.fromstring(answer.data), "ETag")
+
+        try:
+            etags = list(self.map(copy_part, enumerate(range(0, size, part_size), 1)))
+            return self._complete_multipart(target, upload_id, etags, what)
+        except BaseException:
+            self.request("DELETE", self._url(target, {"uploadId": upload_id}))
+            raise
+
+    def _complete_multipart(self, suffix: str, upload_id: str, etags: list[str], what: str) -> str:
+        body = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+            for n, etag in enumerate(etags, 1)
+        )
+        xml = f'<CompleteMultipartUpload xmlns="{_S3_NS[1:-1]}">{body}</CompleteMultipartUpload>'
+        url = self._url(suffix, {"uploadId": upload_id})
+        response = self.request("POST", url, body=xml.encode())
+        if response.status != 200 or b"<Error>" in response.data:
+            raise self._fail(response, f"complete {what}")
+        return _find_text(ET.fromstring(response.data), "ETag")
+
+    def get_tail(self, suffix: str, length: int) -> tuple[bytes, int]:
+        """The last ``length`` bytes of an object (fewer if it is smaller) and its size.
+
+        One suffix-range GET; works anonymously (no HEAD, no listing).
+        """
+        response = self.request("GET", self._url(suffix), {"Range": f"bytes=-{length}"})
+        if response.status not in (200, 206):
+            raise self._fail(response, f"GET {self._describe(suffix)} (tail)")
+        data = response.data
+        if response.status == 200:
+            return data[-length:], len(data)
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+        if not total.isdigit():
+            raise RemoteError(f"{self._describe(suffix)}: the server sent no object size.")
+        return data, int(total)
+
+    def list_versions(self, suffix_prefix: str, exact: bool = False) -> Iterator[ObjectVersion]:
+        """Every version and delete marker of the objects starting with ``db_key + suffix_prefix``.
+
+        S3's ``ListObjectVersions``; an unversioned bucket answers with one version
+        ``"null"`` per object. With ``exact``, only the object ``db_key + suffix_prefix``
+        itself, without paging through the keys that merely start with it.
+
+        Raises:
+            RemoteError: the server does not support listing versions.
+        """
+        query = {"versions": "", "prefix": self.db_key + suffix_prefix}
+        while True:
+            response = self.request("GET", self._bucket_url(query))
+            if response.status != 200:
+                raise self._fail(response, f"LIST VERSIONS {self._describe(suffix_prefix)}*")
+            root = ET.fromstring(response.data)
+            for item in root:
+                kind = item.tag.rpartition("}")[2]
+                key = _find_text(item, "Key")
+                if kind not in ("Version", "DeleteMarker") or (exact and key != query["prefix"]):
+                    continue
+                yield ObjectVersion(
+                    key[len(self.db_key) :],
+                    _find_text(item, "VersionId") or None,
+                    int(_find_text(item, "Size") or 0),
+                    _find_text(item, "IsLatest") == "true",
+                    kind == "DeleteMarker",
+                )
+            if _find_text(root, "IsTruncated") != "true":
+                return
+            if exact and _find_text(root, "NextKeyMarker") != query["prefix"]:
+                return  # keys are listed in order: the exact key is behind us
+            query["key-marker"] = _find_text(root, "NextKeyMarker")
+            query["version-id-marker"] = _find_text(root, "NextVersionIdMarker")
+
+    def delete_version(self, suffix: str, version_id: str | None) -> None:
+        """Delete one version of an object for good (``None``: the plain DELETE)."""
+        query = {"versionId": version_id} if version_id else None
+        response = self.request("DELETE", self._url(suffix, query))
+        if response.status not in (200, 204, 404):
+            raise self._fail(response, f"DELETE {self._describe(suffix)} version {version_id}")
+
+    def delete_objects(self, items: Iterable[tuple[str, str | None]]) -> int:
+        """Delete many ``(suffix, version id or None)`` objects, 1000 per request.
+
+        Uses ``DeleteObjects`` and falls back to one DELETE each (in parallel) on
+        servers without it. Returns how many were deleted.
+
+        Raises:
+            RemoteError: some objects could not be deleted (their keys are named).
+        """
+        from xml.sax.saxutils import escape
+
+        items = list(items)
+        for start in range(0, len(items), 1000):
+            batch = items[start : start + 1000]
+            objects = "".join(
+                f"<Object><Key>{escape(self.db_key + suffix)}</Key>"
+                + (f"<VersionId>{escape(version)}</VersionId>" if version else "")
+                + "</Object>"
+                for suffix, version in batch
+            )
+            body = f'<Delete xmlns="{_S3_NS[1:-1]}"><Quiet>true</Quiet>{objects}</Delete>'.encode()
+            headers = {"Content-MD5": b64encode(md5(body)).decode(), "Content-Type": "application/xml"}
+            response = self.request("POST", self._bucket_url({"delete": ""}), headers, body)
+            if response.status in (400, 501) and _error_code(response.data) in (
+                "NotImplemented", "MalformedXML", "InvalidRequest", None
+            ):
+                list(self.map(lambda item: self.delete_version(*item), batch))
+                continue
+            if response.status != 200:
+                raise self._fail(response, f"DELETE {len(batch)} objects under {self._describe('')}")
+            failed = [
+                f"{_find_text(e, 'Key')} ({_find_text(e, 'Code')})"
+                for e in ET.fromstring(response.data)
+                if e.tag.rpartition("}")[2] == "Error"
+            ]
+            if failed:
+                raise RemoteError(f"Could not delete {len(failed)} object(s): {', '.join(failed[:10])}.")
+        return len(items)
+
 
 def _error_code(body: bytes | None) -> str | None:
     if not body or not body.lstrip().startswith(b"<"):
@@ -540,3 +723,29 @@ def connection_from(remote: S3Connection | str | None) -> S3Connection | None:
     raise TypeError(
         f"remote must be an S3Connection, a public URL string or None, not {type(remote).__name__}."
     )
+
+
+# ---------------------------------------------------------------- maintenance helpers
+
+COPY_SINGLE_MAX = 5 << 30
+"""The largest object one server-side ``CopyObject`` may copy (5 GiB)."""
+COPY_PART_SIZE = 512 << 20
+"""Part size of a multipart server-side copy (``UploadPartCopy``)."""
+
+
+class ObjectVersion(NamedTuple):
+    """One entry of :meth:`S3Connection.list_versions`."""
+
+    suffix: str
+    version_id: str | None
+    size: int
+    is_latest: bool
+    delete_marker: bool
+
+
+def _find_text(element: ET.Element, tag: str) -> str:
+    """The text of child ``tag`` with or without the S3 namespace (``""`` if absent)."""
+    found = element.findtext(f"{_S3_NS}{tag}")
+    if found is None:
+        found = element.findtext(tag)
+    return found or ""

@@ -28,7 +28,7 @@ from .errors import (
     RemoteNotFoundError,
     SerializationError,
 )
-from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths, remove_local_files
+from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths
 from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 
 logger = logging.getLogger("ebooklet")
@@ -77,6 +77,7 @@ class EBooklet(MutableMapping):
         buffer_size: int,
         lock_timeout: float,
         timeout: float | None,
+        commit: int | str | None = None,
     ) -> EBooklet:
         if not isinstance(flag, str) or flag not in FLAGS:
             raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}.")
@@ -97,24 +98,36 @@ class EBooklet(MutableMapping):
         self._rlock = threading.RLock()
         self._closed = True
         self._lock: RemoteLock | None = None
-        if flag == "n":
-            remove_local_files(self.path)
+        self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
         data_path, log_path, mirror_path, meta_path = local_paths(self.path)
-        self._meta = LocalMeta(meta_path)
-        local_exists = data_path.exists()
-        self._check_same_remote(conn)
-        self._mirror = IndexMirror(mirror_path)
+        # The index mirror is opened first: its file lock keeps other processes off
+        # the whole set of local files while this open decides what to do with them.
+        self._mirror = IndexMirror(mirror_path, timeout=timeout)
         self._remote = RemoteIndex(conn, self._mirror)
-        self._log = ChangeLog(log_path)
         try:
+            fresh = flag == "n"  # a damaged journal or metadata is replaced, not read
+            self._meta = LocalMeta(meta_path, damaged_ok=fresh)
+            self._log = ChangeLog(log_path, damaged_ok=fresh)
+            local_exists = data_path.exists() and not fresh
+            if not fresh:
+                self._check_same_remote(conn)
             self._refresh_at_open(flag, local_exists)
+            if commit is not None:
+                from .maintenance import pin_commit
+
+                pin_commit(self, commit)
+            self._take_remote_lock(lock_timeout)
+            if fresh:
+                self._start_afresh(data_path, log_path)
             self._init_serializers(key_serializer, value_serializer)
+            if self._remote.manifest is not None and not data_path.exists():
+                # A new cache of a remote: size booklet's hash index for its keys
+                # up front (outgrowing n_buckets rewrites the whole index at sync).
+                n_buckets = max(n_buckets, self._remote.manifest.get("n_keys", 0))
             self._data = _open_data(data_path, self._ks, self._vs, n_buckets, buffer_size, timeout)
+            if not local_exists and flag != "n":
+                self._forget_lost_values()
             self._closed = False
-            if flag == "n":
-                self._log.reset()
-                self._log.set_replace(True)
-                self._meta.data["uuid"] = uuid.uuid4().hex
             self._meta.data.setdefault("uuid", uuid.uuid4().hex)
             self._meta.save(
                 remote=conn.public_params() if conn else self._meta.data.get("remote"),
@@ -122,13 +135,39 @@ class EBooklet(MutableMapping):
                 value_serializer=self._vs_name,
                 n_buckets=n_buckets,
             )
-            if self.writable and conn is not None and conn.writable and not self.offline:
-                self._lock = RemoteLock(conn, self._meta.owner_id, str(self.path.resolve()))
-                self._lock.acquire(lock_timeout)
         except BaseException:
             self._close_files()
             raise
         return self
+
+    def _take_remote_lock(self, lock_timeout: float) -> None:
+        conn = self._conn
+        if self.writable and conn is not None and conn.writable and not self.offline:
+            self._lock = RemoteLock(conn, self._meta.owner_id, str(self.path.resolve()))
+            self._lock.acquire(lock_timeout)
+            if self._lock.contended:
+                self._refresh()  # the writer we waited for may have committed meanwhile
+
+    def _start_afresh(self, data_path: Path, log_path: Path) -> None:
+        """Flag 'n', both locks held: an empty copy that replaces the remote at the next push."""
+        self._log.close()
+        for path in (data_path, log_path):
+            path.unlink(missing_ok=True)
+        self._log = ChangeLog(log_path)
+        self._log.set_replace(True)
+        self._meta.data["uuid"] = uuid.uuid4().hex
+
+    def _forget_lost_values(self) -> None:
+        """The data file was missing: edits whose value went with it cannot be pushed."""
+        lost = [kb for kb, edit in self._log.edits.items() if edit.md5 is not None]
+        if lost:
+            warnings.warn(
+                f"{self.path} was missing: {len(lost)} unpushed value(s) were lost with it; "
+                "those keys read the remote version again.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._log.mark_clean(lost)
 
     def _check_same_remote(self, conn: S3Connection | None) -> None:
         known = self._meta.data.get("remote")
@@ -151,11 +190,20 @@ class EBooklet(MutableMapping):
                 self.offline = True
                 warnings.warn(f"Working offline from local files: {exc}", OfflineWarning, stacklevel=4)
         remote_exists = self._remote.exists
+        if self.offline and self._conn is not None and not local_exists and flag != "n":
+            raise OfflineError(
+                f"{self._conn!r} cannot be reached and there is no local copy at {self.path}; "
+                "reconnect and open again."
+            )
         if flag in ("r", "w") and not (remote_exists or local_exists):
-            where = repr(self._conn) if self._conn is not None else "no remote given"
+            if self._conn is None:
+                where = "no remote given"
+            elif self._conn.writable:
+                where = f"{self._conn!r} does not exist"
+            else:
+                where = f"{self._conn.db_url} was not found or is not public"
             raise RemoteNotFoundError(
-                f"No database at {self.path} and none remote ({where}); "
-                "use flag 'c' to create one."
+                f"No database at {self.path}, and {where}; use flag 'c' to create one."
             )
         if flag == "w" and self._conn is not None and self._conn.writable and not remote_exists and not self.offline:
             logger.warning(
@@ -164,7 +212,8 @@ class EBooklet(MutableMapping):
                 self.path,
             )
         manifest = self._remote.manifest
-        if manifest is not None and flag != "n":
+        # A pending replacement ('n' or clear() not pushed yet) keeps its own uuid.
+        if manifest is not None and flag != "n" and not self._log.replace:
             known = self._meta.data.get("uuid")
             if known and known != manifest["uuid"]:
                 self._adopt_foreign_remote(manifest)
@@ -184,7 +233,8 @@ class EBooklet(MutableMapping):
 
     def _init_serializers(self, key_serializer: Any, value_serializer: Any) -> None:
         manifest = self._remote.manifest
-        recorded = manifest if manifest is not None and self.flag != "n" else self._meta.data
+        replacing = self.flag == "n" or self._log.replace
+        recorded = manifest if manifest is not None and not replacing else self._meta.data
         if "key_serializer" in recorded and self.flag != "n":
             ks_name, vs_name = recorded["key_serializer"], recorded["value_serializer"]
             key_serializer = ks_name if ks_name is not None else key_serializer
@@ -194,17 +244,21 @@ class EBooklet(MutableMapping):
 
     def _refresh(self) -> bool:
         """Adopt the newest remote manifest, first resolving unknown bases of edits."""
+        if self._pinned is not None:
+            return False  # a snapshot (open(..., commit=)) stays at its commit
         old_manifest = self._remote.manifest
         manifest, etag = self._remote.fetch_manifest()
-        if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
-            self.offline = False
-            return False
+        # Resolve even when the head is unchanged: a key edited before its shard was
+        # fetched must not look like a conflict at the next push.
         unknown = [k for k, e in self._log.edits.items() if e.base == UNKNOWN_MD5]
         if unknown:
             entries = self._remote.entries(unknown, old_manifest)
             self._log.record_edits(
                 (k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()
             )
+        if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
+            self.offline = False
+            return False
         self._remote.adopt(manifest, etag)
         self.offline = False
         return True
@@ -284,7 +338,7 @@ class EBooklet(MutableMapping):
                     "reconnect and try again."
                 )
             return cached
-        if cached is not None and cached[0] == entry.timestamp:
+        if cached is not None and cached[0] == entry.timestamp and len(cached[1]) == entry.length:
             return cached
         for _, e, raw in self._remote.fetch_values([(kb, entry)]):
             self._data.set(key, raw, timestamp=e.timestamp, encode_value=False)
@@ -520,7 +574,7 @@ class EBooklet(MutableMapping):
             raise KeyError(key)
         with self._rlock:
             kb = self._key(key)
-            self._log.record_edits([(kb, fmt.md5(found[1]), self._base(kb))])
+            self._log.record_edits([(kb, fmt.md5(found[1]), self._base(kb))], retimed=True)
             self._data.set(key, found[1], timestamp=timestamp, encode_value=False)
 
     def set_metadata(self, data: Any) -> None:
@@ -636,8 +690,8 @@ class EBooklet(MutableMapping):
     def _close_files(self) -> None:
         for closer in (
             lambda: self._data.close(),
-            self._log.close,
-            self._mirror.close,
+            lambda: self._log.close(),
+            lambda: self._mirror.close(),
         ):
             with contextlib.suppress(AttributeError):
                 closer()
@@ -669,8 +723,112 @@ class EBooklet(MutableMapping):
         state = "closed" if self._closed else ("offline" if self.offline else "online")
         return f"<EBooklet {str(self.path)!r} flag={self.flag!r} {state} remote={self._conn!r}>"
 
+    # ------------------------------------------------------------ remote management
+    # (thin wrappers: the work is in maintenance.py; see docs/history-and-vacuum.md)
+
+    @property
+    def commit(self) -> int | None:
+        """The seq of the snapshot opened with ``open(..., commit=)``, else ``None``."""
+        return self._pinned["seq"] if self._pinned is not None else None
+
+    def history(self, limit: int | None = None) -> list:
+        """The commits of the remote database, newest first (``limit``: at most that many).
+
+        Each is a :class:`ebooklet.maintenance.Commit` with ``seq``, ``commit_id``,
+        ``timestamp`` (µs) and ``time`` (datetime), ``changed_keys``, ``n_keys``,
+        ``n_bytes`` and the ``message`` given to ``push(message=...)``. Works with
+        a public URL too (it follows each commit's parent with GETs). Commits
+        removed by :meth:`vacuum` are not listed.
+        """
+        from . import maintenance
+
+        return maintenance.history(self._conn, maintenance.db_head(self), limit)
+
+    def diff(self, seq_a: int | str, seq_b: int | str | None = None) -> list:
+        """The keys whose values differ between commits ``seq_a`` and ``seq_b`` (default: the head).
+
+        Returns :class:`ebooklet.maintenance.KeyDiff` records ``(kind, key, old_md5,
+        new_md5)``, ``kind`` being ``"added"``, ``"modified"`` or ``"deleted"``
+        going from ``seq_a`` to ``seq_b``, sorted by encoded key. Only index
+        shards that differ are read; no value is downloaded.
+        """
+        from . import maintenance
+
+        return maintenance.db_diff(self, seq_a, seq_b)
+
+    def delete_remote(self) -> Any:
+        """Delete the remote database: its manifest and every ``D.ebk/`` object, nothing else.
+
+        Takes the write lock; in a versioned bucket every version goes. The local
+        files stay and this object keeps working offline from them (``remote``
+        becomes ``None``). Returns a :class:`ebooklet.maintenance.DeleteResult`.
+        """
+        from . import maintenance
+
+        return maintenance.delete_remote(self)
+
+    def copy_remote(
+        self,
+        target: S3Connection,
+        overwrite: bool = False,
+        server_side: bool | None = None,
+        message: str | None = None,
+    ) -> Any:
+        """Copy the remote database's newest commit to ``target`` (an :class:`S3Connection`).
+
+        Same endpoint and credentials: copied inside the store (``CopyObject``,
+        multipart over 5 GiB), no value is downloaded. Otherwise streamed through
+        this machine part by part, every value checked against its md5. The copy
+        is a database of its own (new uuid, one commit) whose manifest is committed
+        last, conditionally. Local edits that were not pushed are not copied.
+
+        Args:
+            target: where the copy goes.
+            overwrite: replace a database already at ``target`` (else
+                :class:`RemoteExistsError`).
+            server_side: force (True) or forbid (False) the in-store copy;
+                ``None`` decides from the connections.
+            message: the copy's commit message.
+
+        Returns a :class:`ebooklet.maintenance.CopyResult`.
+        """
+        from . import maintenance
+
+        return maintenance.copy_remote(self, target, overwrite, server_side, message)
+
+    def vacuum(
+        self,
+        keep: int | None = None,
+        older_than: Any = None,
+        rewrite_below: float = 0.5,
+        purge: bool | None = None,
+    ) -> Any:
+        """Drop old commits and delete every object the kept commits do not reference.
+
+        Under the write lock. Keeps the newest ``keep`` commits and those newer
+        than ``older_than`` (a datetime, a timedelta age, an ISO string or µs);
+        with both, a commit goes only when it is beyond ``keep`` *and* older.
+        With neither, all commits stay and only unreferenced objects (from
+        interrupted pushes) go. Packs whose live bytes are below ``rewrite_below``
+        of their size are rewritten; with ``purge`` (the default when only one
+        commit is kept) every pack holding a value or key no kept commit
+        references is, so that nothing deleted or overwritten stays downloadable.
+        A new layout is committed before anything is deleted.
+
+        Returns a :class:`ebooklet.maintenance.VacuumResult` (what was removed,
+        ``bytes_reclaimed``).
+        """
+        from . import maintenance
+
+        return maintenance.vacuum(self, keep, older_than, rewrite_below, purge)
+
 
 def _open_data(path: Path, ks: Any, vs: Any, n_buckets: int, buffer_size: int, timeout: float | None):
+    if not path.exists():
+        # Create with serializer names, so that the file records booklet's codes and plain
+        # booklet.open(path) can read it (a class is recorded as "custom": code 0).
+        names = {cls: name for name, cls in reversed(bk_serializers.serial_dict.items())}
+        ks, vs = names.get(ks, ks), names.get(vs, vs)
     try:
         return booklet.open(
             str(path), "c", key_serializer=ks, value_serializer=vs,
@@ -696,7 +854,9 @@ def open(
     buffer_size: int = 2**22,
     lock_timeout: float = 0.0,
     timeout: float | None = None,
-) -> EBooklet:
+    commit: int | str | None = None,
+    remote_conn_group: bool = False,
+) -> Any:
     """Open a database kept in ``file_path`` and synced with ``remote``.
 
     Args:
@@ -713,6 +873,10 @@ def open(
         lock_timeout: seconds to wait for another writer's remote lock.
         timeout: seconds to wait for another process's local file lock
             (``None``: wait).
+        commit: open that past commit (a seq, or a commit id) as a read-only
+            snapshot (flag ``'r'`` only); see :meth:`EBooklet.history`.
+        remote_conn_group: open a remote connection group
+            (:class:`ebooklet.rcg.RemoteConnGroup`) instead of a plain database.
 
     Raises:
         ValueError, TypeError: bad arguments.
@@ -721,7 +885,25 @@ def open(
         LockedError: another writer holds the remote lock.
         IntegrityError, FormatVersionError: damaged or too new files.
     """
-    return EBooklet._open(
+    if commit is not None:
+        from .maintenance import _check_commit_arg
+
+        _check_commit_arg(commit)
+        if flag != "r":
+            raise ValueError(f"A past commit opens read-only: use flag 'r' with commit=, not {flag!r}.")
+    if remote_conn_group:
+        from .rcg import GROUP_SERIALIZER, RemoteConnGroup
+
+        if value_serializer not in (None, GROUP_SERIALIZER):
+            raise ValueError(f"A remote connection group stores {GROUP_SERIALIZER!r} values; drop value_serializer.")
+        value_serializer = GROUP_SERIALIZER
+    db = EBooklet._open(
         remote, file_path, flag, value_serializer, key_serializer,
-        n_buckets, buffer_size, lock_timeout, timeout,
+        n_buckets, buffer_size, lock_timeout, timeout, commit,
     )
+    return RemoteConnGroup(db) if remote_conn_group else db
+
+
+def open_rcg(remote: S3Connection | str | None, file_path: str | os.PathLike, flag: str = "r", **kw: Any) -> Any:
+    """Open a remote connection group: ``open(..., remote_conn_group=True)``."""
+    return open(remote, file_path, flag, remote_conn_group=True, **kw)

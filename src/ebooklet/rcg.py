@@ -1,0 +1,200 @@
+"""Remote connection groups: a database whose entries are other databases.
+
+A group is an ordinary ebooklet database (it pushes, pulls and has history
+like any other) whose keys are database uuids and whose values describe where
+each database lives and what its manifest said when it was added:
+
+.. code-block:: python
+
+    {
+        "uuid": "5f0c...", "bucket": "data", "db_key": "weather/db",
+        "endpoint_url": "https://...", "db_url": "https://.../weather/db",
+        "region": "auto",
+        "n_keys": 1200, "n_bytes": 3456789, "seq": 7, "commit_id": "…",
+        "last_commit": 1730000000000000,            # µs since the epoch
+        "metadata": {...},                          # the database's user metadata
+        "key_serializer": "str", "value_serializer": "pickle",
+        "added": 1730000000000000,
+    }
+
+Entries never hold credentials: only :meth:`S3Connection.public_params`.
+Open one with ``ebooklet.open(conn, path, flag, remote_conn_group=True)`` or
+``ebooklet.open_rcg``; fill it with :meth:`RemoteConnGroup.add`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from . import format as fmt
+from .connection import Fetched, S3Connection, connection_from
+from .errors import EBookletError, RemoteNotFoundError
+
+if TYPE_CHECKING:
+    from .ebooklet import EBooklet
+
+GROUP_SERIALIZER = "orjson"
+"""The value serializer of every group."""
+GROUP_TAG = "remote_conn_group"
+"""The group's user metadata holds ``{"ebooklet": GROUP_TAG, "version": 1}``."""
+CONNECTION_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
+
+
+class RemoteConnGroup(MutableMapping):
+    """A group of remote databases, keyed by database uuid.
+
+    Reading works like a dict (``group[uuid]``, ``in``, ``len``, iteration,
+    ``items()``); entries are added with :meth:`add`, which reads the
+    database's manifest, and removed with ``del group[uuid]``. ``group[uuid] = x``
+    and ``set`` are refused: an entry always comes from a real manifest.
+    ``changes()``, ``pull()``, ``history()``, ``close()`` and the context manager
+    work as on any database.
+    """
+
+    def __init__(self, db: EBooklet):
+        self._db = db
+        try:
+            metadata = db.get_metadata()
+            if isinstance(metadata, dict) and metadata.get("ebooklet") == GROUP_TAG:
+                return
+            if metadata is None and len(db) == 0:
+                if db.writable:
+                    db.set_metadata({"ebooklet": GROUP_TAG, "version": 1})
+                return
+            raise EBookletError(
+                f"{db.path} is a database, not a remote connection group; open it with "
+                "ebooklet.open() (without remote_conn_group), or use another path."
+            )
+        except BaseException:
+            db.close()
+            raise
+
+    # ------------------------------------------------------------ filling
+
+    def add(self, remote: S3Connection | str) -> str:
+        """Add (or refresh) the database at ``remote``; returns its uuid.
+
+        ``remote`` is an :class:`S3Connection` or a public URL. Its manifest is
+        read (one GET); only its location without credentials and what the
+        manifest says are stored.
+
+        Raises:
+            RemoteNotFoundError: there is no database at ``remote``.
+        """
+        conn = connection_from(remote)
+        if conn is None:
+            raise TypeError("add() needs an S3Connection or a public URL of a database.")
+        try:
+            answer = conn.get("")
+        except RemoteNotFoundError as exc:
+            raise RemoteNotFoundError(f"Cannot add {conn!r} to the group: {exc}") from None
+        assert isinstance(answer, Fetched)
+        manifest = fmt.decode_manifest(answer.data, f"manifest of {conn!r}")
+        entry: dict[str, Any] = dict(conn.public_params())
+        entry.update(
+            uuid=manifest["uuid"],
+            n_keys=manifest["n_keys"],
+            n_bytes=manifest["n_bytes"],
+            seq=manifest["seq"],
+            commit_id=manifest["commit_id"],
+            last_commit=manifest["timestamp"],
+            metadata=manifest.get("metadata"),
+            key_serializer=manifest.get("key_serializer"),
+            value_serializer=manifest.get("value_serializer"),
+            added=int(time.time() * 1_000_000),
+        )
+        self._db.set(manifest["uuid"], entry)
+        return manifest["uuid"]
+
+    def set(self, key: Any, value: Any, timestamp: Any = None) -> None:
+        """Refused: entries come from :meth:`add`, which reads the database's manifest."""
+        raise TypeError(
+            "A remote connection group is filled with group.add(conn), which reads the "
+            "database's manifest; set() and group[uuid] = ... are not supported."
+        )
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.set(key, value)
+
+    def connection(self, uuid: str, access_key_id: str | None = None, access_key: str | None = None, **kw: Any) -> S3Connection:
+        """An :class:`S3Connection` to member ``uuid``.
+
+        With credentials (or ``kw``) it can write; without, and when the entry
+        has a public ``db_url``, it is the anonymous read-only connection.
+        """
+        entry = self[uuid]
+        if access_key_id is None and access_key is None and not kw and entry.get("db_url"):
+            return S3Connection(db_url=entry["db_url"])
+        params = {f: entry.get(f) for f in CONNECTION_FIELDS}
+        if params["db_key"] is None:
+            raise ValueError(f"Member {uuid} was added by public URL; it can only be read through it.")
+        params.pop("db_url")
+        params.update(kw)
+        return S3Connection(access_key_id, access_key, **params)
+
+    # ------------------------------------------------------------ the mapping
+
+    def __getitem__(self, uuid: str) -> dict:
+        return self._db[uuid]
+
+    def __delitem__(self, uuid: str) -> None:
+        del self._db[uuid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._db)
+
+    def __len__(self) -> int:
+        return len(self._db)
+
+    def __contains__(self, uuid: object) -> bool:
+        return uuid in self._db
+
+    def items(self, keys: Any = None) -> Iterator[tuple[str, dict]]:  # type: ignore[override]
+        return self._db.items(keys)
+
+    def values(self, keys: Any = None) -> Iterator[dict]:  # type: ignore[override]
+        return self._db.values(keys)
+
+    def get(self, uuid: str, default: Any = None) -> Any:
+        return self._db.get(uuid, default)
+
+    # ------------------------------------------------------------ as a database
+
+    @property
+    def db(self) -> EBooklet:
+        """The underlying database."""
+        return self._db
+
+    def changes(self) -> Any:
+        """See :meth:`EBooklet.changes`: ``group.changes().push()`` publishes the group."""
+        return self._db.changes()
+
+    def pull(self, keys: Any = None, force: bool = False) -> int:
+        return self._db.pull(keys, force=force)
+
+    def history(self, limit: int | None = None) -> list:
+        return self._db.history(limit)
+
+    def sync(self) -> None:
+        self._db.sync()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RemoteConnGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("path", "remote", "uuid", "writable", "offline", "flag", "diff", "vacuum",
+                    "delete_remote", "copy_remote", "get_metadata", "load_items", "commit"):
+            return getattr(self._db, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"<RemoteConnGroup of {len(self)} databases at {self._db!r}>"
+
