@@ -294,8 +294,6 @@ class S3Connection:
             OfflineError: the endpoint cannot be reached.
         """
         headers = dict(headers or {})
-        if body is not None and not isinstance(body, bytes):
-            body = bytes(body)
         client = self._client()
         if self._credentials is not None:
             headers = self._sign(method, url, headers, body)
@@ -352,7 +350,7 @@ class S3Connection:
         return Fetched(response.data, response.headers.get("ETag", ""))
 
     def get_range(self, suffix: str, start: int, length: int) -> bytes:
-        """The ``length`` bytes of an object from ``start``, read straight into one buffer."""
+        """The ``length`` bytes of an object from ``start``, read into one bytes object."""
         if length == 0:  # an empty value: no valid Range header exists for it
             return b""
         url = self._url(suffix)
@@ -369,20 +367,13 @@ class S3Connection:
                 raise self._fail(response, f"GET {self._describe(suffix)} (range)")
             if response.status == 200 and start:
                 raise RemoteError(f"{self._describe(suffix)}: the server ignored the Range header.")
-            buffer = bytearray(length)
-            view = memoryview(buffer)
-            got = 0
-            while got < length:
-                n = response.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got != length:
+            data = response.read(length)  # one allocation, filled by the socket reads
+            if len(data) != length:
                 raise IntegrityError(
                     f"{self._describe(suffix)} is truncated: asked for {length} bytes "
-                    f"at {start}, got {got}."
+                    f"at {start}, got {len(data)}."
                 )
-            return bytes(buffer)
+            return data
         finally:
             response.release_conn()
 

@@ -36,6 +36,7 @@ logger = logging.getLogger("ebooklet")
 FLAGS = ("r", "w", "c", "n")
 _NOT_GIVEN = object()
 _CHUNK = 1000
+LARGE_VALUE = 4 << 20
 
 
 def _serializer(name_or_class: Any, what: str) -> tuple[Any, str | None]:
@@ -315,6 +316,13 @@ class EBooklet(MutableMapping):
         except OfflineError:
             return self._remote.entry(kb, fetch=False)
 
+    def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
+        """Write an encoded value to the data file; a large one is flushed at once, so
+        that booklet's write buffer does not keep a copy of it in memory."""
+        self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+        if len(raw) > LARGE_VALUE:
+            self._data.sync()
+
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
         return self._data.get_timestamp(key, include_value=True, decode_value=False)
 
@@ -341,7 +349,7 @@ class EBooklet(MutableMapping):
         if cached is not None and cached[0] == entry.timestamp and len(cached[1]) == entry.length:
             return cached
         for _, e, raw in self._remote.fetch_values([(kb, entry)]):
-            self._data.set(key, raw, timestamp=e.timestamp, encode_value=False)
+            self._store(key, raw, e.timestamp)
             return e.timestamp, raw
         return None
 
@@ -479,7 +487,7 @@ class EBooklet(MutableMapping):
                 wanted.append((kb, entry))
         count = 0
         for kb, entry, raw in self._remote.fetch_values(wanted):
-            self._data.set(self._ks.loads(kb), raw, timestamp=entry.timestamp, encode_value=False)
+            self._store(self._ks.loads(kb), raw, entry.timestamp)
             count += 1
         return count
 
@@ -504,7 +512,7 @@ class EBooklet(MutableMapping):
         raw = self._value(value)
         with self._rlock:
             self._log.record_edits([(kb, fmt.md5(raw), self._base(kb))])
-            self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+            self._store(key, raw, timestamp)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.set(key, value)
@@ -517,7 +525,7 @@ class EBooklet(MutableMapping):
         with self._rlock:
             self._log.record_edits((kb, fmt.md5(raw), self._base(kb)) for _, kb, raw in encoded)
             for key, _, raw in encoded:
-                self._data.set(key, raw, encode_value=False)
+                self._store(key, raw)
 
     def __delitem__(self, key: Any) -> None:
         self._check_writable()
@@ -575,7 +583,7 @@ class EBooklet(MutableMapping):
         with self._rlock:
             kb = self._key(key)
             self._log.record_edits([(kb, fmt.md5(found[1]), self._base(kb))], retimed=True)
-            self._data.set(key, found[1], timestamp=timestamp, encode_value=False)
+            self._store(key, found[1], timestamp)
 
     def set_metadata(self, data: Any) -> None:
         """Set the database's user metadata (any JSON-serializable object); pushed with the data."""

@@ -215,8 +215,8 @@ class RemoteIndex:
         """Download and md5-verify values; yields ``(key, entry, bytes)``.
 
         Neighbouring values of the same pack are coalesced into one range GET;
-        ranges are fetched ``conn.threads`` at a time. Values larger than
-        :data:`PART_SIZE` are fetched in parallel parts.
+        ranges are fetched ``conn.threads`` at a time. A value larger than
+        :data:`PART_SIZE` is fetched alone, straight into one bytes object.
 
         Raises:
             IntegrityError: a value does not match its md5.
@@ -225,8 +225,8 @@ class RemoteIndex:
         ranges = plan_ranges(wanted)
         batch: list[_Range] = []
         for rng in ranges:
-            if rng.length > PART_SIZE:
-                yield from self._verified(rng, self._get_large(rng))
+            if rng.length > PART_SIZE:  # alone, so that one large value is in memory at a time
+                yield from self._fetch_batch([rng])
                 continue
             batch.append(rng)
             if len(batch) == self.conn.threads:
@@ -240,17 +240,6 @@ class RemoteIndex:
 
         for rng, data in zip(batch, self.conn.map(get, batch), strict=False):
             yield from self._verified(rng, data)
-
-    def _get_large(self, rng: _Range) -> bytes:
-        buffer = bytearray(rng.length)
-        name = fmt.pack_name(rng.pack)
-
-        def get(offset: int) -> None:
-            length = min(PART_SIZE, rng.length - offset)
-            buffer[offset : offset + length] = self.conn.get_range(name, rng.start + offset, length)
-
-        list(self.conn.map(get, range(0, rng.length, PART_SIZE)))
-        return bytes(buffer)
 
     @staticmethod
     def _verified(rng: _Range, data: bytes) -> Iterator[tuple[bytes, Entry, bytes]]:

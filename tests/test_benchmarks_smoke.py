@@ -1,0 +1,86 @@
+"""The benchmark runner keeps working: ``benchmarks/run.py --quick --tiny`` end to end.
+
+Benchmarks are not timed tests (nothing here checks a speed target); this only keeps
+the runner from rotting: it must start its own moto_server, run every workload on
+both sides, count requests, and write a complete JSON report where it is told to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local"}
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("moto") is None, reason="the benchmarks need moto_server"
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the runner once on tiny sizes; its parsed JSON report."""
+    workdir = tmp_path_factory.mktemp("bench")
+    out = workdir / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--quick", "--tiny", "--out", str(out)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, f"runner failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "targets met" in proc.stdout  # the table was printed
+    assert sorted(p.name for p in workdir.iterdir()) == ["results.json"]
+    return json.loads(out.read_text())
+
+
+def test_report_covers_every_workload_and_side(report: dict) -> None:
+    assert report["mode"] == "tiny"
+    assert set(report["workloads"]) == WORKLOADS
+    assert {row["workload"] for row in report["rows"]} == WORKLOADS
+    for name, workload in report["workloads"].items():
+        sides = set(workload["steps"]) - {"setup"}
+        assert "ebooklet" in sides and len(sides) == 2, name
+        for step in workload["steps"].values():
+            assert step["peak_rss"] > 0
+
+
+def test_every_row_is_a_finite_measurement(report: dict) -> None:
+    for row in report["rows"]:
+        assert math.isfinite(row["ebooklet"]) and row["ebooklet"] >= 0, row
+        if row["ratio"] is not None:
+            assert math.isfinite(row["ratio"]), row
+        assert row["met"] in (True, False, None), row
+    assert any(row["met"] is not None for row in report["rows"])
+
+
+def test_phases_count_requests_from_the_server_log(report: dict) -> None:
+    """Requests are counted per phase: remote phases send some, local-only ones none."""
+    steps = {name: w["steps"] for name, w in report["workloads"].items()}
+    push = steps["small_push"]["ebooklet"]["phases"]["push"]
+    assert push["requests"].get("PUT", 0) >= 3  # a pack, an index shard, the manifest
+    assert steps["small_push"]["boto3"]["phases"]["one_put"]["requests"] == {"PUT": 1}
+    n = report["sizes"]["small_n"]
+    assert steps["small_push"]["boto3"]["phases"]["many_puts"]["requests"] == {"PUT": n}
+    assert steps["cold_read"]["ebooklet"]["phases"]["warm_reopen"]["statuses"] == {"GET 304": 1}
+    for phase in steps["local"]["ebooklet"]["phases"].values():
+        assert phase["requests"] == {}
+
+
+def test_workloads_move_the_bytes_they_claim(report: dict) -> None:
+    sizes = report["sizes"]
+    cold = report["workloads"]["cold_read"]["steps"]
+    everything = sizes["small_n"] * sizes["small_size"]
+    assert cold["ebooklet"]["phases"]["read_all_load_items"]["bytes"] == everything
+    assert cold["boto3"]["phases"]["one_get"]["bytes"] == everything
+    large = report["workloads"]["large"]["steps"]
+    assert large["boto3"]["phases"]["pull"]["bytes"] == sizes["large_n"] * sizes["large_size"]
+    assert large["ebooklet"]["phases"]["pull"]["values"] == sizes["large_n"]

@@ -1,0 +1,216 @@
+"""Behaviours 11 and 12: one EBooklet shared by threads; large values in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ebooklet
+from conftest import S3Target
+
+# --------------------------------------------------------------------------- threads
+
+N_THREADS = 8
+N_REMOTE = 400
+HALF = N_REMOTE // 2  # keys r0..r199 are changed by the threads, r200..r399 only read
+PER_THREAD = 60
+
+
+def remote_value(i: int) -> dict:
+    return {"remote": i, "pad": "r" * (i % 50)}
+
+
+def run_threads(worker: Callable[[int], None], n: int = N_THREADS) -> None:
+    """Run ``worker(t)`` in ``n`` threads started together; re-raise the first failure."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            barrier.wait()
+            worker(t)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(n)]
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, to make races likely
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        sys.setswitchinterval(old)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_eight_threads_reading_and_writing_one_database(
+    conn: Any, reader: Any, tmp_path: Path
+) -> None:
+    """Each thread writes its own keys, overwrites and deletes some remote keys of its
+    own, and reads remote keys (fetched lazily, shards and values shared with the other
+    threads); every read is checked as it happens, then the pushed result from a fresh
+    copy."""
+    remote = {f"r{i}": remote_value(i) for i in range(N_REMOTE)}
+    with ebooklet.open(conn, tmp_path / "seed", "n", value_serializer="pickle") as db:
+        db.update(remote)
+        db.changes().push()
+
+    expected = dict(remote)
+    lock = threading.Lock()
+    with ebooklet.open(conn, tmp_path / "db", "w") as db:
+
+        def worker(t: int) -> None:
+            mine: dict[str, Any] = {}
+            for j in range(PER_THREAD):
+                key = f"t{t}-{j}"
+                db[key] = mine[key] = {"thread": t, "j": j}
+                shared = f"r{HALF + (t * 37 + j * 11) % HALF}"  # read by all, changed by none
+                assert db[shared] == remote[shared]
+                own = f"r{(j * N_THREADS + t) % HALF}"  # remote keys only thread t changes
+                if j % 3 == 0:
+                    db[own] = mine[own] = {"changed by": t}
+                elif j % 7 == 0 and own in db:
+                    del db[own]
+                    mine[own] = None
+                assert db[key] == mine[key]
+                if j % 10 == 0:
+                    got = dict(db.get_items([f"t{t}-{k}" for k in range(j + 1)]))
+                    assert got == {k: v for k, v in mine.items() if k.startswith(f"t{t}-")}
+            for key, value in mine.items():
+                assert db.get(key) == value
+            with lock:
+                for key, value in mine.items():
+                    if value is None:
+                        expected.pop(key, None)
+                    else:
+                        expected[key] = value
+
+        run_threads(worker)
+        assert len(db) == len(expected)
+        assert dict(db.items()) == expected
+        result = db.changes().push()
+        assert result.committed
+        assert list(db.changes().iter_changes()) == []
+
+    with ebooklet.open(reader(conn), tmp_path / "fresh", "r") as fresh:
+        assert len(fresh) == len(expected)
+        run_threads(lambda t: [fresh[k] for k in sorted(expected)[t::N_THREADS]])
+        assert dict(fresh.items()) == expected
+
+
+# --------------------------------------------------------------------------- large values
+
+MiB = 1 << 20
+N_LARGE = 6
+LARGE_SIZE = 64 * MiB
+TOTAL = N_LARGE * LARGE_SIZE
+PEAK_LIMIT = 3 * LARGE_SIZE + 32 * MiB
+"""'Well under the total data size': one value at a time. booklet's own read and write
+paths copy a value up to twice (block read then slice; header concatenation then its
+write buffer), so three copies of one value plus slack, and never the sum of them."""
+
+LARGE_SCRIPT = r"""
+import hashlib, json, random, resource, sys, time
+import psutil
+import ebooklet
+
+args = json.loads(sys.argv[1])
+conn = ebooklet.S3Connection(
+    args["access_key_id"], args["access_key"], args["db_key"], args["bucket"],
+    endpoint_url=args["endpoint_url"], region=args["region"],
+)
+scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+
+
+def measure(step):
+    before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    result = step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return {"growth": peak - before, "seconds": time.perf_counter() - start, "result": result}
+
+
+out = {}
+if args["phase"] == "write":  # one value in memory at a time
+    with ebooklet.open(conn, args["path"], "n") as db:
+        for i in range(args["n"]):
+            value = random.Random(i).randbytes(args["size"])
+            out[f"v{i}"] = hashlib.md5(value).hexdigest()
+            db[f"v{i}"] = value
+            del value
+elif args["phase"] == "push":
+    with ebooklet.open(conn, args["path"], "w") as db:
+        out = measure(lambda: db.changes().push().keys_pushed)
+elif args["phase"] == "pull":
+    with ebooklet.open(conn, args["path"], "r") as db:
+        out = measure(db.load_items)
+        out["md5"] = {}
+        for key in sorted(db.keys()):  # after the measurement: this holds whole values
+            out["md5"][key] = hashlib.md5(db[key]).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def run_large_step(target: S3Target, db_key: str, phase: str, path: Path) -> dict:
+    params = {
+        "phase": phase, "path": str(path), "db_key": db_key, "n": N_LARGE, "size": LARGE_SIZE,
+        "access_key_id": target.access_key_id, "access_key": target.access_key,
+        "bucket": target.bucket, "endpoint_url": target.endpoint_url, "region": target.region,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", LARGE_SCRIPT, json.dumps(params)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def large_run(s3_server: S3Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Write 6 x 64 MiB values, push them, and load them into a fresh copy, each step
+    in its own process; yields what each step measured."""
+    pytest.importorskip("resource")
+    pytest.importorskip("psutil")
+    prefix = f"tests/large-values-{uuid.uuid4().hex[:8]}/"
+    tmp = tmp_path_factory.mktemp("large")
+    try:
+        written = run_large_step(s3_server, prefix + "db", "write", tmp / "writer")
+        pushed = run_large_step(s3_server, prefix + "db", "push", tmp / "writer")
+        pulled = run_large_step(s3_server, prefix + "db", "pull", tmp / "reader")
+        print(
+            f"\nlarge values: {N_LARGE} x {LARGE_SIZE // MiB} MiB; peak RSS growth "
+            f"push {pushed['growth'] / MiB:.0f} MiB in {pushed['seconds']:.1f} s, "
+            f"pull {pulled['growth'] / MiB:.0f} MiB in {pulled['seconds']:.1f} s",
+            file=sys.stderr,
+        )
+        yield {"written": written, "push": pushed, "pull": pulled}
+    finally:
+        s3_server.delete_prefix(prefix)
+
+
+def test_large_values_round_trip(large_run: dict) -> None:
+    assert large_run["push"]["result"] == N_LARGE
+    assert large_run["pull"]["result"] == N_LARGE
+    assert large_run["pull"]["md5"] == large_run["written"]
+
+
+def test_large_values_push_in_bounded_memory(large_run: dict) -> None:
+    growth = large_run["push"]["growth"]
+    assert growth < PEAK_LIMIT, f"push peak RSS grew by {growth / MiB:.0f} MiB"
+
+
+def test_large_values_pull_in_bounded_memory(large_run: dict) -> None:
+    growth = large_run["pull"]["growth"]
+    assert growth < PEAK_LIMIT, f"pull peak RSS grew by {growth / MiB:.0f} MiB"
