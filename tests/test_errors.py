@@ -506,11 +506,6 @@ def test_missing_database_is_remote_not_found_and_creates_nothing(
         assert len(db) == 0  # the failed open left nothing in the way
 
 
-@pytest.mark.xfail(
-    reason="BUG: flag 'n' deletes the local files before the remote is reached, so a "
-    "typo in the credentials or bucket loses the local copy (and its unpushed edits)",
-    strict=True,
-)
 @pytest.mark.parametrize("bad", ["wrong secret", "missing bucket"])
 def test_failed_open_n_keeps_the_local_copy(
     auth_target: S3Target, db_key: str, tmp_path: Path, bad: str
