@@ -228,12 +228,13 @@ def small_push_ebooklet(ctx: Ctx) -> None:
     ctx.metrics["bucket_bytes"] = sum(size for _, size in listing.values())
 
 
-def small_push_boto3(ctx: Ctx) -> None:
-    items = small_items(ctx.sizes["small_n"], ctx.sizes["small_size"])
+def boto3_puts(ctx: Ctx, items: list[tuple[str, bytes]], name: str) -> None:
+    """The two boto3 references for uploading ``items``: the floor (one PUT of all the
+    bytes, as ``boto3/<name>``) and what naive code does (one PUT per item, pooled)."""
     client = ctx.client()
     blob = b"".join(v for _, v in items)
     with ctx.phase("one_put"):
-        client.put_object(Bucket=BUCKET, Key="boto3/all", Body=blob)
+        client.put_object(Bucket=BUCKET, Key=f"boto3/{name}", Body=blob)
     del blob
 
     def put(item: tuple[str, bytes]) -> None:
@@ -241,6 +242,10 @@ def small_push_boto3(ctx: Ctx) -> None:
 
     with ctx.phase("many_puts"):
         ctx.pool_map(put, items)
+
+
+def small_push_boto3(ctx: Ctx) -> None:
+    boto3_puts(ctx, small_items(ctx.sizes["small_n"], ctx.sizes["small_size"]), "all")
 
 
 def cold_read_setup(ctx: Ctx) -> None:
@@ -336,16 +341,7 @@ def incremental_ebooklet(ctx: Ctx) -> None:
 
 
 def incremental_boto3(ctx: Ctx) -> None:
-    client = ctx.client()
-    changes = changed_items(ctx)
-    with ctx.phase("one_put"):
-        client.put_object(Bucket=BUCKET, Key="boto3/changes", Body=b"".join(v for _, v in changes))
-
-    def put(item: tuple[str, bytes]) -> None:
-        client.put_object(Bucket=BUCKET, Key=f"boto3/{item[0]}", Body=item[1])
-
-    with ctx.phase("many_puts"):
-        ctx.pool_map(put, changes)
+    boto3_puts(ctx, changed_items(ctx), "changes")
 
 
 def large_ebooklet(ctx: Ctx) -> None:

@@ -76,6 +76,7 @@ class Changes:
 
     def __init__(self, db: EBooklet):
         self._db = db
+        self._packs_checked: dict[bytes, bool] = {}
 
     # ------------------------------------------------------------ inspecting
 
@@ -388,7 +389,7 @@ class Changes:
 
     def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
         """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
-        checked: dict[bytes, bool] = self.__dict__.setdefault("_packs_checked", {})
+        checked = self._packs_checked
         conn = self._db._conn
 
         def exists(pack: bytes) -> bool:

@@ -34,7 +34,6 @@ from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 logger = logging.getLogger("ebooklet")
 
 FLAGS = ("r", "w", "c", "n")
-_NOT_GIVEN = object()
 _CHUNK = 1000
 LARGE_VALUE = 4 << 20
 
