@@ -436,19 +436,37 @@ class EBooklet(MutableMapping):
         """``(key, value)`` pairs, downloading missing values in coalesced batches."""
         self._check_open()
         chunk: list[Any] = []
-        for key in self.keys(keys):
+        for key in self._keys_in_pack_order() if keys is None else self.keys(keys):
             chunk.append(key)
             if len(chunk) == _CHUNK:
                 yield from self._items_chunk(chunk)
                 chunk = []
         yield from self._items_chunk(chunk)
 
+    def _keys_in_pack_order(self) -> Iterator[Any]:
+        """Every key, the remote ones ordered by where their values lie, so that each
+        chunk of :meth:`items` is a few neighbouring ranges, not a slice of every pack."""
+        if self._log.replace or not self._remote.exists or self.offline:
+            yield from self
+            return
+        edits = dict(self._log.edits)
+        located = [(e.pack, e.offset, kb) for kb, e in self._remote.iter_entries() if kb not in edits]
+        located.sort()
+        for _, _, kb in located:
+            yield self._ks.loads(kb)
+        for kb, edit in edits.items():
+            if edit.md5 is not None:
+                yield self._ks.loads(kb)
+
     def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
-        self.load_items(keys)
+        fetched = self._load(keys)
         for key in keys:
-            found = self._raw(key)
-            if found is not None:
-                yield key, self._decode(found[1])
+            raw = fetched.get(self._key(key))
+            if raw is None:
+                found = self._raw(key)
+                raw = found[1] if found is not None else None
+            if raw is not None:
+                yield key, self._decode(raw)
 
     def values(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
         """The values (of ``keys`` when given)."""
@@ -469,8 +487,13 @@ class EBooklet(MutableMapping):
         Returns how many values were downloaded.
         """
         self._check_open()
+        return len(self._load(keys))
+
+    def _load(self, keys: Iterable[Any] | None) -> dict[bytes, bytes | None]:
+        """Download the values of ``keys`` not cached yet; returns them by encoded key
+        (a large value as ``None``: it is only read back from the data file)."""
         if self._log.replace or not self._remote.exists or self.offline:
-            return 0
+            return {}
         kbs = [self._key(k) for k in keys] if keys is not None else None
         if kbs is None:
             candidates = [(kb, e) for kb, e in self._remote.iter_entries()]
@@ -484,11 +507,11 @@ class EBooklet(MutableMapping):
             cached = self._data.get_timestamp(self._ks.loads(kb))
             if cached != entry.timestamp:
                 wanted.append((kb, entry))
-        count = 0
+        fetched: dict[bytes, bytes | None] = {}
         for kb, entry, raw in self._remote.fetch_values(wanted):
             self._store(self._ks.loads(kb), raw, entry.timestamp)
-            count += 1
-        return count
+            fetched[kb] = raw if len(raw) <= LARGE_VALUE else None
+        return fetched
 
     # ------------------------------------------------------------ the write path
 
