@@ -460,4 +460,4 @@ class Changes:
             log.set_metadata_dirty(False)
         log.uploads.clear()
         log.compact()
-        db._meta.save(uuid=db.uuid)
+        db._meta.save(uuid=db.uuid, conditional_writes=db._conn.conditional_writes())

@@ -32,7 +32,8 @@ from .format import md5
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
-_MISSING = object()
+_CONDITIONAL_WRITES: dict[tuple[str | None, str | None], bool] = {}
+"""Probe answers by ``(endpoint_url, bucket)``: whether conditional writes are honoured."""
 
 
 class PreconditionFailed(RemoteError):
@@ -144,7 +145,6 @@ class S3Connection:
         self._http: urllib3.PoolManager | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._init_lock = threading.Lock()
-        self._conditional_writes: bool | None = None
 
     # ------------------------------------------------------------ identity
 
@@ -481,24 +481,32 @@ class S3Connection:
     # ------------------------------------------------------------ capabilities
 
     def conditional_writes(self) -> bool:
-        """Whether the server honours ``If-None-Match: *`` (probed once per connection).
+        """Whether the server honours ``If-None-Match: *`` (probed once per bucket).
 
         Puts the same throw-away object under ``D.ebk/`` twice; a server that
         accepts the second PUT ignores conditions (Backblaze B2 is reported to).
+        The answer is shared by every connection to the same bucket in this
+        process, and can be handed over from an earlier one with
+        :meth:`remember_conditional_writes`.
         """
-        if self._conditional_writes is None:
+        bucket = (self.endpoint_url, self.bucket)
+        if bucket not in _CONDITIONAL_WRITES:
             from .format import new_commit_id
 
             probe = f".ebk/probe-{new_commit_id()}"
             self.put(probe, b"probe", if_none_match=True)
             try:
                 self.put(probe, b"probe", if_none_match=True)
-                self._conditional_writes = False
+                _CONDITIONAL_WRITES[bucket] = False
             except PreconditionFailed:
-                self._conditional_writes = True
+                _CONDITIONAL_WRITES[bucket] = True
             finally:
                 self.delete(probe)
-        return self._conditional_writes
+        return _CONDITIONAL_WRITES[bucket]
+
+    def remember_conditional_writes(self, honoured: bool) -> None:
+        """Record a probe answer known from before (e.g. kept beside a local copy)."""
+        _CONDITIONAL_WRITES.setdefault((self.endpoint_url, self.bucket), honoured)
 
     def close(self) -> None:
         """Release the connection pool and the thread pool."""
@@ -547,6 +555,10 @@ class S3Connection:
         if size > max_single:
             return self._copy_multipart(header, what, target, size, part_size or COPY_PART_SIZE)
         response = self.request("PUT", self._url(target), {"x-amz-copy-source": header})
+        return self._copied_etag(response, what)
+
+    def _copied_etag(self, response: urllib3.BaseHTTPResponse, what: str) -> str:
+        """The ETag a copy or a completion answered (S3 may report a failure as 200 + <Error>)."""
         if response.status != 200 or b"<Error>" in response.data:
             raise self._fail(response, what)
         return _find_text(ET.fromstring(response.data), "ETag")
@@ -563,9 +575,7 @@ class S3Connection:
             url = self._url(target, {"partNumber": str(number), "uploadId": upload_id})
             headers = {"x-amz-copy-source": header, "x-amz-copy-source-range": f"bytes={start}-{end}"}
             answer = self.request("PUT", url, headers)
-            if answer.status != 200 or b"<Error>" in answer.data:
-                raise self._fail(answer, f"part {number} of {what}")
-            return _find_text(ET.fromstring(answer.data), "ETag")
+            return self._copied_etag(answer, f"part {number} of {what}")
 
         try:
             etags = list(self.map(copy_part, enumerate(range(0, size, part_size), 1)))
@@ -582,9 +592,7 @@ class S3Connection:
         xml = f'<CompleteMultipartUpload xmlns="{_S3_NS[1:-1]}">{body}</CompleteMultipartUpload>'
         url = self._url(suffix, {"uploadId": upload_id})
         response = self.request("POST", url, body=xml.encode())
-        if response.status != 200 or b"<Error>" in response.data:
-            raise self._fail(response, f"complete {what}")
-        return _find_text(ET.fromstring(response.data), "ETag")
+        return self._copied_etag(response, f"complete {what}")
 
     def get_tail(self, suffix: str, length: int) -> tuple[bytes, int]:
         """The last ``length`` bytes of an object (fewer if it is smaller) and its size.

@@ -157,8 +157,8 @@ class Demo:
             check(result.keys_pushed == n, f"push #1 sent {result.keys_pushed} keys, not {n}")
             notes.append(
                 f"seq {result.seq}, {result.keys_pushed} keys, "
-                f"{result.bytes_uploaded / 1024:.0f} KiB; the first commit also probes "
-                "conditional writes once (2 PUT, 1 DELETE)"
+                f"{result.bytes_uploaded / 1024:.0f} KiB; the first commit to a bucket also "
+                "probes conditional writes once (2 PUT, 1 DELETE)"
             )
         return writer
 

@@ -116,6 +116,8 @@ class EBooklet(MutableMapping):
                 from .maintenance import pin_commit
 
                 pin_commit(self, commit)
+            if conn is not None and conn.writable and "conditional_writes" in self._meta.data:
+                conn.remember_conditional_writes(self._meta.data["conditional_writes"])
             self._take_remote_lock(lock_timeout)
             if fresh:
                 self._start_afresh(data_path, log_path)
