@@ -196,6 +196,11 @@ def _ref_name(ref: dict) -> str:
     return fmt.commit_name(ref["seq"], ref["commit_id"])
 
 
+def _kind(name: str) -> str:
+    """The kind of a ``.ebk/<kind>/...`` suffix: ``"commit"``, ``"index"``, ``"pack"``..."""
+    return name[len(fmt.PREFIX) :].partition("/")[0]
+
+
 def _parse_commit_name(name: str) -> tuple[int, str] | None:
     """``(seq, commit_id)`` of a ``.ebk/commit/<seq>-<id>`` suffix, or ``None``."""
     prefix = fmt.PREFIX + "commit/"
@@ -203,6 +208,14 @@ def _parse_commit_name(name: str) -> tuple[int, str] | None:
         return None
     seq, _, commit_id = name[len(prefix) :].partition("-")
     return (int(seq), commit_id) if seq.isdigit() and commit_id else None
+
+
+def _fetch_record(conn: S3Connection, name: str) -> dict | None:
+    """The commit record ``name`` (``None``: gone, removed by ``vacuum``)."""
+    try:
+        return fmt.decode_manifest(conn.get(name).data, name)
+    except RemoteNotFoundError:
+        return None
 
 
 def iter_chain(
@@ -225,24 +238,15 @@ def iter_chain(
         names = listing if listing is not None else (n for n, _ in conn.list(fmt.PREFIX + "commit/"))
         low = head["seq"] - limit if limit is not None else 0
         wanted = [n for n in names if (p := _parse_commit_name(n)) and low < p[0] < head["seq"]]
-
-        def fetch(name: str) -> tuple[str, dict | None]:
-            try:
-                return name, fmt.decode_manifest(conn.get(name).data, name)
-            except RemoteNotFoundError:
-                return name, None
-
-        records = {name: m for name, m in conn.map(fetch, wanted) if m is not None}
+        fetched = zip(wanted, conn.map(lambda name: _fetch_record(conn, name), wanted), strict=True)
+        records = {name: m for name, m in fetched if m is not None}
     yield head
     count, ref = 1, head.get("parent")
     while ref is not None and (limit is None or count < limit):
         name = _ref_name(ref)
-        manifest = records.get(name)
+        manifest = records.get(name) or _fetch_record(conn, name)
         if manifest is None:
-            try:
-                manifest = fmt.decode_manifest(conn.get(name).data, name)
-            except RemoteNotFoundError:
-                return  # removed by vacuum: the history starts after it
+            return  # removed by vacuum: the history starts after it
         if manifest["commit_id"] != ref["commit_id"] or manifest["seq"] != ref["seq"]:
             raise IntegrityError(f"Commit record {name} does not hold the commit it is named after.")
         yield manifest
@@ -572,11 +576,12 @@ def copy_remote(
         result = CopyResult("", 0, server_side)
         sizes = dict(source.list(fmt.PREFIX)) if source.writable else None
         existing = dict(target.list(fmt.PREFIX))
-        wanted = [*names, *packs]
+        todo = _split_todo([*names, *packs], sizes, existing, result)
         if server_side:
-            _copy_server_side(source, target, wanted, sizes, existing, result)
+            assert sizes is not None  # same_store() implies a writable source
+            _copy_server_side(source, target, todo, sizes, result)
         else:
-            _copy_streamed(source, target, wanted, sizes, existing, result)
+            _copy_streamed(source, target, todo, existing, result)
         manifest = dict(head)
         manifest.update(
             uuid=uuid_mod.uuid4().hex,
@@ -606,6 +611,7 @@ def copy_remote(
 def _split_todo(
     wanted: list[str], sizes: dict[str, int] | None, existing: dict[str, int], result: CopyResult
 ) -> list[str]:
+    """The objects of ``wanted`` to copy: those not already at the target with the same size."""
     todo = []
     for name in wanted:
         if sizes is not None and name not in sizes:
@@ -620,13 +626,11 @@ def _split_todo(
 def _copy_server_side(
     source: S3Connection,
     target: S3Connection,
-    wanted: list[str],
-    sizes: dict[str, int] | None,
-    existing: dict[str, int],
+    todo: list[str],
+    sizes: dict[str, int],
     result: CopyResult,
 ) -> None:
-    assert sizes is not None  # same_store() implies a writable source
-    todo = _split_todo(wanted, sizes, existing, result)
+    """Copy inside the store (``CopyObject``), then check every copy's size."""
     large = [n for n in todo if sizes[n] > COPY_SINGLE_MAX]
     small = [n for n in todo if sizes[n] <= COPY_SINGLE_MAX]
     list(target.map(lambda name: target.copy_object(source, name, sizes[name]), small))
@@ -693,13 +697,11 @@ def _pack_footer(source: S3Connection, name: str) -> tuple[list[fmt.PackItem], b
 def _copy_streamed(
     source: S3Connection,
     target: S3Connection,
-    wanted: list[str],
-    sizes: dict[str, int] | None,
+    todo: list[str],
     existing: dict[str, int],
     result: CopyResult,
 ) -> None:
     """Copy through this machine: small objects in parallel, large ones part by part."""
-    todo = _split_todo(wanted, sizes, existing, result)
     large: list[tuple[str, list[fmt.PackItem], bytes, int]] = []
 
     def small_copy(name: str) -> tuple[int, int]:
@@ -827,6 +829,16 @@ class _Live(NamedTuple):
     entry: Entry
 
 
+def _live_values(shards: _Shards, kept: list[dict]) -> dict[bytes, dict[tuple[int, int], _Live]]:
+    """The values the kept commits reference: ``pack -> (offset, length) -> _Live``."""
+    live: dict[bytes, dict[tuple[int, int], _Live]] = {}
+    for m in kept:
+        for _, name in fmt.iter_shard_names(m):
+            for key, e in shards[name].items():
+                live.setdefault(e.pack, {}).setdefault((e.offset, e.length), _Live(key, e))
+    return live
+
+
 def vacuum(
     db: EBooklet,
     keep: int | None = None,
@@ -858,11 +870,7 @@ def vacuum(
     # what the kept commits reference
     shards = _Shards(conn, db._remote)
     shards.load(name for m in kept for _, name in fmt.iter_shard_names(m))
-    live: dict[bytes, dict[tuple[int, int], _Live]] = {}
-    for m in kept:
-        for _, name in fmt.iter_shard_names(m):
-            for key, e in shards[name].items():
-                live.setdefault(e.pack, {}).setdefault((e.offset, e.length), _Live(key, e))
+    live = _live_values(shards, kept)
     missing = [p.hex() for p in live if fmt.pack_name(p) not in listing]
     if missing:
         raise IntegrityError(
@@ -874,22 +882,17 @@ def vacuum(
     if rewrite:
         lock.ensure()
         kept = _relayout(db, conn, kept, shards, live, rewrite, result)
-        live = {}
-        for m in kept:
-            for _, name in fmt.iter_shard_names(m):
-                for key, e in shards[name].items():
-                    live.setdefault(e.pack, {}).setdefault((e.offset, e.length), _Live(key, e))
+        live = _live_values(shards, kept)
 
     keep_names = {fmt.commit_name(m["seq"], m["commit_id"]) for m in kept}
     keep_names.update(name for m in kept for _, name in fmt.iter_shard_names(m))
     keep_names.update(fmt.pack_name(p) for p in live)
     doomed: list[str] = []
     for name in sorted(listing):
-        kind = name[len(fmt.PREFIX) :].partition("/")[0]
         if name.startswith(fmt.PREFIX + "probe-"):  # left by a writer that crashed mid-probe
             doomed.append(name)
             continue
-        if kind not in ("commit", "index", "pack") or name.count("/") != 2:
+        if _kind(name) not in ("commit", "index", "pack") or name.count("/") != 2:
             if name != fmt.LOCK_NAME:
                 result.unknown.append(name)
             continue
@@ -1040,7 +1043,7 @@ def _delete_owned(
     objects behind, never a listed commit whose objects are gone.
     """
     order = {"commit": 0, "index": 1, "pack": 2}
-    doomed = sorted(doomed, key=lambda n: (order.get(n[len(fmt.PREFIX) :].partition("/")[0], 3), n))
+    doomed = sorted(doomed, key=lambda n: (order.get(_kind(n), 3), n))
     versions = _versions(conn, fmt.PREFIX)
     items: list[tuple[str, str | None, int]]
     if _is_versioned(versions):
@@ -1060,17 +1063,11 @@ def _delete_owned(
         items += [("", v.version_id, v.size) for v in manifests if not v.is_latest]
     else:
         items = [(name, None, listing[name]) for name in doomed]
-    for start in range(0, len(items), 1000):
-        batch = items[start : start + 1000]
-        conn.delete_objects((name, vid) for name, vid, _ in batch)
-    for name in doomed:
-        kind = name[len(fmt.PREFIX) :].partition("/")[0]
-        if kind == "pack":
-            result.packs_removed += 1
-        elif kind == "index":
-            result.shards_removed += 1
-        elif kind == "commit":
-            result.records_removed += 1
+    conn.delete_objects((name, vid) for name, vid, _ in items)
+    kinds = Counter(_kind(name) for name in doomed)
+    result.packs_removed += kinds["pack"]
+    result.shards_removed += kinds["index"]
+    result.records_removed += kinds["commit"]
     result.objects_removed = len(items)
     result.bytes_removed = sum(size for _, _, size in items)
 
