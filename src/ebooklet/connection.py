@@ -440,15 +440,9 @@ class S3Connection:
         upload_id = ET.fromstring(response.data).findtext(f"{_S3_NS}UploadId")
         try:
             etags = self._upload_parts(suffix, upload_id, parts)
-            body = "".join(
-                f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
-                for n, etag in enumerate(etags, 1)
+            return self._complete_multipart(
+                suffix, upload_id, etags, f"multipart upload of {self._describe(suffix)}"
             )
-            xml = f'<CompleteMultipartUpload xmlns="{_S3_NS[1:-1]}">{body}</CompleteMultipartUpload>'
-            response = self.request("POST", self._url(suffix, {"uploadId": upload_id}), body=xml.encode())
-            if response.status != 200 or b"<Error>" in response.data:
-                raise self._fail(response, f"complete multipart upload of {self._describe(suffix)}")
-            return ET.fromstring(response.data).findtext(f"{_S3_NS}ETag") or ""
         except BaseException:
             self.request("DELETE", self._url(suffix, {"uploadId": upload_id}))
             raise

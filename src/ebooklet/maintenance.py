@@ -45,15 +45,13 @@ from .errors import (
     RemoteNotFoundError,
 )
 from .format import Entry
-from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, RemoteLock, plan_ranges
+from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, RemoteLock, plan_ranges, read_pack_footer
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
 
 DEFAULT_REWRITE_BELOW = 0.5
 """``vacuum`` rewrites a pack when its live bytes fall below this fraction of its size."""
-TAIL_READ = 64 << 10
-"""Bytes read from the end of a pack to get its trailer and (usually) its whole footer."""
 
 
 def _now_us() -> int:
@@ -681,19 +679,6 @@ class _PackVerifier:
                 )
 
 
-def _pack_footer(source: S3Connection, name: str) -> tuple[list[fmt.PackItem], bytes, int]:
-    """A pack's footer items, its tail bytes (footer + trailer) and its size."""
-    tail, size = source.get_tail(name, TAIL_READ)
-    footer_len = fmt.pack_footer_length(tail[-fmt.PACK_TRAILER_SIZE :], name)
-    need = footer_len + fmt.PACK_TRAILER_SIZE
-    if need > size:
-        raise IntegrityError(f"{name} is truncated (footer longer than the object).")
-    if need > len(tail):
-        tail = source.get_range(name, size - need, need)
-    tail = tail[-need:]
-    return fmt.decode_pack_footer(tail[:footer_len], name), tail, size
-
-
 def _copy_streamed(
     source: S3Connection,
     target: S3Connection,
@@ -710,7 +695,7 @@ def _copy_streamed(
             data = source.get(name).data
             fmt.decode_shard(data, name)  # verifies the shard's md5
         else:
-            items, tail, size = _pack_footer(source, name)
+            items, tail, size = read_pack_footer(source, name)
             if existing.get(name) == size:
                 return 0, 0  # copied before (a pack's name fixes its content)
             if size > PART_SIZE:
@@ -929,7 +914,7 @@ def _packs_to_rewrite(
     )
 
     def qualifies(pack: bytes) -> bool:
-        items, _, _ = _pack_footer(conn, fmt.pack_name(pack))
+        items, _, _ = read_pack_footer(conn, fmt.pack_name(pack))
         if purge and any((it.offset, it.length) not in live[pack] for it in items):
             return True
         return live_bytes(pack) < rewrite_below * sum(it.length for it in items)

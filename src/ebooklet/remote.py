@@ -538,15 +538,25 @@ class RemoteLock:
                     time.sleep(0.2 * 2**attempt)
 
 
-def read_pack_footer(conn: S3Connection, name: str) -> list[fmt.PackItem]:
-    """The footer of pack ``name`` (two range GETs: trailer, then footer)."""
-    size = dict(conn.list(name)).get(name)
-    if size is None:
-        raise RemoteNotFoundError(f"Pack {name} does not exist.")
-    trailer = conn.get_range(name, size - fmt.PACK_TRAILER_SIZE, fmt.PACK_TRAILER_SIZE)
-    length = fmt.pack_footer_length(trailer, name)
-    footer = conn.get_range(name, size - fmt.PACK_TRAILER_SIZE - length, length)
-    return fmt.decode_pack_footer(footer, name)
+TAIL_READ = 64 << 10
+"""Bytes read from a pack's end to get its footer in one GET (most footers fit)."""
+
+
+def read_pack_footer(conn: S3Connection, name: str) -> tuple[list[fmt.PackItem], bytes, int]:
+    """A pack's footer items, its tail bytes (footer + trailer) and its size.
+
+    One suffix-range GET, a second only for a footer over :data:`TAIL_READ`;
+    works anonymously (no HEAD, no listing).
+    """
+    tail, size = conn.get_tail(name, TAIL_READ)
+    footer_len = fmt.pack_footer_length(tail[-fmt.PACK_TRAILER_SIZE :], name)
+    need = footer_len + fmt.PACK_TRAILER_SIZE
+    if need > size:
+        raise IntegrityError(f"{name} is truncated (footer longer than the object).")
+    if need > len(tail):
+        tail = conn.get_range(name, size - need, need)
+    tail = tail[-need:]
+    return fmt.decode_pack_footer(tail[:footer_len], name), tail, size
 
 
 def read_lock(conn: S3Connection) -> tuple[dict | None, str | None]:
