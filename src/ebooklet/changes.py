@@ -346,6 +346,7 @@ class Changes:
                 finished(in_flight.pop(0).result())
 
         for kb in sorted(sets):
+            cached = raw = None  # let the previous value go before reading the next
             cached = db._cached(db._ks.loads(kb))
             if cached is None:
                 continue  # the write never reached the data file (a crash): nothing to push
