@@ -201,6 +201,15 @@ class S3Connection:
             "region": self.region,
         }
 
+    def same_credentials(self, other: S3Connection) -> bool:
+        """True when both connections sign with the same (known) keys; never reveals them."""
+        keys = []
+        for conn in (self, other):
+            conn._client()  # fills in credentials from boto3's chain when none were given
+            c = conn._credentials
+            keys.append((getattr(c, "access_key", None), getattr(c, "secret_key", None)))
+        return keys[0] == keys[1] and keys[0][0] is not None
+
     def reset_counts(self) -> None:
         """Zero :attr:`request_counts`."""
         with self._counts_lock:

@@ -514,12 +514,7 @@ def same_store(a: S3Connection, b: S3Connection) -> bool:
     """
     if not (a.writable and b.writable) or (a.endpoint_url, a.region) != (b.endpoint_url, b.region):
         return False
-    creds = []
-    for conn in (a, b):
-        conn._client()  # fills in credentials from boto3's chain when none were given
-        c = conn._credentials
-        creds.append((getattr(c, "access_key", None), getattr(c, "secret_key", None)))
-    return creds[0] == creds[1] and creds[0][0] is not None
+    return a.same_credentials(b)
 
 
 def _check_target(source: S3Connection, target: Any) -> S3Connection:
