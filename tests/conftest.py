@@ -382,3 +382,13 @@ def fresh_server() -> Iterator[S3Target]:
     finally:
         assert target.server is not None
         target.server.stop()
+
+
+@pytest.fixture
+def small_shards(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Index shards of 1,024 keys for this test, so that a few thousand keys make
+    several shards (the default keeps 16,384 keys per shard)."""
+    import ebooklet.changes
+
+    monkeypatch.setattr(ebooklet.changes, "KEYS_PER_SHARD", 1024)
+    return 1024

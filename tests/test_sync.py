@@ -122,7 +122,7 @@ def test_round_trip_reads_identical_values(conn: Any, reader: Any, tmp_path: Pat
 
 
 def test_len_iter_contains_need_no_value_download(
-    conn: Any, reader: Any, s3_server: Any, db_key: str, tmp_path: Path
+    conn: Any, reader: Any, s3_server: Any, db_key: str, tmp_path: Path, small_shards: int
 ) -> None:
     """len, iteration and ``in`` are answered from the manifest and index shards only."""
     data = small_values(5000)  # more than one index shard
@@ -289,7 +289,7 @@ def test_push_dedups_identical_values(conn: Any, make_conn: Any, tmp_path: Path)
 
 
 def test_push_rewrites_only_touched_shards_with_one_manifest_put(
-    conn: Any, s3_server: Any, db_key: str, tmp_path: Path
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path, small_shards: int
 ) -> None:
     """Changing one key uploads one pack, one index shard, one commit record, one manifest."""
     wpath = tmp_path / "w.blt"
@@ -314,6 +314,33 @@ def test_push_rewrites_only_touched_shards_with_one_manifest_put(
     assert {k: len(v) for k, v in created.items()} == {"pack": 1, "index": 1, "commit": 1}
     # every PUT is one of those new objects, plus exactly one manifest PUT
     assert result.requests["PUT"] == sum(len(v) for v in created.values()) + 1
+
+
+def test_first_push_in_a_new_process_costs_five_requests_plus_packs(
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that has never seen the bucket learns whether it honours conditional
+    writes while taking the lock (one more PUT, answered 412), leaves no probe object,
+    keeps the answer beside the local copy, and pushes in 1 GET + pack + shard +
+    commit record + manifest."""
+    from ebooklet import connection
+
+    monkeypatch.setattr(connection, "_CONDITIONAL_WRITES", {})
+    path = tmp_path / "w.blt"
+    with open_db(conn, path, "n") as db:
+        assert conn.request_counts["PUT"] == 2  # the lock, then the same lock again: 412
+        db.update(small_values(100))
+        result = db.changes().push()
+        assert dict(result.requests) == {"GET": 1, "PUT": 4}
+    honoured = json.loads(path.with_name(path.name + ".ebk.json").read_bytes())["conditional_writes"]
+    assert honoured is True or (honoured is False and not s3_server.is_local)
+    listing = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=db_key)
+    assert not [o["Key"] for o in listing.get("Contents", []) if "probe" in o["Key"]]
+
+    monkeypatch.setattr(connection, "_CONDITIONAL_WRITES", {})  # a new process
+    again = conn.copy()
+    with open_db(again, path, "w"):
+        assert again.request_counts["PUT"] == 1  # the answer was kept: no probe
 
 
 def test_push_without_changes_sends_no_put(

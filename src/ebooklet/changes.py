@@ -345,12 +345,9 @@ class Changes:
             while len(in_flight) > conn.threads:
                 finished(in_flight.pop(0).result())
 
-        for kb in sorted(sets):
-            cached = raw = None  # let the previous value go before reading the next
-            cached = db._cached(db._ks.loads(kb))
-            if cached is None:
-                continue  # the write never reached the data file (a crash): nothing to push
-            ts, raw = cached
+        # A key missing from the data file was journaled by a write that never reached
+        # it (a crash): there is nothing to push for it.
+        for kb, ts, raw in db._stored_values(sets):
             m = fmt.md5(raw)
             if m in known:
                 duplicates.append((kb, m, ts))
@@ -359,6 +356,7 @@ class Changes:
             uploaded += len(raw)
             if len(raw) > PART_SIZE:
                 finished(remote.upload_pack([(kb, raw, m, ts)]))
+                del raw  # one large value in memory at a time
                 continue
             pack.append((kb, raw, m, ts))
             pack_size += len(raw)
@@ -453,12 +451,5 @@ class Changes:
 
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:
         db = self._db
-        log = db._log
-        log.mark_clean([*plan.sets, *plan.deletes])
-        if log.replace:
-            log.set_replace(False)
-        if metadata:
-            log.set_metadata_dirty(False)
-        log.uploads.clear()
-        log.compact()
+        db._log.pushed([*plan.sets, *plan.deletes], metadata)
         db._meta.save(uuid=db.uuid, conditional_writes=db._conn.conditional_writes())

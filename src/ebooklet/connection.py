@@ -486,26 +486,38 @@ class S3Connection:
     def conditional_writes(self) -> bool:
         """Whether the server honours ``If-None-Match: *`` (probed once per bucket).
 
-        Puts the same throw-away object under ``D.ebk/`` twice; a server that
-        accepts the second PUT ignores conditions (Backblaze B2 is reported to).
-        The answer is shared by every connection to the same bucket in this
-        process, and can be handed over from an earlier one with
-        :meth:`remember_conditional_writes`.
+        Unless already known (from :meth:`probe_conditional_writes`, usually done by
+        taking the write lock, or :meth:`remember_conditional_writes`), creates a
+        throw-away object under ``D.ebk/`` to probe with, then deletes it. The answer
+        is shared by every connection to the same bucket in this process.
         """
-        bucket = (self.endpoint_url, self.bucket)
-        if bucket not in _CONDITIONAL_WRITES:
+        if not self.knows_conditional_writes():
             from .format import new_commit_id
 
             probe = f".ebk/probe-{new_commit_id()}"
             self.put(probe, b"probe", if_none_match=True)
             try:
-                self.put(probe, b"probe", if_none_match=True)
-                _CONDITIONAL_WRITES[bucket] = False
-            except PreconditionFailed:
-                _CONDITIONAL_WRITES[bucket] = True
+                self.probe_conditional_writes(probe, b"probe")
             finally:
                 self.delete(probe)
-        return _CONDITIONAL_WRITES[bucket]
+        return _CONDITIONAL_WRITES[(self.endpoint_url, self.bucket)]
+
+    def knows_conditional_writes(self) -> bool:
+        """True once the bucket's answer to :meth:`conditional_writes` is known."""
+        return (self.endpoint_url, self.bucket) in _CONDITIONAL_WRITES
+
+    def probe_conditional_writes(self, suffix: str, data: bytes) -> bool:
+        """Learn :meth:`conditional_writes` from an object just created with
+        ``If-None-Match: *``: PUT the same ``data`` again the same way. A server that
+        accepts it ignores conditions (Backblaze B2 is reported to); the object is
+        left as it was either way. One request."""
+        try:
+            self.put(suffix, data, if_none_match=True)
+            honoured = False
+        except PreconditionFailed:
+            honoured = True
+        _CONDITIONAL_WRITES[(self.endpoint_url, self.bucket)] = honoured
+        return honoured
 
     def remember_conditional_writes(self, honoured: bool) -> None:
         """Record a probe answer known from before (e.g. kept beside a local copy)."""

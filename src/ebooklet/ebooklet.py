@@ -8,7 +8,7 @@ import os
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Collection, Iterable, Iterator, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,30 @@ class EBooklet(MutableMapping):
 
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
         return self._data.get_timestamp(key, include_value=True, decode_value=False)
+
+    def _stored_values(self, kbs: Collection[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+        """``(encoded key, timestamp, encoded value)`` of those of ``kbs`` in the data
+        file, in file order.
+
+        When they are half the file or more, one sequential scan reads them (about
+        twice as fast as a lookup per key); if a read caches a value meanwhile (which
+        ends booklet's scan), the rest are looked up one by one.
+        """
+        todo = set(kbs)
+        if 2 * len(todo) >= len(self._data):
+            try:
+                for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
+                    kb = self._key(key)
+                    if kb in todo:
+                        todo.discard(kb)
+                        yield kb, ts, raw
+                    raw = None  # noqa: F841 - drop a large value before reading the next
+            except RuntimeError:
+                pass
+        for kb in sorted(todo):
+            cached = self._cached(self._ks.loads(kb))
+            if cached is not None:
+                yield kb, *cached
 
     def _raw(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key, fetching it if needed."""

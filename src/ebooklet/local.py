@@ -39,6 +39,7 @@ UNKNOWN_MD5 = b"\xff" * 16
 _LOG_MAGIC = b"EBKLOG01"
 _RECORD = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
+_UPLOAD_RECORD = struct.Struct("<cI16s16s16sQQq")  # an UPLOADED record: _RECORD + _UPLOAD
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, REPLACE, METADATA, RESET = (
     b"S", b"D", b"T", b"C", b"U", b"R", b"M", b"X"
@@ -174,8 +175,18 @@ class ChangeLog:
         self._write([(CLEAN, k, None, None) for k in keys])
 
     def record_uploads(self, uploads: Iterable[tuple[bytes, Upload]]) -> None:
-        """Remember values uploaded by a push that may not commit (reused by the next)."""
-        self._write([(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in uploads])
+        """Remember values uploaded by a push that may not commit (reused by the next).
+
+        One ``os.write`` for all of them (a pack's worth at a time).
+        """
+        if self._fd is None:
+            raise IntegrityError(f"{self.path} is open read-only.")
+        uploads = list(uploads)
+        blob = b"".join(_UPLOAD_RECORD.pack(UPLOADED, 0, m, NO_MD5, *u) for m, u in uploads)
+        with self._lock:
+            os.write(self._fd, blob)
+            self.uploads.update(uploads)
+            self._records += len(uploads)
 
     def set_replace(self, on: bool) -> None:
         """Set or clear the "next push replaces the remote database" flag."""
@@ -188,6 +199,23 @@ class ChangeLog:
     def reset(self) -> None:
         """Forget everything (a new, empty database)."""
         self._write([(RESET, b"", None, None)])
+
+    def pushed(self, keys: Iterable[bytes], metadata: bool) -> None:
+        """A push committed: forget the edits of ``keys``, every journaled upload and the
+        "replace the remote" flag, in one atomic rewrite of the journal (no record per key).
+
+        Args:
+            keys: the keys whose edits the commit holds.
+            metadata: the commit holds the user metadata (clears that flag too).
+        """
+        with self._lock:
+            for key in keys:
+                self.edits.pop(key, None)
+            self.uploads.clear()
+            self.replace = False
+            if metadata:
+                self.metadata_dirty = False
+            self.compact()
 
     def compact(self) -> None:
         """Rewrite the journal with only the live state, atomically."""

@@ -39,7 +39,8 @@ RANGE_GAP = 256 << 10
 """Neighbouring values of one pack closer than this are fetched in one GET."""
 RANGE_MAX = 16 << 20
 """A coalesced range GET is cut at about this many bytes."""
-KEYS_PER_SHARD = 4096
+KEYS_PER_SHARD = 16384
+"""Index shards hold at most about this many keys (some 1 MiB); their count is a power of two."""
 SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
 LOCK_LEASE = 30.0
@@ -456,7 +457,10 @@ class RemoteLock:
         self.contended = False
         while True:
             try:
-                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_none_match=True)
+                record = self._record()
+                self.etag = self.conn.put(fmt.LOCK_NAME, record, if_none_match=True)
+                if not self.conn.knows_conditional_writes():
+                    self.conn.probe_conditional_writes(fmt.LOCK_NAME, record)  # the lock is the probe
                 break
             except PreconditionFailed:
                 self.contended = True
