@@ -252,6 +252,32 @@ def test_bulk_read_api_semantics(conn: Any, reader: Any, tmp_path: Path) -> None
         assert sorted(db.values()) == sorted(data.values())
 
 
+def test_items_mixes_cached_stale_edited_and_remote_values(
+    conn: Any, make_conn: Any, tmp_path: Path
+) -> None:
+    """items() of a copy holding up-to-date, stale and missing values plus local edits
+    yields every key once with its current value, even when the loop writes."""
+    data = small_values(300)
+    push_new(conn, tmp_path / "w.blt", data)
+    rpath = tmp_path / "r.blt"
+    with open_db(make_conn(), rpath, "w") as db:
+        db.load_items(list(data)[:200])  # cached
+    newer = {k: b"newer" for k in list(data)[100:150]}  # cached copies become stale
+    push_edits(conn, tmp_path / "w.blt", newer, deletes=["k00000"])
+    expected = {**data, **newer, "local": b"edit", "k00001": b"edited"}
+    del expected["k00000"]
+    with open_db(make_conn(), rpath, "w") as db:
+        db["local"], db["k00001"] = b"edit", b"edited"
+        assert dict(db.items()) == expected
+        seen = []
+        for key, value in db.items():  # writing while iterating, as with a dict's values
+            seen.append(key)
+            assert value == expected[key]
+            db[key] = value + b"!"
+        assert sorted(seen) == sorted(expected)
+        assert dict(db.items()) == {k: v + b"!" for k, v in expected.items()}
+
+
 # --------------------------------------------------------------------------- 3. push cost
 
 

@@ -6,9 +6,12 @@ changed* = remote ≠ base, both = *conflict* (unless both sides hold the same).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -17,7 +20,7 @@ from .connection import PreconditionFailed
 from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
 from .format import Entry
 from .local import Upload
-from .remote import KEYS_PER_SHARD, PACK_SIZE, PART_SIZE
+from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -66,6 +69,69 @@ class _Plan(NamedTuple):
     deletes: set[bytes]
     settled: list[tuple[bytes, Entry | None]]  # edits that already match the remote
     conflicts: list[bytes]
+
+
+class _LargeUploads:
+    """Large values (over :data:`PART_SIZE`) of a push, uploaded in the background.
+
+    A worker hashes a value, notes it in ``duplicates`` when its md5 is in ``known``
+    (md5 -> location, ``None`` while being uploaded by this push), else uploads it as a
+    pack of its own (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run
+    on the connection's pool, hence a pool of its own here). At most
+    :data:`LARGE_IN_FLIGHT` bytes are in flight, at least one value; the uploads found
+    done are handed to ``finished`` in the caller's thread.
+    """
+
+    def __init__(
+        self, remote: Any, known: dict[bytes, Entry | None], duplicates: list, finished: Callable
+    ):
+        self._remote = remote
+        self._known = known
+        self._duplicates = duplicates
+        self._finished = finished
+        self._claim = threading.Lock()
+        self._pool = ThreadPoolExecutor(LARGE_IN_FLIGHT // PART_SIZE, "ebooklet-large")
+        self._pending: deque[tuple[int, Future]] = deque()
+        self._held = 0
+        self._uploaded = 0
+
+    def add(self, kb: bytes, ts: int, raw: bytes) -> None:
+        """Upload ``raw`` once fewer bytes are in flight (waits for the oldest uploads)."""
+        while self._pending and self._held + len(raw) > LARGE_IN_FLIGHT:
+            self._collect()
+        self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw)))
+        self._held += len(raw)
+
+    def wait(self) -> int:
+        """Wait for every upload; returns the bytes uploaded."""
+        while self._pending:
+            self._collect()
+        self._pool.shutdown()
+        return self._uploaded
+
+    def _collect(self) -> None:
+        size, future = self._pending[0]
+        try:
+            kb, m, ts, located = future.result()
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)  # the push fails: stop the rest
+            raise
+        self._pending.popleft()
+        self._held -= size
+        if located is None:
+            self._duplicates.append((kb, m, ts))
+        else:
+            self._uploaded += size
+            self._finished(located)
+
+    def _upload(self, kb: bytes, ts: int, raw: bytes) -> tuple[bytes, bytes, int, list | None]:
+        hashed = hashlib.md5(raw, usedforsecurity=False)
+        m = hashed.digest()
+        with self._claim:
+            duplicate = m in self._known
+            if not duplicate:
+                self._known[m] = None  # being uploaded by this push
+        return kb, m, ts, None if duplicate else self._remote.upload_large(kb, raw, ts, hashed)
 
 
 class Changes:
@@ -319,7 +385,8 @@ class Changes:
         Values already uploaded by an earlier attempt (journaled), whose md5 is
         in a loaded index shard, or equal to another value of this push, are
         uploaded once at most. Small values are packed and uploaded in the
-        background, at most ``threads`` packs at once.
+        background, at most ``threads`` packs at once; large ones too, see
+        :class:`_LargeUploads`.
         """
         db = self._db
         remote, conn = db._remote, db._conn
@@ -345,24 +412,26 @@ class Changes:
             while len(in_flight) > conn.threads:
                 finished(in_flight.pop(0).result())
 
+        large = _LargeUploads(remote, known, duplicates, finished)
         # A key missing from the data file was journaled by a write that never reached
         # it (a crash): there is nothing to push for it.
         for kb, ts, raw in db._stored_values(sets):
+            if len(raw) > PART_SIZE:
+                large.add(kb, ts, raw)
+                del raw  # the upload holds it as long as needed
+                continue
             m = fmt.md5(raw)
             if m in known:
                 duplicates.append((kb, m, ts))
                 continue
             known[m] = None  # being uploaded by this push
             uploaded += len(raw)
-            if len(raw) > PART_SIZE:
-                finished(remote.upload_pack([(kb, raw, m, ts)]))
-                del raw  # one large value in memory at a time
-                continue
             pack.append((kb, raw, m, ts))
             pack_size += len(raw)
             if pack_size >= PACK_SIZE:
                 send_pack()
         send_pack()
+        uploaded += large.wait()
         for future in in_flight:
             finished(future.result())
         for kb, m, ts in duplicates:

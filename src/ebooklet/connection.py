@@ -10,7 +10,10 @@ of a small GET against a nearby server.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
+import time
 import xml.etree.ElementTree as ET
 from base64 import b64encode
 from collections import Counter
@@ -136,6 +139,7 @@ class S3Connection:
         self.timeout = float(timeout)
         self.db_url = db_url or self._derive_db_url()
         self._credentials = None
+        self._day_key: tuple[str, bytes] | None = None
         if access_key_id is not None:
             from botocore.credentials import Credentials
 
@@ -281,13 +285,49 @@ class S3Connection:
             base = f"{self.endpoint_url}/{self.bucket}"
         return base + "?" + urlencode(sorted(query.items()), quote_via=quote)
 
-    def _sign(self, method: str, url: str, headers: dict, body: bytes | None) -> dict:
-        from botocore.auth import S3SigV4Auth
-        from botocore.awsrequest import AWSRequest
+    def _sign(self, method: str, url: str, headers: dict, body: Any) -> dict:
+        """``headers`` plus the SigV4 headers, exactly as botocore's ``S3SigV4Auth``
+        makes them (the payload is hashed), without its per-request objects; the
+        day's signing key is derived once."""
+        now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        signed = dict(headers)
+        signed["X-Amz-Date"] = now
+        if self._credentials.token:
+            signed["X-Amz-Security-Token"] = self._credentials.token
+        signed["X-Amz-Content-SHA256"] = _payload_sha256(body)
+        parts = urlsplit(url)
+        canonical = {"host": _host_header(parts)}
+        for name, value in signed.items():
+            if name.lower() not in _UNSIGNED_HEADERS:
+                canonical[name.lower()] = " ".join(value.split())
+        names = sorted(canonical)
+        signed_names = ";".join(names)
+        request = "\n".join((
+            method,
+            parts.path,
+            _canonical_query(parts.query),
+            "".join(f"{n}:{canonical[n]}\n" for n in names),
+            signed_names,
+            signed["X-Amz-Content-SHA256"],
+        ))
+        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{hashlib.sha256(request.encode()).hexdigest()}"
+        signature = hmac.new(self._signing_key(now[:8]), to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["Authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={self._credentials.access_key}/{scope}, "
+            f"SignedHeaders={signed_names}, Signature={signature}"
+        )
+        return signed
 
-        request = AWSRequest(method=method, url=url, headers=headers, data=body or b"")
-        S3SigV4Auth(self._credentials, "s3", self.region).add_auth(request)
-        return dict(request.headers.items())
+    def _signing_key(self, day: str) -> bytes:
+        """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day."""
+        cached = self._day_key
+        if cached is None or cached[0] != day:
+            key = f"AWS4{self._credentials.secret_key}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            cached = self._day_key = (day, key)
+        return cached[1]
 
     def request(
         self,
@@ -389,19 +429,28 @@ class S3Connection:
     def put(
         self,
         suffix: str,
-        data: bytes | memoryview,
+        data: bytes | memoryview | list[bytes | memoryview],
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
         content_type: str = "application/octet-stream",
+        content_md5: bytes | None = None,
     ) -> str:
         """PUT an object with ``Content-MD5``; conditional when asked. Returns its ETag.
+
+        ``data`` may be a list of buffers: they are sent one after the other as one
+        body, without being joined (a large value and its pack footer).
+        ``content_md5`` is the body's md5 when the caller has it already.
 
         Raises:
             PreconditionFailed: the condition did not hold (412).
         """
+        if isinstance(data, list):
+            data = _Concatenated(data)
+        if content_md5 is None:
+            content_md5 = data.md5() if isinstance(data, _Concatenated) else md5(data)
         headers = {
-            "Content-MD5": b64encode(md5(data)).decode(),
+            "Content-MD5": b64encode(content_md5).decode(),
             "Content-Type": content_type,
         }
         if if_match:
@@ -705,6 +754,86 @@ class S3Connection:
             if failed:
                 raise RemoteError(f"Could not delete {len(failed)} object(s): {', '.join(failed[:10])}.")
         return len(items)
+
+
+class _Concatenated:
+    """Buffers read as one seekable stream without copying them, so that a body made of
+    several (a large value and its pack footer) is signed and sent as one.
+
+    Reads are short at the buffers' boundaries, as a raw stream's may be.
+    """
+
+    def __init__(self, buffers: list[bytes | memoryview]):
+        self._views = [memoryview(b).cast("B") for b in buffers]
+        self._size = sum(v.nbytes for v in self._views)
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def md5(self) -> bytes:
+        """The md5 of all the bytes."""
+        hasher = hashlib.md5(usedforsecurity=False)
+        for view in self._views:
+            hasher.update(view)
+        return hasher.digest()
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = (0, self._pos, self._size)[whence] + offset
+        return self._pos
+
+    def read(self, size: int = -1) -> memoryview:
+        start = self._pos
+        for view in self._views:
+            if start < view.nbytes:
+                end = view.nbytes if size < 0 else min(view.nbytes, start + size)
+                self._pos += end - start
+                return view[start:end]
+            start -= view.nbytes
+        return memoryview(b"")
+
+
+_UNSIGNED_HEADERS = frozenset({
+    "baggage", "connection", "expect", "keep-alive", "proxy-authenticate",
+    "proxy-authorization", "te", "traceparent", "tracestate", "trailer",
+    "transfer-encoding", "upgrade", "user-agent", "x-amzn-trace-id",
+})
+"""Headers SigV4 signatures leave out (botocore's ``SIGNED_HEADERS_BLACKLIST``)."""
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _payload_sha256(body: Any) -> str:
+    """The hex SHA-256 of a request body: bytes-like, or a seekable stream (read, then
+    rewound to where it was)."""
+    if not body:
+        return _EMPTY_SHA256
+    if not hasattr(body, "read"):
+        return hashlib.sha256(body).hexdigest()
+    hasher = hashlib.sha256()
+    position = body.tell()
+    while chunk := body.read(1 << 20):
+        hasher.update(chunk)
+    body.seek(position)
+    return hasher.hexdigest()
+
+
+def _canonical_query(query: str) -> str:
+    """SigV4's canonical form of a URL's (already encoded) query: its pairs sorted."""
+    pairs = sorted(pair.partition("=")[::2] for pair in query.split("&")) if query else []
+    return "&".join(f"{name}={value}" for name, value in pairs)
+
+
+def _host_header(parts: Any) -> str:
+    """The ``Host`` header of a split URL as SigV4 signs it (no default port)."""
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    return host
 
 
 def _error_code(body: bytes | None) -> str | None:

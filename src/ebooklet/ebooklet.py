@@ -28,6 +28,7 @@ from .errors import (
     RemoteNotFoundError,
     SerializationError,
 )
+from .format import Entry
 from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths
 from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 
@@ -35,6 +36,8 @@ logger = logging.getLogger("ebooklet")
 
 FLAGS = ("r", "w", "c", "n")
 _CHUNK = 1000
+_CHUNK_BYTES = 8 << 20
+"""items() downloads the values it lacks in batches of about this many bytes."""
 LARGE_VALUE = 4 << 20
 
 
@@ -459,40 +462,71 @@ class EBooklet(MutableMapping):
         return (k for k in keys if k in self)
 
     def items(self, keys: Iterable[Any] | None = None) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
-        """``(key, value)`` pairs, downloading missing values in coalesced batches."""
+        """``(key, value)`` pairs, downloading missing values in coalesced batches.
+
+        Without ``keys``, the values cached locally come first, from one scan of the
+        local file, then the others, downloaded in the order they lie in the remote.
+        """
         self._check_open()
+        if keys is None and not self.offline:
+            yield from self._all_items()
+            return
         chunk: list[Any] = []
-        for key in self._keys_in_pack_order() if keys is None else self.keys(keys):
+        for key in self if keys is None else self.keys(keys):
             chunk.append(key)
             if len(chunk) == _CHUNK:
                 yield from self._items_chunk(chunk)
                 chunk = []
         yield from self._items_chunk(chunk)
 
-    def _keys_in_pack_order(self) -> Iterator[Any]:
-        """Every key, the remote ones ordered by where their values lie, so that each
-        chunk of :meth:`items` is a few neighbouring ranges, not a slice of every pack."""
-        if self._log.replace or not self._remote.exists or self.offline:
-            yield from self
-            return
+    def _all_items(self) -> Iterator[tuple[Any, Any]]:
         edits = dict(self._log.edits)
-        located = [(e.pack, e.offset, kb) for kb, e in self._remote.iter_entries() if kb not in edits]
-        located.sort()
-        for _, _, kb in located:
-            yield self._ks.loads(kb)
-        for kb, edit in edits.items():
-            if edit.md5 is not None:
-                yield self._ks.loads(kb)
+        remote = self._remote_entries_to_read(edits)
+        done: set[bytes] = set()
+        try:
+            for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
+                kb = self._key(key)
+                edit = edits.get(kb)
+                entry = remote.get(kb)
+                if (edit is not None and edit.md5 is not None) or (
+                    entry is not None and entry.timestamp == ts and entry.length == len(raw)
+                ):
+                    done.add(kb)
+                    yield key, self._decode(raw)
+            interrupted = False
+        except RuntimeError:  # the loop's body wrote to the database: finish key by key
+            interrupted = True
+        rest = sorted((e.pack, e.offset, kb) for kb, e in remote.items() if kb not in done)
+        wanted = [(kb, remote[kb]) for _, _, kb in rest]
+        for chunk in _byte_chunks(wanted):
+            fetched = self._fetch(self._stale(chunk) if interrupted else chunk)
+            yield from self._decoded([kb for kb, _ in chunk], fetched)
+        yield from self._decoded(
+            [kb for kb, edit in edits.items() if edit.md5 is not None and kb not in done], {}
+        )
 
-    def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
-        fetched = self._load(keys)
-        for key in keys:
-            raw = fetched.get(self._key(key))
+    def _remote_entries_to_read(self, edits: dict[bytes, Any]) -> dict[bytes, Entry]:
+        """Every remote entry not hidden by a local edit (none while the remote is to be
+        replaced)."""
+        if self._log.replace or not self._remote.exists:
+            return {}
+        return {kb: e for kb, e in self._remote.iter_entries() if kb not in edits}
+
+    def _decoded(
+        self, kbs: Iterable[bytes], fetched: dict[bytes, bytes | None]
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(key, value)`` of ``kbs``, from ``fetched`` or else read (or fetched) one by one."""
+        for kb in kbs:
+            key = self._ks.loads(kb)
+            raw = fetched.get(kb)
             if raw is None:
                 found = self._raw(key)
                 raw = found[1] if found is not None else None
             if raw is not None:
                 yield key, self._decode(raw)
+
+    def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
+        yield from self._decoded([self._key(key) for key in keys], self._load(keys))
 
     def values(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
         """The values (of ``keys`` when given)."""
@@ -522,17 +556,31 @@ class EBooklet(MutableMapping):
             return {}
         kbs = [self._key(k) for k in keys] if keys is not None else None
         if kbs is None:
-            candidates = [(kb, e) for kb, e in self._remote.iter_entries()]
+            candidates = list(self._remote.iter_entries())
         else:
             entries = self._remote.entries(kbs)
             candidates = [(kb, e) for kb, e in entries.items() if e is not None]
-        wanted = []
-        for kb, entry in candidates:
-            if kb in self._log.edits:
-                continue
-            cached = self._data.get_timestamp(self._ks.loads(kb))
-            if cached != entry.timestamp:
-                wanted.append((kb, entry))
+        edits = self._log.edits
+        return self._fetch(self._stale([(kb, e) for kb, e in candidates if kb not in edits]))
+
+    def _stale(self, candidates: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]]:
+        """Those of ``candidates`` with no up-to-date copy in the data file.
+
+        Many candidates (half the file or more) are checked against one scan of the
+        file's keys and timestamps, a few by a lookup each.
+        """
+        if 2 * len(candidates) >= len(self._data):
+            with contextlib.suppress(RuntimeError):  # a write ended the scan: look up
+                local = {self._key(key): ts for key, ts in self._data.timestamps()}
+                return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
+        return [
+            (kb, e) for kb, e in candidates
+            if self._data.get_timestamp(self._ks.loads(kb)) != e.timestamp
+        ]
+
+    def _fetch(self, wanted: list[tuple[bytes, Entry]]) -> dict[bytes, bytes | None]:
+        """Download ``wanted`` values into the data file; returns them by encoded key
+        (a large value as ``None``: it is only read back from the data file)."""
         fetched: dict[bytes, bytes | None] = {}
         for kb, entry, raw in self._remote.fetch_values(wanted):
             self._store(self._ks.loads(kb), raw, entry.timestamp)
@@ -877,6 +925,20 @@ class EBooklet(MutableMapping):
         from . import maintenance
 
         return maintenance.vacuum(self, keep, older_than, rewrite_below, purge)
+
+
+def _byte_chunks(wanted: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:
+    """Cut ``wanted`` into runs of about :data:`_CHUNK_BYTES` of values (one value at least)."""
+    chunk: list[tuple[bytes, Entry]] = []
+    size = 0
+    for item in wanted:
+        chunk.append(item)
+        size += item[1].length
+        if size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _open_data(path: Path, ks: Any, vs: Any, n_buckets: int, buffer_size: int, timeout: float | None):

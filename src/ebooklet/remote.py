@@ -6,13 +6,15 @@ object it is handed to keep fetched shards in.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Protocol
 
@@ -35,6 +37,11 @@ PACK_SIZE = 8 << 20
 """Small values are grouped into packs of about this many bytes."""
 PART_SIZE = 8 << 20
 """Multipart part size, and the size above which a value gets a pack of its own."""
+PUT_MAX = 64 << 20
+"""A large value's pack up to this size goes up in one PUT, a larger one by multipart."""
+LARGE_IN_FLIGHT = 64 << 20
+"""Bytes of large values being uploaded, or downloaded and not yet consumed, at once
+(at least one value whatever its size): they move in parallel in bounded memory."""
 RANGE_GAP = 256 << 10
 """Neighbouring values of one pack closer than this are fetched in one GET."""
 RANGE_MAX = 16 << 20
@@ -216,8 +223,8 @@ class RemoteIndex:
         """Download and md5-verify values; yields ``(key, entry, bytes)``.
 
         Neighbouring values of the same pack are coalesced into one range GET;
-        ranges are fetched ``conn.threads`` at a time. A value larger than
-        :data:`PART_SIZE` is fetched alone, straight into one bytes object.
+        ranges are fetched ``conn.threads`` at a time. Values larger than
+        :data:`PART_SIZE` come last, see :meth:`_fetch_large`.
 
         Raises:
             IntegrityError: a value does not match its md5.
@@ -226,21 +233,44 @@ class RemoteIndex:
         ranges = plan_ranges(wanted)
         batch: list[_Range] = []
         for rng in ranges:
-            if rng.length > PART_SIZE:  # alone, so that one large value is in memory at a time
-                yield from self._fetch_batch([rng])
+            if rng.length > PART_SIZE:
                 continue
             batch.append(rng)
             if len(batch) == self.conn.threads:
                 yield from self._fetch_batch(batch)
                 batch = []
         yield from self._fetch_batch(batch)
+        yield from self._fetch_large([rng for rng in ranges if rng.length > PART_SIZE])
+
+    def _download(self, rng: _Range) -> bytes:
+        return self.conn.get_range(fmt.pack_name(rng.pack), rng.start, rng.length)
 
     def _fetch_batch(self, batch: list[_Range]) -> Iterator[tuple[bytes, Entry, bytes]]:
-        def get(rng: _Range) -> bytes:
-            return self.conn.get_range(fmt.pack_name(rng.pack), rng.start, rng.length)
-
-        for rng, data in zip(batch, self.conn.map(get, batch), strict=False):
+        for rng, data in zip(batch, self.conn.map(self._download, batch), strict=False):
             yield from self._verified(rng, data)
+
+    def _fetch_large(self, ranges: list[_Range]) -> Iterator[tuple[bytes, Entry, bytes]]:
+        """Large values, each one GET straight into one bytes object, md5-verified on the
+        connection's threads: while the caller handles one, the next ones download, at
+        most :data:`LARGE_IN_FLIGHT` bytes held here (the one handed over included)."""
+        todo = deque(ranges)
+        pending: deque[tuple[int, Future]] = deque()
+        held = 0
+        try:
+            while pending or todo:
+                while todo and (not pending or held + todo[0].length <= LARGE_IN_FLIGHT):
+                    rng = todo.popleft()
+                    pending.append((rng.length, self.conn.submit(self._fetch_verified, rng)))
+                    held += rng.length
+                length, future = pending.popleft()
+                yield from future.result()
+                held -= length
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    def _fetch_verified(self, rng: _Range) -> list[tuple[bytes, Entry, bytes]]:
+        return list(self._verified(rng, self._download(rng)))
 
     @staticmethod
     def _verified(rng: _Range, data: bytes) -> Iterator[tuple[bytes, Entry, bytes]]:
@@ -261,12 +291,15 @@ class RemoteIndex:
     def upload_pack(self, items: Sequence[tuple[bytes, bytes, bytes, int]]) -> list[tuple[bytes, Entry]]:
         """Upload ``(key, value, md5, timestamp)`` items as one new pack.
 
-        Returns each key's new :class:`Entry`. A large value's own pack (over
-        :data:`PART_SIZE`) goes up by multipart, in parts taken from the value without
-        copying it; a pack of small values (at most ``PACK_SIZE`` plus one value) is
-        one PUT, even when its footer takes it past ``PART_SIZE``.
+        Returns each key's new :class:`Entry`. A large value (over :data:`PART_SIZE`)
+        alone goes up as :meth:`upload_large` sends it; a pack of small values (at most
+        ``PACK_SIZE`` plus one value) is one PUT, even when its footer takes it past
+        ``PART_SIZE``.
         """
         self._require_conn()
+        if len(items) == 1 and len(items[0][1]) > PART_SIZE:
+            key, value, _, ts = items[0]
+            return self.upload_large(key, value, ts, hashlib.md5(value, usedforsecurity=False))
         pack = fmt.new_id()
         located: list[tuple[bytes, Entry]] = []
         footer_items: list[fmt.PackItem] = []
@@ -276,12 +309,29 @@ class RemoteIndex:
             footer_items.append(fmt.PackItem(key, md5_, ts, offset, len(value)))
             offset += len(value)
         footer = fmt.encode_pack_footer(footer_items)
-        name = fmt.pack_name(pack)
-        if len(items) > 1 or offset + len(footer) <= PART_SIZE:
-            self.conn.put(name, b"".join([v for _, v, _, _ in items] + [footer]))
-        else:
-            self.conn.put_multipart(name, _parts([v for _, v, _, _ in items], footer))
+        self.conn.put(fmt.pack_name(pack), b"".join([v for _, v, _, _ in items] + [footer]))
         return located
+
+    def upload_large(self, key: bytes, value: bytes, ts: int, hashed: Any) -> list[tuple[bytes, Entry]]:
+        """Upload one large value as a pack of its own; returns its new :class:`Entry`.
+
+        ``hashed`` is the ``hashlib.md5`` state after ``value`` (the caller hashed it to
+        learn its md5); the pack's ``Content-MD5`` carries it on over the footer, so the
+        value is read once. A pack up to :data:`PUT_MAX` is one PUT of the value and
+        the footer, not joined; a larger one goes by multipart (see :func:`_parts`).
+        """
+        self._require_conn()
+        m = hashed.digest()
+        pack = fmt.new_id()
+        footer = fmt.encode_pack_footer([fmt.PackItem(key, m, ts, 0, len(value))])
+        name = fmt.pack_name(pack)
+        if len(value) + len(footer) <= PUT_MAX:
+            whole = hashed.copy()
+            whole.update(footer)
+            self.conn.put(name, [value, footer], content_md5=whole.digest())
+        else:
+            self.conn.put_multipart(name, _parts(value, footer))
+        return [(key, Entry(m, ts, pack, 0, len(value)))]
 
     def upload_shard(self, commit_id: str, number: int, entries: dict[bytes, Entry]) -> str:
         """Upload one index shard for ``commit_id``; returns its object suffix."""
@@ -381,22 +431,15 @@ def plan_ranges(wanted: Iterable[tuple[bytes, Entry]]) -> list[_Range]:
     return ranges
 
 
-def _parts(values: list[bytes], footer: bytes) -> Iterator[memoryview | bytes]:
-    """Cut concatenated ``values + footer`` into multipart parts of :data:`PART_SIZE`."""
-    pending: list[memoryview] = []
-    size = 0
-    for chunk in [*values, footer]:
-        view = memoryview(chunk)
-        while view.nbytes:
-            take = min(PART_SIZE - size, view.nbytes)
-            pending.append(view[:take])
-            size += take
-            view = view[take:]
-            if size == PART_SIZE:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
-                pending, size = [], 0
-    if pending:
-        yield pending[0] if len(pending) == 1 else b"".join(pending)
+def _parts(value: bytes, footer: bytes) -> Iterator[memoryview | bytes]:
+    """Cut ``value + footer`` into multipart parts of :data:`PART_SIZE`, the last one
+    taking the rest (up to twice that, no tiny last part); all but the last are slices
+    of ``value``, not copies."""
+    view = memoryview(value)
+    last = max(1, (len(value) + len(footer)) // PART_SIZE) - 1
+    for start in range(0, last * PART_SIZE, PART_SIZE):
+        yield view[start : start + PART_SIZE]
+    yield b"".join([view[last * PART_SIZE :], footer])
 
 
 # ---------------------------------------------------------------- the write lock
