@@ -469,9 +469,15 @@ class EBooklet(MutableMapping):
         local file, then the others, downloaded in the order they lie in the remote.
         """
         self._check_open()
-        if keys is None and not self.offline:
-            yield from self._all_items()
-            return
+        if keys is None:
+            edits = dict(self._log.edits)
+            try:
+                remote = self._remote_entries_to_read(edits)
+            except OfflineError:
+                pass  # part of the index is out of reach: key by key, as far as possible
+            else:
+                yield from self._all_items(edits, remote)
+                return
         chunk: list[Any] = []
         for key in self if keys is None else self.keys(keys):
             chunk.append(key)
@@ -480,9 +486,9 @@ class EBooklet(MutableMapping):
                 chunk = []
         yield from self._items_chunk(chunk)
 
-    def _all_items(self) -> Iterator[tuple[Any, Any]]:
-        edits = dict(self._log.edits)
-        remote = self._remote_entries_to_read(edits)
+    def _all_items(
+        self, edits: dict[bytes, Any], remote: dict[bytes, Entry]
+    ) -> Iterator[tuple[Any, Any]]:
         done: set[bytes] = set()
         try:
             for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
