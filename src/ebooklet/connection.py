@@ -2,10 +2,12 @@
 
 :class:`S3Connection` holds where a database lives and how to reach it. Every
 request goes through one urllib3 connection pool: requests with credentials are
-signed with botocore's SigV4 signer (boto3's own credential chain fills in
-missing keys), anonymous ones (public URLs) are sent as they are. Skipping
-boto3's client pipeline saves about 1.5 ms a request, which is most of the cost
-of a small GET against a nearby server.
+signed with SigV4 exactly as botocore's S3 signer would (tests compare the two;
+boto3's own credential chain fills in missing keys), anonymous ones (public URLs)
+are sent as they are. Skipping boto3's client pipeline saves about 1.5 ms a
+request, which is most of the cost of a small GET against a nearby server, and
+signing here rather than through botocore's per-request objects saves another
+0.1 ms.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class S3Connection:
         self.timeout = float(timeout)
         self.db_url = db_url or self._derive_db_url()
         self._credentials = None
-        self._day_key: tuple[str, bytes] | None = None
+        self._day_key: tuple[str, str, bytes] | None = None
         if access_key_id is not None:
             from botocore.credentials import Credentials
 
@@ -320,14 +322,16 @@ class S3Connection:
         return signed
 
     def _signing_key(self, day: str) -> bytes:
-        """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day."""
+        """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day (and again if the
+        credentials change)."""
+        secret = self._credentials.secret_key
         cached = self._day_key
-        if cached is None or cached[0] != day:
-            key = f"AWS4{self._credentials.secret_key}".encode()
+        if cached is None or cached[:2] != (day, secret):
+            key = f"AWS4{secret}".encode()
             for part in (day, self.region, "s3", "aws4_request"):
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            cached = self._day_key = (day, key)
-        return cached[1]
+            cached = self._day_key = (day, secret, key)
+        return cached[2]
 
     def request(
         self,
@@ -445,14 +449,13 @@ class S3Connection:
         Raises:
             PreconditionFailed: the condition did not hold (412).
         """
+        headers = {"Content-Type": content_type}
         if isinstance(data, list):
             data = _Concatenated(data)
+            headers["Content-Length"] = str(len(data))  # else a stream would go chunked
         if content_md5 is None:
             content_md5 = data.md5() if isinstance(data, _Concatenated) else md5(data)
-        headers = {
-            "Content-MD5": b64encode(content_md5).decode(),
-            "Content-Type": content_type,
-        }
+        headers["Content-MD5"] = b64encode(content_md5).decode()
         if if_match:
             headers["If-Match"] = if_match
         if if_none_match:

@@ -33,8 +33,10 @@ from .errors import (
 )
 from .format import Entry
 
-PACK_SIZE = 8 << 20
-"""Small values are grouped into packs of about this many bytes."""
+PACK_SIZE = 4 << 20
+"""Small values are grouped into packs of about this many bytes. Kept small enough
+that a server which copies the whole object for each range GET (moto does, and
+spills objects over 5 MiB to disk) answers single-key reads fast."""
 PART_SIZE = 8 << 20
 """Multipart part size, and the size above which a value gets a pack of its own."""
 PUT_MAX = 64 << 20
