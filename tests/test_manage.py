@@ -249,17 +249,27 @@ def test_delete_remote_removes_the_database_and_nothing_else(
         ebooklet.open(reader(), tmp_path / "fresh.blt", "r")
 
 
-def test_delete_remote_refuses_while_another_writer_holds_the_lock(three_commits: Path, conn: Any, make_conn: Callable[..., Any],
-                                        db_key: str, s3_server: Any, tmp_path: Path) -> None:
-    """Under the write lock: while another writer holds it, nothing is deleted."""
+LOCKED_OPERATIONS = {
+    "delete_remote": lambda db: db.delete_remote(),
+    "vacuum": lambda db: db.vacuum(keep=1),
+}
+
+
+@pytest.mark.parametrize("operation", list(LOCKED_OPERATIONS))
+def test_maintenance_refuses_while_another_writer_holds_the_lock(
+    three_commits: Path, conn: Any, make_conn: Callable[..., Any], db_key: str, s3_server: Any,
+    tmp_path: Path, operation: str,
+) -> None:
+    """Under the write lock: while another writer holds it, nothing is deleted or changed."""
     before = objects(s3_server, db_key)
     lock = other_lock(make_conn)
     try:
         with ebooklet.open(conn, tmp_path / "admin.blt", "r") as db, pytest.raises(LockedError):
-            db.delete_remote()
+            LOCKED_OPERATIONS[operation](db)
     finally:
         lock.release()
     after = objects(s3_server, db_key)
+    assert set(after) == set(before)
     assert {k: v for k, v in after.items() if not k.endswith(fmt.LOCK_NAME)} == {
         k: v for k, v in before.items() if not k.endswith(fmt.LOCK_NAME)
     }
@@ -659,18 +669,6 @@ def test_vacuum_rewrites_mostly_dead_packs_and_relays_kept_commits(
         assert not [k for k, body in bodies.items() if old[f"k{i}"].encode() in body]
     report = ebooklet.check(conn)
     assert report.ok and report.orphans == []
-
-
-def test_vacuum_holds_the_write_lock(three_commits: Path, conn: Any, make_conn: Callable[..., Any],
-                                     db_key: str, s3_server: Any, tmp_path: Path) -> None:
-    before = objects(s3_server, db_key)
-    lock = other_lock(make_conn)
-    try:
-        with ebooklet.open(conn, tmp_path / "admin.blt", "r") as db, pytest.raises(LockedError):
-            db.vacuum(keep=1)
-    finally:
-        lock.release()
-    assert set(objects(s3_server, db_key)) == set(before)
 
 
 @pytest.mark.parametrize(

@@ -331,6 +331,11 @@ class EBooklet(MutableMapping):
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
         return self._data.get_timestamp(key, include_value=True, decode_value=False)
 
+    def _scan_pays(self, n_keys: int) -> bool:
+        """Whether reading ``n_keys`` keys' local data is faster by one sequential scan of
+        the data file than by a lookup each: when they are half of it or more."""
+        return 2 * n_keys >= len(self._data)
+
     def _stored_values(self, kbs: Collection[bytes]) -> Iterator[tuple[bytes, int, bytes]]:
         """``(encoded key, timestamp, encoded value)`` of those of ``kbs`` in the data
         file, in file order.
@@ -340,7 +345,7 @@ class EBooklet(MutableMapping):
         ends booklet's scan), the rest are looked up one by one.
         """
         todo = set(kbs)
-        if 2 * len(todo) >= len(self._data):
+        if self._scan_pays(len(todo)):
             try:
                 for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
                     kb = self._key(key)
@@ -576,7 +581,7 @@ class EBooklet(MutableMapping):
         Many candidates (half the file or more) are checked against one scan of the
         file's keys and timestamps, a few by a lookup each.
         """
-        if 2 * len(candidates) >= len(self._data):
+        if self._scan_pays(len(candidates)):
             with contextlib.suppress(RuntimeError):  # a write ended the scan: look up
                 local = {self._key(key): ts for key, ts in self._data.timestamps()}
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]

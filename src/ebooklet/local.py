@@ -149,12 +149,16 @@ class ChangeLog:
     def _encode(kind: bytes, key: bytes, md5_: bytes | None, base: bytes | None, extra: bytes = b"") -> bytes:
         return _RECORD.pack(kind, len(key), md5_ or NO_MD5, base or NO_MD5) + key + extra
 
-    def _write(self, records: list[tuple]) -> None:
+    def _append(self, blob: bytes) -> None:
+        """Append encoded records with one ``os.write`` (the caller holds the lock)."""
         if self._fd is None:
             raise IntegrityError(f"{self.path} is open read-only.")
+        os.write(self._fd, blob)
+
+    def _write(self, records: list[tuple]) -> None:
         blob = b"".join(self._encode(*r) for r in records)
         with self._lock:
-            os.write(self._fd, blob)
+            self._append(blob)
             for r in records:
                 kind, key, md5_, base = r[:4]
                 self._apply(kind, key, md5_ or NO_MD5, base or NO_MD5, r[4] if len(r) > 4 else b"")
@@ -179,12 +183,10 @@ class ChangeLog:
 
         One ``os.write`` for all of them (a pack's worth at a time).
         """
-        if self._fd is None:
-            raise IntegrityError(f"{self.path} is open read-only.")
         uploads = list(uploads)
         blob = b"".join(_UPLOAD_RECORD.pack(UPLOADED, 0, m, NO_MD5, *u) for m, u in uploads)
         with self._lock:
-            os.write(self._fd, blob)
+            self._append(blob)
             self.uploads.update(uploads)
             self._records += len(uploads)
 
