@@ -402,8 +402,12 @@ class S3Connection:
             raise self._fail(response, f"GET {self._describe(suffix)}")
         return Fetched(response.data, response.headers.get("ETag", ""))
 
-    def get_range(self, suffix: str, start: int, length: int) -> bytes:
-        """The ``length`` bytes of an object from ``start``, read into one bytes object."""
+    def get_range(
+        self, suffix: str, start: int, length: int, into: bytearray | None = None
+    ) -> bytes | memoryview:
+        """The ``length`` bytes of an object from ``start``: one new bytes object, or a
+        view of the first ``length`` bytes of ``into`` when given (read into it a
+        :data:`READ_CHUNK` at a time: a reused buffer costs no new memory)."""
         if length == 0:  # an empty value: no valid Range header exists for it
             return b""
         url = self._url(suffix)
@@ -420,7 +424,7 @@ class S3Connection:
                 raise self._fail(response, f"GET {self._describe(suffix)} (range)")
             if response.status == 200 and start:
                 raise RemoteError(f"{self._describe(suffix)}: the server ignored the Range header.")
-            data = response.read(length)  # one allocation, filled by the socket reads
+            data = _read_exactly(response, length, into)
             if len(data) != length:
                 raise IntegrityError(
                     f"{self._describe(suffix)} is truncated: asked for {length} bytes "
@@ -757,6 +761,24 @@ class S3Connection:
             if failed:
                 raise RemoteError(f"Could not delete {len(failed)} object(s): {', '.join(failed[:10])}.")
         return len(items)
+
+
+def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearray | None) -> bytes | memoryview:
+    """Up to ``length`` bytes of a response body (fewer if it ends first)."""
+    if into is None:
+        return response.read(length)  # one allocation, filled by the socket reads
+    view = memoryview(into)[:length]
+    done = 0
+    while done < length:
+        n = response.readinto(view[done : done + READ_CHUNK])
+        if not n:
+            break
+        done += n
+    return view[:done]
+
+
+#: Bytes read at a time into a caller's buffer (:meth:`S3Connection.get_range`).
+READ_CHUNK = 1 << 20
 
 
 class _Concatenated:

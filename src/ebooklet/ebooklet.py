@@ -29,7 +29,7 @@ from .errors import (
     SerializationError,
 )
 from .format import Entry
-from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths
+from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, append_large_value, local_paths
 from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 
 logger = logging.getLogger("ebooklet")
@@ -322,11 +322,12 @@ class EBooklet(MutableMapping):
             return self._remote.entry(kb, fetch=False)
 
     def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
-        """Write an encoded value to the data file; a large one is flushed at once, so
-        that booklet's write buffer does not keep a copy of it in memory."""
-        self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+        """Write an encoded value to the data file; a large one goes straight to the
+        file, without booklet's copies (see :func:`local.append_large_value`)."""
         if len(raw) > LARGE_VALUE:
-            self._data.sync()
+            append_large_value(self._data, self._ks.dumps(key), raw, timestamp)
+        else:
+            self._data.set(key, raw, timestamp=timestamp, encode_value=False)
 
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
         return self._data.get_timestamp(key, include_value=True, decode_value=False)
@@ -594,7 +595,7 @@ class EBooklet(MutableMapping):
         """Download ``wanted`` values into the data file; returns them by encoded key
         (a large value as ``None``: it is only read back from the data file)."""
         fetched: dict[bytes, bytes | None] = {}
-        for kb, entry, raw in self._remote.fetch_values(wanted):
+        for kb, entry, raw in self._remote.fetch_values(wanted, reuse_buffers=True):
             self._store(self._ks.loads(kb), raw, entry.timestamp)
             fetched[kb] = raw if len(raw) <= LARGE_VALUE else None
         return fetched
