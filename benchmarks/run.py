@@ -105,7 +105,9 @@ class Ctx:
 
     @contextlib.contextmanager
     def phase(self, name: str, profile: bool = True) -> Iterator[dict]:
-        """Time a phase and count the requests it sent; yields its result dict."""
+        """Time a phase and count the requests it sent; yields its result dict.
+
+        A phase timed several times (the local reads) keeps its fastest run."""
         record: dict[str, Any] = {}
         self._server_counts()  # drop whatever came before
         profiler = None
@@ -125,7 +127,8 @@ class Ctx:
                 profiler.dump_stats(str(self.profile_dir / f"{self.name}.{name}.prof"))
             counts = self._server_counts()
             record.update(seconds=seconds, **counts)
-            self.phases[name] = record
+            if name not in self.phases or seconds < self.phases[name]["seconds"]:
+                self.phases[name] = record
 
     # ---- S3 access
 
@@ -415,16 +418,20 @@ def local_items(ctx: Ctx) -> tuple[list[tuple[str, bytes]], list[str]]:
     return items, order
 
 
+LOCAL_READ_PASSES = 3
+
+
 def _local_phases(ctx: Ctx, db: Any) -> None:
     items, order = local_items(ctx)
     with ctx.phase("set"):
         for key, value in items:
             db[key] = value
         db.sync()
-    with ctx.phase("get") as ph:
-        ph["bytes"] = sum(len(db[k]) for k in order)
-    with ctx.phase("iterate") as ph:
-        ph["bytes"] = sum(len(v) for _, v in db.items())
+    for _ in range(LOCAL_READ_PASSES):  # CPU-bound and short: the fastest pass is the least noisy
+        with ctx.phase("get") as ph:
+            ph["bytes"] = sum(len(db[k]) for k in order)
+        with ctx.phase("iterate") as ph:
+            ph["bytes"] = sum(len(v) for _, v in db.items())
 
 
 def local_ebooklet(ctx: Ctx) -> None:

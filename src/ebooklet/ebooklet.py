@@ -38,6 +38,7 @@ FLAGS = ("r", "w", "c", "n")
 _CHUNK = 1000
 _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
+_ABSENT = object()  # "no such key", told from any value a get may return
 LARGE_VALUE = 4 << 20
 
 
@@ -361,15 +362,40 @@ class EBooklet(MutableMapping):
             if cached is not None:
                 yield kb, *cached
 
+    def _local_only(self, kb: bytes) -> bool | None:
+        """Whether the value of ``kb`` is the local file's (``True``: a local edit), is
+        gone (``False``: deleted, or not kept from a remote being replaced), or is the
+        remote's to say (``None``)."""
+        edit = self._log.edits.get(kb)
+        if edit is None and not self._log.replace:
+            return None
+        return edit is not None and edit.md5 is not None
+
     def _raw(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key, fetching it if needed."""
         self._check_open()
         kb = self._key(key)
-        edit = self._log.edits.get(kb)
-        if edit is not None or self._log.replace:
-            if edit is None or edit.md5 is None:
-                return None
-            return self._cached(key)
+        local = self._local_only(kb)
+        if local is not None:
+            return self._cached(key) if local else None
+        return self._remote_raw(key, kb)
+
+    def _lookup(self, key: Any, default: Any) -> Any:
+        """The decoded value of ``key``, or ``default``. A local edit is read by
+        booklet's own ``get``, which skips the timestamp: the hot path of a local
+        database."""
+        if self._closed:
+            self._check_open()
+        kb = self._key(key)
+        local = self._local_only(kb)
+        if local is not None:
+            return self._data.get(key, default) if local else default
+        found = self._remote_raw(key, kb)
+        return default if found is None else self._decode(found[1])
+
+    def _remote_raw(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
+        """``(timestamp, encoded value)`` of a key with no local edit: the cached copy
+        when it is the remote's current value, else downloaded and cached."""
         entry = self._remote_entry(kb)
         if entry is None:
             return None
@@ -389,15 +415,14 @@ class EBooklet(MutableMapping):
         return None
 
     def __getitem__(self, key: Any) -> Any:
-        found = self._raw(key)
-        if found is None:
+        value = self._lookup(key, _ABSENT)
+        if value is _ABSENT:
             raise KeyError(key)
-        return self._decode(found[1])
+        return value
 
     def get(self, key: Any, default: Any = None) -> Any:
         """The value of ``key``, or ``default``."""
-        found = self._raw(key)
-        return default if found is None else self._decode(found[1])
+        return self._lookup(key, default)
 
     def __contains__(self, key: Any) -> bool:
         self._check_open()
