@@ -82,3 +82,36 @@ def test_write_all_writes_every_buffer_in_order(tmp_path: Path, sizes: list[int]
     with open(path, "wb", buffering=0) as f:
         _write_all(f.fileno(), [memoryview(b) for b in buffers])
     assert path.read_bytes() == b"".join(buffers)
+
+
+def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
+    """Overwrites, deletes, metadata and enough keys to make booklet move its index."""
+    from ebooklet.local import scan
+
+    path = tmp_path / "db.blt"
+    rng = random.Random(2)
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes", n_buckets=11) as book:
+        book.set_metadata({"a": 1})
+        for i in range(3000):
+            book.set(b"k%d" % rng.randrange(2000), rng.randbytes(rng.randrange(300)), timestamp=TS + i)
+            if i % 7 == 0:
+                book.pop(b"k%d" % rng.randrange(2000), None)
+        append_large_value(book, b"large", b"L" * (5 << 20), TS)
+        expected = list(book.timestamps(include_value=True, decode_value=False))
+        assert book._index_offset != booklet.utils.sub_index_init_pos  # the index moved
+        assert list(scan(book, path)) == expected
+        assert list(scan(book, path, include_value=False)) == [(k, ts) for k, ts, _ in expected]
+
+
+def test_scan_stops_when_the_file_is_written_meanwhile(tmp_path: Path) -> None:
+    from ebooklet.local import scan
+
+    path = tmp_path / "db.blt"
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        for i in range(10):
+            book[b"k%d" % i] = b"v"
+        records = scan(book, path)
+        next(records)
+        book[b"new"] = b"v"
+        with pytest.raises(RuntimeError, match="written to during a scan"):
+            list(records)

@@ -194,7 +194,7 @@ class Changes:
     def _stale_cache(self) -> Iterator[tuple[bytes, str, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
         db = self._db
-        cached = [(db._key(k), ts) for k, ts in db._data.timestamps()]
+        cached = list(db._scan(include_value=False))
         cached = [(kb, ts) for kb, ts in cached if kb not in db._log.edits]
         remote = db._remote.entries(kb for kb, _ in cached)
         for kb, ts in cached:

@@ -29,7 +29,15 @@ from .errors import (
     SerializationError,
 )
 from .format import Entry
-from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, append_large_value, local_paths
+from .local import (
+    UNKNOWN_MD5,
+    ChangeLog,
+    IndexMirror,
+    LocalMeta,
+    append_large_value,
+    local_paths,
+    scan,
+)
 from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 
 logger = logging.getLogger("ebooklet")
@@ -132,6 +140,7 @@ class EBooklet(MutableMapping):
                 # writes are ~25% slower at one key per bucket than at half; 6 B each).
                 n_buckets = max(n_buckets, 2 * self._remote.manifest.get("n_keys", 0))
             self._data = _open_data(data_path, self._ks, self._vs, n_buckets, buffer_size, timeout)
+            self._data_path = data_path
             if not local_exists and flag != "n":
                 self._forget_lost_values()
             self._closed = False
@@ -333,6 +342,10 @@ class EBooklet(MutableMapping):
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
         return self._data.get_timestamp(key, include_value=True, decode_value=False)
 
+    def _scan(self, include_value: bool = True) -> Iterator[tuple]:
+        """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`local.scan`."""
+        return scan(self._data, self._data_path, include_value)
+
     def _scan_pays(self, n_keys: int) -> bool:
         """Whether reading ``n_keys`` keys' local data is faster by one sequential scan of
         the data file than by a lookup each: when they are half of it or more."""
@@ -349,8 +362,7 @@ class EBooklet(MutableMapping):
         todo = set(kbs)
         if self._scan_pays(len(todo)):
             try:
-                for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
-                    kb = self._key(key)
+                for kb, ts, raw in self._scan():
                     if kb in todo:
                         todo.discard(kb)
                         yield kb, ts, raw
@@ -522,15 +534,14 @@ class EBooklet(MutableMapping):
     ) -> Iterator[tuple[Any, Any]]:
         done: set[bytes] = set()
         try:
-            for key, ts, raw in self._data.timestamps(include_value=True, decode_value=False):
-                kb = self._key(key)
+            for kb, ts, raw in self._scan():
                 edit = edits.get(kb)
                 entry = remote.get(kb)
                 if (edit is not None and edit.md5 is not None) or (
                     entry is not None and entry.timestamp == ts and entry.length == len(raw)
                 ):
                     done.add(kb)
-                    yield key, self._decode(raw)
+                    yield self._ks.loads(kb), self._decode(raw)
             interrupted = False
         except RuntimeError:  # the loop's body wrote to the database: finish key by key
             interrupted = True
@@ -609,7 +620,7 @@ class EBooklet(MutableMapping):
         """
         if self._scan_pays(len(candidates)):
             with contextlib.suppress(RuntimeError):  # a write ended the scan: look up
-                local = {self._key(key): ts for key, ts in self._data.timestamps()}
+                local = dict(self._scan(include_value=False))
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
         return [
             (kb, e) for kb, e in candidates

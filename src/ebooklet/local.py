@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -377,6 +377,37 @@ def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
         p.with_name(p.name + ".remote_index"),
         p.with_name(p.name + ".ebk.json"),
     )
+
+
+def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
+    """``(encoded key, timestamp, encoded value)`` (or ``(encoded key, timestamp)``) of
+    every key in the booklet file ``book`` opened from ``path``, in file order.
+
+    This is ``book.timestamps()`` without decoding, read through a buffered reader of
+    its own: booklet reads a writable file with a seek and two unbuffered reads per
+    record, 1.5-2x slower. The records are parsed by booklet's own
+    ``iter_keys_values``; as ``timestamps()`` does, the scan raises ``RuntimeError``
+    when the file is written to before it ends.
+    """
+    book.sync()
+    with book._thread_lock:
+        mutations = book._mutation_count
+        reader = open(path, "rb", buffering=SCAN_BUFFER)  # noqa: SIM115 - closed below
+        records = booklet.utils.iter_keys_values(
+            reader, book._n_buckets, True, include_value, True,
+            book._ts_bytes_len, book._index_offset, book._first_data_block_pos,
+        )
+    try:
+        for record in records:
+            if book._mutation_count != mutations:
+                raise RuntimeError(f"{path} was written to during a scan.")
+            yield record
+    finally:
+        reader.close()
+
+
+#: Read buffer of :func:`scan`.
+SCAN_BUFFER = 1 << 20
 
 
 def append_large_value(book: Any, key: bytes, value: bytes | memoryview, timestamp: int) -> None:
