@@ -253,3 +253,15 @@ def test_large_values_of_mixed_sizes_pulled_through_reused_buffers(conn: Any, tm
         assert db.load_items() == len(values)
     with ebooklet.open(None, tmp_path / "load", "r") as db:  # read back offline
         assert {k: db[k] for k in values} == values
+
+
+def test_download_buffers_too_small_for_the_next_value_are_dropped() -> None:
+    """Reused download buffers stay bounded: the smallest that fits is taken, and when
+    none fits, the small ones are let go instead of piling up as values grow."""
+    from ebooklet.remote import _buffer_for
+
+    free = [bytearray(30), bytearray(10), bytearray(20)]
+    assert len(_buffer_for(free, 15)) == 20
+    assert sorted(map(len, free)) == [10, 30]
+    grown = _buffer_for(free, 40)
+    assert len(grown) == 40 and free == []

@@ -194,8 +194,7 @@ class Changes:
     def _stale_cache(self) -> Iterator[tuple[bytes, str, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
         db = self._db
-        cached = list(db._scan(include_value=False))
-        cached = [(kb, ts) for kb, ts in cached if kb not in db._log.edits]
+        cached = [(kb, ts) for kb, ts in db._scan(include_value=False) if kb not in db._log.edits]
         remote = db._remote.entries(kb for kb, _ in cached)
         for kb, ts in cached:
             entry = remote[kb]

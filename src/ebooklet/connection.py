@@ -763,6 +763,10 @@ class S3Connection:
         return len(items)
 
 
+#: Bytes read at a time into a caller's buffer (:meth:`S3Connection.get_range`).
+READ_CHUNK = 1 << 20
+
+
 def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearray | None) -> bytes | memoryview:
     """Up to ``length`` bytes of a response body (fewer if it ends first)."""
     if into is None:
@@ -775,10 +779,6 @@ def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearr
             break
         done += n
     return view[:done]
-
-
-#: Bytes read at a time into a caller's buffer (:meth:`S3Connection.get_range`).
-READ_CHUNK = 1 << 20
 
 
 class _Concatenated:

@@ -264,7 +264,9 @@ class RemoteIndex:
 
         Each GET reads into one new bytes object, or with ``reuse_buffers`` into a
         buffer freed by an earlier value: fresh memory is slow to touch (page faults;
-        on a VM, 1-3 ms per MiB), a reused buffer is not.
+        on a VM, 1-3 ms per MiB), a reused buffer is not. A reused buffer counts at its
+        own size; spare buffers only ever held downloads counted before, and are
+        dropped when the next value needs a bigger one.
         """
         todo = deque(ranges)
         pending: deque[tuple[int, bytearray | None, Future]] = deque()
@@ -275,11 +277,12 @@ class RemoteIndex:
                 while todo and (not pending or held + todo[0].length <= LARGE_IN_FLIGHT):
                     rng = todo.popleft()
                     buffer = _buffer_for(free, rng.length) if reuse_buffers else None
-                    pending.append((rng.length, buffer, self.conn.submit(self._fetch_verified, rng, buffer)))
-                    held += rng.length
-                length, buffer, future = pending.popleft()
+                    size = len(buffer) if buffer is not None else rng.length
+                    pending.append((size, buffer, self.conn.submit(self._fetch_verified, rng, buffer)))
+                    held += size
+                size, buffer, future = pending.popleft()
                 yield from future.result()
-                held -= length
+                held -= size
                 if buffer is not None:
                     free.append(buffer)
         finally:
@@ -452,9 +455,11 @@ def plan_ranges(wanted: Iterable[tuple[bytes, Entry]]) -> list[_Range]:
 
 def _buffer_for(free: list[bytearray], length: int) -> bytearray:
     """A buffer of at least ``length`` bytes: the smallest big enough in ``free`` (taken
-    out of it), else a new one."""
+    out of it), else a new one, and then the buffers in ``free``, all too small, are
+    dropped (kept, they would pile up while values grow)."""
     fits = [b for b in free if len(b) >= length]
     if not fits:
+        free.clear()
         return bytearray(length)
     best = min(fits, key=len)
     free.remove(best)
