@@ -1,6 +1,7 @@
-"""Large values are appended to the local booklet file by ebooklet's own writer
-(:func:`ebooklet.local.append_large_value`), which must write exactly what
-``booklet.set`` writes: these tests fail the day a booklet release changes its layout."""
+"""Downloaded values and large ones are appended to the local booklet file by
+ebooklet's own writer (:func:`ebooklet.local.append_records`), which must write exactly
+what ``booklet.set`` writes, index included: these tests fail the day a booklet release
+changes its layout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import booklet
 import pytest
 
 import ebooklet
-from ebooklet.local import append_large_value
+from ebooklet.local import append_records
 
 TS = 1_700_000_000_000_000  # microseconds, as booklet keeps them
 
@@ -30,32 +31,50 @@ def _records() -> list[tuple[bytes, bytes, int]]:
     ]
 
 
-def _write(path: Path, large_by_append: bool) -> None:
-    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
-        for key, value, ts in _records():
-            if large_by_append and len(value) > 4 << 20:
-                append_large_value(book, key, value, ts)
+def _batches() -> list[list[tuple[bytes, bytes, int]]]:
+    """The records above, then many small ones: keys written again and again, in
+    batches of one, of many, and one past booklet's write buffer (4 MiB)."""
+    rng = random.Random(3)
+    small = [(b"k%d" % rng.randrange(300), rng.randbytes(rng.randrange(200)), TS + i) for i in range(1000)]
+    big_batch = [(b"b%d" % i, rng.randbytes(5000), TS) for i in range(1000)]
+    return [_records(), small[:1], small[1:600], big_batch, small[600:]]
+
+
+def _write(path: Path, by_append: bool, n_buckets: int) -> None:
+    with booklet.open(
+        str(path), "n", key_serializer="bytes", value_serializer="bytes", n_buckets=n_buckets
+    ) as book:
+        book.set(b"first", b"by booklet", timestamp=TS)  # still in booklet's buffers
+        for i, batch in enumerate(_batches()):
+            if by_append:
+                append_records(book, batch)
             else:
-                book.set(key, value, timestamp=ts, encode_value=False)
+                for key, value, ts in batch:
+                    book.set(key, value, timestamp=ts, encode_value=False)
+                book.sync()
+            book.pop(b"k%d" % i, None)  # a delete between batches, by booklet on both sides
 
 
-def test_appended_large_values_make_the_same_file_as_booklet_set(tmp_path: Path) -> None:
+@pytest.mark.parametrize("n_buckets", [11, 12007])  # 11: long chains, and booklet regrows its index
+def test_appended_records_make_the_same_file_as_booklet_set(tmp_path: Path, n_buckets: int) -> None:
     by_set, by_append = tmp_path / "set.blt", tmp_path / "append.blt"
-    _write(by_set, large_by_append=False)
-    _write(by_append, large_by_append=True)
+    _write(by_set, by_append=False, n_buckets=n_buckets)
+    _write(by_append, by_append=True, n_buckets=n_buckets)
     # The first bytes differ by the file's own timestamp and uuid; index and data are equal.
     start = booklet.utils.sub_index_init_pos
     assert by_append.read_bytes()[start:] == by_set.read_bytes()[start:]
+    with booklet.open(str(by_set), "r") as a, booklet.open(str(by_append), "r") as b:
+        assert len(a) == len(b)
+        assert list(a.timestamps(include_value=True)) == list(b.timestamps(include_value=True))
 
 
-def test_appended_large_values_read_back_before_and_after_sync(tmp_path: Path) -> None:
+def test_appended_records_read_back(tmp_path: Path) -> None:
     expected = {key: (ts, value) for key, value, ts in _records()}
     path = tmp_path / "db.blt"
     with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
-        for key, value, ts in _records():
-            append_large_value(book, key, value, ts)
-        # Not synced yet: booklet finds the keys in its index buffer.
+        append_records(book, _records())
         assert book.get_timestamp(b"large-2", include_value=True) == expected[b"large-2"]
+        assert len(book) == len(expected)
     with booklet.open(str(path), "r") as book:
         assert {k: (ts, v) for k, ts, v in book.timestamps(include_value=True)} == expected
         assert len(book) == len(expected)
@@ -96,7 +115,7 @@ def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
             book.set(b"k%d" % rng.randrange(2000), rng.randbytes(rng.randrange(300)), timestamp=TS + i)
             if i % 7 == 0:
                 book.pop(b"k%d" % rng.randrange(2000), None)
-        append_large_value(book, b"large", b"L" * (5 << 20), TS)
+        append_records(book, [(b"large", b"L" * (5 << 20), TS)])
         expected = list(book.timestamps(include_value=True, decode_value=False))
         assert book._index_offset != booklet.utils.sub_index_init_pos  # the index moved
         assert list(scan(book, path)) == expected

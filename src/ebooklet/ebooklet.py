@@ -34,7 +34,7 @@ from .local import (
     ChangeLog,
     IndexMirror,
     LocalMeta,
-    append_large_value,
+    append_records,
     local_paths,
     scan,
 )
@@ -333,9 +333,9 @@ class EBooklet(MutableMapping):
 
     def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
-        file, without booklet's copies (see :func:`local.append_large_value`)."""
+        file, without booklet's copies (see :func:`local.append_records`)."""
         if len(raw) > LARGE_VALUE:
-            append_large_value(self._data, self._ks.dumps(key), raw, timestamp)
+            append_records(self._data, [(self._ks.dumps(key), raw, timestamp)])
         else:
             self._data.set(key, raw, timestamp=timestamp, encode_value=False)
 
@@ -422,7 +422,7 @@ class EBooklet(MutableMapping):
         if cached is not None and cached[0] == entry.timestamp and len(cached[1]) == entry.length:
             return cached
         for _, e, raw in self._remote.fetch_values([(kb, entry)]):
-            self._store(key, raw, e.timestamp)
+            self._cache_fetched([(kb, raw, e.timestamp)])
             return e.timestamp, raw
         return None
 
@@ -596,11 +596,11 @@ class EBooklet(MutableMapping):
         Returns how many values were downloaded.
         """
         self._check_open()
-        return len(self._load(keys))
+        return len(self._load(keys, keep=False))
 
-    def _load(self, keys: Iterable[Any] | None) -> dict[bytes, bytes | None]:
+    def _load(self, keys: Iterable[Any] | None, keep: bool = True) -> dict[bytes, bytes | None]:
         """Download the values of ``keys`` not cached yet; returns them by encoded key
-        (a large value as ``None``: it is only read back from the data file)."""
+        (as ``None`` when large or without ``keep``: then only the data file has them)."""
         if self._log.replace or not self._remote.exists or self.offline:
             return {}
         kbs = [self._key(k) for k in keys] if keys is not None else None
@@ -610,7 +610,7 @@ class EBooklet(MutableMapping):
             entries = self._remote.entries(kbs)
             candidates = [(kb, e) for kb, e in entries.items() if e is not None]
         edits = self._log.edits
-        return self._fetch(self._stale([(kb, e) for kb, e in candidates if kb not in edits]))
+        return self._fetch(self._stale([(kb, e) for kb, e in candidates if kb not in edits]), keep)
 
     def _stale(self, candidates: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]]:
         """Those of ``candidates`` with no up-to-date copy in the data file.
@@ -627,14 +627,43 @@ class EBooklet(MutableMapping):
             if self._data.get_timestamp(self._ks.loads(kb)) != e.timestamp
         ]
 
-    def _fetch(self, wanted: list[tuple[bytes, Entry]]) -> dict[bytes, bytes | None]:
+    def _fetch(self, wanted: list[tuple[bytes, Entry]], keep: bool = True) -> dict[bytes, bytes | None]:
         """Download ``wanted`` values into the data file; returns them by encoded key
-        (a large value as ``None``: it is only read back from the data file)."""
+        (a large value as ``None``: it is only read back from the data file; every
+        value without ``keep``).
+
+        Values are written to the data file in batches of about :data:`_CHUNK_BYTES`
+        (one write each, see :func:`local.append_records`), a large one on its own.
+        """
         fetched: dict[bytes, bytes | None] = {}
-        for kb, entry, raw in self._remote.fetch_values(wanted, reuse_buffers=True):
-            self._store(self._ks.loads(kb), raw, entry.timestamp)
-            fetched[kb] = raw if len(raw) <= LARGE_VALUE else None
+        batch: list[tuple[bytes, bytes | memoryview, int]] = []
+        size = 0
+        try:
+            for kb, entry, raw in self._remote.fetch_values(wanted, reuse_buffers=True):
+                large = len(raw) > LARGE_VALUE
+                fetched[kb] = raw if keep and not large else None
+                if large:  # its buffer is reused by the next one: write it now
+                    self._cache_fetched([(kb, raw, entry.timestamp)])
+                    continue
+                batch.append((kb, raw, entry.timestamp))
+                size += len(raw)
+                if size >= _CHUNK_BYTES:
+                    self._cache_fetched(batch)
+                    batch, size = [], 0
+        finally:  # what was downloaded and verified is kept, even if a later value fails
+            self._cache_fetched(batch)
         return fetched
+
+    def _cache_fetched(self, records: list[tuple[bytes, bytes | memoryview, int]]) -> None:
+        """Write downloaded ``(encoded key, value, timestamp)`` records to the data file,
+        but none over a local edit made while they downloaded."""
+        with self._rlock:
+            if self._log.replace:
+                return
+            edits = self._log.edits
+            records = [r for r in records if r[0] not in edits]
+            if records:
+                append_records(self._data, records)
 
     # ------------------------------------------------------------ the write path
 
@@ -669,8 +698,7 @@ class EBooklet(MutableMapping):
         encoded = [(key, self._key(key), self._value(value)) for key, value in pairs.items()]
         with self._rlock:
             self._log.record_edits((kb, fmt.md5(raw), self._base(kb)) for _, kb, raw in encoded)
-            for key, _, raw in encoded:
-                self._store(key, raw)
+            append_records(self._data, [(kb, raw, None) for _, kb, raw in encoded])
 
     def __delitem__(self, key: Any) -> None:
         self._check_writable()
