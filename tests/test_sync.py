@@ -278,6 +278,31 @@ def test_items_mixes_cached_stale_edited_and_remote_values(
         assert dict(db.items()) == {k: v + b"!" for k, v in expected.items()}
 
 
+def test_a_write_in_the_items_loop_wins_over_the_download_of_a_later_key(
+    conn: Any, make_conn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key written or deleted in the loop before items() reaches it keeps the loop's
+    edit: its remote value, downloaded afterwards, neither replaces the edit in the local
+    file nor is yielded."""
+    monkeypatch.setattr(ebooklet.ebooklet, "_CHUNK_BYTES", 1)  # one download per value
+    data = small_values(20)
+    push_new(conn, tmp_path / "w.blt", data)
+    with open_db(make_conn(), tmp_path / "r.blt", "w") as db:
+        seen = {}
+        for key, value in db.items():
+            if not seen:  # the first key: the two below come last, in pack order
+                db["k00019"] = b"mine"
+                del db["k00018"]
+            seen[key] = value
+        assert seen == {**{k: v for k, v in data.items() if k != "k00018"}, "k00019": b"mine"}
+        assert db["k00019"] == b"mine"
+        assert "k00018" not in db
+        assert dict(db.items()) == seen
+        db.changes().push()
+    with open_db(make_conn(), tmp_path / "fresh.blt") as db:
+        assert dict(db.items()) == seen
+
+
 # --------------------------------------------------------------------------- 3. push cost
 
 

@@ -564,10 +564,12 @@ class EBooklet(MutableMapping):
     def _decoded(
         self, kbs: Iterable[bytes], fetched: dict[bytes, bytes | None]
     ) -> Iterator[tuple[Any, Any]]:
-        """``(key, value)`` of ``kbs``, from ``fetched`` or else read (or fetched) one by one."""
+        """``(key, value)`` of ``kbs``, from ``fetched`` or else read (or fetched) one by
+        one; a key edited since ``fetched`` was downloaded is read locally."""
+        edits = self._log.edits
         for kb in kbs:
             key = self._ks.loads(kb)
-            raw = fetched.get(kb)
+            raw = fetched.get(kb) if kb not in edits else None
             if raw is None:
                 found = self._raw(key)
                 raw = found[1] if found is not None else None
