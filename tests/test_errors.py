@@ -6,6 +6,7 @@ fresh copy) to show that local edits and the remote database survived it.
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import uuid
@@ -143,6 +144,8 @@ BAD_CONNECTION = [
     (dict(retries=-1), NUM_ERR, "retries"),
     (dict(timeout=0), NUM_ERR, "timeout"),
     (dict(timeout="30"), NUM_ERR, "timeout"),
+    (dict(session_token=5), STR_ERR, "session_token"),
+    (dict(access_key_id=None, access_key=None, session_token="token"), ValueError, "session_token"),
 ]
 
 
@@ -466,6 +469,42 @@ def test_wrong_credentials_are_an_auth_error(
         assert bad["access_key"] not in str(info.value)
     assert local_files(path) == before_local
     assert_pending_edit_survives(good_conn, path, tmp_path, values)
+
+
+def test_credentials_from_boto3s_chain_are_refreshed(
+    auth_target: S3Target, db_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials found by boto3's chain (here a profile's ``credential_process``,
+    as SSO and role credentials are) are asked for again as they near expiry: a
+    rotated key is used by the next request, without reopening anything."""
+    creds = tmp_path / "creds.json"
+
+    def issue(secret: str) -> None:
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)
+        creds.write_text(json.dumps({
+            "Version": 1, "AccessKeyId": auth_target.access_key_id, "SecretAccessKey": secret,
+            "Expiration": expiry.isoformat(),  # within botocore's refresh window: asked each time
+        }))
+
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile ebk-test]\ncredential_process = cat {creds}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_PROFILE", "ebk-test")
+    issue(auth_target.access_key)
+    chain = auth_target.connection(db_key, access_key_id=None, access_key=None)
+    path = tmp_path / "db"
+    values = seed(chain, path)
+    with ebooklet.open(chain, path, "w") as db:
+        issue("a-revoked-secret")
+        db["k1"] = "edited"
+        with pytest.raises(AuthError, match="access denied"):
+            db.changes().push()  # signed with the new, wrong key: the chain was asked again
+        issue(auth_target.access_key)
+        assert db.changes().push().keys_pushed == 1
+    assert read_back(chain, tmp_path / "check") == {**values, "k1": "edited"}
 
 
 # --------------------------------------------------------------------------- missing things

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.credentials import ReadOnlyCredentials
 
 import ebooklet
 
@@ -66,8 +65,9 @@ def requests(conn: Any) -> list[tuple[str, str, dict, Any]]:
 @pytest.mark.parametrize("token", [None, "session-token"])
 def test_signature_matches_botocore(where: dict, token: str | None) -> None:
     params = dict(db_key="bench/db", bucket="my-bucket") | where
-    conn = ebooklet.S3Connection("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", **params)
-    conn._credentials = ReadOnlyCredentials("AKIDEXAMPLE", conn._credentials.secret_key, token)
+    conn = ebooklet.S3Connection(
+        "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", session_token=token, **params
+    )
     for method, url, headers, body in requests(conn):
         ours = conn._sign(method, url, headers, body)
         theirs = botocore_headers(conn, method, url, headers, body, ours["X-Amz-Date"])
@@ -78,9 +78,8 @@ def test_signature_matches_botocore(where: dict, token: str | None) -> None:
 
 def test_signing_key_is_derived_once_a_day() -> None:
     conn = ebooklet.S3Connection("id", "secret", "db", "my-bucket", endpoint_url="http://h:1")
-    first = conn._signing_key("20260101")
-    assert conn._signing_key("20260101") is first
-    second = conn._signing_key("20260102")
+    first = conn._signing_key("20260101", "secret")
+    assert conn._signing_key("20260101", "secret") is first
+    second = conn._signing_key("20260102", "secret")
     assert second != first
-    conn._credentials = ReadOnlyCredentials("id", "another secret", None)
-    assert conn._signing_key("20260102") != second
+    assert conn._signing_key("20260102", "another secret") != second

@@ -72,8 +72,10 @@ class S3Connection:
 
     Args:
         access_key_id: the access key id; ``None`` with ``db_key`` and ``bucket``
-            uses boto3's credential chain (environment, profile, role).
+            uses boto3's credential chain (environment, profile, SSO, role),
+            refreshed before they expire, as boto3 does.
         access_key: the secret access key. Kept in memory only, never shown.
+        session_token: the session token of temporary credentials (STS), if any.
         db_key: the object key of the database (its manifest) in the bucket.
         bucket: the bucket name.
         endpoint_url: the S3 endpoint (``http://127.0.0.1:9000``,
@@ -103,6 +105,7 @@ class S3Connection:
         threads: int = 16,
         retries: int = 3,
         timeout: float = 30.0,
+        session_token: str | None = None,
     ):
         for name, value in (
             ("access_key_id", access_key_id),
@@ -112,6 +115,7 @@ class S3Connection:
             ("endpoint_url", endpoint_url),
             ("db_url", db_url),
             ("region", region),
+            ("session_token", session_token),
         ):
             _check_str(name, value)
         if (db_key is None) != (bucket is None):
@@ -120,6 +124,8 @@ class S3Connection:
             raise ValueError("Give db_key and bucket (and credentials), or a public db_url.")
         if (access_key_id is None) != (access_key is None):
             raise ValueError("access_key_id and access_key go together: give both or neither.")
+        if session_token is not None and access_key_id is None:
+            raise ValueError("session_token goes with access_key_id and access_key: give all three.")
         if db_key is not None and (db_key.endswith("/") or db_key.startswith("/")):
             raise ValueError(f"db_key {db_key!r} must not start or end with '/'.")
         for name, url in (("endpoint_url", endpoint_url), ("db_url", db_url)):
@@ -140,12 +146,13 @@ class S3Connection:
         self.retries = retries
         self.timeout = float(timeout)
         self.db_url = db_url or self._derive_db_url()
-        self._credentials = None
+        # botocore credentials: fixed ones, or those of boto3's chain (which refresh)
+        self._credentials: Any = None
         self._day_key: tuple[str, str, bytes] | None = None
         if access_key_id is not None:
             from botocore.credentials import Credentials
 
-            self._credentials = Credentials(access_key_id, access_key)
+            self._credentials = Credentials(access_key_id, access_key, session_token)
         self.request_counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._http: urllib3.PoolManager | None = None
@@ -191,11 +198,11 @@ class S3Connection:
             retries=self.retries,
             timeout=self.timeout,
         )
-        if self._credentials is not None:
-            params["access_key_id"] = self._credentials.access_key
-            params["access_key"] = self._credentials.secret_key
         params.update(changes)
-        return S3Connection(**params)
+        copy = S3Connection(**params)
+        if copy._credentials is None:
+            copy._credentials = self._credentials  # the same keys (and their refreshes)
+        return copy
 
     def public_params(self) -> dict[str, Any]:
         """The connection's location, without credentials (safe to write to disk)."""
@@ -212,7 +219,7 @@ class S3Connection:
         keys = []
         for conn in (self, other):
             conn._client()  # fills in credentials from boto3's chain when none were given
-            c = conn._credentials
+            c = conn._credentials.get_frozen_credentials() if conn._credentials else None
             keys.append((getattr(c, "access_key", None), getattr(c, "secret_key", None)))
         return keys[0] == keys[1] and keys[0][0] is not None
 
@@ -290,12 +297,14 @@ class S3Connection:
     def _sign(self, method: str, url: str, headers: dict, body: Any) -> dict:
         """``headers`` plus the SigV4 headers, exactly as botocore's ``S3SigV4Auth``
         makes them (the payload is hashed), without its per-request objects; the
-        day's signing key is derived once."""
+        day's signing key is derived once. Credentials about to expire are refreshed
+        first (botocore's ``get_frozen_credentials``)."""
+        credentials = self._credentials.get_frozen_credentials()
         now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         signed = dict(headers)
         signed["X-Amz-Date"] = now
-        if self._credentials.token:
-            signed["X-Amz-Security-Token"] = self._credentials.token
+        if credentials.token:
+            signed["X-Amz-Security-Token"] = credentials.token
         signed["X-Amz-Content-SHA256"] = _payload_sha256(body)
         parts = urlsplit(url)
         canonical = {"host": _host_header(parts)}
@@ -314,17 +323,17 @@ class S3Connection:
         ))
         scope = f"{now[:8]}/{self.region}/s3/aws4_request"
         to_sign = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{hashlib.sha256(request.encode()).hexdigest()}"
-        signature = hmac.new(self._signing_key(now[:8]), to_sign.encode(), hashlib.sha256).hexdigest()
+        key = self._signing_key(now[:8], credentials.secret_key)
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
         signed["Authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={self._credentials.access_key}/{scope}, "
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
             f"SignedHeaders={signed_names}, Signature={signature}"
         )
         return signed
 
-    def _signing_key(self, day: str) -> bytes:
+    def _signing_key(self, day: str, secret: str) -> bytes:
         """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day (and again if the
         credentials change)."""
-        secret = self._credentials.secret_key
         cached = self._day_key
         if cached is None or cached[:2] != (day, secret):
             key = f"AWS4{secret}".encode()
@@ -879,7 +888,7 @@ def _default_credentials():
             "No credentials given and none found in the environment or AWS config; "
             "pass access_key_id and access_key to S3Connection."
         )
-    return credentials.get_frozen_credentials()
+    return credentials
 
 
 def connection_from(remote: S3Connection | str | None) -> S3Connection | None:
