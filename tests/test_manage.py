@@ -375,7 +375,7 @@ def test_copy_remote_across_credentials_streams(
 def test_copy_remote_streams_a_large_value_in_bounded_memory(
     conn: Any, make_conn: Callable[..., Any], db_key: str, tmp_path: Path
 ) -> None:
-    """A 40 MiB value (a multipart pack) is copied part by part, never held whole."""
+    """A 40 MiB value (a pack of its own) is copied part by part, never held whole."""
     big = uuid.uuid4().bytes * (40 << 16)  # 40 MiB, not all equal bytes
     path = tmp_path / "big.blt"
     push(conn, path, {"big": big, "small": b"x"}, value_serializer="bytes")

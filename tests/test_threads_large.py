@@ -265,3 +265,38 @@ def test_download_buffers_too_small_for_the_next_value_are_dropped() -> None:
     assert sorted(map(len, free)) == [10, 30]
     grown = _buffer_for(free, 40)
     assert len(grown) == 40 and free == []
+
+
+def test_values_above_put_max_go_by_multipart_and_come_back_whole(
+    conn: Any, s3_server: S3Target, db_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack over ``PUT_MAX`` is uploaded in parts of ``PART_SIZE``, the footer in the
+    last part, which also takes the tail of the value (no tiny last part); the value
+    reads back whole, and no multipart upload is left open."""
+    import random
+
+    from ebooklet import remote
+
+    monkeypatch.setattr(remote, "PUT_MAX", 2 * remote.PART_SIZE)  # 16 MiB instead of 64 MiB
+    values = {
+        "three parts": random.Random(1).randbytes(3 * remote.PART_SIZE - 5),
+        "two parts": random.Random(2).randbytes(remote.PART_SIZE * 5 // 2),  # tail folded in
+        "one put": random.Random(3).randbytes(remote.PART_SIZE + 1),
+        "small": b"tiny",
+    }
+    with ebooklet.open(conn, tmp_path / "writer", "n", value_serializer="bytes") as db:
+        db.update(values)
+        db.changes().push()
+    client = s3_server.client()
+    etags = sorted(
+        obj["ETag"].strip('"').partition("-")[2]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=s3_server.bucket, Prefix=db_key + ".ebk/pack/"
+        )
+        for obj in page.get("Contents", [])
+    )
+    assert etags == ["", "", "2", "3"]  # multipart ETags end with "-<number of parts>"
+    uploads = client.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=db_key)
+    assert not uploads.get("Uploads")
+    with ebooklet.open(conn, tmp_path / "reader", "r") as db:
+        assert dict(db.items()) == values
