@@ -115,7 +115,9 @@ def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
             book.set(b"k%d" % rng.randrange(2000), rng.randbytes(rng.randrange(300)), timestamp=TS + i)
             if i % 7 == 0:
                 book.pop(b"k%d" % rng.randrange(2000), None)
-        append_records(book, [(b"large", b"L" * (5 << 20), TS)])
+        append_records(book, [(b"large", b"L" * (5 << 20), TS)])  # past the scan's 1 MiB reads
+        book.set(b"after large", b"a", timestamp=TS)
+        book.set(b"k1", b"k1 again", timestamp=TS)
         expected = list(book.timestamps(include_value=True, decode_value=False))
         assert book._index_offset != booklet.utils.sub_index_init_pos  # the index moved
         assert list(scan(book, path)) == expected

@@ -411,7 +411,8 @@ def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
 
 def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool) -> Iterator[tuple]:
     """The live records of booklet's data between ``start`` and ``end`` (see
-    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position."""
+    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position. A value
+    that is not in the buffer already is read on its own, into one new bytes object."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
     unpack = _RECORD_LENGTHS.unpack_from
     data, at, position = b"", 0, start
@@ -420,20 +421,29 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
         if len(data) - at < head_size:
             data, at = data[at:] + reader.read(SCAN_BUFFER), 0
         next_block, key_len, value_len = unpack(data, at)
-        size = head_size + ts_len + key_len + value_len
-        if len(data) - at < size:
-            data, at = data[at:] + reader.read(max(size - len(data) + at, SCAN_BUFFER)), 0
-        if next_block != _DELETED:
-            key_at = at + head_size + ts_len
-            key = data[key_at : key_at + key_len]
-            if key not in skip:
-                ts = int.from_bytes(data[at + head_size : key_at], "little")
-                if include_value:
-                    yield key, ts, data[key_at + key_len : at + size]
-                else:
-                    yield key, ts
-        at += size
+        key_at = at + head_size + ts_len
+        value_at = key_at + key_len
+        if len(data) < value_at:
+            data, at = data[at:] + reader.read(SCAN_BUFFER + value_at - len(data)), 0
+            key_at, value_at = head_size + ts_len, head_size + ts_len + key_len
+        key = data[key_at:value_at]
+        live = next_block != _DELETED and key not in skip
+        if live and include_value:
+            if len(data) >= value_at + value_len:
+                value = data[value_at : value_at + value_len]
+            else:
+                reader.seek(position + value_at - at)
+                value = reader.read(value_len)
+        if live:
+            ts = int.from_bytes(data[at + head_size : key_at], "little")
+            yield (key, ts, value) if include_value else (key, ts)
+        size = value_at - at + value_len
         position += size
+        if len(data) >= at + size:
+            at += size
+        else:  # the value was not in the buffer: go on after it
+            data, at = b"", 0
+            reader.seek(position)
 
 
 #: Read size of :func:`scan`.
@@ -497,34 +507,40 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
     the old record's place (which is marked deleted), a new key goes at the chain's end.
     Returns the number of new keys.
 
-    The bucket array is read with one ``pread`` and written back with one ``pwrite``
-    (booklet seeks and reads it key by key); the chains are followed with ``pread``,
-    changed links written at the end.
+    Position fields (bucket slots and the records' next-record fields) are read with
+    ``pread`` and written back with ``pwrite`` once each; booklet seeks, reads and
+    writes key by key. For a batch that touches much of the bucket array, the array is
+    read and written whole.
     """
     fd = book._file.fileno()
     width, hash_len = booklet.utils.n_bytes_file, booklet.utils.key_hash_len
     n_buckets, index_offset = book._n_buckets, book._index_offset
-    buckets = bytearray(os.pread(fd, n_buckets * width, index_offset))
-    changed: dict[int, int] = {}  # position of a record's next-record field -> new value
+    index_end = index_offset + n_buckets * width
+    buckets = None
+    if len(links) * _BUCKETS_PER_KEY >= n_buckets:
+        buckets = bytearray(os.pread(fd, n_buckets * width, index_offset))
+    changed: dict[int, int] = {}  # field position -> new value
+
+    def field(pos: int) -> int:
+        if pos in changed:
+            return changed[pos]
+        if buckets is not None and index_offset <= pos < index_end:
+            return int.from_bytes(buckets[pos - index_offset : pos - index_offset + width], "little")
+        return int.from_bytes(os.pread(fd, width, pos), "little")
+
     new_keys = 0
-
-    def next_of(block: int) -> tuple[bytes, int]:
-        head = os.pread(fd, hash_len + width, block)
-        field = block + hash_len
-        return head[:hash_len], changed.get(field, int.from_bytes(head[hash_len:], "little"))
-
     for key_hash, position in links:
-        slot = int.from_bytes(key_hash, "little") % n_buckets * width
-        block = int.from_bytes(buckets[slot : slot + width], "little")
-        previous = -1  # the bucket's slot; else the next-record field linking to block
-        while block > 1:
-            block_hash, next_block = next_of(block)
+        previous = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+        block = field(previous)
+        while block > 1:  # 0 or 1: an empty bucket
+            block_hash = os.pread(fd, hash_len, block)
+            next_block = field(block + hash_len)
             if next_block and block_hash == key_hash:  # the key's old record: replace it
                 changed[block + hash_len] = 0
                 if next_block > 1:
                     changed[position + hash_len] = next_block
                 break
-            if not next_block or next_block == 1:
+            if next_block <= 1:  # the chain ends (1), or at a deleted record (0)
                 new_keys += 1
                 if next_block == 1:
                     previous = block + hash_len
@@ -532,14 +548,20 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
             previous, block = block + hash_len, next_block
         else:
             new_keys += 1
-        if previous < 0:
-            buckets[slot : slot + width] = position.to_bytes(width, "little")
-        else:
-            changed[previous] = position
-    os.pwrite(fd, buckets, index_offset)
-    for field, value in changed.items():
-        os.pwrite(fd, value.to_bytes(width, "little"), field)
+        changed[previous] = position
+    if buckets is not None:
+        for pos in [pos for pos in changed if index_offset <= pos < index_end]:
+            at = pos - index_offset
+            buckets[at : at + width] = changed.pop(pos).to_bytes(width, "little")
+        os.pwrite(fd, buckets, index_offset)
+    for pos, value in changed.items():
+        os.pwrite(fd, value.to_bytes(width, "little"), pos)
     return new_keys
+
+
+#: :func:`_link_records` reads booklet's bucket array whole for a batch of at least one
+#: key per this many buckets.
+_BUCKETS_PER_KEY = 64
 
 
 #: booklet 0.12's record header: key hash, position of the next record of the same
