@@ -30,7 +30,6 @@ from ebooklet.errors import (
     RemoteExistsError,
     RemoteNotFoundError,
 )
-from ebooklet.local import Upload
 from ebooklet.remote import RemoteLock
 
 # --------------------------------------------------------------------------- helpers
@@ -710,8 +709,8 @@ def test_push_after_another_client_vacuumed_its_uploads_away(conn: Any, make_con
         # the state a push interrupted between its uploads and its commit leaves behind
         kb = db._key("b")
         ts, raw = db._cached("b")
-        (_, entry), = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
-        db._log.record_uploads([(entry.md5, Upload(entry.pack, entry.offset, entry.length, ts))])
+        uploaded = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
+        db._log.record_pack(uploaded.pack, uploaded.footer)
     with ebooklet.open(make_conn(), tmp_path / "admin.blt", "r") as admin:
         assert admin.vacuum().packs_removed == 1
     push(conn, path)

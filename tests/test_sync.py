@@ -28,6 +28,7 @@ import pytest
 
 import ebooklet
 from ebooklet import ConflictError
+from ebooklet import format as fmt
 
 # --------------------------------------------------------------------------- helpers
 
@@ -320,6 +321,32 @@ def test_push_sends_only_changed_values(conn: Any, tmp_path: Path) -> None:
     assert result.keys_deleted == 1
     assert result.bytes_uploaded == sum(len(v) for v in changes.values())
     assert result.seq == first.seq + 1
+
+
+def test_a_push_reuses_the_packs_an_interrupted_push_uploaded(
+    conn: Any, make_conn: Any, tmp_path: Path
+) -> None:
+    """A push journals each pack it uploads (one record: the pack's footer); after it
+    dies before committing, the next push, in a new process reading the journal back,
+    uploads none of those values again."""
+    path = tmp_path / "w.blt"
+    push_new(conn, path, {"first": b"1"})
+    data = small_values(300)
+    with open_db(conn, path, "w") as db:
+        db.update(data)
+        # what a push killed between its pack uploads and its commit leaves behind
+        stored = list(db._stored_values([db._key(k) for k in data]))
+        for half in (stored[:150], stored[150:]):
+            done = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts) for kb, ts, raw in half])
+            db._log.record_pack(done.pack, done.footer)
+    with open_db(conn, path, "w") as db:
+        assert len(db._log.uploads) == 300
+        result = db.changes().push()
+        assert result.keys_pushed == 300
+        assert result.bytes_uploaded == 0
+        assert db._log.uploads == {}
+    with open_db(make_conn(), tmp_path / "r.blt") as db:
+        assert dict(db.items()) == {"first": b"1", **data}
 
 
 def test_push_dedups_identical_values(conn: Any, make_conn: Any, tmp_path: Path) -> None:

@@ -19,8 +19,7 @@ from . import format as fmt
 from .connection import PreconditionFailed
 from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
 from .format import Entry
-from .local import Upload
-from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE
+from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -112,19 +111,19 @@ class _LargeUploads:
     def _collect(self) -> None:
         size, future = self._pending[0]
         try:
-            kb, m, ts, located = future.result()
+            kb, m, ts, done = future.result()
         except BaseException:
             self._pool.shutdown(wait=False, cancel_futures=True)  # the push fails: stop the rest
             raise
         self._pending.popleft()
         self._held -= size
-        if located is None:
+        if done is None:
             self._duplicates.append((kb, m, ts))
         else:
             self._uploaded += size
-            self._finished(located)
+            self._finished(done)
 
-    def _upload(self, kb: bytes, ts: int, raw: bytes) -> tuple[bytes, bytes, int, list | None]:
+    def _upload(self, kb: bytes, ts: int, raw: bytes) -> tuple[bytes, bytes, int, PackUpload | None]:
         hashed = hashlib.md5(raw, usedforsecurity=False)
         m = hashed.digest()
         with self._claim:
@@ -396,12 +395,10 @@ class Changes:
         in_flight: list = []
         uploaded = pack_size = 0
 
-        def finished(located: list[tuple[bytes, Entry]]) -> None:
-            journal = []
-            for kb, entry in located:
+        def finished(done: PackUpload) -> None:
+            for kb, entry in done.located:
                 entries[kb] = known[entry.md5] = entry
-                journal.append((entry.md5, Upload(entry.pack, entry.offset, entry.length, entry.timestamp)))
-            db._log.record_uploads(journal)
+            db._log.record_pack(done.pack, done.footer)
 
         def send_pack() -> None:
             nonlocal pack, pack_size

@@ -154,14 +154,15 @@ class PackItem(NamedTuple):
     length: int
 
 
-def encode_pack_footer(items: Iterable[PackItem]) -> bytes:
-    """The self-describing footer appended after a pack's values."""
+def encode_pack_footer(items: Iterable[PackItem | tuple[bytes, bytes, int, int, int]]) -> bytes:
+    """The self-describing footer appended after a pack's values (and its trailer);
+    ``items`` are :class:`PackItem` or tuples of the same fields."""
     items = list(items)
     records = bytearray(_HEADER.pack(PACK_MAGIC, len(items)))
     blob = bytearray()
-    for it in items:
-        records += _PACK_RECORD.pack(it.md5, it.timestamp, it.offset, it.length, len(blob), len(it.key))
-        blob += it.key
+    for key, md5_, timestamp, offset, length in items:
+        records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(blob), len(key))
+        blob += key
     body = bytes(records + blob)
     footer = body + md5(body)
     return footer + _PACK_TRAILER.pack(len(footer), PACK_MAGIC)

@@ -31,7 +31,7 @@ import booklet
 import orjson
 
 from .errors import FormatVersionError, IntegrityError
-from .format import NO_MD5
+from .format import NO_MD5, PACK_TRAILER_SIZE, decode_pack_footer
 
 LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16
@@ -40,10 +40,9 @@ UNKNOWN_MD5 = b"\xff" * 16
 _LOG_MAGIC = b"EBKLOG01"
 _RECORD = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
-_UPLOAD_RECORD = struct.Struct("<cI16s16s16sQQq")  # an UPLOADED record: _RECORD + _UPLOAD
 
-SET, DELETE, RETIME, CLEAN, UPLOADED, REPLACE, METADATA, RESET = (
-    b"S", b"D", b"T", b"C", b"U", b"R", b"M", b"X"
+SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET = (
+    b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X"
 )
 
 
@@ -89,7 +88,8 @@ class ChangeLog:
     def __init__(self, path: Path, writable: bool = True, damaged_ok: bool = False):
         self.path = Path(path)
         self.edits: dict[bytes, Edit] = {}
-        self.uploads: dict[bytes, Upload] = {}
+        self._uploads: dict[bytes, Upload] = {}
+        self._packs: list[tuple[bytes, bytes]] = []  # (pack id, footer) not read into _uploads yet
         self.replace = False
         self.metadata_dirty = False
         self._lock = threading.RLock()
@@ -133,14 +133,17 @@ class ChangeLog:
         elif kind == CLEAN:
             self.edits.pop(key, None)
         elif kind == UPLOADED:
-            self.uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
+            self._uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
+        elif kind == PACK:
+            self._packs.append((md5_, key))
         elif kind == REPLACE:
             self.replace = md5_ != NO_MD5
         elif kind == METADATA:
             self.metadata_dirty = md5_ != NO_MD5
         elif kind == RESET:
             self.edits.clear()
-            self.uploads.clear()
+            self._uploads.clear()
+            self._packs.clear()
             self.replace = False
             self.metadata_dirty = False
         else:
@@ -179,17 +182,24 @@ class ChangeLog:
         """Forget the edits of ``keys`` (pushed or discarded)."""
         self._write([(CLEAN, k, None, None) for k in keys])
 
-    def record_uploads(self, uploads: Iterable[tuple[bytes, Upload]]) -> None:
-        """Remember values uploaded by a push that may not commit (reused by the next).
-
-        One ``os.write`` for all of them (a pack's worth at a time).
-        """
-        uploads = list(uploads)
-        blob = b"".join(_UPLOAD_RECORD.pack(UPLOADED, 0, m, NO_MD5, *u) for m, u in uploads)
+    @property
+    def uploads(self) -> dict[bytes, Upload]:
+        """md5 -> where a value lies that a push uploaded but did not commit (yet)."""
         with self._lock:
-            self._append(blob)
-            self.uploads.update(uploads)
-            self._records += len(uploads)
+            for pack, footer in self._packs:
+                for item in decode_pack_footer(footer[:-PACK_TRAILER_SIZE]):
+                    self._uploads[item.md5] = Upload(pack, item.offset, item.length, item.timestamp)
+            self._packs.clear()
+            return self._uploads
+
+    def record_pack(self, pack: bytes, footer: bytes) -> None:
+        """Remember a pack uploaded by a push that may not commit, so that the next
+        attempt reuses its values: one record, the pack id and the pack's footer
+        (read into :attr:`uploads` only when asked)."""
+        with self._lock:
+            self._append(self._encode(PACK, footer, pack, None))
+            self._packs.append((pack, footer))
+            self._records += 1
 
     def set_replace(self, on: bool) -> None:
         """Set or clear the "next push replaces the remote database" flag."""
@@ -214,7 +224,8 @@ class ChangeLog:
         with self._lock:
             for key in keys:
                 self.edits.pop(key, None)
-            self.uploads.clear()
+            self._uploads.clear()
+            self._packs.clear()
             self.replace = False
             if metadata:
                 self.metadata_dirty = False
@@ -226,7 +237,8 @@ class ChangeLog:
             return
         with self._lock:
             records = [(_edit_kind(e.md5, e.retimed), k, e.md5, e.base) for k, e in self.edits.items()]
-            records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self.uploads.items()]
+            records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self._uploads.items()]
+            records += [(PACK, footer, pack, None) for pack, footer in self._packs]
             if self.replace:
                 records.append((REPLACE, b"", b"\x01" * 16, None))
             if self.metadata_dirty:
@@ -240,7 +252,7 @@ class ChangeLog:
 
     def needs_compaction(self) -> bool:
         """True when most of the journal is superseded records."""
-        live = len(self.edits) + len(self.uploads) + 2
+        live = len(self.edits) + len(self._uploads) + len(self._packs) + 2
         return self._records > 1000 and self._records > 4 * live
 
     def close(self) -> None:

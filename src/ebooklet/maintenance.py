@@ -948,7 +948,7 @@ def _relayout(
             return
         fetched = {(e.pack, e.offset): raw for _, e, raw in remote.fetch_values(batch)}
         items = [(v.key, fetched[(v.entry.pack, v.entry.offset)], v.entry.md5, v.entry.timestamp) for v in batch]
-        for v, (_, new) in zip(batch, remote.upload_pack(items), strict=True):
+        for v, (_, new) in zip(batch, remote.upload_pack(items).located, strict=True):
             moved[(v.entry.pack, v.entry.offset)] = new
         result.bytes_written += size
         batch, size = [], 0

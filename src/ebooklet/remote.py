@@ -310,10 +310,10 @@ class RemoteIndex:
 
     # ------------------------------------------------------------ uploads
 
-    def upload_pack(self, items: Sequence[tuple[bytes, bytes, bytes, int]]) -> list[tuple[bytes, Entry]]:
+    def upload_pack(self, items: Sequence[tuple[bytes, bytes, bytes, int]]) -> PackUpload:
         """Upload ``(key, value, md5, timestamp)`` items as one new pack.
 
-        Returns each key's new :class:`Entry`. A large value (over :data:`PART_SIZE`)
+        Returns the pack and each key's new :class:`Entry`. A large value (over :data:`PART_SIZE`)
         alone goes up as :meth:`upload_large` sends it; a pack of small values (at most
         ``PACK_SIZE`` plus one value) is one PUT, even when its footer takes it past
         ``PART_SIZE``.
@@ -324,18 +324,18 @@ class RemoteIndex:
             return self.upload_large(key, value, ts, hashlib.md5(value, usedforsecurity=False))
         pack = fmt.new_id()
         located: list[tuple[bytes, Entry]] = []
-        footer_items: list[fmt.PackItem] = []
+        footer_items: list[tuple[bytes, bytes, int, int, int]] = []
         offset = 0
         for key, value, md5_, ts in items:
             located.append((key, Entry(md5_, ts, pack, offset, len(value))))
-            footer_items.append(fmt.PackItem(key, md5_, ts, offset, len(value)))
+            footer_items.append((key, md5_, ts, offset, len(value)))
             offset += len(value)
         footer = fmt.encode_pack_footer(footer_items)
         self.conn.put(fmt.pack_name(pack), b"".join([v for _, v, _, _ in items] + [footer]))
-        return located
+        return PackUpload(pack, footer, located)
 
-    def upload_large(self, key: bytes, value: bytes, ts: int, hashed: Any) -> list[tuple[bytes, Entry]]:
-        """Upload one large value as a pack of its own; returns its new :class:`Entry`.
+    def upload_large(self, key: bytes, value: bytes, ts: int, hashed: Any) -> PackUpload:
+        """Upload one large value as a pack of its own; returns it with its new :class:`Entry`.
 
         ``hashed`` is the ``hashlib.md5`` state after ``value`` (the caller hashed it to
         learn its md5); the pack's ``Content-MD5`` carries it on over the footer, so the
@@ -345,7 +345,7 @@ class RemoteIndex:
         self._require_conn()
         m = hashed.digest()
         pack = fmt.new_id()
-        footer = fmt.encode_pack_footer([fmt.PackItem(key, m, ts, 0, len(value))])
+        footer = fmt.encode_pack_footer([(key, m, ts, 0, len(value))])
         name = fmt.pack_name(pack)
         if len(value) + len(footer) <= PUT_MAX:
             whole = hashed.copy()
@@ -353,7 +353,7 @@ class RemoteIndex:
             self.conn.put(name, [value, footer], content_md5=whole.digest())
         else:
             self.conn.put_multipart(name, _parts(value, footer))
-        return [(key, Entry(m, ts, pack, 0, len(value)))]
+        return PackUpload(pack, footer, [(key, Entry(m, ts, pack, 0, len(value)))])
 
     def upload_shard(self, commit_id: str, number: int, entries: dict[bytes, Entry]) -> str:
         """Upload one index shard for ``commit_id``; returns its object suffix."""
@@ -416,6 +416,15 @@ class _MissingShard:
 
 MISSING_SHARD: Any = _MissingShard()
 """Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local."""
+
+
+class PackUpload(NamedTuple):
+    """A pack just uploaded: its id, its footer (trailer included) and where each of its
+    values now lies."""
+
+    pack: bytes
+    footer: bytes
+    located: list[tuple[bytes, Entry]]
 
 
 class _Range(NamedTuple):
