@@ -435,31 +435,36 @@ class _Range(NamedTuple):
 
 
 def plan_ranges(wanted: Iterable[tuple[bytes, Entry]]) -> list[_Range]:
-    """Group wanted values into as few range GETs as sensible (same pack, close by)."""
+    """Group wanted values into as few range GETs as sensible (same pack, close by); a
+    value over :data:`PART_SIZE` is a range of its own."""
     by_pack: dict[bytes, list[tuple[bytes, Entry]]] = {}
-    for key, entry in wanted:
-        by_pack.setdefault(entry.pack, []).append((key, entry))
+    for item in wanted:
+        by_pack.setdefault(item[1].pack, []).append(item)
     ranges = []
     for pack, items in by_pack.items():
-        items.sort(key=lambda item: item[1].offset)
+        items.sort(key=_offset)
         current: list[tuple[bytes, Entry]] = []
         start = end = 0
-        for key, entry in items:
+        alone = False  # the current range is one large value
+        for item in items:
+            _, _, _, offset, length = item[1]
             if current and (
-                entry.offset - end > RANGE_GAP
-                or entry.offset + entry.length - start > RANGE_MAX
-                or entry.length > PART_SIZE
-                or current[0][1].length > PART_SIZE
+                alone or length > PART_SIZE or offset - end > RANGE_GAP or offset + length - start > RANGE_MAX
             ):
                 ranges.append(_Range(pack, start, end - start, current))
                 current = []
             if not current:
-                start = entry.offset
-            current.append((key, entry))
-            end = max(end, entry.offset + entry.length)
+                start, alone = offset, length > PART_SIZE
+            current.append(item)
+            if offset + length > end:
+                end = offset + length
         if current:
             ranges.append(_Range(pack, start, end - start, current))
     return ranges
+
+
+def _offset(item: tuple[bytes, Entry]) -> int:
+    return item[1].offset
 
 
 def _buffer_for(free: list[bytearray], length: int) -> bytearray:
