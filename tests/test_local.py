@@ -56,7 +56,11 @@ def _write(path: Path, by_append: bool, n_buckets: int) -> None:
 
 
 @pytest.mark.parametrize("n_buckets", [11, 12007])  # 11: long chains, and booklet regrows its index
-def test_appended_records_make_the_same_file_as_booklet_set(tmp_path: Path, n_buckets: int) -> None:
+@pytest.mark.parametrize("write_size", [ebooklet.local.WRITE_SIZE, 10_000])  # one write, many
+def test_appended_records_make_the_same_file_as_booklet_set(
+    tmp_path: Path, n_buckets: int, write_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ebooklet.local, "WRITE_SIZE", write_size)
     by_set, by_append = tmp_path / "set.blt", tmp_path / "append.blt"
     _write(by_set, by_append=False, n_buckets=n_buckets)
     _write(by_append, by_append=True, n_buckets=n_buckets)

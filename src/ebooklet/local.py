@@ -470,44 +470,44 @@ def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview,
     ``booklet.set`` costs about 12 µs a record: it builds each record by joining bytes,
     asks the file for its end, copies the record into its write buffer (a large value
     twice, 50 ms for 32 MiB), and links it into the index with a seek and a read or
-    write per step. Here the records are laid out in one buffer (a value over
-    :data:`COPY_MAX` is written from where it is) and written by one ``writev``, then
-    linked by :func:`_link_records`. This follows booklet 0.12's file layout and
+    write per step. Here the records are laid out in a buffer written
+    :data:`WRITE_SIZE` at a time (a value over :data:`COPY_MAX` is written from where
+    it is, with ``writev``), then linked by :func:`_link_records`. This follows booklet 0.12's file layout and
     private attributes (booklet is pinned to 0.12 in pyproject.toml);
     ``tests/test_local.py`` checks that both ways write identical files.
     """
     ts_len = book._ts_bytes_len
-    buffers: list[bytes | bytearray | memoryview] = []
-    body = bytearray()
-    links: list[tuple[bytes, int]] = []  # (key hash, position relative to the first record)
-    at = 0
-    for key, value, timestamp in records:
-        key_hash = blake2s(key, digest_size=_HASH_LEN).digest()  # booklet's utils.hash_key
-        links.append((key_hash, at))
-        at += _RECORD_HEAD.size + ts_len + len(key) + len(value)
-        body += _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
-        if ts_len:
-            if type(timestamp) is not int:
-                timestamp = booklet.utils.make_timestamp_int(timestamp)
-            body += timestamp.to_bytes(ts_len, "little")
-        body += key
-        if len(value) > COPY_MAX:
-            buffers += (body, value)
-            body = bytearray()
-        else:
-            body += value
-    buffers.append(body)
+    links: list[tuple[bytes, int]] = []  # (key hash, position of the record)
     with book._thread_lock:
         book._mutation_count += 1
         file = book._file
-        start = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
+        position = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
         if book._buffer_index:  # keys booklet buffered go first, as set() keeps the order
             book._n_keys += booklet.utils.update_index(
                 file, book._buffer_index, book._buffer_index_set, book._n_buckets, book._index_offset
             )
-        file.seek(start)
-        _write_all(file.fileno(), buffers)
-        book._n_keys += _link_records(book, [(key_hash, start + at) for key_hash, at in links])
+        file.seek(position)
+        body = bytearray()
+        for key, value, timestamp in records:
+            key_hash = blake2s(key, digest_size=_HASH_LEN).digest()  # booklet's utils.hash_key
+            links.append((key_hash, position))
+            position += _RECORD_HEAD.size + ts_len + len(key) + len(value)
+            body += _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
+            if ts_len:
+                if type(timestamp) is not int:
+                    timestamp = booklet.utils.make_timestamp_int(timestamp)
+                body += timestamp.to_bytes(ts_len, "little")
+            body += key
+            if len(value) > COPY_MAX:
+                _write_all(file.fileno(), [body, value])
+                body = bytearray()
+                continue
+            body += value
+            if len(body) >= WRITE_SIZE:
+                _write_all(file.fileno(), [body])
+                body = bytearray()
+        _write_all(file.fileno(), [body])
+        book._n_keys += _link_records(book, links)
         file.seek(book._n_keys_pos)
         file.write(book._n_keys.to_bytes(4, "little"))
     book.sync()  # booklet grows its index here when the keys outnumber its buckets
@@ -584,8 +584,10 @@ _NO_NEXT_BLOCK = (1).to_bytes(booklet.utils.n_bytes_file, "little")  # the end o
 _DELETED = bytes(booklet.utils.n_bytes_file)  # the next-record position of a deleted record
 _RECORD_LENGTHS = struct.Struct(f"<{_HASH_LEN}x{booklet.utils.n_bytes_file}sHI")
 
-#: :func:`append_records` copies values up to this size into its write buffer.
+#: :func:`append_records` copies values up to this size into its write buffer, and
+#: writes that buffer whenever it holds this much.
 COPY_MAX = 1 << 20
+WRITE_SIZE = 8 << 20
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
 
