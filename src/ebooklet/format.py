@@ -108,14 +108,10 @@ def shards_needed(n_keys: int, per_shard: int) -> int:
 
 def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
     """Serialize one index shard (``key -> Entry``), keys sorted, md5-terminated."""
-    keys = sorted(entries)
-    records = bytearray(_HEADER.pack(SHARD_MAGIC, len(keys)))
+    records = bytearray(_HEADER.pack(SHARD_MAGIC, len(entries)))
     blob = bytearray()
-    for key in keys:
-        e = entries[key]
-        records += _SHARD_RECORD.pack(
-            e.md5, e.timestamp, e.pack, e.offset, e.length, len(blob), len(key)
-        )
+    for key, (md5_, timestamp, pack, offset, length) in sorted(entries.items()):
+        records += _SHARD_RECORD.pack(md5_, timestamp, pack, offset, length, len(blob), len(key))
         blob += key
     body = bytes(records + blob)
     return body + md5(body)
