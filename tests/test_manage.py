@@ -670,6 +670,36 @@ def test_vacuum_rewrites_mostly_dead_packs_and_relays_kept_commits(
     assert report.ok and report.orphans == []
 
 
+def test_copies_opened_before_a_vacuum_read_the_values_it_moved(
+    conn: Any, db_key: str, s3_server: Any, reader: Any, tmp_path: Path
+) -> None:
+    """vacuum(keep=1) rewrites a mostly dead pack and the index, then deletes the old
+    ones: copies that read the manifest before find every value where it lies now, key
+    by key or all at once, without reopening. A pack deleted behind ebooklet's back is
+    still an error."""
+    path = tmp_path / "w.blt"
+    old = {f"k{i}": f"old-{i}-{uuid.uuid4().hex}" * 40 for i in range(10)}
+    push(conn, path, old, message="one")
+    push(conn, path, {f"k{i}": f"new {i}" for i in range(1, 10)}, message="two")
+    expected = {"k0": old["k0"], **{f"k{i}": f"new {i}" for i in range(1, 10)}}
+    with (
+        ebooklet.open(reader(), tmp_path / "one.blt") as one_by_one,
+        ebooklet.open(reader(), tmp_path / "all.blt") as all_at_once,
+    ):
+        assert one_by_one["k5"] == "new 5"  # its index shard is local now
+        with ebooklet.open(conn, path, "w") as db:
+            assert db.vacuum(keep=1).packs_rewritten == 1
+        assert one_by_one["k0"] == old["k0"]  # from the rewritten pack
+        assert dict(all_at_once.items()) == expected
+    assert ebooklet.check(conn).ok
+    with ebooklet.open(reader(), tmp_path / "late.blt") as late:
+        assert late["k5"] == "new 5"
+        pack = fmt.pack_name(late._remote.entry(late._key("k1")).pack)
+        s3_server.client().delete_object(Bucket=s3_server.bucket, Key=db_key + pack)
+        with pytest.raises(RemoteNotFoundError):
+            late["k1"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [

@@ -8,10 +8,10 @@ import os
 import threading
 import uuid
 import warnings
-from collections.abc import Collection, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, MutableMapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import booklet
 from booklet import serializers as bk_serializers
@@ -41,6 +41,7 @@ from .local import (
 from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
 
 logger = logging.getLogger("ebooklet")
+_T = TypeVar("_T")
 
 FLAGS = ("r", "w", "c", "n")
 _CHUNK = 1000
@@ -327,9 +328,21 @@ class EBooklet(MutableMapping):
         if self.offline or self._conn is None:
             return self._remote.entry(kb, fetch=False)
         try:
-            return self._remote.entry(kb)
+            return self._indexed(lambda: self._remote.entry(kb))
         except OfflineError:
             return self._remote.entry(kb, fetch=False)
+
+    def _indexed(self, lookup: Callable[[], _T]) -> _T:
+        """``lookup()`` in the remote index; when one of its shards is gone because the
+        remote moved on since this copy read its manifest (``vacuum()`` rewrites the
+        index), once more after taking the new manifest."""
+        try:
+            return lookup()
+        except RemoteNotFoundError:
+            with self._rlock:
+                if not self._refresh():
+                    raise
+            return lookup()
 
     def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
@@ -421,10 +434,30 @@ class EBooklet(MutableMapping):
             return cached
         if cached is not None and cached[0] == entry.timestamp and len(cached[1]) == entry.length:
             return cached
+        try:
+            return self._download_one(kb, entry)
+        except RemoteNotFoundError:
+            moved = self._moved([(kb, entry)])
+            if moved is None:
+                raise
+            return self._download_one(*moved[0]) if moved else None
+
+    def _download_one(self, kb: bytes, entry: Entry) -> tuple[int, bytes] | None:
         for _, e, raw in self._remote.fetch_values([(kb, entry)]):
             self._cache_fetched([(kb, raw, e.timestamp)])
             return e.timestamp, raw
         return None
+
+    def _moved(self, wanted: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]] | None:
+        """After a pack of ``wanted`` was not found: their current entries (keys deleted
+        since left out) when the remote moved them since this copy read its manifest,
+        as ``vacuum()`` does when it rewrites packs; ``None`` when nothing moved."""
+        with self._rlock:
+            self._refresh()
+            current = self._remote.entries([kb for kb, _ in wanted])
+        if all(current[kb] == entry for kb, entry in wanted):
+            return None
+        return [(kb, e) for kb, e in current.items() if e is not None]
 
     def __getitem__(self, key: Any) -> Any:
         value = self._lookup(key, _ABSENT)
@@ -559,7 +592,8 @@ class EBooklet(MutableMapping):
         replaced)."""
         if self._log.replace or not self._remote.exists:
             return {}
-        return {kb: e for kb, e in self._remote.iter_entries() if kb not in edits}
+        entries = self._indexed(lambda: list(self._remote.iter_entries()))
+        return {kb: e for kb, e in entries if kb not in edits}
 
     def _decoded(
         self, kbs: Iterable[bytes], fetched: dict[bytes, bytes | None]
@@ -607,9 +641,9 @@ class EBooklet(MutableMapping):
             return {}
         kbs = [self._key(k) for k in keys] if keys is not None else None
         if kbs is None:
-            candidates = list(self._remote.iter_entries())
+            candidates = self._indexed(lambda: list(self._remote.iter_entries()))
         else:
-            entries = self._remote.entries(kbs)
+            entries = self._indexed(lambda: self._remote.entries(kbs))
             candidates = [(kb, e) for kb, e in entries.items() if e is not None]
         edits = self._log.edits
         return self._fetch(self._stale([(kb, e) for kb, e in candidates if kb not in edits]), keep)
@@ -632,9 +666,19 @@ class EBooklet(MutableMapping):
     def _fetch(self, wanted: list[tuple[bytes, Entry]], keep: bool = True) -> dict[bytes, bytes | None]:
         """Download ``wanted`` values into the data file; returns them by encoded key
         (a large value as ``None``: it is only read back from the data file; every
-        value without ``keep``).
+        value without ``keep``). When a pack is gone because the remote moved the values
+        (a vacuum), the manifest is refreshed and the rest downloaded from where they
+        lie now."""
+        try:
+            return self._download(wanted, keep)
+        except RemoteNotFoundError:
+            moved = self._moved(wanted)
+            if moved is None:
+                raise
+            return self._download(self._stale(moved), keep)  # those cached already are not fetched again
 
-        Values are written to the data file in batches of about :data:`_CHUNK_BYTES`
+    def _download(self, wanted: list[tuple[bytes, Entry]], keep: bool) -> dict[bytes, bytes | None]:
+        """:meth:`_fetch` without the retry. Values are written to the data file in batches of about :data:`_CHUNK_BYTES`
         (one write each, see :func:`local.append_records`), a large one on its own.
         """
         fetched: dict[bytes, bytes | None] = {}
