@@ -253,6 +253,44 @@ def test_unencodable_key_or_value_writes_nothing(
     assert read_back(conn, tmp_path / "fresh") == values
 
 
+LONG_KEY = "k" * 70_000  # keys are at most 65,535 bytes in the local file
+NAIVE = datetime.datetime(2024, 1, 1)  # no timezone
+BAD_ARGUMENTS = {
+    "key too long": (lambda db: db.__setitem__(LONG_KEY, 1), ValueError, "at most"),
+    "update with one key too long": (lambda db: db.update({"good": 1, LONG_KEY: 2}), ValueError, "at most"),
+    "naive datetime": (lambda db: db.set("new", 1, timestamp=NAIVE), ValueError, "timezone"),
+    "ISO string without zone": (lambda db: db.set("new", 1, timestamp="2024-01-01T00:00"), ValueError, "timezone"),
+    "negative timestamp": (lambda db: db.set("new", 1, timestamp=-1), ValueError, "range"),
+    "float timestamp": (lambda db: db.set("new", 1, timestamp=1.5), TypeError, "timestamp"),
+    "set_timestamp naive": (lambda db: db.set_timestamp("k1", NAIVE), ValueError, "timezone"),
+}
+
+
+@pytest.mark.parametrize(("write", "error", "word"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_key_length_or_timestamp_writes_nothing(
+    conn: Any, tmp_path: Path, write: Callable, error: type, word: str
+) -> None:
+    values = seed(conn, tmp_path / "db", serializer="json")
+    with ebooklet.open(conn, tmp_path / "db", "w") as db:
+        stamp = db.get_timestamp("k1")
+        with pytest.raises(error, match=word) as info:
+            write(db)
+        assert len(str(info.value)) < 300  # the long key is not spelt out
+        assert "new" not in db and "good" not in db and LONG_KEY not in db
+        assert db["k1"] == values["k1"] and db.get_timestamp("k1") == stamp
+        assert list(db.changes().iter_changes()) == []
+
+
+def test_a_value_too_long_for_the_local_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ebooklet.ebooklet, "VALUE_MAX", 100)  # 4 GiB - 1 byte in truth
+    with ebooklet.open(None, tmp_path / "db", "n", value_serializer="bytes") as db:
+        with pytest.raises(ValueError, match="Split it"):
+            db["big"] = b"x" * 101
+        db["small"] = b"x" * 100
+        assert list(db.keys()) == ["small"]
+        assert [c.key for c in db.changes().iter_changes()] == ["small"]
+
+
 # --------------------------------------------------------------------------- local damage
 
 

@@ -140,3 +140,61 @@ def test_scan_stops_when_the_file_is_written_meanwhile(tmp_path: Path) -> None:
         book[b"new"] = b"v"
         with pytest.raises(RuntimeError, match="written to during a scan"):
             list(records)
+
+
+def test_a_refused_record_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """append_records writes all of its records or none: a bad timestamp after a large
+    value (written on its own) refuses the batch before anything reaches the file."""
+    import datetime
+
+    path = tmp_path / "db.blt"
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        book.set(b"before", b"b", timestamp=TS)
+        book.sync()
+        size = path.stat().st_size
+        batch = [(b"big", b"B" * (2 << 20), TS), (b"bad", b"x", datetime.datetime(2024, 1, 1))]
+        with pytest.raises(ValueError):
+            append_records(book, batch)
+        assert path.stat().st_size == size
+        assert list(book.keys()) == [b"before"]
+    with booklet.open(str(path), "r") as book:
+        assert dict(book.items()) == {b"before": b"b"}
+
+
+def test_scan_of_a_file_cleared_meanwhile_stops_like_booklet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebooklet.local import scan
+
+    monkeypatch.setattr(ebooklet.local, "SCAN_BUFFER", 16)  # a read for every record
+    path = tmp_path / "db.blt"
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        append_records(book, [(b"k%d" % i, b"v" * 100, TS) for i in range(10)])
+        records = scan(book, path)
+        next(records)
+        book.clear()
+        with pytest.raises(RuntimeError, match="written to during a scan"):
+            list(records)
+
+
+def test_journaled_packs_are_read_back_and_a_damaged_one_is_skipped(tmp_path: Path) -> None:
+    """A push's uploaded packs are journaled as their footers; reopened, the journal knows
+    every value in them. A footer that fails its checksum is skipped (its values are
+    uploaded again by the next push), not an error at every push."""
+    from ebooklet import format as fmt
+    from ebooklet.local import ChangeLog
+
+    items = [(b"k%d" % i, fmt.md5(b"v%d" % i), TS + i, 10 * i, 10) for i in range(3)]
+    good, bad = fmt.encode_pack_footer(items), bytearray(fmt.encode_pack_footer(items[:1]))
+    bad[20] ^= 0xFF
+    log = ChangeLog(tmp_path / "db.local_hash")
+    log.record_pack(b"P" * 16, good)
+    log.record_pack(b"Q" * 16, bytes(bad))
+    log.close()
+    reopened = ChangeLog(tmp_path / "db.local_hash")
+    expected = {m: (b"P" * 16, offset, length, ts) for _, m, ts, offset, length in items}
+    assert {m: tuple(up) for m, up in reopened.uploads.items()} == expected
+    assert {m: tuple(up) for m, up in reopened.uploads.items()} == expected  # asked again
+    reopened.compact()
+    reopened.close()
+    assert {m: tuple(up) for m, up in ChangeLog(tmp_path / "db.local_hash").uploads.items()} == expected

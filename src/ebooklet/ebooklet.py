@@ -669,19 +669,22 @@ class EBooklet(MutableMapping):
         value without ``keep``). When a pack is gone because the remote moved the values
         (a vacuum), the manifest is refreshed and the rest downloaded from where they
         lie now."""
+        fetched: dict[bytes, bytes | None] = {}
         try:
-            return self._download(wanted, keep)
+            self._download(wanted, keep, fetched)
         except RemoteNotFoundError:
             moved = self._moved(wanted)
             if moved is None:
                 raise
-            return self._download(self._stale(moved), keep)  # those cached already are not fetched again
+            self._download(self._stale(moved), keep, fetched)  # those cached already stay
+        return fetched
 
-    def _download(self, wanted: list[tuple[bytes, Entry]], keep: bool) -> dict[bytes, bytes | None]:
-        """:meth:`_fetch` without the retry. Values are written to the data file in batches of about :data:`_CHUNK_BYTES`
-        (one write each, see :func:`local.append_records`), a large one on its own.
-        """
-        fetched: dict[bytes, bytes | None] = {}
+    def _download(
+        self, wanted: list[tuple[bytes, Entry]], keep: bool, fetched: dict[bytes, bytes | None]
+    ) -> None:
+        """:meth:`_fetch` without the retry, into ``fetched``. Values are written to the
+        data file in batches of about :data:`_CHUNK_BYTES` (one write each, see
+        :func:`local.append_records`), a large one on its own."""
         batch: list[tuple[bytes, bytes | memoryview, int]] = []
         size = 0
         try:
@@ -698,7 +701,6 @@ class EBooklet(MutableMapping):
                     batch, size = [], 0
         finally:  # what was downloaded and verified is kept, even if a later value fails
             self._cache_fetched(batch)
-        return fetched
 
     def _cache_fetched(self, records: list[tuple[bytes, bytes | memoryview, int]]) -> None:
         """Write downloaded ``(encoded key, value, timestamp)`` records to the data file,
@@ -730,6 +732,8 @@ class EBooklet(MutableMapping):
         self._check_writable()
         kb = self._key(key)
         raw = self._value(value)
+        _check_sizes(key, kb, raw)
+        timestamp = _timestamp(timestamp)
         with self._rlock:
             self._log.record_edits([(kb, fmt.md5(raw), self._base(kb))])
             self._store(key, raw, timestamp)
@@ -742,6 +746,8 @@ class EBooklet(MutableMapping):
         self._check_writable()
         pairs = dict(*args, **kwargs)
         encoded = [(key, self._key(key), self._value(value)) for key, value in pairs.items()]
+        for key, kb, raw in encoded:  # all or nothing: nothing is journaled before this
+            _check_sizes(key, kb, raw)
         with self._rlock:
             self._log.record_edits((kb, fmt.md5(raw), self._base(kb)) for _, kb, raw in encoded)
             append_records(self._data, [(kb, raw, None) for _, kb, raw in encoded])
@@ -796,6 +802,7 @@ class EBooklet(MutableMapping):
     def set_timestamp(self, key: Any, timestamp: int | str | datetime) -> None:
         """Change the timestamp of ``key`` (makes it a local edit)."""
         self._check_writable()
+        timestamp = _timestamp(timestamp)
         found = self._raw(key)
         if found is None:
             raise KeyError(key)
@@ -1048,6 +1055,46 @@ class EBooklet(MutableMapping):
         from . import maintenance
 
         return maintenance.vacuum(self, keep, older_than, rewrite_below, purge)
+
+
+#: booklet keeps a key's length in 2 bytes and a value's in 4.
+KEY_MAX = (1 << 16) - 1
+VALUE_MAX = (1 << 32) - 1
+
+
+def _check_sizes(key: Any, kb: bytes, raw: bytes) -> None:
+    """Refuse an encoded key or value too long for the local file (``ValueError``)."""
+    if len(kb) > KEY_MAX:
+        raise ValueError(
+            f"Key {key!r:.60} is {len(kb):,} bytes once encoded; keys can be at most "
+            f"{KEY_MAX:,} bytes. Use a shorter key (a hash of it, for instance)."
+        )
+    if len(raw) > VALUE_MAX:
+        raise ValueError(
+            f"The value of key {key!r:.60} is {len(raw):,} bytes once encoded; values can "
+            f"be at most {VALUE_MAX:,} bytes. Split it over several keys."
+        )
+
+
+def _timestamp(timestamp: Any) -> int | None:
+    """A timestamp in µs since the epoch from what ``set`` accepts (``None`` stays
+    ``None``: now, when written); refused before anything is journaled."""
+    if timestamp is None:
+        return None
+    try:
+        value = booklet.utils.make_timestamp_int(timestamp)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(
+            f"Bad timestamp {timestamp!r}: give microseconds since the epoch (int), an ISO "
+            "8601 string with a timezone, or a datetime with a timezone."
+        ) from None
+    if not 0 <= value < TIMESTAMP_END:
+        raise ValueError(f"Timestamp {timestamp!r} is out of range: 0 <= µs since the epoch < 2**56.")
+    return value
+
+
+#: booklet keeps timestamps in 7 bytes.
+TIMESTAMP_END = 1 << 56
 
 
 def _byte_chunks(wanted: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:

@@ -187,7 +187,11 @@ class ChangeLog:
         """md5 -> where a value lies that a push uploaded but did not commit (yet)."""
         with self._lock:
             for pack, footer in self._packs:
-                for item in decode_pack_footer(footer[:-PACK_TRAILER_SIZE]):
+                try:
+                    items = decode_pack_footer(footer[:-PACK_TRAILER_SIZE])
+                except IntegrityError:  # a damaged record: its values are uploaded again
+                    continue
+                for item in items:
                     self._uploads[item.md5] = Upload(pack, item.offset, item.length, item.timestamp)
             self._packs.clear()
             return self._uploads
@@ -417,6 +421,10 @@ def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
                 if book._mutation_count != mutations:
                     raise RuntimeError(f"{path} was written to during a scan.")
                 yield record
+    except Exception:
+        if book._mutation_count != mutations:  # e.g. cleared or pruned under the reader
+            raise RuntimeError(f"{path} was written to during a scan.") from None
+        raise
     finally:
         reader.close()
 
@@ -431,7 +439,7 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
     reader.seek(start)
     while position < end:
         if len(data) - at < head_size:
-            data, at = data[at:] + reader.read(SCAN_BUFFER), 0
+            data, at = data[at:] + reader.read(SCAN_BUFFER + head_size), 0
         next_block, key_len, value_len = unpack(data, at)
         key_at = at + head_size + ts_len
         value_at = key_at + key_len
@@ -465,52 +473,72 @@ SCAN_BUFFER = 1 << 20
 def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview, Any]]) -> None:
     """Append ``(encoded key, encoded value, timestamp)`` records to the booklet file
     ``book``, byte for byte as ``book.set(key, value, timestamp, encode_value=False)``
-    for each, in order, then ``book.sync()``, would.
+    for each, in order, then ``book.sync()``, would; all of them or, when one is
+    refused or the write fails, none.
 
     ``booklet.set`` costs about 12 µs a record: it builds each record by joining bytes,
     asks the file for its end, copies the record into its write buffer (a large value
     twice, 50 ms for 32 MiB), and links it into the index with a seek and a read or
-    write per step. Here the records are laid out in a buffer written
-    :data:`WRITE_SIZE` at a time (a value over :data:`COPY_MAX` is written from where
-    it is, with ``writev``), then linked by :func:`_link_records`. This follows booklet 0.12's file layout and
-    private attributes (booklet is pinned to 0.12 in pyproject.toml);
-    ``tests/test_local.py`` checks that both ways write identical files.
+    write per step. Here the records' heads are made first (a key or value too long
+    for booklet, or a bad timestamp, is refused before anything is written), then laid
+    out in a buffer written :data:`WRITE_SIZE` at a time (a value over :data:`COPY_MAX`
+    is written from where it is, with ``writev``), then linked by :func:`_link_records`.
+    This follows booklet 0.12's file layout and private attributes (booklet is pinned to
+    0.12 in pyproject.toml); ``tests/test_local.py`` checks that both ways write
+    identical files.
     """
     ts_len = book._ts_bytes_len
-    links: list[tuple[bytes, int]] = []  # (key hash, position of the record)
+    heads: list[tuple[bytes, bytes, bytes | memoryview]] = []  # (key hash, head + key, value)
+    for key, value, timestamp in records:
+        key_hash = blake2s(key, digest_size=_HASH_LEN).digest()  # booklet's utils.hash_key
+        head = _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
+        if ts_len:
+            if type(timestamp) is not int:
+                timestamp = booklet.utils.make_timestamp_int(timestamp)
+            head += timestamp.to_bytes(ts_len, "little")
+        heads.append((key_hash, head + key, value))
+    if not heads:
+        return
     with book._thread_lock:
         book._mutation_count += 1
         file = book._file
-        position = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
+        start = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
         if book._buffer_index:  # keys booklet buffered go first, as set() keeps the order
             book._n_keys += booklet.utils.update_index(
                 file, book._buffer_index, book._buffer_index_set, book._n_buckets, book._index_offset
             )
-        file.seek(position)
-        body = bytearray()
-        for key, value, timestamp in records:
-            key_hash = blake2s(key, digest_size=_HASH_LEN).digest()  # booklet's utils.hash_key
-            links.append((key_hash, position))
-            position += _RECORD_HEAD.size + ts_len + len(key) + len(value)
-            body += _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
-            if ts_len:
-                if type(timestamp) is not int:
-                    timestamp = booklet.utils.make_timestamp_int(timestamp)
-                body += timestamp.to_bytes(ts_len, "little")
-            body += key
-            if len(value) > COPY_MAX:
-                _write_all(file.fileno(), [body, value])
-                body = bytearray()
-                continue
-            body += value
-            if len(body) >= WRITE_SIZE:
-                _write_all(file.fileno(), [body])
-                body = bytearray()
-        _write_all(file.fileno(), [body])
+        file.seek(start)
+        try:
+            links = _write_records(file.fileno(), start, heads)
+        except BaseException:
+            os.ftruncate(file.fileno(), start)  # no record may stay in the file unindexed
+            raise
         book._n_keys += _link_records(book, links)
         file.seek(book._n_keys_pos)
         file.write(book._n_keys.to_bytes(4, "little"))
-    book.sync()  # booklet grows its index here when the keys outnumber its buckets
+        book._check_auto_reindex()  # booklet checks twice, in _sync_index and in sync
+    book.sync()
+
+
+def _write_records(fd: int, position: int, heads: list[tuple[bytes, bytes, Any]]) -> list[tuple[bytes, int]]:
+    """Write the records at ``fd``'s position (``position``); returns each one's key
+    hash and position."""
+    links = []
+    body = bytearray()
+    for key_hash, head, value in heads:
+        links.append((key_hash, position))
+        position += len(head) + len(value)
+        body += head
+        if len(value) > COPY_MAX:
+            _write_all(fd, [body, value])
+            body = bytearray()
+            continue
+        body += value
+        if len(body) >= WRITE_SIZE:
+            _write_all(fd, [body])
+            body = bytearray()
+    _write_all(fd, [body])
+    return links
 
 
 def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
