@@ -198,3 +198,28 @@ def test_journaled_packs_are_read_back_and_a_damaged_one_is_skipped(tmp_path: Pa
     reopened.compact()
     reopened.close()
     assert {m: tuple(up) for m, up in ChangeLog(tmp_path / "db.local_hash").uploads.items()} == expected
+
+
+def test_scan_skips_a_record_cut_short_by_a_killed_write(tmp_path: Path) -> None:
+    """A process killed while appending leaves a torn record at the end of the file; a
+    scan (what a push reads its values from) must not take its truncated value."""
+    from ebooklet.local import scan
+
+    path = tmp_path / "db.blt"
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        append_records(book, [(b"whole", b"w" * 100, TS)])
+        size = path.stat().st_size
+    with open(path, "ab") as f:  # what a write of b"torn" -> 3 MiB got to before the kill
+        f.write(append_head(b"torn", 3 << 20) + b"t" * 1000)
+    with booklet.open(str(path), "w", key_serializer="bytes", value_serializer="bytes") as book:
+        assert path.stat().st_size > size
+        assert [(k, len(v)) for k, _, v in scan(book, path)] == [(b"whole", 100)]
+        assert [k for k, _ in scan(book, path, include_value=False)] == [b"whole"]
+
+
+def append_head(key: bytes, value_len: int) -> bytes:
+    """booklet's record head for ``key`` and a value of ``value_len`` bytes, then the key."""
+    from ebooklet.local import _NO_NEXT_BLOCK, _RECORD_HEAD
+
+    head = _RECORD_HEAD.pack(booklet.utils.hash_key(key), _NO_NEXT_BLOCK, len(key), value_len)
+    return head + TS.to_bytes(7, "little") + key

@@ -432,15 +432,19 @@ def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
 def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool) -> Iterator[tuple]:
     """The live records of booklet's data between ``start`` and ``end`` (see
     :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position. A value
-    that is not in the buffer already is read on its own, into one new bytes object."""
+    that is not in the buffer already is read on its own, into one new bytes object.
+    A record cut short by the end (a write killed midway) is not one."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
     unpack = _RECORD_LENGTHS.unpack_from
     data, at, position = b"", 0, start
     reader.seek(start)
-    while position < end:
+    while position + head_size <= end:
         if len(data) - at < head_size:
             data, at = data[at:] + reader.read(SCAN_BUFFER + head_size), 0
         next_block, key_len, value_len = unpack(data, at)
+        size = head_size + ts_len + key_len + value_len
+        if position + size > end:
+            return
         key_at = at + head_size + ts_len
         value_at = key_at + key_len
         if len(data) < value_at:
@@ -457,7 +461,6 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
         if live:
             ts = int.from_bytes(data[at + head_size : key_at], "little")
             yield (key, ts, value) if include_value else (key, ts)
-        size = value_at - at + value_len
         position += size
         if len(data) >= at + size:
             at += size
