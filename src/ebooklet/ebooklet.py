@@ -32,9 +32,12 @@ from .format import Entry
 from .local import (
     UNKNOWN_MD5,
     ChangeLog,
+    Edit,
     IndexMirror,
     LocalMeta,
     append_records,
+    data_changed_from,
+    data_state,
     local_paths,
     scan,
 )
@@ -112,6 +115,7 @@ class EBooklet(MutableMapping):
         self._closed = True
         self._lock: RemoteLock | None = None
         self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
+        self._found_unsaved = False  # edits found in the data file that only memory holds
         data_path, log_path, mirror_path, meta_path = local_paths(self.path)
         # The index mirror is opened first: its file lock keeps other processes off
         # the whole set of local files while this open decides what to do with them.
@@ -124,6 +128,9 @@ class EBooklet(MutableMapping):
             local_exists = data_path.exists() and not fresh
             if not fresh:
                 self._check_same_remote(conn)
+            # Values cached in the data file came from this manifest (see _record_data_state).
+            cached_from = self._remote.manifest
+            self._written_outside = local_exists and _stat_changed(data_path, self._meta.data_state)
             self._refresh_at_open(flag, local_exists)
             if commit is not None:
                 from .maintenance import pin_commit
@@ -145,13 +152,16 @@ class EBooklet(MutableMapping):
             if not local_exists and flag != "n":
                 self._forget_lost_values()
             self._closed = False
+            if local_exists:
+                self._reconcile_at_open(cached_from)
             self._meta.data.setdefault("uuid", uuid.uuid4().hex)
-            self._meta.save(
+            self._meta.data.update(
                 remote=conn.public_params() if conn else self._meta.data.get("remote"),
                 key_serializer=self._ks_name,
                 value_serializer=self._vs_name,
                 n_buckets=n_buckets,
             )
+            self._record_data_state(closed=False, always=True)
         except BaseException:
             self._close_files()
             raise
@@ -185,6 +195,132 @@ class EBooklet(MutableMapping):
                 stacklevel=4,
             )
             self._log.mark_clean(lost)
+
+    # ------------------------------------------------------------ writes made outside ebooklet
+
+    def _reconcile_at_open(self, cached_from: dict | None) -> None:
+        """Find what was written to the data file since ebooklet last recorded its state
+        (with plain booklet, or by a process killed before its journal records reached
+        the disk) and make it pending edits, before anything reads the file.
+
+        ``cached_from``: the head manifest the local mirror held at open, which every
+        value cached since the recorded state came from (see :meth:`_record_data_state`).
+        """
+        recorded = self._meta.data_state
+        clean = recorded is not None and recorded["closed"]
+        start = data_changed_from(recorded, data_state(self._data, self._data_path))
+        if start is not None:
+            self._find_outside_edits(cached_from, start)
+        if not clean:
+            self._forget_unwritten_edits()
+        elif start is not None:
+            deleted = self._delete_absent_edits()
+            self._warn_cached_deletions(recorded["n_keys"] - len(self._data) - deleted)
+
+    def _find_outside_edits(self, cached_from: dict | None, start: int) -> int:
+        """Make pending edits of the live records at or after ``start`` (0: the whole
+        data file) that hold neither a pending edit's value nor a value of
+        ``cached_from``; returns how many were found."""
+        edits = self._log.edits
+        records = [(kb, ts, fmt.md5(raw)) for kb, ts, raw in scan(self._data, self._data_path, True, start)]
+        entries = self._reference_entries([kb for kb, _, _ in records if kb not in edits], cached_from)
+        found = []
+        for kb, ts, md5_ in records:
+            edit = _found_edit(md5_, ts, edits.get(kb), entries.get(kb), whole_file=start == 0)
+            if edit is not None:
+                found.append((kb, *edit))
+        self._note_edits(found)
+        return len(found)
+
+    def _reference_entries(self, kbs: list[bytes], manifest: dict | None) -> dict[bytes, Any]:
+        """The entries of ``kbs`` in ``manifest``, fetching shards when online (those of
+        the head if a vacuum removed ``manifest``'s); offline, :data:`MISSING_SHARD` for
+        a key whose shard is not local."""
+        if not kbs or self._log.replace or manifest is None:
+            return dict.fromkeys(kbs)
+        if not self.offline:
+            for which in (manifest, self._remote.manifest):
+                try:
+                    return self._remote.entries(kbs, which)
+                except RemoteNotFoundError:
+                    continue
+                except OfflineError:
+                    break
+        return {kb: self._remote.entry(kb, fetch=False, manifest=manifest) for kb in kbs}
+
+    def _absent_edits(self) -> list[bytes]:
+        """Keys with a pending value that the data file does not hold."""
+        return [
+            kb for kb, edit in self._log.edits.items()
+            if edit.md5 is not None and self._ks.loads(kb) not in self._data
+        ]
+
+    def _delete_absent_edits(self) -> int:
+        """After a clean close: a pending value gone from the data file was deleted outside
+        ebooklet, which makes it a pending deletion. Returns how many."""
+        absent = self._absent_edits()
+        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent])
+        return len(absent)
+
+    def _forget_unwritten_edits(self) -> None:
+        """After a killed session: a pending value the data file does not hold never
+        reached it (journaled first, lost with booklet's write buffer); forget the edit,
+        the key reads the remote again. Flag 'r' leaves the journal as it is."""
+        lost = self._absent_edits()
+        if not lost:
+            return
+        if not self.writable:
+            self._found_unsaved = True  # the next writable open does it
+            return
+        warnings.warn(
+            f"{self.path} was not closed cleanly: {len(lost)} unpushed value(s) never reached "
+            "it; those keys read the remote version again.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        self._log.mark_clean(lost)
+
+    def _warn_cached_deletions(self, at_least: int) -> None:
+        """Tell that values cached from the remote were deleted outside ebooklet: booklet
+        marks a deletion in place, so which keys cannot be known (only that booklet's key
+        count dropped by more than the pending edits explain)."""
+        if at_least > 0:
+            warnings.warn(
+                f"At least {at_least} value(s) cached from the remote were deleted from "
+                f"{self.path} outside ebooklet. Such deletions cannot be told key by key, so "
+                "they are not pending: those keys read the remote again. Delete keys with "
+                "ebooklet (del db[key]) to delete them remotely.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
+    def _note_edits(self, edits: list[tuple[bytes, bytes | None, bytes | None]]) -> None:
+        """Journal edits found or resolved; flag 'r' holds them in memory for this session
+        (reads return the local value, downloads do not overwrite it) and leaves the
+        data file's recorded state as it was, so that the next open finds them again."""
+        if not edits:
+            return
+        if self.writable:
+            self._log.record_edits(edits)
+        else:
+            self._log.remember_edits(edits)
+            self._found_unsaved = True
+
+    def _record_data_state(self, closed: bool, always: bool = False) -> None:
+        """Record the data file's state (:func:`local.data_state`) in ``P.ebk.json``, and
+        whether this session is closing the file, so that the next open reads only what
+        was written after it. Called where every value in the file is a pending edit's
+        or a value of the head manifest held by the local mirror: at open (after the
+        reconciliation), before a new head is adopted, after each write of a snapshot's
+        values, after a prune or a clear, at close. Not while edits found in the file are
+        held in memory only. ``always``: save ``P.ebk.json`` even if nothing changed."""
+        fields = {}
+        if not (self._closed or self._found_unsaved):
+            state = {**data_state(self._data, self._data_path), "closed": closed}
+            if state != self._meta.data.get("data_state"):
+                fields["data_state"] = state
+        if fields or always:
+            self._meta.save(**fields)
 
     def _check_same_remote(self, conn: S3Connection | None) -> None:
         known = self._meta.data.get("remote")
@@ -238,11 +374,12 @@ class EBooklet(MutableMapping):
 
     def _adopt_foreign_remote(self, manifest: dict) -> None:
         """The remote was replaced by another database: drop caches built for the old one."""
-        if self._log.edits or self._log.metadata_dirty:
+        if self._log.edits or self._log.metadata_dirty or self._written_outside:
             raise EBookletError(
                 f"The remote database was replaced (uuid {manifest['uuid']}) while {self.path} "
-                "has unpushed edits of the old one. Open with flag 'n' to start over, or "
-                "open the old file read-only elsewhere to recover the edits."
+                "has unpushed edits of the old one (or was written outside ebooklet). Open "
+                "with flag 'n' to start over, or open the old file read-only elsewhere to "
+                "recover the edits."
             )
         data_path = local_paths(self.path)[0]
         if data_path.exists():
@@ -270,13 +407,17 @@ class EBooklet(MutableMapping):
         unknown = [k for k, e in self._log.edits.items() if e.base == UNKNOWN_MD5]
         if unknown:
             entries = self._remote.entries(unknown, old_manifest)
-            self._log.record_edits(
-                (k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()
+            self._note_edits(
+                [(k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()]
             )
         if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
             self.offline = False
             return False
-        self._remote.adopt(manifest, etag)
+        with self._rlock:
+            # Values cached from now on come from the new head: the next open tells them
+            # from edits made outside against the manifest it finds in the mirror.
+            self._record_data_state(closed=False)
+            self._remote.adopt(manifest, etag)
         self.offline = False
         return True
 
@@ -443,8 +584,9 @@ class EBooklet(MutableMapping):
             return self._download_one(*moved[0]) if moved else None
 
     def _download_one(self, kb: bytes, entry: Entry) -> tuple[int, bytes] | None:
+        head = self._remote.etag
         for _, e, raw in self._remote.fetch_values([(kb, entry)]):
-            self._cache_fetched([(kb, raw, e.timestamp)])
+            self._cache_fetched([(kb, raw, e.timestamp)], head)
             return e.timestamp, raw
         return None
 
@@ -687,31 +829,37 @@ class EBooklet(MutableMapping):
         :func:`local.append_records`), a large one on its own."""
         batch: list[tuple[bytes, bytes | memoryview, int]] = []
         size = 0
+        head = self._remote.etag
         try:
             for kb, entry, raw in self._remote.fetch_values(wanted, reuse_buffers=True):
                 large = len(raw) > LARGE_VALUE
                 fetched[kb] = raw if keep and not large else None
                 if large:  # its buffer is reused by the next one: write it now
-                    self._cache_fetched([(kb, raw, entry.timestamp)])
+                    self._cache_fetched([(kb, raw, entry.timestamp)], head)
                     continue
                 batch.append((kb, raw, entry.timestamp))
                 size += len(raw)
                 if size >= _CHUNK_BYTES:
-                    self._cache_fetched(batch)
+                    self._cache_fetched(batch, head)
                     batch, size = [], 0
         finally:  # what was downloaded and verified is kept, even if a later value fails
-            self._cache_fetched(batch)
+            self._cache_fetched(batch, head)
 
-    def _cache_fetched(self, records: list[tuple[bytes, bytes | memoryview, int]]) -> None:
+    def _cache_fetched(self, records: list[tuple[bytes, bytes | memoryview, int]], head: str | None) -> None:
         """Write downloaded ``(encoded key, value, timestamp)`` records to the data file,
-        but none over a local edit made while they downloaded."""
+        but none over a local edit made while they downloaded, and none if they came
+        from another head manifest than ``head``, the current one (then they are fetched
+        again when read: values in the data file must come from the head the local
+        mirror holds, see :meth:`_record_data_state`)."""
         with self._rlock:
-            if self._log.replace:
+            if self._log.replace or self._remote.etag != head:
                 return
             edits = self._log.edits
             records = [r for r in records if r[0] not in edits]
             if records:
                 append_records(self._data, records)
+                if self._pinned is not None:  # a snapshot's values: not the mirror's head
+                    self._record_data_state(closed=False)
 
     # ------------------------------------------------------------ the write path
 
@@ -772,6 +920,7 @@ class EBooklet(MutableMapping):
             if metadata_dirty:
                 self._log.set_metadata_dirty(True)
             self._data.clear()
+            self._record_data_state(closed=False)
 
     # ------------------------------------------------------------ timestamps & metadata
 
@@ -851,28 +1000,32 @@ class EBooklet(MutableMapping):
             removed = len(old)
         with self._rlock:
             self._data.prune()
+            self._record_data_state(closed=False)
         return removed
 
     def get_local_hash(self) -> int:
-        """Rebuild the change log from the data file (after editing it with plain booklet).
+        """Find, in the whole data file, values written outside ebooklet that are not pending
+        edits yet, and make them pending edits (as every open does for what was written
+        since ebooklet last closed the file, see docs/design-notes.md).
 
-        Every value whose md5 differs from the remote index becomes a local edit.
+        A value equal to the remote's current version, or not newer than it (by its
+        timestamp: an out-of-date cached copy), is not an edit. A key deleted with plain
+        booklet is found only if it had a pending edit: deleting a value that was only
+        cached from the remote cannot be told from never having downloaded it, so that
+        key reads the remote again (delete keys with ``del db[key]`` instead).
+
         Returns how many edits were found.
+
+        Raises:
+            ReadOnlyError: the database was opened with flag 'r'.
+            OfflineError: an index shard needed is not local and the remote is out of reach.
         """
         self._check_writable()
         with self._rlock:
-            self._data.sync()
-            pairs = [(self._key(k), k) for k in self._data]
-            remote = self._remote.entries(kb for kb, _ in pairs) if self._remote.exists and not self._log.replace else {}
-            edits = []
-            for kb, key in pairs:
-                raw = self._cached(key)[1]
-                entry = remote.get(kb)
-                if entry is None or entry.md5 != fmt.md5(raw):
-                    edits.append((kb, fmt.md5(raw), entry.md5 if entry else None))
-            self._log.record_edits(edits)
+            found = self._find_outside_edits(self._remote.manifest, 0, journaled_gone=False)
             self._log.compact()
-            return len(edits)
+            self._record_data_state(closed=False)
+            return found
 
     def get_remote_hash(self) -> dict[Any, tuple[str, int]]:
         """Rebuild the remote index from the packs' footers: ``key -> (md5 hex, timestamp)``.
@@ -937,8 +1090,11 @@ class EBooklet(MutableMapping):
         """Flush and close the local files and release the remote write lock."""
         if self._closed:
             return
-        self._closed = True
-        self._close_files()
+        try:
+            self._record_data_state(closed=True)
+        finally:
+            self._closed = True
+            self._close_files()
 
     def __enter__(self) -> EBooklet:
         return self
@@ -1095,6 +1251,43 @@ def _timestamp(timestamp: Any) -> int | None:
 
 #: booklet keeps timestamps in 7 bytes.
 TIMESTAMP_END = 1 << 56
+
+
+def _found_edit(
+    md5_: bytes, timestamp: int, edit: Edit | None, entry: Any, whole_file: bool
+) -> tuple[bytes, bytes | None] | None:
+    """``(md5, base)`` of the pending edit that a live record of the data file, written
+    outside ebooklet's knowledge, stands for; ``None`` when it is none.
+
+    Args:
+        md5_, timestamp: the record's value md5 and timestamp.
+        edit: the key's pending edit (``None``: none); the value in the file wins over it.
+        entry: the key's entry in the manifest cached values came from (``None``: not
+            there, :data:`MISSING_SHARD`: unknown offline, the base is resolved later).
+        whole_file: the record may predate the data file's recorded state: a copy cached
+            before the head changed is older than the entry (it is no edit).
+    """
+    if edit is not None:
+        return None if edit.md5 == md5_ else (md5_, edit.base)
+    if entry is MISSING_SHARD:
+        return md5_, UNKNOWN_MD5
+    if entry is None:
+        return md5_, None
+    cached = md5_ == entry.md5 or timestamp == entry.timestamp
+    if cached or (whole_file and timestamp < entry.timestamp):
+        return None
+    return md5_, entry.md5
+
+
+def _stat_changed(path: Path, recorded: dict | None) -> bool:
+    """Whether the data file may have been written since its state was ``recorded``
+    (by size, modification time and inode, without opening it)."""
+    if recorded is None:
+        return True
+    stat = os.stat(path)
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino) != (
+        recorded["size"], recorded["mtime_ns"], recorded["inode"]
+    )
 
 
 def _byte_chunks(wanted: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:

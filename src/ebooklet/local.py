@@ -178,6 +178,13 @@ class ChangeLog:
         """
         self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits])
 
+    def remember_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
+        """Hold edits ``(key, md5 or None, base md5)`` in memory only, for this session:
+        edits found in the data file by a copy that may not write the journal (flag 'r')."""
+        with self._lock:
+            for key, md5_, base in edits:
+                self.edits[key] = Edit(md5_, base)
+
     def mark_clean(self, keys: Iterable[bytes]) -> None:
         """Forget the edits of ``keys`` (pushed or discarded)."""
         self._write([(CLEAN, k, None, None) for k in keys])
@@ -374,6 +381,18 @@ class LocalMeta:
             self.data["owner_id"] = uuid.uuid4().hex
         return self.data["owner_id"]
 
+    @property
+    def data_state(self) -> dict[str, Any] | None:
+        """The state of the data file recorded when ebooklet last left it
+        (:func:`data_state`, plus ``closed``: whether that session closed the file);
+        ``None`` when none is recorded or the record is damaged."""
+        state = self.data.get("data_state")
+        if not isinstance(state, dict) or not isinstance(state.get("closed"), bool):
+            return None
+        if not all(type(state.get(f)) is int and state[f] >= 0 for f in DATA_STATE_FIELDS):
+            return None
+        return state
+
     def save(self, **fields: Any) -> None:
         """Update fields and write the file atomically."""
         self.data.update(fields)
@@ -396,9 +415,11 @@ def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     )
 
 
-def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
+def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> Iterator[tuple]:
     """``(encoded key, timestamp, encoded value)`` (or ``(encoded key, timestamp)``) of
-    every key in the booklet file ``book`` opened from ``path``, in file order.
+    every key in the booklet file ``book`` opened from ``path``, in file order; with
+    ``start`` (a record boundary, see :func:`data_changed_from`), of those whose record
+    lies at or after that position.
 
     This is ``book.timestamps()`` without decoding, read a :data:`SCAN_BUFFER` at a
     time and parsed in place: booklet reads a writable file with a seek and two
@@ -415,6 +436,7 @@ def scan(book: Any, path: Path, include_value: bool = True) -> Iterator[tuple]:
         regions = [(first, os.fstat(reader.fileno()).st_size)]
         if book._index_offset != utils.sub_index_init_pos:  # booklet moved its index here
             regions = [(first, book._index_offset), (book._index_offset + index_size, regions[0][1])]
+        regions = [(max(begin, start), end) for begin, end in regions if end > start]
     try:
         for start, end in regions:
             for record in _records(reader, start, end, book._ts_bytes_len, include_value):
@@ -471,6 +493,50 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
 
 #: Read size of :func:`scan`.
 SCAN_BUFFER = 1 << 20
+
+#: What identifies a data file's content as ebooklet left it (see :func:`data_state`).
+DATA_STATE_FIELDS = ("size", "mtime_ns", "inode", "n_keys", "index_offset", "first_data")
+
+
+def data_state(book: Any, path: Path) -> dict[str, int]:
+    """The state of the booklet file ``book`` opened from ``path``, after a sync: its size,
+    modification time and inode, booklet's key count and where its index and first
+    record lie. Any write changes one of them: booklet appends every new record at the
+    end of the file, marks a deletion in place (the key count drops) and rewrites the
+    file on ``prune()``/``clear()`` (the layout changes)."""
+    book.sync()
+    stat = os.stat(path)
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "n_keys": book._n_keys,
+        "index_offset": book._index_offset,
+        "first_data": book._first_data_block_pos,
+    }
+
+
+def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) -> int | None:
+    """Where the records written to a data file since its state was ``recorded`` begin:
+    ``None`` when it is unchanged, the recorded size when everything before it is as it
+    was (writes were appended, perhaps with booklet's index moved to the end by a
+    regrowth, and deletions marked in place), 0 when anything else happened (another
+    file, a prune or clear, nothing recorded): the whole file has to be read."""
+    if recorded is None:
+        return 0
+    if all(recorded[f] == current[f] for f in DATA_STATE_FIELDS):
+        return None
+    size = recorded["size"]
+    appended = (
+        current["inode"] == recorded["inode"]
+        and current["size"] >= size
+        and current["first_data"] == recorded["first_data"]
+        and (
+            current["index_offset"] == recorded["index_offset"]
+            or current["index_offset"] >= size  # booklet moved its index after the old end
+        )
+    )
+    return size if appended else 0
 
 
 def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview, Any]]) -> None:
