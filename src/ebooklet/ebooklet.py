@@ -1022,7 +1022,7 @@ class EBooklet(MutableMapping):
         """
         self._check_writable()
         with self._rlock:
-            found = self._find_outside_edits(self._remote.manifest, 0, journaled_gone=False)
+            found = self._find_outside_edits(self._remote.manifest, 0)
             self._log.compact()
             self._record_data_state(closed=False)
             return found
