@@ -147,12 +147,13 @@ class EBooklet(MutableMapping):
                 # up front (outgrowing n_buckets rewrites the whole index at sync, and
                 # writes are ~25% slower at one key per bucket than at half; 6 B each).
                 n_buckets = max(n_buckets, 2 * self._remote.manifest.get("n_keys", 0))
+            kept = local_exists and data_path.exists()  # not dropped for a foreign remote
             self._data = _open_data(data_path, self._ks, self._vs, n_buckets, buffer_size, timeout)
             self._data_path = data_path
             if not local_exists and flag != "n":
                 self._forget_lost_values()
             self._closed = False
-            if local_exists:
+            if kept:
                 self._reconcile_at_open(cached_from)
             self._meta.data.setdefault("uuid", uuid.uuid4().hex)
             self._meta.data.update(
