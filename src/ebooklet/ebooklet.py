@@ -49,6 +49,8 @@ _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 _ABSENT = object()  # "no such key", told from any value a get may return
 LARGE_VALUE = 4 << 20
+_LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
+"""The fields of ``S3Connection.public_params()`` that say which remote it is."""
 NEW_KEY_SERIALIZER = "str"
 NEW_VALUE_SERIALIZER = None
 """The serializers of a new database when open() is given none (bytes values)."""
@@ -272,15 +274,15 @@ class EBooklet(MutableMapping):
         self._vs, self._vs_name = choose("value_serializer", value_serializer)
 
     def _remembered_serializers(self) -> dict[str, set]:
-        """``{field: {name}}`` that ``P.ebk.json`` records for this very remote. It records
-        only serializers this copy was allowed to use (:meth:`_init_serializers` runs before
-        it is saved), so each was the caller's choice once."""
+        """``{field: {name}}`` that ``P.ebk.json`` records for this very remote (opened
+        without a remote: for the remote it last synced with). It records only serializers
+        this copy was allowed to use (:meth:`_init_serializers` runs before it is saved),
+        so each was the caller's choice once."""
         known = self._meta.data.get("remote")
-        if not isinstance(known, dict) or self._conn is None:
-            return {}
-        mine = self._conn.public_params()
-        if any(known.get(f) != mine[f] for f in ("bucket", "db_key", "endpoint_url", "db_url")):
-            return {}
+        if self._conn is not None:
+            mine = self._conn.public_params()
+            if not isinstance(known, dict) or any(known.get(f) != mine[f] for f in _LOCATION):
+                return {}
         return {f: {self._meta.data[f]} for f in ("key_serializer", "value_serializer") if f in self._meta.data}
 
     def _refresh(self) -> bool:
