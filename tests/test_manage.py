@@ -470,8 +470,9 @@ def test_group_entries_describe_each_database(two_databases: tuple[Any, Any], ma
         assert entry["last_commit"] == last.timestamp and entry["seq"] == 1
         assert entry["metadata"] == {"owner": "team a"}
         assert group[uuid_b]["n_keys"] == 1
-        with ebooklet.open(group.connection(uuid_a, s3_server.access_key_id, s3_server.access_key),
-                           tmp_path / "via-group.blt") as db:
+        member = group.connection(uuid_a, s3_server.access_key_id, s3_server.access_key,
+                                  endpoint_url=s3_server.endpoint_url)
+        with ebooklet.open(member, tmp_path / "via-group.blt") as db:
             assert db["x"] == 1
 
 
@@ -564,7 +565,7 @@ def test_vacuum_keep_1_leaves_no_deleted_or_overwritten_value_downloadable(
     for key, body in objects(s3_server, prefix).items():
         for needle in (secret, gone_key, gone_value, first_k0):
             assert needle.encode() not in body, (needle, key)
-    with ebooklet.open(reader(), tmp_path / "fresh.blt") as db:
+    with ebooklet.open(reader(), tmp_path / "fresh.blt", value_serializer="pickle") as db:
         assert dict(db.items()) == {**keep, "password": "rotated"}
         assert [(c.seq, c.message) for c in db.history()] == [(3, "later")]
     report = ebooklet.check(conn)
@@ -594,11 +595,11 @@ def test_vacuum_keep_n_keeps_those_commits_openable(conn: Any, reader: Any, tmp_
     with ebooklet.open(conn, path, "w") as db:
         result = db.vacuum(keep=2)
     assert result.commits_kept == [4, 3] and result.commits_removed == [2, 1]
-    with ebooklet.open(reader(), tmp_path / "snap.blt", "r", commit=3) as snap:
+    with ebooklet.open(reader(), tmp_path / "snap.blt", "r", commit=3, value_serializer="pickle") as snap:
         assert dict(snap.items()) == {"k0": 0, "k1": 1, "k2": 2, "counter": 2}
     with pytest.raises(RemoteNotFoundError, match="vacuum"):
         ebooklet.open(reader(), tmp_path / "snap2.blt", "r", commit=2)
-    with ebooklet.open(reader(), tmp_path / "r.blt") as db:
+    with ebooklet.open(reader(), tmp_path / "r.blt", value_serializer="pickle") as db:
         assert [c.message for c in db.history()] == ["c4", "c3"]
         assert [(d.kind, d.key) for d in db.diff(3, 4)] == [("modified", "counter"), ("added", "k3")]
     assert ebooklet.check(conn).orphans == []
@@ -659,9 +660,9 @@ def test_vacuum_rewrites_mostly_dead_packs_and_relays_kept_commits(
         result = db.vacuum(keep=2)
         assert db["k0"] == old["k0"]
     assert result.commits_kept == [3, 2] and result.packs_rewritten == 1
-    with ebooklet.open(reader(), tmp_path / "snap.blt", "r", commit=2) as snap:
+    with ebooklet.open(reader(), tmp_path / "snap.blt", "r", commit=2, value_serializer="pickle") as snap:
         assert snap["k0"] == old["k0"] and snap["k5"] == "new 5"
-    with ebooklet.open(reader(), tmp_path / "r.blt") as db:
+    with ebooklet.open(reader(), tmp_path / "r.blt", value_serializer="pickle") as db:
         assert [(c.seq, c.message) for c in db.history()] == [(3, "three"), (2, "two")]
     bodies = objects(s3_server, db_key)
     for i in range(1, 10):
@@ -683,8 +684,8 @@ def test_copies_opened_before_a_vacuum_read_the_values_it_moved(
     push(conn, path, {f"k{i}": f"new {i}" for i in range(1, 10)}, message="two")
     expected = {"k0": old["k0"], **{f"k{i}": f"new {i}" for i in range(1, 10)}}
     with (
-        ebooklet.open(reader(), tmp_path / "one.blt") as one_by_one,
-        ebooklet.open(reader(), tmp_path / "all.blt") as all_at_once,
+        ebooklet.open(reader(), tmp_path / "one.blt", value_serializer="pickle") as one_by_one,
+        ebooklet.open(reader(), tmp_path / "all.blt", value_serializer="pickle") as all_at_once,
     ):
         assert one_by_one["k5"] == "new 5"  # its index shard is local now
         with ebooklet.open(conn, path, "w") as db:
@@ -692,7 +693,7 @@ def test_copies_opened_before_a_vacuum_read_the_values_it_moved(
         assert one_by_one["k0"] == old["k0"]  # from the rewritten pack
         assert dict(all_at_once.items()) == expected
     assert ebooklet.check(conn).ok
-    with ebooklet.open(reader(), tmp_path / "late.blt") as late:
+    with ebooklet.open(reader(), tmp_path / "late.blt", value_serializer="pickle") as late:
         assert late["k5"] == "new 5"
         pack = fmt.pack_name(late._remote.entry(late._key("k1")).pack)
         s3_server.client().delete_object(Bucket=s3_server.bucket, Key=db_key + pack)
@@ -741,11 +742,11 @@ def test_push_after_another_client_vacuumed_its_uploads_away(conn: Any, make_con
         ts, raw = db._cached("b")
         uploaded = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
         db._log.record_pack(uploaded.pack, uploaded.footer)
-    with ebooklet.open(make_conn(), tmp_path / "admin.blt", "r") as admin:
+    with ebooklet.open(make_conn(), tmp_path / "admin.blt", "r", value_serializer="pickle") as admin:
         assert admin.vacuum().packs_removed == 1
     push(conn, path)
     assert ebooklet.check(conn).ok
-    with ebooklet.open(reader(), tmp_path / "r.blt") as db:
+    with ebooklet.open(reader(), tmp_path / "r.blt", value_serializer="pickle") as db:
         assert db["b"] == "the value"
 
 

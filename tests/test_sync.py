@@ -109,7 +109,7 @@ SAMPLE = {
 def test_round_trip_reads_identical_values(conn: Any, reader: Any, tmp_path: Path) -> None:
     """Values written and pushed read back identically from a fresh local file."""
     push_new(conn, tmp_path / "w.blt", SAMPLE, value_serializer="pickle")
-    with open_db(reader(conn), tmp_path / "r.blt") as db:
+    with open_db(reader(conn), tmp_path / "r.blt", value_serializer="pickle") as db:
         assert not db.writable
         for key, value in SAMPLE.items():
             assert db[key] == value
@@ -118,7 +118,7 @@ def test_round_trip_reads_identical_values(conn: Any, reader: Any, tmp_path: Pat
         with pytest.raises(KeyError):
             db["missing"]
     # a second fresh reader sees the same thing through items() alone
-    with open_db(reader(conn), tmp_path / "r2.blt") as db:
+    with open_db(reader(conn), tmp_path / "r2.blt", value_serializer="pickle") as db:
         assert dict(db.items()) == SAMPLE
 
 
@@ -690,10 +690,12 @@ def test_serializers_are_recorded_and_keys_need_not_be_str(
     value_serializer: str | None,
     data: dict,
 ) -> None:
-    """A reader opening someone else's database gives no serializer and gets decoded data."""
+    """A reader opening someone else's database gives no serializer and gets decoded data;
+    a serializer that can run code (pickle) must be allowed by name."""
     wpath = tmp_path / "w.blt"
     push_new(conn, wpath, data, key_serializer=key_serializer, value_serializer=value_serializer)
-    with open_db(reader(conn), tmp_path / "r.blt") as db:
+    allowed = {key_serializer, value_serializer} - ebooklet.serializers.SAFE
+    with open_db(reader(conn), tmp_path / "r.blt", trust_serializers=allowed) as db:
         assert len(db) == len(data)
         assert set(db) == set(data)
         for key, value in data.items():
@@ -703,7 +705,7 @@ def test_serializers_are_recorded_and_keys_need_not_be_str(
     # the writer reopens without serializers too, and deletes a non-str key
     victim = next(iter(data))
     push_edits(conn, wpath, deletes=[victim])
-    with open_db(reader(conn), tmp_path / "r2.blt") as db:
+    with open_db(reader(conn), tmp_path / "r2.blt", trust_serializers=allowed) as db:
         assert victim not in db
         assert set(db) == set(data) - {victim}
 
@@ -746,7 +748,7 @@ def test_timestamps_round_trip(conn: Any, reader: Any, tmp_path: Path) -> None:
         assert expected["old"] == 1_600_000_000_000_000
         assert expected["iso"] == 1_622_505_600_000_000
         db.changes().push()
-    with open_db(reader(conn), tmp_path / "r.blt") as r:
+    with open_db(reader(conn), tmp_path / "r.blt", value_serializer="pickle") as r:
         before = gets(r)
         assert dict(r.timestamps()) == expected
         assert r.get_timestamp("old") == expected["old"]
@@ -768,7 +770,7 @@ def test_set_timestamp_is_pushed(conn: Any, reader: Any, tmp_path: Path) -> None
         assert [c.kind for c in db.changes().iter_changes()] == ["modified"]
         assert db.changes().push().committed
         assert db.get_timestamp("k") == 1_700_000_000_000_000
-    with open_db(reader(conn), tmp_path / "r.blt") as r:
+    with open_db(reader(conn), tmp_path / "r.blt", value_serializer="pickle") as r:
         assert r.get_timestamp("k") == 1_700_000_000_000_000
         assert r["k"] == "v"
 
@@ -793,7 +795,7 @@ def test_setdefault_pop_update_on_remote_data(conn: Any, reader: Any, tmp_path: 
         result = db.changes().push()
         assert (result.keys_pushed, result.keys_deleted) == (5, 1)
     expected = {"a": 1, "c": 30, "d": 4, "e": 5, "f": 6, "z": 26}
-    with open_db(reader(conn), tmp_path / "r.blt") as r:
+    with open_db(reader(conn), tmp_path / "r.blt", value_serializer="pickle") as r:
         assert dict(r.items()) == expected
         assert len(r) == len(expected)
 
@@ -861,10 +863,10 @@ def test_flag_n_replaces_the_remote_only_at_push(
     finally:
         db.close()
 
-    with open_db(reader(conn), tmp_path / "after.blt") as r:
+    with open_db(reader(conn), tmp_path / "after.blt", value_serializer="pickle") as r:
         assert dict(r.items()) == new
     # the reader with a cache of the old database follows the replacement
-    with open_db(reader(conn), old_reader) as r:
+    with open_db(reader(conn), old_reader, value_serializer="pickle") as r:
         assert dict(r.items()) == new
         assert 1 in r
     assert local_keys(old_reader) <= set(new)  # the old cache was dropped

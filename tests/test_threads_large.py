@@ -69,7 +69,7 @@ def test_eight_threads_reading_and_writing_one_database(
 
     expected = dict(remote)
     lock = threading.Lock()
-    with ebooklet.open(conn, tmp_path / "db", "w") as db:
+    with ebooklet.open(conn, tmp_path / "db", "w", value_serializer="pickle") as db:
 
         def worker(t: int) -> None:
             mine: dict[str, Any] = {}
@@ -104,7 +104,7 @@ def test_eight_threads_reading_and_writing_one_database(
         assert result.committed
         assert list(db.changes().iter_changes()) == []
 
-    with ebooklet.open(reader(conn), tmp_path / "fresh", "r") as fresh:
+    with ebooklet.open(reader(conn), tmp_path / "fresh", "r", value_serializer="pickle") as fresh:
         assert len(fresh) == len(expected)
         run_threads(lambda t: [fresh[k] for k in sorted(expected)[t::N_THREADS]])
         assert dict(fresh.items()) == expected

@@ -7,6 +7,7 @@ from .errors import (
     AuthError,
     ConflictError,
     ConsistencyWarning,
+    DecompressionLimitError,
     EBookletError,
     FormatVersionError,
     IntegrityError,
@@ -18,6 +19,8 @@ from .errors import (
     RemoteExistsError,
     RemoteNotFoundError,
     SerializationError,
+    UntrustedEndpointError,
+    UntrustedSerializerError,
 )
 from .maintenance import check
 from .rcg import RemoteConnGroup
@@ -33,6 +36,7 @@ __all__ = [
     "Changes",
     "ConflictError",
     "ConsistencyWarning",
+    "DecompressionLimitError",
     "EBooklet",
     "EBookletError",
     "FormatVersionError",
@@ -48,6 +52,8 @@ __all__ = [
     "RemoteNotFoundError",
     "S3Connection",
     "SerializationError",
+    "UntrustedEndpointError",
+    "UntrustedSerializerError",
     "break_lock",
     "check",
     "open",

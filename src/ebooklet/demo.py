@@ -250,7 +250,10 @@ class Demo:
         writer = self.write_and_push()
         try:
             with report.step("open reader by public URL ('r')") as notes:
-                reader = ebooklet.open(self.conn.db_url, self.reader_path, "r")
+                # The serializer is passed: a URL cannot make its readers decode pickle.
+                reader = ebooklet.open(
+                    self.conn.db_url, self.reader_path, "r", value_serializer=self.serializer
+                )
                 report.watch(reader.remote)
                 notes.append("anonymous; 1 GET of the manifest")
             try:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import booklet
-from booklet import serializers as bk_serializers
 
 from . import format as fmt
+from . import serializers
 from .changes import Changes
 from .connection import S3Connection, connection_from
 from .errors import (
@@ -52,20 +52,11 @@ _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 _ABSENT = object()  # "no such key", told from any value a get may return
 LARGE_VALUE = 4 << 20
-
-
-def _serializer(name_or_class: Any, what: str) -> tuple[Any, str | None]:
-    """``(serializer, recorded name)``; custom classes are recorded as ``None``."""
-    if isinstance(name_or_class, str) or name_or_class is None:
-        if name_or_class not in bk_serializers.serial_dict:
-            raise ValueError(
-                f"{what} {name_or_class!r} is not a booklet serializer; use one of "
-                f"{sorted(str(k) for k in booklet.available_serializers)} or a class with dumps/loads."
-            )
-        return bk_serializers.serial_dict[name_or_class], name_or_class
-    if hasattr(name_or_class, "dumps") and hasattr(name_or_class, "loads"):
-        return name_or_class, None
-    raise TypeError(f"{what} must be a serializer name or a class with dumps and loads methods.")
+_LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
+"""The fields of ``S3Connection.public_params()`` that say which remote it is."""
+NEW_KEY_SERIALIZER = "str"
+NEW_VALUE_SERIALIZER = None
+"""The serializers of a new database when open() is given none (bytes values)."""
 
 
 class EBooklet(MutableMapping):
@@ -94,6 +85,7 @@ class EBooklet(MutableMapping):
         lock_timeout: float,
         timeout: float | None,
         commit: int | str | None = None,
+        trust_serializers: Any = False,
     ) -> EBooklet:
         if not isinstance(flag, str) or flag not in FLAGS:
             raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}.")
@@ -141,7 +133,7 @@ class EBooklet(MutableMapping):
             self._take_remote_lock(lock_timeout)
             if fresh:
                 self._start_afresh(data_path, log_path)
-            self._init_serializers(key_serializer, value_serializer)
+            self._init_serializers(key_serializer, value_serializer, trust_serializers)
             if self._remote.manifest is not None and not data_path.exists():
                 # A new cache of a remote: size booklet's hash index for twice its keys
                 # up front (outgrowing n_buckets rewrites the whole index at sync, and
@@ -386,16 +378,50 @@ class EBooklet(MutableMapping):
         if data_path.exists():
             data_path.unlink()
 
-    def _init_serializers(self, key_serializer: Any, value_serializer: Any) -> None:
+    def _init_serializers(self, key_serializer: Any, value_serializer: Any, trust_serializers: Any) -> None:
+        """Choose the serializers: the caller's for a new database, else those the
+        database records, as far as :func:`serializers.choose` allows (see docs/security.md).
+
+        The remote manifest is not the caller's: a serializer it names that can run code
+        or inflate is used only when passed to open(), allowed by ``trust_serializers``,
+        or remembered in ``P.ebk.json`` from an open of the same remote that allowed it.
+        ``P.ebk.json`` itself is the user's file: a database with no remote manifest (local
+        only, or about to replace its remote) uses what it records.
+        """
+        trusted = serializers.trusted_names(trust_serializers)
         manifest = self._remote.manifest
         replacing = self.flag == "n" or self._log.replace
         recorded = manifest if manifest is not None and not replacing else self._meta.data
-        if "key_serializer" in recorded and self.flag != "n":
-            ks_name, vs_name = recorded["key_serializer"], recorded["value_serializer"]
-            key_serializer = ks_name if ks_name is not None else key_serializer
-            value_serializer = vs_name if vs_name is not None else value_serializer
-        self._ks, self._ks_name = _serializer(key_serializer, "key_serializer")
-        self._vs, self._vs_name = _serializer(value_serializer, "value_serializer")
+        if self.flag == "n" or "key_serializer" not in recorded:
+            if key_serializer is serializers.UNSET:
+                key_serializer = NEW_KEY_SERIALIZER
+            if value_serializer is serializers.UNSET:
+                value_serializer = NEW_VALUE_SERIALIZER
+            self._ks, self._ks_name = serializers.resolve(key_serializer, "key_serializer")
+            self._vs, self._vs_name = serializers.resolve(value_serializer, "value_serializer")
+            return
+        user_owned = recorded is self._meta.data
+        where = f"{self.path} (its {self._meta.path.name})" if user_owned else repr(self._conn)
+        remembered = {} if user_owned else self._remembered_serializers()
+
+        def choose(field: str, given: Any) -> tuple[Any, str | None]:
+            allowed = True if user_owned or trusted is True else trusted | remembered.get(field, set())
+            return serializers.choose(field, recorded[field], given, allowed, where)
+
+        self._ks, self._ks_name = choose("key_serializer", key_serializer)
+        self._vs, self._vs_name = choose("value_serializer", value_serializer)
+
+    def _remembered_serializers(self) -> dict[str, set]:
+        """``{field: {name}}`` that ``P.ebk.json`` records for this very remote (opened
+        without a remote: for the remote it last synced with). It records only serializers
+        this copy was allowed to use (:meth:`_init_serializers` runs before it is saved),
+        so each was the caller's choice once."""
+        known = self._meta.data.get("remote")
+        if self._conn is not None:
+            mine = self._conn.public_params()
+            if not isinstance(known, dict) or any(known.get(f) != mine[f] for f in _LOCATION):
+                return {}
+        return {f: {self._meta.data[f]} for f in ("key_serializer", "value_serializer") if f in self._meta.data}
 
     def _refresh(self) -> bool:
         """Adopt the newest remote manifest, first resolving unknown bases of edits."""
@@ -444,11 +470,27 @@ class EBooklet(MutableMapping):
                 f"serializer {self._vs_name!r}: {exc}"
             ) from None
         if not isinstance(raw, bytes):
+            if self._vs is serializers.BYTES:
+                raise SerializationError(
+                    f"{self.path} stores bytes values (value_serializer=None), and a value of "
+                    f"type {type(value).__name__} is not bytes. Encode it yourself, or choose "
+                    "a serializer when creating the database: ebooklet.open(remote, path, 'n', "
+                    "value_serializer='orjson') for JSON-like data, 'pickle' for any Python "
+                    "object (its readers must then allow pickle)."
+                )
             raise SerializationError(f"The value serializer returned {type(raw).__name__}, not bytes.")
         return raw
 
     def _decode(self, raw: bytes) -> Any:
-        return self._vs.loads(raw)
+        try:
+            return self._vs.loads(raw)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(
+                f"A value of {self.path} cannot be decoded by its value serializer "
+                f"{self._vs_name!r} ({type(exc).__name__}: {exc})."
+            ) from None
 
     # ------------------------------------------------------------ state checks
 
@@ -1309,8 +1351,7 @@ def _open_data(path: Path, ks: Any, vs: Any, n_buckets: int, buffer_size: int, t
     if not path.exists():
         # Create with serializer names, so that the file records booklet's codes and plain
         # booklet.open(path) can read it (a class is recorded as "custom": code 0).
-        names = {cls: name for name, cls in reversed(bk_serializers.serial_dict.items())}
-        ks, vs = names.get(ks, ks), names.get(vs, vs)
+        ks, vs = serializers.booklet_spec(ks), serializers.booklet_spec(vs)
     try:
         return booklet.open(
             str(path), "c", key_serializer=ks, value_serializer=vs,
@@ -1330,14 +1371,15 @@ def open(
     remote: S3Connection | str | None,
     file_path: str | os.PathLike,
     flag: str = "r",
-    value_serializer: Any = None,
-    key_serializer: Any = "str",
+    value_serializer: Any = serializers.UNSET,
+    key_serializer: Any = serializers.UNSET,
     n_buckets: int = 12007,
     buffer_size: int = 2**22,
     lock_timeout: float = 0.0,
     timeout: float | None = None,
     commit: int | str | None = None,
     remote_conn_group: bool = False,
+    trust_serializers: bool | str | Collection[str] = False,
 ) -> Any:
     """Open a database kept in ``file_path`` and synced with ``remote``.
 
@@ -1349,8 +1391,11 @@ def open(
         flag: ``'r'`` read-only, ``'w'`` read-write existing, ``'c'`` create if
             missing, ``'n'`` new and empty (the next push replaces the remote).
         value_serializer, key_serializer: booklet serializer names or classes
-            with ``dumps``/``loads``; recorded with a new database and read back
-            from an existing one.
+            with ``dumps``/``loads``. A new database records them (defaults:
+            ``None``, bytes values, and ``"str"`` keys). An existing database uses
+            those it records: leave them out, or pass the same ones (anything else
+            raises ``SerializationError``). Passing one also allows it when it can
+            run code or inflate (``pickle``, ``*zstd``...): see ``trust_serializers``.
         n_buckets, buffer_size: booklet parameters of the local file.
         lock_timeout: seconds to wait for another writer's remote lock.
         timeout: seconds to wait for another process's local file lock
@@ -1359,6 +1404,12 @@ def open(
             snapshot (flag ``'r'`` only); see :meth:`EBooklet.history`.
         remote_conn_group: open a remote connection group
             (:class:`ebooklet.rcg.RemoteConnGroup`) instead of a plain database.
+        trust_serializers: which serializers the remote may choose beyond the safe
+            ones (bytes, str, json, orjson, msgpack, integers): ``True`` for any, or
+            a name or collection of names such as ``{"pickle"}``. Without it, a
+            remote recording ``pickle`` or a ``*zstd`` serializer that was not passed
+            raises ``UntrustedSerializerError``. The choice is remembered in
+            ``P.ebk.json`` for this remote. See docs/security.md.
 
     Raises:
         ValueError, TypeError: bad arguments.
@@ -1366,6 +1417,9 @@ def open(
         RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
         LockedError: another writer holds the remote lock.
         IntegrityError, FormatVersionError: damaged or too new files.
+        UntrustedSerializerError: the remote records a serializer that can run code
+            or inflate, and the caller did not allow it.
+        SerializationError: a serializer passed differs from the one recorded.
     """
     if commit is not None:
         from .maintenance import _check_commit_arg
@@ -1374,14 +1428,17 @@ def open(
         if flag != "r":
             raise ValueError(f"A past commit opens read-only: use flag 'r' with commit=, not {flag!r}.")
     if remote_conn_group:
-        from .rcg import GROUP_SERIALIZER, RemoteConnGroup
+        from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
 
-        if value_serializer not in (None, GROUP_SERIALIZER):
+        if value_serializer not in (serializers.UNSET, GROUP_SERIALIZER):
             raise ValueError(f"A remote connection group stores {GROUP_SERIALIZER!r} values; drop value_serializer.")
-        value_serializer = GROUP_SERIALIZER
+        if key_serializer not in (serializers.UNSET, GROUP_KEY_SERIALIZER):
+            raise ValueError(f"A remote connection group has {GROUP_KEY_SERIALIZER!r} keys; drop key_serializer.")
+        # Passed explicitly: a group whose manifest records anything else is refused.
+        value_serializer, key_serializer = GROUP_SERIALIZER, GROUP_KEY_SERIALIZER
     db = EBooklet._open(
         remote, file_path, flag, value_serializer, key_serializer,
-        n_buckets, buffer_size, lock_timeout, timeout, commit,
+        n_buckets, buffer_size, lock_timeout, timeout, commit, trust_serializers,
     )
     return RemoteConnGroup(db) if remote_conn_group else db
 

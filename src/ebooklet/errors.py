@@ -86,3 +86,26 @@ class ConsistencyWarning(UserWarning):
 
 class RemoteExistsError(EBookletError, FileExistsError):
     """The target of a copy already holds a database (pass ``overwrite=True`` to replace it)."""
+
+
+class UntrustedSerializerError(SerializationError):
+    """A remote database names a serializer that can run code or decompress, and the
+    caller did not allow it (pass the same serializer to ``open``, or ``trust_serializers``).
+
+    Attributes:
+        serializer: the serializer's name, as the remote records it.
+        field: ``"key_serializer"`` or ``"value_serializer"``.
+    """
+
+    def __init__(self, serializer: str, field: str, message: str):
+        self.serializer = serializer
+        self.field = field
+        super().__init__(message)
+
+
+class DecompressionLimitError(SerializationError):
+    """A compressed value inflates past ``ebooklet.serializers.INFLATE_LIMIT`` bytes."""
+
+
+class UntrustedEndpointError(EBookletError, PermissionError):
+    """Credentials would be sent to an endpoint that the caller did not choose."""

@@ -30,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
 from .connection import Fetched, S3Connection, connection_from
-from .errors import EBookletError, RemoteNotFoundError
+from .errors import EBookletError, RemoteNotFoundError, UntrustedEndpointError
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
 
 GROUP_SERIALIZER = "orjson"
 """The value serializer of every group."""
+GROUP_KEY_SERIALIZER = "str"
+"""The key serializer of every group (keys are database uuids)."""
 GROUP_TAG = "remote_conn_group"
 """The group's user metadata holds ``{"ebooklet": GROUP_TAG, "version": 1}``."""
 CONNECTION_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
@@ -121,8 +123,18 @@ class RemoteConnGroup(MutableMapping):
     def connection(self, uuid: str, access_key_id: str | None = None, access_key: str | None = None, **kw: Any) -> S3Connection:
         """An :class:`S3Connection` to member ``uuid``.
 
-        With credentials (or ``kw``) it can write; without, and when the entry
-        has a public ``db_url``, it is the anonymous read-only connection.
+        Without credentials (and without ``kw``), when the entry has a public ``db_url``,
+        it is the anonymous read-only connection. Otherwise the connection signs its
+        requests (with the keys given, or boto3's credential chain), and an entry, which
+        whoever can write the group chose, must not choose where those credentials go:
+        the member's endpoint must be the endpoint of the group's own signed connection,
+        unless the caller passes ``endpoint_url=`` (the entry's is then ignored).
+
+        Raises:
+            KeyError: no member ``uuid``.
+            ValueError: the member was added by public URL (it can only be read so).
+            UntrustedEndpointError: credentials would go to an endpoint the caller did
+                not choose.
         """
         entry = self[uuid]
         if access_key_id is None and access_key is None and not kw and entry.get("db_url"):
@@ -131,8 +143,25 @@ class RemoteConnGroup(MutableMapping):
         if params["db_key"] is None:
             raise ValueError(f"Member {uuid} was added by public URL; it can only be read through it.")
         params.pop("db_url")
+        if "endpoint_url" not in kw:
+            self._check_endpoint(uuid, params["endpoint_url"])
         params.update(kw)
         return S3Connection(access_key_id, access_key, **params)
+
+    def _check_endpoint(self, uuid: str, endpoint_url: Any) -> None:
+        """Refuse to sign requests to a member's endpoint that the caller did not choose:
+        only the endpoint of the group's own signed connection is taken as chosen."""
+        own = self._db.remote
+        if own is not None and own.writable and endpoint_url == own.endpoint_url:
+            return
+        chosen = f"the group's endpoint {own.endpoint_url!r}" if own is not None and own.writable else (
+            "no endpoint (the group was not opened with credentials)"
+        )
+        raise UntrustedEndpointError(
+            f"Member {uuid} of {self._db.path} names the endpoint {endpoint_url!r}, but you chose "
+            f"{chosen}: the group's entries cannot choose where your credentials go. If you "
+            f"trust that endpoint, pass endpoint_url={endpoint_url!r} to connection()."
+        )
 
     # ------------------------------------------------------------ the mapping
 
