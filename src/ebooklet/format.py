@@ -42,6 +42,8 @@ MAX_MANIFEST_BYTES = 16 << 20
 """Largest manifest (or commit record) body a reader downloads."""
 MAX_SHARD_BYTES = 256 << 20
 """Largest index shard a reader downloads."""
+MAX_SHARD_RECORDS = (MAX_SHARD_BYTES - _HEADER.size - 16) // _SHARD_RECORD.size
+"""Most records an index shard can hold within :data:`MAX_SHARD_BYTES` (64 bytes each)."""
 MAX_FOOTER_BYTES = 256 << 20
 """Largest pack footer a reader downloads."""
 MAX_LOCK_BYTES = 64 << 10
@@ -473,6 +475,9 @@ def check_manifest(obj: Any, name: str = "manifest") -> dict[str, Any]:
     shards = obj["shards"]
     if len(shards) != obj["n_shards"] or not all(c is None or is_id(c) for c in shards):
         raise _bad_field(name, "shards", shards, f"{obj['n_shards']} entries, each null or a commit id")
+    most = sum(c is not None for c in shards) * MAX_SHARD_RECORDS
+    if obj["n_keys"] > most:
+        raise _bad_field(name, "n_keys", obj["n_keys"], f"at most {most:,} (what its shards can hold)")
     if obj.get("changed_keys") is not None and not _is_int(obj["changed_keys"], 0, MAX_COUNT):
         raise _bad_field(name, "changed_keys", obj["changed_keys"], "null or a non-negative int")
     if json_depth(obj) > MAX_JSON_DEPTH:
