@@ -421,7 +421,7 @@ CASES: dict[str, tuple[Callable[[Bucket], None], str, str]] = {
     "shard-key-length-huge": (lambda b: patch_shard(b, "key_length", 2**32 - 1), "read", "IntegrityError"),
     "shard-timestamp--1": (lambda b: patch_shard(b, "timestamp", -1), "read", "IntegrityError"),
     "shard-timestamp-2**62": (lambda b: patch_shard(b, "timestamp", 2**62), "read", "IntegrityError"),
-    "shard-length-2**40": (lambda b: patch_shard(b, "length", 2**40), "read", "IntegrityError"),
+    "shard-length-2**40": (lambda b: patch_shard(b, "length", 2**40), "bulk", "IntegrityError"),
     "shard-offset-2**63": (lambda b: patch_shard(b, "offset", 2**63), "read", "IntegrityError"),
     # pack footers (read by get_remote_hash, which lists: connection only)
     "footer-count-2**32-1": (lambda b: patch_footer(b, "count", 2**32 - 1), "remote_hash", "IntegrityError"),
