@@ -33,7 +33,7 @@ from .errors import (
     RemoteError,
     RemoteNotFoundError,
 )
-from .format import md5
+from .format import check_suffix, md5
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -275,6 +275,9 @@ class S3Connection:
         return self._executor().submit(func, *args)
 
     def _url(self, suffix: str, query: dict | None = None) -> str:
+        """The URL of object ``db_key + suffix``; ``suffix`` must pass
+        :func:`format.check_suffix`, so no URL leaves the database's objects."""
+        check_suffix(suffix)
         if self.writable:
             key = quote(self.db_key + suffix, safe="/~")
             if self.endpoint_url is None:
@@ -397,19 +400,33 @@ class S3Connection:
 
     # ------------------------------------------------------------ object operations
 
-    def get(self, suffix: str, etag: str | None = None) -> Fetched | NotModified:
+    def get(
+        self, suffix: str, etag: str | None = None, max_bytes: int | None = None
+    ) -> Fetched | NotModified:
         """GET the object ``db_key + suffix``; conditional on ``etag`` when given.
+
+        With ``max_bytes``, the body is streamed and the download stops as soon as it
+        passes that many bytes (or at once, if the server announces more): a huge
+        object never gets into memory.
 
         Raises:
             RemoteNotFoundError: no such object (or not public, anonymously).
+            IntegrityError: the object is larger than ``max_bytes``.
         """
         headers = {"If-None-Match": etag} if etag else None
-        response = self.request("GET", self._url(suffix), headers)
-        if response.status == 304:
-            return NotModified(etag)
-        if response.status != 200:
-            raise self._fail(response, f"GET {self._describe(suffix)}")
-        return Fetched(response.data, response.headers.get("ETag", ""))
+        response = self.request("GET", self._url(suffix), headers, stream=max_bytes is not None)
+        try:
+            if response.status == 304:
+                return NotModified(etag)
+            if response.status != 200:
+                raise self._fail(response, f"GET {self._describe(suffix)}")
+            if max_bytes is None:
+                return Fetched(response.data, response.headers.get("ETag", ""))
+            data = _read_capped(response, max_bytes, self._describe(suffix))
+            return Fetched(data, response.headers.get("ETag", ""))
+        finally:
+            if max_bytes is not None:
+                response.release_conn()
 
     def get_range(
         self, suffix: str, start: int, length: int, into: bytearray | None = None
@@ -494,12 +511,20 @@ class S3Connection:
                 raise self._fail(response, f"LIST {self._describe(suffix_prefix)}*")
             root = ET.fromstring(response.data)
             for item in root.iter(f"{_S3_NS}Contents"):
-                key = item.findtext(f"{_S3_NS}Key")
-                yield key[len(self.db_key) :], int(item.findtext(f"{_S3_NS}Size") or 0)
+                listed = self._listed(query["prefix"], _find_text(item, "Key"), _find_text(item, "Size"))
+                if listed is not None:
+                    yield listed
             token = root.findtext(f"{_S3_NS}NextContinuationToken")
             if root.findtext(f"{_S3_NS}IsTruncated") != "true" or not token:
                 return
             query["continuation-token"] = token
+
+    def _listed(self, prefix: str, key: str, size: str) -> tuple[str, int] | None:
+        """``(suffix, size)`` of a listed object, or ``None`` for an entry that is not
+        under ``prefix`` or has no valid size (a listing names only what we asked for)."""
+        if not key.startswith(prefix) or not size.isascii() or not size.isdigit():
+            return None
+        return key[len(self.db_key) :], int(size)
 
     def put_multipart(self, suffix: str, parts: Iterable[bytes | memoryview]) -> str:
         """Upload an object in parts (each ≥ 5 MiB but the last), in parallel.
@@ -604,7 +629,7 @@ class S3Connection:
         """The ``x-amz-copy-source`` header value naming the object ``db_key + suffix``."""
         if not self.writable:
             raise ValueError("A server-side copy needs a source connection with bucket and db_key.")
-        return "/" + quote(f"{self.bucket}/{self.db_key}{suffix}", safe="/~")
+        return "/" + quote(f"{self.bucket}/{self.db_key}{check_suffix(suffix)}", safe="/~")
 
     def copy_object(
         self,
@@ -679,16 +704,21 @@ class S3Connection:
 
         One suffix-range GET; works anonymously (no HEAD, no listing).
         """
-        response = self.request("GET", self._url(suffix), {"Range": f"bytes=-{length}"})
-        if response.status not in (200, 206):
-            raise self._fail(response, f"GET {self._describe(suffix)} (tail)")
-        data = response.data
-        if response.status == 200:
-            return data[-length:], len(data)
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        if not total.isdigit():
-            raise RemoteError(f"{self._describe(suffix)}: the server sent no object size.")
-        return data, int(total)
+        response = self.request("GET", self._url(suffix), {"Range": f"bytes=-{length}"}, stream=True)
+        try:
+            if response.status not in (200, 206):
+                raise self._fail(response, f"GET {self._describe(suffix)} (tail)")
+            if response.status == 200:
+                return _read_tail(response, length)
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            if not total.isdigit():
+                raise RemoteError(f"{self._describe(suffix)}: the server sent no object size.")
+            data = _read_capped(response, length, f"the tail of {self._describe(suffix)}")
+            if len(data) > int(total):
+                raise IntegrityError(f"{self._describe(suffix)}: the server sent more than its size.")
+            return data, int(total)
+        finally:
+            response.release_conn()
 
     def list_versions(self, suffix_prefix: str, exact: bool = False) -> Iterator[ObjectVersion]:
         """Every version and delete marker of the objects starting with ``db_key + suffix_prefix``.
@@ -709,12 +739,15 @@ class S3Connection:
             for item in root:
                 kind = item.tag.rpartition("}")[2]
                 key = _find_text(item, "Key")
+                listed = self._listed(query["prefix"], key, _find_text(item, "Size") or "0")
                 if kind not in ("Version", "DeleteMarker") or (exact and key != query["prefix"]):
                     continue
+                if listed is None:
+                    continue
                 yield ObjectVersion(
-                    key[len(self.db_key) :],
+                    listed[0],
                     _find_text(item, "VersionId") or None,
-                    int(_find_text(item, "Size") or 0),
+                    listed[1],
                     _find_text(item, "IsLatest") == "true",
                     kind == "DeleteMarker",
                 )
@@ -772,22 +805,74 @@ class S3Connection:
         return len(items)
 
 
-#: Bytes read at a time into a caller's buffer (:meth:`S3Connection.get_range`).
+#: Bytes read at a time (:meth:`S3Connection.get_range`): memory for a body grows by at
+#: most this much ahead of the bytes that arrived, whatever size was asked for.
 READ_CHUNK = 1 << 20
 
 
 def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearray | None) -> bytes | memoryview:
-    """Up to ``length`` bytes of a response body (fewer if it ends first)."""
+    """Up to ``length`` bytes of a response body (fewer if it ends first).
+
+    Read a :data:`READ_CHUNK` at a time: a claimed ``length`` (from an index entry) is
+    never allocated before the bytes arrive. ``into`` is a buffer to read into; when
+    shorter than ``length`` it grows as the bytes come (it must then have no views).
+    """
     if into is None:
-        return response.read(length)  # one allocation, filled by the socket reads
-    view = memoryview(into)[:length]
+        return _read_chunks(response, length)
     done = 0
     while done < length:
-        n = response.readinto(view[done : done + READ_CHUNK])
+        step = min(READ_CHUNK, length - done)
+        if len(into) < done + step:
+            into.extend(bytes(done + step - len(into)))
+        with memoryview(into) as whole, whole[done : done + step] as part:
+            n = response.readinto(part)
         if not n:
             break
         done += n
-    return view[:done]
+    return memoryview(into)[:done]
+
+
+def _read_chunks(response: urllib3.BaseHTTPResponse, length: int) -> bytes:
+    """Up to ``length`` bytes of a response body, read a :data:`READ_CHUNK` at a time."""
+    chunks = []
+    done = 0
+    while done < length:
+        chunk = response.read(min(READ_CHUNK, length - done))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int, what: str) -> bytes:
+    """A whole response body of at most ``max_bytes`` bytes.
+
+    Raises:
+        IntegrityError: the server announces or sends more (the connection is closed
+            rather than drained).
+    """
+    announced = response.headers.get("Content-Length", "")
+    too_big = announced.isdigit() and int(announced) > max_bytes
+    data = b"" if too_big else _read_chunks(response, max_bytes + 1)
+    if too_big or len(data) > max_bytes:
+        response.close()
+        raise IntegrityError(
+            f"{what} is larger than {max_bytes:,} bytes, the most ebooklet accepts for it: it is "
+            "not an ebooklet object or it is damaged. Run ebooklet.check() on the remote."
+        )
+    return data
+
+
+def _read_tail(response: urllib3.BaseHTTPResponse, length: int) -> tuple[bytes, int]:
+    """The last ``length`` bytes of a response body and the body's size, holding no more
+    than about that much (a server that ignores the Range header sends the whole object)."""
+    tail = b""
+    size = 0
+    while chunk := response.read(READ_CHUNK):
+        size += len(chunk)
+        tail = (tail + chunk)[-length:]
+    return tail, size
 
 
 class _Concatenated:

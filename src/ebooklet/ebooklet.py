@@ -134,11 +134,9 @@ class EBooklet(MutableMapping):
             if fresh:
                 self._start_afresh(data_path, log_path)
             self._init_serializers(key_serializer, value_serializer, trust_serializers)
-            if self._remote.manifest is not None and not data_path.exists():
-                # A new cache of a remote: size booklet's hash index for twice its keys
-                # up front (outgrowing n_buckets rewrites the whole index at sync, and
-                # writes are ~25% slower at one key per bucket than at half; 6 B each).
-                n_buckets = max(n_buckets, 2 * self._remote.manifest.get("n_keys", 0))
+            # The local index is sized by the caller's n_buckets only, never from the
+            # remote's n_keys: a manifest claiming 10**9 keys made a 12 GB file (booklet
+            # grows its index as keys arrive).
             kept = local_exists and data_path.exists()  # not dropped for a foreign remote
             self._data = _open_data(data_path, self._ks, self._vs, n_buckets, buffer_size, timeout)
             self._data_path = data_path
@@ -1083,7 +1081,7 @@ class EBooklet(MutableMapping):
         from .remote import read_pack_footer
 
         found: dict[bytes, tuple[bytes, int]] = {}
-        packs = [name for name, _ in self._conn.list(fmt.PREFIX + "pack/")]
+        packs = [name for name, _ in self._conn.list(fmt.PREFIX + "pack/") if fmt.is_own_name(name)]
         for items, _, _ in self._conn.map(lambda name: read_pack_footer(self._conn, name), packs):
             for item in items:
                 if item.key not in found or found[item.key][1] < item.timestamp:

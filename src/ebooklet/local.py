@@ -22,6 +22,7 @@ import os
 import struct
 import threading
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from hashlib import blake2s
 from pathlib import Path
@@ -31,7 +32,7 @@ import booklet
 import orjson
 
 from .errors import FormatVersionError, IntegrityError
-from .format import NO_MD5, PACK_TRAILER_SIZE, decode_pack_footer
+from .format import NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
 
 LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16
@@ -303,12 +304,32 @@ class IndexMirror:
         self._lock = threading.Lock()
 
     def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
-        """``(manifest, etag)`` stored under ``which`` ('head' or 'synced')."""
+        """``(manifest, etag)`` stored under ``which`` ('head' or 'synced').
+
+        The manifest is validated as one fresh from the bucket (``format.check_manifest``).
+        A damaged record reads as absent, with a ``RuntimeWarning``: this file is only a
+        cache, and the remote's manifest is fetched again at the next refresh.
+
+        Raises:
+            FormatVersionError: the cached manifest is of a newer format.
+        """
         raw = self._db.get(which) if self._db is not None else None
         if raw is None:
             return None, None
-        record = orjson.loads(raw)
-        return record["manifest"], record["etag"]
+        try:
+            record = orjson.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("etag"), (str, type(None))):
+                raise IntegrityError("the record is not {'manifest': ..., 'etag': str}")
+            return check_manifest(record.get("manifest"), f"the cached {which} manifest"), record["etag"]
+        except (orjson.JSONDecodeError, IntegrityError) as exc:
+            warnings.warn(
+                f"{self.path}: the cached {which} manifest is damaged ({exc}); it is ignored "
+                "and the remote's is fetched again (offline, the copy shows no remote data "
+                "until then).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None, None
 
     def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
         """Store a manifest and its ETag under ``which``."""

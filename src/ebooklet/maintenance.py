@@ -125,7 +125,7 @@ class _Shards:
                 missing.append(name)
 
         def fetch(name: str) -> tuple[str, dict[bytes, Entry]]:
-            return name, fmt.decode_shard(self.conn.get(name).data, name)
+            return name, fmt.decode_shard(self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES).data, name)
 
         for name, shard in self.conn.map(fetch, sorted(missing)):
             self._cache[name] = shard
@@ -200,18 +200,19 @@ def _kind(name: str) -> str:
 
 
 def _parse_commit_name(name: str) -> tuple[int, str] | None:
-    """``(seq, commit_id)`` of a ``.ebk/commit/<seq>-<id>`` suffix, or ``None``."""
+    """``(seq, commit_id)`` of a ``.ebk/commit/<seq:012d>-<32 hex>`` suffix, or ``None`` for
+    any other name (a listed name is used only if it is exactly one ebooklet makes)."""
     prefix = fmt.PREFIX + "commit/"
-    if not name.startswith(prefix):
+    if not name.startswith(prefix) or not fmt.is_own_name(name):
         return None
     seq, _, commit_id = name[len(prefix) :].partition("-")
-    return (int(seq), commit_id) if seq.isdigit() and commit_id else None
+    return int(seq), commit_id
 
 
 def _fetch_record(conn: S3Connection, name: str) -> dict | None:
     """The commit record ``name`` (``None``: gone, removed by ``vacuum``)."""
     try:
-        return fmt.decode_manifest(conn.get(name).data, name)
+        return fmt.decode_manifest(conn.get(name, max_bytes=fmt.MAX_MANIFEST_BYTES).data, name)
     except RemoteNotFoundError:
         return None
 
@@ -553,7 +554,7 @@ def copy_remote(
             "server_side=True needs both connections on the same endpoint with the same credentials."
         )
     before = Counter(target.request_counts)
-    lock = RemoteLock(target, uuid_mod.uuid4().hex, f"copy_remote from {source!r}")
+    lock = RemoteLock(target, uuid_mod.uuid4().hex, "copy_remote")
     lock.acquire()
     try:
         index = RemoteIndex(target, MemoryMirror())
@@ -687,7 +688,7 @@ def _copy_streamed(
     def small_copy(name: str) -> tuple[int, int]:
         """``(objects copied, bytes copied)``; large packs are queued for later."""
         if name.startswith(fmt.PREFIX + "index/"):
-            data = source.get(name).data
+            data = source.get(name, max_bytes=fmt.MAX_SHARD_BYTES).data
             fmt.decode_shard(data, name)  # verifies the shard's md5
         else:
             items, tail, size = read_pack_footer(source, name)
@@ -872,7 +873,7 @@ def vacuum(
         if name.startswith(fmt.PREFIX + "probe-"):  # left by a writer that crashed mid-probe
             doomed.append(name)
             continue
-        if _kind(name) not in ("commit", "index", "pack") or name.count("/") != 2:
+        if not fmt.is_own_name(name):
             if name != fmt.LOCK_NAME:
                 result.unknown.append(name)
             continue

@@ -89,7 +89,7 @@ class RemoteConnGroup(MutableMapping):
         if conn is None:
             raise TypeError("add() needs an S3Connection or a public URL of a database.")
         try:
-            answer = conn.get("")
+            answer = conn.get("", max_bytes=fmt.MAX_MANIFEST_BYTES)
         except RemoteNotFoundError as exc:
             raise RemoteNotFoundError(f"Cannot add {conn!r} to the group: {exc}") from None
         assert isinstance(answer, Fetched)

@@ -96,7 +96,9 @@ class RemoteIndex:
         """
         self._require_conn()
         try:
-            answer = self.conn.get("", self.etag if self.manifest is not None else None)
+            answer = self.conn.get(
+                "", self.etag if self.manifest is not None else None, max_bytes=fmt.MAX_MANIFEST_BYTES
+            )
         except RemoteNotFoundError as exc:
             if "Bucket" in str(exc):
                 raise
@@ -169,7 +171,7 @@ class RemoteIndex:
             shard = self.cached_shard(name)
             if shard is None:
                 self._require_conn()
-                answer = self.conn.get(name)
+                answer = self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES)
                 shard = fmt.decode_shard(answer.data, name)
                 self.mirror.set_shard(name, answer.data)
                 self._remember(name, shard)
@@ -277,7 +279,7 @@ class RemoteIndex:
                 while todo and (not pending or held + todo[0].length <= LARGE_IN_FLIGHT):
                     rng = todo.popleft()
                     buffer = _buffer_for(free, rng.length) if reuse_buffers else None
-                    size = len(buffer) if buffer is not None else rng.length
+                    size = max(len(buffer), rng.length) if buffer is not None else rng.length
                     pending.append((size, buffer, self.conn.submit(self._fetch_verified, rng, buffer)))
                     held += size
                 size, buffer, future = pending.popleft()
@@ -399,7 +401,7 @@ class RemoteIndex:
 
     def _read_back(self) -> tuple[dict | None, str | None]:
         try:
-            answer = self.conn.get("")
+            answer = self.conn.get("", max_bytes=fmt.MAX_MANIFEST_BYTES)
         except (RemoteNotFoundError, OfflineError):
             return None, None
         return fmt.decode_manifest(answer.data), answer.etag
@@ -468,13 +470,14 @@ def _offset(item: tuple[bytes, Entry]) -> int:
 
 
 def _buffer_for(free: list[bytearray], length: int) -> bytearray:
-    """A buffer of at least ``length`` bytes: the smallest big enough in ``free`` (taken
-    out of it), else a new one, and then the buffers in ``free``, all too small, are
-    dropped (kept, they would pile up while values grow)."""
+    """A buffer for a value of ``length`` bytes: the smallest big enough in ``free`` (taken
+    out of it), else a new empty one that grows as the bytes arrive (``length`` comes from
+    the index: it is never allocated on trust), and then the buffers in ``free``, all too
+    small, are dropped (kept, they would pile up while values grow)."""
     fits = [b for b in free if len(b) >= length]
     if not fits:
         free.clear()
-        return bytearray(length)
+        return bytearray()
     best = min(fits, key=len)
     free.remove(best)
     return best
@@ -501,7 +504,8 @@ class RemoteLock:
         conn: a writable connection.
         owner_id: the stable id of the local copy taking the lock; a lock with
             the same owner id (left by a crashed process) is reclaimed at once.
-        path: the local path, recorded for humans.
+        path: the local path; its base name only is recorded, for humans (a public
+            bucket shows the lock to anyone).
         lease: seconds the lock lives without renewal (default: :data:`LOCK_LEASE`,
             read when the lock is made, so setting it shortens later leases).
     """
@@ -533,7 +537,7 @@ class RemoteLock:
                 "owner_id": self.owner_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
-                "path": self.path,
+                "path": os.path.basename(self.path),  # the bucket may be public: no full path
                 "created": datetime.fromtimestamp(self._created, timezone.utc).isoformat(),
                 "expires": now + self.lease,
             }
@@ -642,30 +646,64 @@ def read_pack_footer(conn: S3Connection, name: str) -> tuple[list[fmt.PackItem],
     """A pack's footer items, its tail bytes (footer + trailer) and its size.
 
     One suffix-range GET, a second only for a footer over :data:`TAIL_READ`;
-    works anonymously (no HEAD, no listing).
+    works anonymously (no HEAD, no listing). The footer length must fit in the
+    object and in :data:`format.MAX_FOOTER_BYTES`, and every value must lie before it.
+
+    Raises:
+        IntegrityError: the pack is truncated, damaged or not an ebooklet pack.
     """
     tail, size = conn.get_tail(name, TAIL_READ)
-    footer_len = fmt.pack_footer_length(tail[-fmt.PACK_TRAILER_SIZE :], name)
+    footer_len = fmt.pack_footer_length(tail[-fmt.PACK_TRAILER_SIZE :], name, size)
     need = footer_len + fmt.PACK_TRAILER_SIZE
-    if need > size:
-        raise IntegrityError(f"{name} is truncated (footer longer than the object).")
     if need > len(tail):
-        tail = conn.get_range(name, size - need, need)
+        tail = bytes(conn.get_range(name, size - need, need))
     tail = tail[-need:]
-    return fmt.decode_pack_footer(tail[:footer_len], name), tail, size
+    return fmt.decode_pack_footer(tail[:footer_len], name, size - need), tail, size
+
+
+LOCK_TEXT_MAX = 255
+"""Longest text field (host, path, created) of a lock record shown to a user."""
+_DAMAGED_LOCK = {"owner_id": None, "host": None, "pid": None, "path": None, "created": None, "expires": 0.0}
+"""What a damaged lock record reads as: nobody's, expired (a writer replaces it)."""
 
 
 def read_lock(conn: S3Connection) -> tuple[dict | None, str | None]:
-    """The current lock record and its ETag, or ``(None, None)`` when unlocked."""
+    """The current lock record and its ETag, or ``(None, None)`` when unlocked.
+
+    The record is validated (:func:`check_lock_record`); a damaged one reads as an expired
+    lock of nobody (``owner_id`` and the other fields ``None``), which a writer replaces.
+    """
     try:
-        answer = conn.get(fmt.LOCK_NAME)
+        answer = conn.get(fmt.LOCK_NAME, max_bytes=fmt.MAX_LOCK_BYTES)
     except RemoteNotFoundError:
         return None, None
+    except IntegrityError:  # over the size cap: damaged
+        answer = Fetched(b"", "")
     assert isinstance(answer, Fetched)
     try:
-        return orjson.loads(answer.data), answer.etag
+        record = check_lock_record(orjson.loads(answer.data))
     except orjson.JSONDecodeError:
-        return {"owner_id": None, "expires": 0}, answer.etag
+        record = None
+    return (record if record is not None else dict(_DAMAGED_LOCK)), answer.etag
+
+
+def check_lock_record(obj: Any) -> dict | None:
+    """A lock record with exactly the fields of docs/format.md §6, typed and bounded, or
+    ``None`` when ``obj`` is not one (text fields must be printable, so nothing a bucket
+    holds can garble a message)."""
+    if not isinstance(obj, dict):
+        return None
+    texts = [obj.get(f) for f in ("owner_id", "host", "path", "created")]
+    expires, pid = obj.get("expires"), obj.get("pid")
+    valid = (
+        all(isinstance(t, str) and len(t) <= LOCK_TEXT_MAX and t.isprintable() for t in texts)
+        and isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < 1 << 32
+        and isinstance(expires, (int, float)) and not isinstance(expires, bool)
+        and 0 <= expires < 1e12
+    )
+    if not valid:
+        return None
+    return {f: obj[f] for f in _DAMAGED_LOCK}
 
 
 def _locked_message(conn: S3Connection, holder: dict) -> str:
