@@ -219,13 +219,13 @@ class EBooklet(MutableMapping):
                 self._refresh(wait)
             except OfflineError as exc:
                 self.offline = True
+                if not local_exists and flag != "n":
+                    raise OfflineError(
+                        f"{self._conn!r} cannot be reached and there is no local copy at "
+                        f"{self.path}; reconnect and open again. ({exc})"
+                    ) from None
                 warnings.warn(f"Working offline from local files: {exc}", OfflineWarning, stacklevel=4)
         remote_exists = self._remote.exists
-        if self.offline and self._conn is not None and not local_exists and flag != "n":
-            raise OfflineError(
-                f"{self._conn!r} cannot be reached and there is no local copy at {self.path}; "
-                "reconnect and open again."
-            )
         if flag in ("r", "w") and not (remote_exists or local_exists):
             if self._conn is None:
                 where = "no remote given"
@@ -1334,14 +1334,17 @@ def open(
             local files (``OfflineWarning``; ``OfflineError`` when there are none).
             Default :data:`OPEN_WAIT` (5 s, or the connection's ``timeout`` when
             shorter): an endpoint that accepts connections and never answers costs
-            the open 5.0-5.1 s (measured; 121 s before this bound). With a URL
+            the open 5.0 s (measured 5.01-5.02 s; 121.3 s before this bound). With a URL
             string it is also the ``timeout`` of the :class:`S3Connection` made for
             it (each later request's read timeout; default 30 s); an
             :class:`S3Connection` keeps its own ``timeout`` and ``connect_timeout``.
 
     Raises:
         ValueError, TypeError: bad arguments.
-        ReadOnlyError: a write flag with a public URL.
+        ReadOnlyError: a write flag with a public URL, or with local files that
+            cannot be written (flag ``'r'`` reads them); flag ``'r'`` with no data
+            file where none can be created.
+        OfflineError: the remote cannot be reached and there is no local copy.
         RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
         LockedError: another writer holds the remote lock.
         IntegrityError, FormatVersionError: damaged or too new files.
