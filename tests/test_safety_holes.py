@@ -335,6 +335,11 @@ def test_read_only_file_system_refuses_writes_and_missing_files(
     folder = read_only_dir()
     with pytest.raises(ReadOnlyError, match="flag 'r'"):
         ebooklet.open(conn, folder / "copy.blt", "w")
+    with ebooklet.open(conn, folder / "copy.blt", "r") as db, pytest.raises(
+        ReadOnlyError, match="local files cannot be written"
+    ) as info:
+        db["a"] = "x"
+    assert "reopen with 'w'" not in str(info.value)
     with pytest.raises(ReadOnlyError, match="does not exist and cannot be created"):
         ebooklet.open(conn, folder / "other.blt", "r")
 
@@ -388,7 +393,7 @@ def test_a_key_of_the_wrong_type_says_what_keys_must_be(
             with pytest.raises(SerializationError) as info:
                 use()
             message = str(info.value)
-            assert f"keys of this database are {kind}" in message
+            assert f"keys of this database are {kind} (key serializer {key_serializer!r})" in message
             assert "key_serializer=" in message and type(key).__name__ in message
             assert "has no attribute" not in message and "object" not in message
 

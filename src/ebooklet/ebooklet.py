@@ -322,10 +322,10 @@ class EBooklet(MutableMapping):
     def _key(self, key: Any) -> bytes:
         try:
             kb = self._ks.dumps(key)
-        except Exception:
-            kb = None
+        except Exception as exc:
+            raise SerializationError(_bad_key_message(key, self._ks, self._ks_name, exc)) from None
         if not isinstance(kb, bytes):
-            raise SerializationError(_bad_key_message(key, self._ks, self._ks_name)) from None
+            raise SerializationError(_bad_key_message(key, self._ks, self._ks_name))
         return kb
 
     def _value(self, value: Any) -> bytes:
@@ -358,6 +358,12 @@ class EBooklet(MutableMapping):
                 f"{self.path} was opened from the public URL {self._conn.db_url}, which is "
                 "read-only: to write, open the database with an S3Connection with "
                 "credentials (access key id and secret key) and flag 'w'."
+            )
+        if not self._local_writable:
+            raise ReadOnlyError(
+                f"{self.path} was opened read-only because its local files cannot be "
+                "written (read-only file system, or no permission); to write, copy them "
+                "where you can write and open the copy with flag 'w'."
             )
         raise ReadOnlyError(f"{self.path} was opened read-only (flag 'r'); reopen with 'w' to write.")
 
@@ -1169,21 +1175,28 @@ def _key_kind(ks: Any) -> str | None:
         return "str"
     if ks is bk_serializers.Bytes:
         return "bytes"
-    if ks.__name__.startswith(("Int", "Uint")) and ks.__module__ == bk_serializers.__name__:
+    name = getattr(ks, "__name__", "")
+    if name.startswith(("Int", "Uint")) and getattr(ks, "__module__", None) == bk_serializers.__name__:
         return "int"
     return None
 
 
-def _bad_key_message(key: Any, ks: Any, ks_name: str | None) -> str:
-    """Why ``key`` is not a key of a database with key serializer ``ks``, and what to do."""
+def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | None = None) -> str:
+    """Why ``key`` is not a key of a database with key serializer ``ks`` (which raised
+    ``error``, or returned no bytes), and what to do."""
     kind = _key_kind(ks)
-    must = f"are {kind}" if kind else f"must be something the {ks_name or 'custom'} serializer encodes"
+    named = ks_name is not None or ks is bk_serializers.Bytes  # None names the bytes one too
+    serializer = repr(ks_name) if named else "a custom class"
+    if kind:
+        must = f"are {kind} (key serializer {serializer})"
+    else:
+        why = f"{type(error).__name__}: {error}" if error is not None else "it returned no bytes"
+        must = f"must be what their key serializer, {serializer}, encodes ({why})"
     return (
-        f"Key {key!r:.60} is of type {type(key).__name__}: keys of this database {must} (key "
-        f"serializer {ks_name!r}). Convert the key (str(key), for instance); the key "
-        "serializer is chosen when a database is created (ebooklet.open(..., 'n', "
-        "key_serializer='orjson') takes str, int and tuple keys; see "
-        "booklet.available_serializers)."
+        f"Key {key!r:.60} is of type {type(key).__name__}: keys of this database {must}. "
+        "Convert the key (str(key), for instance), or create the database with another "
+        "key serializer: ebooklet.open(..., 'n', key_serializer='orjson') takes str and "
+        "int keys (see booklet.available_serializers)."
     )
 
 
