@@ -382,9 +382,9 @@ class S3Connection:
 
         Args:
             wait: seconds the whole request may take, all tries together (see
-                :meth:`_request_within`); ``None``: each try may take up to
-                ``connect_timeout`` plus ``timeout`` per read, and ``retries`` tries
-                follow a failure.
+                :meth:`_request_within`; the body is then read whole, whatever
+                ``stream``); ``None``: each try may take up to ``connect_timeout``
+                plus ``timeout`` per read, and ``retries`` tries follow a failure.
 
         Raises:
             OfflineError: the endpoint cannot be reached (or did not answer in time).
