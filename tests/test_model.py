@@ -202,8 +202,8 @@ class ReplicaMachine(RuleBasedStateMachine):
         only = data.draw(st.none() | st.sampled_from(sorted(m.pending) or KEYS), label="only")
         if only is None:
             self._push(r, list(m.pending), force)
-        elif m.replace:  # a pending clear() replaces the whole database: all or nothing
-            with pytest.raises(ValueError, match="push all keys"):
+        elif m.replace and self.committed:  # a pending clear() replaces the whole database
+            with pytest.raises(ValueError, match="Push all keys"):
                 self.use(r).changes().push([only], force=force)
         else:
             self._push(r, [only] if only in m.pending else [], force, keys=[only])
@@ -218,9 +218,13 @@ class ReplicaMachine(RuleBasedStateMachine):
             assert set(info.value.keys) == conflicts
             return
         db.changes().push(keys, force=force)
-        if m.replace:
+        if m.replace and keys is None:
             self.committed = {k: v for k, v in m.pending.items() if v is not None}
             m.pending, m.base, m.replace = {}, {}, False
+        elif m.replace:  # some keys replace an empty remote; the other edits stay pending
+            self.committed = {k: m.pending[k] for k in selected if m.pending[k] is not None}
+            m.forget(selected)
+            m.replace = False
         else:
             for key in selected:
                 if m.pending[key] is None:

@@ -213,6 +213,7 @@ class Changes:
         """
         db = self._db
         db._check_open()
+        db._check_local_writable("pull")
         self._refresh()
         if force:
             self.discard(keys)
@@ -268,10 +269,16 @@ class Changes:
             force: on conflict keep the local values instead of raising.
             message: a note recorded in the commit.
 
+        A copy that replaces its remote (flag ``'n'``, or ``clear()`` not pushed
+        yet) may push some ``keys`` only when the remote holds nothing: they then
+        make the new remote, the other edits stay pending.
+
         Raises:
             ConflictError: keys changed on both sides (nothing is committed).
             LockedError: another writer holds the lock.
             OfflineError: the remote cannot be reached (edits stay pending).
+            ValueError: ``keys`` given while the copy replaces a remote that holds keys
+                or metadata.
         """
         db = self._db
         db._check_writable()
@@ -280,8 +287,6 @@ class Changes:
             raise ReadOnlyError(
                 f"{db.path} has no writable remote; reopen it with an S3Connection to push."
             )
-        if keys is not None and db._log.replace:
-            raise ValueError("This database replaces its remote at the next push: push all keys.")
         selected = None if keys is None else {db._key(k) for k in keys}
         before = Counter(conn.request_counts)
         result = PushResult()
@@ -290,6 +295,8 @@ class Changes:
             lock = db._ensure_lock()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
+                if selected is not None and db._log.replace:
+                    self._check_partial_replace()
                 plan = self._plan(selected, force)
                 self._settle(plan.settled)
                 metadata = db._log.metadata_dirty and selected is None
@@ -307,6 +314,24 @@ class Changes:
                 raise ConflictError([], "Gave up after repeated concurrent commits; push again.")
         result.requests = Counter(conn.request_counts) - before
         return result
+
+    def _check_partial_replace(self) -> None:
+        """A push of some keys by a copy that replaces its remote (flag ``'n'``, or
+        ``clear()`` not pushed yet) commits those keys alone in place of the remote: fine
+        when the remote holds nothing (absent, or no key and no metadata), refused
+        (``ValueError``) when that would delete what it holds."""
+        db = self._db
+        manifest = db._remote.manifest
+        if manifest is None or (manifest["n_keys"] == 0 and manifest.get("metadata") is None):
+            return
+        raise ValueError(
+            f"{db.path} replaces its remote at the next push (it was opened with flag 'n' or "
+            f"cleared), and the remote holds {manifest['n_keys']} key(s): pushing only some "
+            "keys would delete every remote key this copy does not hold while the rest of "
+            "your edits stay unpushed. Push all keys with changes().push() to replace the "
+            "remote whole, or changes().discard() to keep the remote (dropping every local "
+            "edit)."
+        )
 
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
         db = self._db

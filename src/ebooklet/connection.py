@@ -39,6 +39,12 @@ _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
 _CONDITIONAL_WRITES: dict[tuple[str | None, str | None], bool] = {}
 """Probe answers by ``(endpoint_url, bucket)``: whether conditional writes are honoured."""
+CONNECT_TIMEOUT = 3.0
+"""Default seconds to wait for a connection to be made (each try), see :class:`S3Connection`."""
+_BACKOFF = 0.2
+"""Seconds before the first retry of a failed request; doubled at each retry."""
+_MIN_TRY = 0.01
+"""Seconds a try of a request with a deadline gets at least (urllib3 refuses 0)."""
 
 
 class PreconditionFailed(RemoteError):
@@ -67,6 +73,12 @@ def _check_str(name: str, value: Any, required: bool = False) -> None:
         raise ValueError(f"{name} must not be empty.")
 
 
+def check_seconds(name: str, value: Any) -> None:
+    """Refuse (``ValueError``) anything but a positive, finite number of seconds."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}.")
+
+
 class S3Connection:
     """Where a database lives in S3 and how to reach it.
 
@@ -87,7 +99,9 @@ class S3Connection:
         threads: how many requests run at once in parallel transfers.
         retries: how many times a failed request (connection error, 429, 5xx)
             is retried with backoff.
-        timeout: seconds to wait for a connection or for a read.
+        timeout: seconds to wait for each answer of the server (the read timeout).
+        connect_timeout: seconds to wait for a connection to be made, each try
+            (kept short: an endpoint that cannot be reached is known quickly).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or value.
@@ -106,6 +120,7 @@ class S3Connection:
         retries: int = 3,
         timeout: float = 30.0,
         session_token: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ):
         for name, value in (
             ("access_key_id", access_key_id),
@@ -135,8 +150,8 @@ class S3Connection:
             raise ValueError(f"threads must be a positive int, not {threads!r}.")
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be an int >= 0, not {retries!r}.")
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        check_seconds("timeout", timeout)
+        check_seconds("connect_timeout", connect_timeout)
 
         self.db_key = db_key
         self.bucket = bucket
@@ -145,10 +160,12 @@ class S3Connection:
         self.threads = threads
         self.retries = retries
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
         self.db_url = db_url or self._derive_db_url()
         # botocore credentials: fixed ones, or those of boto3's chain (which refresh)
         self._credentials: Any = None
-        self._day_key: tuple[str, str, bytes] | None = None
+        # (day, sha256 of the secret, signing key): never the secret itself, see _signing_key
+        self._day_key: tuple[str, bytes, bytes] | None = None
         if access_key_id is not None:
             from botocore.credentials import Credentials
 
@@ -197,6 +214,7 @@ class S3Connection:
             threads=self.threads,
             retries=self.retries,
             timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
         )
         params.update(changes)
         copy = S3Connection(**params)
@@ -243,15 +261,19 @@ class S3Connection:
                         status=self.retries,
                         status_forcelist=_RETRY_STATUSES,
                         allowed_methods=None,
-                        backoff_factor=0.2,
+                        backoff_factor=_BACKOFF,
                         raise_on_status=False,
                         respect_retry_after_header=True,
                     )
-                    timeout = urllib3.Timeout(connect=min(self.timeout, 5.0), read=self.timeout)
                     self._http = urllib3.PoolManager(
-                        num_pools=4, maxsize=self.threads + 4, retries=retry, timeout=timeout
+                        num_pools=4, maxsize=self.threads + 4, retries=retry,
+                        timeout=self._timeouts(self.timeout),
                     )
         return self._http
+
+    def _timeouts(self, read: float) -> urllib3.Timeout:
+        """urllib3's timeouts of one try: the connect timeout (at most ``read``), then ``read``."""
+        return urllib3.Timeout(connect=min(self.connect_timeout, read), read=read)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -336,13 +358,18 @@ class S3Connection:
 
     def _signing_key(self, day: str, secret: str) -> bytes:
         """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day (and again if the
-        credentials change)."""
+        credentials change).
+
+        The cache keeps a SHA-256 digest of the secret, to notice new credentials,
+        never the secret itself: ``vars(conn)`` must not show it.
+        """
+        digest = hashlib.sha256(secret.encode()).digest()
         cached = self._day_key
-        if cached is None or cached[:2] != (day, secret):
+        if cached is None or cached[:2] != (day, digest):
             key = f"AWS4{secret}".encode()
             for part in (day, self.region, "s3", "aws4_request"):
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            cached = self._day_key = (day, secret, key)
+            cached = self._day_key = (day, digest, key)
         return cached[2]
 
     def request(
@@ -352,11 +379,17 @@ class S3Connection:
         headers: dict | None = None,
         body: bytes | memoryview | None = None,
         stream: bool = False,
+        wait: float | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send one request (signed when the connection has credentials).
 
+        Args:
+            wait: seconds the whole request may take, all tries together (see
+                :meth:`_request_within`); ``None``: each try may take up to ``connect_timeout``
+                plus ``timeout`` per read, and ``retries`` tries follow a failure.
+
         Raises:
-            OfflineError: the endpoint cannot be reached.
+            OfflineError: the endpoint cannot be reached (or did not answer in time).
         """
         headers = dict(headers or {})
         client = self._client()
@@ -365,6 +398,8 @@ class S3Connection:
         with self._counts_lock:
             self.request_counts[method] += 1
         try:
+            if wait is not None:
+                return self._request_within(client, wait, method, url, headers, body, stream)
             return client.request(
                 method, url, headers=headers, body=body, preload_content=not stream,
                 redirect=False,
@@ -374,6 +409,50 @@ class S3Connection:
                 f"Cannot reach {urlsplit(url).netloc} ({type(exc).__name__}: {exc}); "
                 "check the endpoint and your network, or work offline."
             ) from None
+
+    def _request_within(
+        self,
+        client: urllib3.PoolManager,
+        wait: float,
+        method: str,
+        url: str,
+        headers: dict,
+        body: Any,
+        stream: bool,
+    ) -> urllib3.BaseHTTPResponse:
+        """A request whose tries all end within ``wait`` seconds (its body too, unless
+        ``stream``: then each read of it takes at most the time the last try had left).
+
+        Each try may take the time left (its connection at most ``connect_timeout``,
+        each read at most ``timeout``);
+        a failed try (connection error, 429, 5xx) is retried, as any request is, while
+        time is left for the pause before the retry. An endpoint that accepts
+        connections and never answers thus costs ``wait`` seconds, not ``retries + 1``
+        read timeouts.
+        """
+        end = time.monotonic() + wait
+        pause, retries = _BACKOFF, self.retries
+
+        def may_retry() -> bool:
+            return retries > 0 and end - time.monotonic() > pause
+
+        while True:
+            timeout = self._timeouts(min(self.timeout, max(end - time.monotonic(), _MIN_TRY)))
+            try:
+                response = client.request(
+                    method, url, headers=headers, body=body, redirect=False, retries=False,
+                    timeout=timeout, preload_content=not stream,
+                )
+            except urllib3.exceptions.HTTPError:
+                if not may_retry():
+                    raise
+            else:
+                if response.status not in _RETRY_STATUSES or not may_retry():
+                    return response
+                response.drain_conn()
+            time.sleep(pause)
+            pause *= 2
+            retries -= 1
 
     def _fail(self, response: urllib3.BaseHTTPResponse, what: str) -> RemoteError:
         """The typed error for a failed response (returned, for the caller to raise)."""
@@ -401,20 +480,28 @@ class S3Connection:
     # ------------------------------------------------------------ object operations
 
     def get(
-        self, suffix: str, etag: str | None = None, max_bytes: int | None = None
+        self,
+        suffix: str,
+        etag: str | None = None,
+        max_bytes: int | None = None,
+        wait: float | None = None,
     ) -> Fetched | NotModified:
         """GET the object ``db_key + suffix``; conditional on ``etag`` when given.
 
         With ``max_bytes``, the body is streamed and the download stops as soon as it
         passes that many bytes (or at once, if the server announces more): a huge
-        object never gets into memory.
+        object never gets into memory. ``wait``: seconds the GET may take, all tries
+        together (see :meth:`request`).
 
         Raises:
             RemoteNotFoundError: no such object (or not public, anonymously).
             IntegrityError: the object is larger than ``max_bytes``.
+            OfflineError: the endpoint cannot be reached, or did not answer in time.
         """
         headers = {"If-None-Match": etag} if etag else None
-        response = self.request("GET", self._url(suffix), headers, stream=max_bytes is not None)
+        response = self.request(
+            "GET", self._url(suffix), headers, stream=max_bytes is not None, wait=wait
+        )
         try:
             if response.status == 304:
                 return NotModified(etag)
@@ -976,12 +1063,13 @@ def _default_credentials():
     return credentials
 
 
-def connection_from(remote: S3Connection | str | None) -> S3Connection | None:
-    """Normalize what :func:`ebooklet.open` accepts as ``remote``."""
+def connection_from(remote: S3Connection | str | None, timeout: float | None = None) -> S3Connection | None:
+    """Normalize what :func:`ebooklet.open` accepts as ``remote``; a URL string's
+    connection takes ``timeout`` (when given) as its :class:`S3Connection` ``timeout``."""
     if remote is None or isinstance(remote, S3Connection):
         return remote
     if isinstance(remote, str):
-        return S3Connection(db_url=remote)
+        return S3Connection(db_url=remote) if timeout is None else S3Connection(db_url=remote, timeout=timeout)
     raise TypeError(
         f"remote must be an S3Connection, a public URL string or None, not {type(remote).__name__}."
     )

@@ -281,11 +281,16 @@ class IndexMirror:
 
     Holds two manifests: ``head`` (the newest seen, which reads use) and
     ``synced`` (the one the local state was last reconciled with by pull or push).
+
+    Opened with ``writable=False`` (local files that cannot be written), the file is
+    only read, if it exists; what is stored meanwhile is kept in memory and lost at
+    :meth:`close`.
     """
 
     def __init__(self, path: Path, writable: bool = True, timeout: float | None = None):
         self.path = Path(path)
         flag = "c" if writable else "r"
+        self._memory: dict[str, bytes | None] | None = None if writable else {}
         if not writable and not self.path.exists():
             self._db = None
         else:
@@ -303,6 +308,21 @@ class IndexMirror:
                 ) from None
         self._lock = threading.Lock()
 
+    def _get(self, name: str) -> bytes | None:
+        if self._memory is not None and name in self._memory:
+            return self._memory[name]
+        return self._db.get(name) if self._db is not None else None
+
+    def _put(self, name: str, data: bytes | None) -> None:
+        """Store (``None``: delete) one record, in memory when the file is read-only
+        (the caller holds the lock)."""
+        if self._memory is not None:
+            self._memory[name] = data
+        elif data is not None:
+            self._db[name] = data
+        elif name in self._db:
+            del self._db[name]
+
     def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
         """``(manifest, etag)`` stored under ``which`` ('head' or 'synced').
 
@@ -313,7 +333,7 @@ class IndexMirror:
         Raises:
             FormatVersionError: the cached manifest is of a newer format.
         """
-        raw = self._db.get(which) if self._db is not None else None
+        raw = self._get(which)
         if raw is None:
             return None, None
         try:
@@ -334,28 +354,25 @@ class IndexMirror:
     def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
         """Store a manifest and its ETag under ``which``."""
         with self._lock:
-            if manifest is None:
-                if which in self._db:
-                    del self._db[which]
-            else:
-                self._db[which] = orjson.dumps({"manifest": manifest, "etag": etag})
-            self._db.sync()
+            record = None if manifest is None else orjson.dumps({"manifest": manifest, "etag": etag})
+            self._put(which, record)
+            if self._memory is None:
+                self._db.sync()
 
     def get_shard(self, name: str) -> bytes | None:
         """The raw bytes of a fetched shard, or ``None``."""
-        return self._db.get("shard:" + name) if self._db is not None else None
+        return self._get("shard:" + name)
 
     def set_shard(self, name: str, data: bytes) -> None:
         """Store a fetched (immutable) shard."""
         with self._lock:
-            self._db["shard:" + name] = data
+            self._put("shard:" + name, data)
 
     def drop_shards(self, names: Iterable[str]) -> None:
         """Forget shards no longer referenced by the head manifest."""
         with self._lock:
             for name in names:
-                if "shard:" + name in self._db:
-                    del self._db["shard:" + name]
+                self._put("shard:" + name, None)
 
     def sync(self) -> None:
         if self._db is not None and self._db.writable:

@@ -435,8 +435,17 @@ def _writable_conn(db: EBooklet, what: str) -> S3Connection:
     if db._pinned is not None:
         raise ReadOnlyError(f"{db.path} is a snapshot of commit {db._pinned['seq']}; {what} needs the head.")
     conn = db._conn
-    if conn is None or not conn.writable:
-        raise ReadOnlyError(f"{what} needs a database opened with a writable S3Connection.")
+    if conn is not None and not conn.writable:
+        raise ReadOnlyError(
+            f"{what} cannot work through the public URL {conn.db_url}, which is read-only: "
+            "open the database with an S3Connection with credentials (access key id and "
+            "secret key)."
+        )
+    if conn is None:
+        raise ReadOnlyError(
+            f"{what} needs a database opened with an S3Connection with credentials; "
+            f"{db.path} was opened without a remote."
+        )
     if db.offline:
         raise OfflineError(f"{conn!r} cannot be reached; {what} needs the remote.")
     return conn
@@ -447,11 +456,15 @@ def delete_remote(db: EBooklet) -> DeleteResult:
 
     Takes the write lock first. In a versioned bucket every version is deleted
     for good. Deletes the manifest first (so no reader sees a half-deleted
-    database), then the rest, then the lock. The local files stay: the
-    database object goes on working offline from them.
+    database), then the rest, then the lock. The local files stay as a
+    local-only database whose values are all local edits (see
+    :meth:`EBooklet.delete_remote`): the database object goes on working offline
+    from them, and a push with a connection recreates the remote.
     """
     conn = _writable_conn(db, "delete_remote")
     lock = db._ensure_lock()
+    db._refresh()  # the cached values kept are those of the newest commit
+    db._hold_local_values()
     manifests = _versions(conn, "", exact=True)
     owned = _versions(conn, fmt.PREFIX) if manifests is not None else None
     if manifests is None or owned is None:
@@ -476,9 +489,7 @@ def delete_remote(db: EBooklet) -> DeleteResult:
     if _is_versioned(owned) or _is_versioned(manifests):
         remove(_versions(conn, fmt.LOCK_NAME, exact=True) or [])
     result.objects = len(keys)
-    db._conn = None
-    db._remote.conn = None
-    db.offline = True
+    db._forget_deleted_remote()
     return result
 
 

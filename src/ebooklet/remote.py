@@ -89,15 +89,18 @@ class RemoteIndex:
         """True when a remote manifest is known."""
         return self.manifest is not None
 
-    def fetch_manifest(self) -> tuple[dict | None, str | None]:
+    def fetch_manifest(self, wait: float | None = None) -> tuple[dict | None, str | None]:
         """GET the head manifest, conditional on the one we hold.
 
         Returns ``(manifest, etag)``; ``(None, None)`` when the database does not exist.
+        ``wait``: seconds the GET may take, all tries together (``None``: the
+        connection's timeouts and retries).
         """
         self._require_conn()
         try:
             answer = self.conn.get(
-                "", self.etag if self.manifest is not None else None, max_bytes=fmt.MAX_MANIFEST_BYTES
+                "", self.etag if self.manifest is not None else None,
+                max_bytes=fmt.MAX_MANIFEST_BYTES, wait=wait,
             )
         except RemoteNotFoundError as exc:
             if "Bucket" in str(exc):

@@ -106,6 +106,19 @@ def inflate(data: bytes | bytearray | memoryview) -> bytes:
         raise SerializationError(f"A value is not valid zstd data ({exc}).") from None
 
 
+def key_type(ks: Any) -> str | None:
+    """The Python type of the keys a booklet key serializer takes (``None``: another
+    serializer, which says itself what it can encode)."""
+    if ks is bk_serializers.Str:
+        return "str"
+    if ks is BYTES:
+        return "bytes"
+    name = getattr(ks, "__name__", "")
+    if name.startswith(("Int", "Uint")) and getattr(ks, "__module__", None) == bk_serializers.__name__:
+        return "int"
+    return None
+
+
 def _too_large(what: str) -> DecompressionLimitError:
     return DecompressionLimitError(
         f"A compressed value {what}, over the limit of {INFLATE_LIMIT:,} bytes "
