@@ -190,6 +190,9 @@ class ChangeLog:
         """
         self.path = Path(path)
         self.edits: dict[bytes, Edit] = {}
+        self.checked: dict[bytes, bytes] = {}
+        """key -> md5 of its edited value as this process wrote it to, or checked it in, the
+        data file (not journaled; forgotten with the edit): reads trust those values."""
         self._uploads: dict[bytes, Upload] = {}
         self._packs: list[tuple[bytes, bytes]] = []  # (pack id, footer) not read into _uploads yet
         self.replace = False
@@ -268,6 +271,7 @@ class ChangeLog:
             self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base), kind == RETIME)
         elif kind == CLEAN:
             self.edits.pop(key, None)
+            self.checked.pop(key, None)
         elif kind == UPLOADED:
             self._uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
         elif kind == PACK:
@@ -278,6 +282,7 @@ class ChangeLog:
             self.metadata_dirty = md5_ != NO_MD5
         elif kind == RESET:
             self.edits.clear()
+            self.checked.clear()
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
@@ -372,6 +377,7 @@ class ChangeLog:
         with self._lock:
             for key in keys:
                 self.edits.pop(key, None)
+                self.checked.pop(key, None)
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
