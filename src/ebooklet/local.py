@@ -500,24 +500,43 @@ class LocalMeta:
     """``P.ebk.json``: what the local files are a copy of (never credentials)."""
 
     def __init__(self, path: Path, damaged_ok: bool = False):
+        """Read ``path`` if it exists.
+
+        Args:
+            path: the file ``P.ebk.json``.
+            damaged_ok: a file that is not valid JSON reads as empty (flag 'n').
+
+        Raises:
+            IntegrityError: the file is not JSON, or a field has a wrong type or value.
+            FormatVersionError: written by a newer ebooklet.
+        """
         self.path = Path(path)
         self.data: dict[str, Any] = {}
         if self.path.exists():
             try:
-                self.data = orjson.loads(self.path.read_bytes())
+                data = orjson.loads(self.path.read_bytes())
             except orjson.JSONDecodeError:
                 if damaged_ok:
                     return
-                raise IntegrityError(
-                    f"{self.path} is not valid JSON; delete it and reopen with a connection "
-                    "to rebuild it (no pushed data is lost)."
-                ) from None
-            version = self.data.get("version")
-            if not isinstance(version, int) or version > LOCAL_FORMAT_VERSION:
+                raise self._damaged("it is not valid JSON") from None
+            problem = _meta_problem(data)
+            if problem is not None:
+                if damaged_ok:
+                    return
+                raise self._damaged(problem)
+            if data["version"] > LOCAL_FORMAT_VERSION:
                 raise FormatVersionError(
-                    f"{self.path} was written by a newer ebooklet (local format {version!r}); "
-                    "upgrade ebooklet."
+                    f"{self.path} was written by a newer ebooklet (local format "
+                    f"{data['version']}); upgrade ebooklet."
                 )
+            self.data = data
+
+    def _damaged(self, problem: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.path} is damaged: {problem}. It holds no data, only where the remote is "
+            "and this copy's ids: delete it and reopen the database with its connection (or "
+            "public URL) and serializers to rebuild it; no value or pending edit is lost."
+        )
 
     @property
     def owner_id(self) -> str:
@@ -535,6 +554,47 @@ class LocalMeta:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         os.replace(tmp, self.path)
+
+
+def _meta_problem(data: Any) -> str | None:
+    """What is wrong with the fields of a ``P.ebk.json`` (see docs/format.md 9.4), or ``None``."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    version = data.get("version")
+    if type(version) is not int or version < 1:
+        return f"field 'version' is {version!r}, not a positive integer"
+    for name, check, wanted in _META_FIELDS:
+        if name in data and not check(data[name]):
+            return f"field {name!r} is {data[name]!r:.80}, not {wanted}"
+    remote = data.get("remote")
+    if isinstance(remote, dict):
+        for name, value in remote.items():
+            if name not in _REMOTE_FIELDS or not (value is None or isinstance(value, str)):
+                return f"field 'remote' has {name!r:.40}: {value!r:.80}, not a location"
+    return None
+
+
+def _hex32(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _serializer_name(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value in booklet.serializers.serial_dict)
+
+
+#: (field, check, what it must be) of ``P.ebk.json``; 'version' and 'remote' are checked
+#: on their own.
+_META_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("format", lambda v: v == "ebooklet-local", "'ebooklet-local'"),
+    ("uuid", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a string (a database uuid)"),
+    ("owner_id", _hex32, "32 lowercase hex digits"),
+    ("key_serializer", _serializer_name, "a booklet serializer name or null"),
+    ("value_serializer", _serializer_name, "a booklet serializer name or null"),
+    ("n_buckets", lambda v: type(v) is int and 1 <= v < 1 << 40, "a positive integer"),
+    ("conditional_writes", lambda v: isinstance(v, bool), "true or false"),
+    ("remote", lambda v: v is None or isinstance(v, dict), "an object or null"),
+)
+_REMOTE_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
 
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
