@@ -353,7 +353,21 @@ class EBooklet(MutableMapping):
             self._data.set(key, raw, timestamp=timestamp, encode_value=False)
 
     def _cached(self, key: Any) -> tuple[int, bytes] | None:
-        return self._data.get_timestamp(key, include_value=True, decode_value=False)
+        """``(timestamp, encoded value)`` of ``key`` in the data file, or ``None``.
+
+        Raises:
+            IntegrityError: the data file is too damaged to look the key up (booklet
+                follows index positions that lead nowhere).
+        """
+        try:
+            return self._data.get_timestamp(key, include_value=True, decode_value=False)
+        except (OSError, ValueError, IndexError, OverflowError) as exc:
+            raise IntegrityError(
+                f"{self.path} is damaged: looking up key {key!r:.80} failed "
+                f"({type(exc).__name__}: {exc}). Move it away (keep it: plain booklet may "
+                "still read some values) and reopen: pushed values are downloaded again; "
+                "the unpushed values that were in it are lost, and the reopen says how many."
+            ) from None
 
     def _scan(self, include_value: bool = True) -> Iterator[tuple]:
         """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`local.scan`."""
