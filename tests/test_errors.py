@@ -310,13 +310,15 @@ def test_corrupted_local_file_is_an_integrity_error(
     with damaged.open("r+b") as f:
         f.write(b"\xde\xad\xbe\xef" * 64)
 
-    for flag in ("r", "w"):
+    # A damaged journal is moved aside by the first open that finds it (kept, see
+    # test_local_damage.py), so only that open fails.
+    for flag in ("r",) if suffix == ".local_hash" else ("r", "w"):
         with pytest.raises(IntegrityError, match=damaged.name):
             ebooklet.open(conn, path, flag)
     assert remote_objects(s3_server, db_key) == before_remote
     assert read_back(conn, tmp_path / "fresh") == values
 
-    damaged.unlink()
+    damaged.unlink(missing_ok=True)
     if suffix == "":  # the unpushed value went with the data file; the pushed one is back
         with pytest.warns(RuntimeWarning, match="lost"):
             ebooklet.open(conn, path, "r").close()

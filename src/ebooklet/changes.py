@@ -73,7 +73,8 @@ class _Plan(NamedTuple):
 class _LargeUploads:
     """Large values (over :data:`PART_SIZE`) of a push, uploaded in the background.
 
-    A worker hashes a value, notes it in ``duplicates`` when its md5 is in ``known``
+    A worker hashes a value (which must be the md5 journaled with its edit, else the push
+    fails with :class:`IntegrityError`), notes it in ``duplicates`` when its md5 is in ``known``
     (md5 -> location, ``None`` while being uploaded by this push), else uploads it as a
     pack of its own (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run
     on the connection's pool, hence a pool of its own here). At most
@@ -82,9 +83,15 @@ class _LargeUploads:
     """
 
     def __init__(
-        self, remote: Any, known: dict[bytes, Entry | None], duplicates: list, finished: Callable
+        self,
+        remote: Any,
+        known: dict[bytes, Entry | None],
+        duplicates: list,
+        finished: Callable,
+        damaged: Callable[[bytes], Exception],
     ):
         self._remote = remote
+        self._damaged = damaged
         self._known = known
         self._duplicates = duplicates
         self._finished = finished
@@ -94,12 +101,17 @@ class _LargeUploads:
         self._held = 0
         self._uploaded = 0
 
-    def add(self, kb: bytes, ts: int, raw: bytes) -> None:
-        """Upload ``raw`` once fewer bytes are in flight (waits for the oldest uploads)."""
+    def add(self, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
+        """Upload ``raw``, whose md5 must be ``expected``, once fewer bytes are in flight
+        (waits for the oldest uploads)."""
         while self._pending and self._held + len(raw) > LARGE_IN_FLIGHT:
             self._collect()
-        self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw)))
+        self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw, expected)))
         self._held += len(raw)
+
+    def cancel(self) -> None:
+        """The push fails: start no more uploads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> int:
         """Wait for every upload; returns the bytes uploaded."""
@@ -113,7 +125,7 @@ class _LargeUploads:
         try:
             kb, m, ts, done = future.result()
         except BaseException:
-            self._pool.shutdown(wait=False, cancel_futures=True)  # the push fails: stop the rest
+            self.cancel()
             raise
         self._pending.popleft()
         self._held -= size
@@ -123,9 +135,13 @@ class _LargeUploads:
             self._uploaded += size
             self._finished(done)
 
-    def _upload(self, kb: bytes, ts: int, raw: bytes) -> tuple[bytes, bytes, int, PackUpload | None]:
+    def _upload(
+        self, kb: bytes, ts: int, raw: bytes, expected: bytes
+    ) -> tuple[bytes, bytes, int, PackUpload | None]:
         hashed = hashlib.md5(raw, usedforsecurity=False)
         m = hashed.digest()
+        if m != expected:
+            raise self._damaged(kb)
         with self._claim:
             duplicate = m in self._known
             if not duplicate:
@@ -433,24 +449,35 @@ class Changes:
             while len(in_flight) > conn.threads:
                 finished(in_flight.pop(0).result())
 
-        large = _LargeUploads(remote, known, duplicates, finished)
-        # A key missing from the data file was journaled by a write that never reached
-        # it (a crash): there is nothing to push for it.
-        for kb, ts, raw in db._stored_values(sets):
-            if len(raw) > PART_SIZE:
-                large.add(kb, ts, raw)
-                del raw  # the upload holds it as long as needed
-                continue
-            m = fmt.md5(raw)
-            if m in known:
-                duplicates.append((kb, m, ts))
-                continue
-            known[m] = None  # being uploaded by this push
-            uploaded += len(raw)
-            pack.append((kb, raw, m, ts))
-            pack_size += len(raw)
-            if pack_size >= PACK_SIZE:
-                send_pack()
+        large = _LargeUploads(remote, known, duplicates, finished, lambda kb: db._damaged_edit(kb, True))
+        # Every value must be the one journaled with its edit: a value missing from the
+        # data file or another one there (a crash before it was written, or damage) fails
+        # the push before its commit, naming the key.
+        missing = set(sets)
+        try:
+            for kb, ts, raw in db._stored_values(sets):
+                missing.discard(kb)
+                if len(raw) > PART_SIZE:
+                    large.add(kb, ts, raw, sets[kb])
+                    del raw  # the upload holds it as long as needed
+                    continue
+                m = fmt.md5(raw)
+                if m != sets[kb]:
+                    raise db._damaged_edit(kb, True)
+                if m in known:
+                    duplicates.append((kb, m, ts))
+                    continue
+                known[m] = None  # being uploaded by this push
+                uploaded += len(raw)
+                pack.append((kb, raw, m, ts))
+                pack_size += len(raw)
+                if pack_size >= PACK_SIZE:
+                    send_pack()
+            if missing:
+                raise db._damaged_edit(min(missing), False)
+        except BaseException:
+            large.cancel()
+            raise
         send_pack()
         uploaded += large.wait()
         for future in in_flight:

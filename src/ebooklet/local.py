@@ -19,11 +19,14 @@ Byte layouts are in ``docs/format.md``.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import threading
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from hashlib import blake2s
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,13 +41,21 @@ LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16
 """Base md5 not yet known: the key's shard was not fetched when it was edited."""
 
-_LOG_MAGIC = b"EBKLOG01"
-_RECORD = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
+_LOG_MAGIC = b"EBKLOG02"
+_LOG_MAGIC_V1 = b"EBKLOG01"  # records without checksums: read, then rewritten as version 2
+_RECORD_V1 = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
+_HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 bytes
+_CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
+_KEY_MAX = (1 << 16) - 1  # booklet keeps a key's length in 2 bytes
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET = (
     b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X"
 )
+_KEY_KINDS = (SET, DELETE, RETIME, CLEAN)
+_EMPTY_KINDS = (UPLOADED, REPLACE, METADATA, RESET)  # records with no key
+DAMAGED_SUFFIX = ".damaged-"
+"""A damaged journal ``P.local_hash`` is kept as ``P.local_hash.damaged-<UTC time>``."""
 
 
 class Edit(NamedTuple):
@@ -78,17 +89,110 @@ def _md5_or_none(raw: bytes) -> bytes | None:
     return None if raw == NO_MD5 else raw
 
 
+class _Damaged(Exception):
+    """A journal is damaged at byte ``offset`` (``reason`` says how)."""
+
+    def __init__(self, offset: int, reason: str):
+        super().__init__(offset, reason)
+        self.offset = offset
+        self.reason = reason
+
+
+def _parse_journal(data: bytes) -> tuple[list[tuple[bytes, bytes, bytes, bytes, bytes]], int]:
+    """The records ``(kind, key, md5, base, extra)`` of a journal file's bytes, and the
+    length of its intact part (shorter than ``data`` when a last record was cut short).
+
+    Raises:
+        _Damaged: anything else is wrong (magic, a checksum, a kind, a length).
+    """
+    magic = data[: len(_LOG_MAGIC)]
+    if magic == _LOG_MAGIC:
+        return _parse_records(memoryview(data), len(magic))
+    if magic == _LOG_MAGIC_V1:
+        return _parse_records_v1(data, len(magic))
+    raise _Damaged(0, "it does not start with the magic bytes of an ebooklet change log")
+
+
+def _parse_records(data: memoryview, pos: int) -> tuple[list[tuple], int]:
+    """Records of format 2 from ``pos`` (see :func:`_parse_journal`). A record whose head
+    is incomplete, or whose head is intact and says it goes past the end, is the last
+    one, cut short; every other record must pass both its checksums."""
+    records = []
+    end = len(data)
+    while end - pos >= _HEAD.size:
+        kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(data, pos)
+        if zlib.crc32(data[pos : pos + _RECORD_V1.size]) != head_crc:
+            raise _Damaged(pos, "a record's head fails its checksum")
+        _check_record(pos, kind, key_len)
+        key_at = pos + _HEAD.size
+        stop = key_at + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
+        if stop + _CHECK.size > end:
+            break  # the last record, cut short by a crash: the change after it never happened
+        if zlib.crc32(data[pos:stop]) != _CHECK.unpack_from(data, stop)[0]:
+            raise _Damaged(pos, "a record fails its checksum")
+        records.append((kind, bytes(data[key_at : key_at + key_len]), md5_, base,
+                        bytes(data[key_at + key_len : stop])))
+        pos = stop + _CHECK.size
+    return records, pos
+
+
+def _parse_records_v1(data: bytes, pos: int) -> tuple[list[tuple], int]:
+    """Records of format 1 (no checksums) from ``pos``: whatever follows the last whole
+    record counts as cut short."""
+    records = []
+    end = len(data)
+    while pos + _RECORD_V1.size <= end:
+        kind, key_len, md5_, base = _RECORD_V1.unpack_from(data, pos)
+        _check_record(pos, kind, key_len)
+        key_at = pos + _RECORD_V1.size
+        stop = key_at + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
+        if stop > end:
+            break
+        records.append((kind, data[key_at : key_at + key_len], md5_, base, data[key_at + key_len : stop]))
+        pos = stop
+    return records, pos
+
+
+def _check_record(pos: int, kind: bytes, key_len: int) -> None:
+    """Refuse a record kind this version does not know, or a key length its kind cannot have."""
+    if kind in _KEY_KINDS:
+        if key_len > _KEY_MAX:
+            raise _Damaged(pos, f"a record claims a key of {key_len:,} bytes")
+    elif kind in _EMPTY_KINDS:
+        if key_len:
+            raise _Damaged(pos, f"a record of kind {kind!r} claims a key of {key_len:,} bytes")
+    elif kind != PACK:
+        raise _Damaged(pos, f"a record has an unknown kind {kind!r}")
+
+
 class ChangeLog:
     """The ``P.local_hash`` journal: pending local edits and uncommitted uploads.
 
     The whole state is kept in memory (it is proportional to what was edited
     since the last push); the file is only appended to, and rewritten compactly
-    after a push.
+    after a push. Every record carries checksums: only a last record cut short (a
+    write killed midway) is dropped; a journal damaged anywhere else is moved aside
+    (never deleted) and opening it raises :class:`IntegrityError`.
     """
 
     def __init__(self, path: Path, writable: bool = True, damaged_ok: bool = False):
+        """Read the journal at ``path`` (if any) and, when ``writable``, open it for appending.
+
+        Args:
+            path: the journal file ``P.local_hash``.
+            writable: append to it (a torn last record is cut away first, and a journal
+                of format version 1 is rewritten in the current one).
+            damaged_ok: do not read an existing journal (flag 'n' replaces it).
+
+        Raises:
+            IntegrityError: the journal is damaged; when ``writable`` it was moved to
+                ``P.local_hash.damaged-<time>`` first (see :meth:`_set_aside`).
+        """
         self.path = Path(path)
         self.edits: dict[bytes, Edit] = {}
+        self.checked: dict[bytes, bytes] = {}
+        """key -> md5 of its edited value as this process wrote it to, or checked it in, the
+        data file (not journaled; forgotten with the edit): reads trust those values."""
         self._uploads: dict[bytes, Upload] = {}
         self._packs: list[tuple[bytes, bytes]] = []  # (pack id, footer) not read into _uploads yet
         self.replace = False
@@ -96,36 +200,70 @@ class ChangeLog:
         self._lock = threading.RLock()
         self._records = 0
         self._fd: int | None = None
+        self._size = 0  # bytes in the file, so that a short write can be undone
+        rewrite = False
         if self.path.exists() and not damaged_ok:
-            data = self.path.read_bytes()
-            valid = self._replay(data)
-            if writable and valid < len(data):
-                os.truncate(self.path, valid)
+            rewrite = self._load(writable)
         if writable:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if os.fstat(self._fd).st_size == 0:
-                os.write(self._fd, _LOG_MAGIC)
+            self._size = os.fstat(self._fd).st_size
+            if self._size == 0:
+                self._append(_LOG_MAGIC)
+            elif rewrite:
+                self.compact()
 
-    def _replay(self, data: bytes) -> int:
-        """Load the journal; returns the length of its intact part."""
+    def _load(self, writable: bool) -> bool:
+        """Replay the journal file; returns whether it is to be rewritten (format 1).
+        A torn last record is cut away when ``writable``."""
+        data = self.path.read_bytes()
         if not data:
-            return 0
-        if data[:8] != _LOG_MAGIC:
-            raise IntegrityError(
-                f"{self.path} is not an ebooklet change log; move it away and call "
-                "get_local_hash() to rebuild it from the data file."
+            return False
+        try:
+            records, intact = _parse_journal(data)
+        except _Damaged as damage:
+            raise self._set_aside(damage, writable) from None
+        for record in records:
+            self._apply(*record)
+        old_format = data[: len(_LOG_MAGIC)] == _LOG_MAGIC_V1
+        if writable and intact < len(data):
+            if old_format:  # no checksums to tell a torn record from damage: keep a copy
+                kept = self._damaged_name()
+                shutil.copyfile(self.path, kept)
+                warnings.warn(
+                    f"{self.path} (format 1) ended with {len(data) - intact} byte(s) that are "
+                    f"not a whole record, dropped as a write cut short; the file as it was is "
+                    f"kept at {kept}.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            else:
+                os.truncate(self.path, intact)
+        return writable and old_format
+
+    def _damaged_name(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        return self.path.with_name(self.path.name + DAMAGED_SUFFIX + stamp)
+
+    def _set_aside(self, damage: _Damaged, writable: bool) -> IntegrityError:
+        """The error for a damaged journal; when ``writable``, the file is first renamed to
+        ``P.local_hash.damaged-<time>`` (kept, never deleted) so that a reopen starts a new one."""
+        what = f"{self.path} is damaged at byte {damage.offset}: {damage.reason}."
+        rebuild = (
+            "call get_local_hash() before reading anything: it rebuilds the pending edits "
+            "from the data file (every value there that differs from the remote becomes a "
+            "pending edit again; unpushed deletions are not recovered)"
+        )
+        if not writable:
+            return IntegrityError(
+                f"{what} Nothing was changed. Open the database with flag 'w' to set the "
+                f"damaged journal aside, then {rebuild}."
             )
-        pos, end = 8, len(data)
-        while pos + _RECORD.size <= end:
-            kind, key_len, md5_, base = _RECORD.unpack_from(data, pos)
-            stop = pos + _RECORD.size + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
-            if stop > end:
-                break  # a record cut short by a crash: the edit after it never happened
-            key = data[pos + _RECORD.size : pos + _RECORD.size + key_len]
-            extra = data[pos + _RECORD.size + key_len : stop]
-            self._apply(kind, key, md5_, base, extra)
-            pos = stop
-        return pos
+        kept = self._damaged_name()
+        os.replace(self.path, kept)
+        return IntegrityError(
+            f"{what} It was moved to {kept} (kept, not deleted), so the next open starts an "
+            f"empty journal that knows no pending edit. Reopen the database and {rebuild}."
+        )
 
     def _apply(self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes) -> None:
         self._records += 1
@@ -133,6 +271,7 @@ class ChangeLog:
             self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base), kind == RETIME)
         elif kind == CLEAN:
             self.edits.pop(key, None)
+            self.checked.pop(key, None)
         elif kind == UPLOADED:
             self._uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
         elif kind == PACK:
@@ -143,22 +282,31 @@ class ChangeLog:
             self.metadata_dirty = md5_ != NO_MD5
         elif kind == RESET:
             self.edits.clear()
+            self.checked.clear()
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
             self.metadata_dirty = False
-        else:
-            raise IntegrityError(f"{self.path} holds an unknown record kind {kind!r}.")
 
     @staticmethod
     def _encode(kind: bytes, key: bytes, md5_: bytes | None, base: bytes | None, extra: bytes = b"") -> bytes:
-        return _RECORD.pack(kind, len(key), md5_ or NO_MD5, base or NO_MD5) + key + extra
+        head = _RECORD_V1.pack(kind, len(key), md5_ or NO_MD5, base or NO_MD5)
+        head += _CHECK.pack(zlib.crc32(head))
+        return b"".join((head, key, extra, _CHECK.pack(zlib.crc32(extra, zlib.crc32(key, zlib.crc32(head))))))
 
     def _append(self, blob: bytes) -> None:
-        """Append encoded records with one ``os.write`` (the caller holds the lock)."""
+        """Append encoded records with one ``os.write`` (the caller holds the lock); a
+        write the kernel cuts short (a full disk) is undone and raises ``OSError``."""
         if self._fd is None:
             raise IntegrityError(f"{self.path} is open read-only.")
-        os.write(self._fd, blob)
+        written = os.write(self._fd, blob)
+        if written != len(blob):
+            os.ftruncate(self._fd, self._size)
+            raise OSError(
+                f"Only {written} of {len(blob)} bytes could be written to {self.path} (is the "
+                "disk full?); nothing was journaled and the change was not made."
+            )
+        self._size += written
 
     def _write(self, records: list[tuple]) -> None:
         blob = b"".join(self._encode(*r) for r in records)
@@ -236,6 +384,7 @@ class ChangeLog:
         with self._lock:
             for key in keys:
                 self.edits.pop(key, None)
+                self.checked.pop(key, None)
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
@@ -256,10 +405,12 @@ class ChangeLog:
             if self.metadata_dirty:
                 records.append((METADATA, b"", b"\x01" * 16, None))
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_bytes(_LOG_MAGIC + b"".join(self._encode(*r) for r in records))
+            blob = _LOG_MAGIC + b"".join(self._encode(*r) for r in records)
+            tmp.write_bytes(blob)
             os.replace(tmp, self.path)
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._size = len(blob)
             self._records = len(records)
 
     def needs_compaction(self) -> bool:
@@ -393,24 +544,43 @@ class LocalMeta:
     """``P.ebk.json``: what the local files are a copy of (never credentials)."""
 
     def __init__(self, path: Path, damaged_ok: bool = False):
+        """Read ``path`` if it exists.
+
+        Args:
+            path: the file ``P.ebk.json``.
+            damaged_ok: a file that is not valid JSON reads as empty (flag 'n').
+
+        Raises:
+            IntegrityError: the file is not JSON, or a field has a wrong type or value.
+            FormatVersionError: written by a newer ebooklet.
+        """
         self.path = Path(path)
         self.data: dict[str, Any] = {}
         if self.path.exists():
             try:
-                self.data = orjson.loads(self.path.read_bytes())
+                data = orjson.loads(self.path.read_bytes())
             except orjson.JSONDecodeError:
                 if damaged_ok:
                     return
-                raise IntegrityError(
-                    f"{self.path} is not valid JSON; delete it and reopen with a connection "
-                    "to rebuild it (no pushed data is lost)."
-                ) from None
-            version = self.data.get("version")
-            if not isinstance(version, int) or version > LOCAL_FORMAT_VERSION:
+                raise self._damaged("it is not valid JSON") from None
+            problem = _meta_problem(data)
+            if problem is not None:
+                if damaged_ok:
+                    return
+                raise self._damaged(problem)
+            if data["version"] > LOCAL_FORMAT_VERSION:
                 raise FormatVersionError(
-                    f"{self.path} was written by a newer ebooklet (local format {version!r}); "
-                    "upgrade ebooklet."
+                    f"{self.path} was written by a newer ebooklet (local format "
+                    f"{data['version']}); upgrade ebooklet."
                 )
+            self.data = data
+
+    def _damaged(self, problem: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.path} is damaged: {problem}. It holds no data, only where the remote is "
+            "and this copy's ids: delete it and reopen the database with its connection (or "
+            "public URL) and serializers to rebuild it; no value or pending edit is lost."
+        )
 
     @property
     def owner_id(self) -> str:
@@ -440,6 +610,47 @@ class LocalMeta:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         os.replace(tmp, self.path)
+
+
+def _meta_problem(data: Any) -> str | None:
+    """What is wrong with the fields of a ``P.ebk.json`` (see docs/format.md 9.4), or ``None``."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    version = data.get("version")
+    if type(version) is not int or version < 1:
+        return f"field 'version' is {version!r}, not a positive integer"
+    for name, check, wanted in _META_FIELDS:
+        if name in data and not check(data[name]):
+            return f"field {name!r} is {data[name]!r:.80}, not {wanted}"
+    remote = data.get("remote")
+    if isinstance(remote, dict):
+        for name, value in remote.items():
+            if name not in _REMOTE_FIELDS or not (value is None or isinstance(value, str)):
+                return f"field 'remote' has {name!r:.40}: {value!r:.80}, not a location"
+    return None
+
+
+def _hex32(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _serializer_name(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value in booklet.serializers.serial_dict)
+
+
+#: (field, check, what it must be) of ``P.ebk.json``; 'version' and 'remote' are checked
+#: on their own.
+_META_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("format", lambda v: v == "ebooklet-local", "'ebooklet-local'"),
+    ("uuid", lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a string (a database uuid)"),
+    ("owner_id", _hex32, "32 lowercase hex digits"),
+    ("key_serializer", _serializer_name, "a booklet serializer name or null"),
+    ("value_serializer", _serializer_name, "a booklet serializer name or null"),
+    ("n_buckets", lambda v: type(v) is int and 1 <= v < 1 << 40, "a positive integer"),
+    ("conditional_writes", lambda v: isinstance(v, bool), "true or false"),
+    ("remote", lambda v: v is None or isinstance(v, dict), "an object or null"),
+)
+_REMOTE_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
 
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
