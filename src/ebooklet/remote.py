@@ -392,10 +392,26 @@ class RemoteIndex:
             head, head_etag = self._read_back()
             if head is not None and head.get("commit_id") == manifest["commit_id"]:
                 etag = head_etag
+            elif head is None and base_etag is None and isinstance(exc, PreconditionFailed):
+                raise self._folder_error() from None
             else:
                 raise exc from None
         self.adopt(manifest, etag)
         return etag
+
+    def _folder_error(self) -> RemoteError:
+        """The creating PUT (``If-None-Match: *``) failed although no manifest can be
+        read: no writer committed first. Path-based stores (SeaweedFS) answer so when
+        other objects use the database's key as a folder (``D/...``); retrying cannot
+        help."""
+        key = self.conn.db_key
+        return RemoteError(
+            f"Cannot create the database at {key!r}: the server refused to create it "
+            "(412) although no database is there. Other objects probably use it as a "
+            f"folder ({key}/...): path-based stores such as SeaweedFS then refuse the "
+            "conditional create (If-None-Match) that keeps concurrent creators apart. "
+            "Choose another db_key, or move the objects under it."
+        )
 
     def _read_back(self) -> tuple[dict | None, str | None]:
         try:
