@@ -90,6 +90,7 @@ class SeaweedFS:
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self._ports: list[int] = []
         self.port: int | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -105,8 +106,8 @@ class SeaweedFS:
         (self._dir / "data").mkdir()
         config = self._dir / "s3.json"
         config.write_text(json.dumps(self._identities()))
-        master, volume, filer, s3 = _free_ports(4)
-        grpc = _free_ports(4)
+        self._ports = _free_ports(8)
+        master, volume, filer, s3, *grpc = self._ports
         self.port = s3
         argv = [
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -192,29 +193,26 @@ class SeaweedFS:
             ),
         )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (SIGKILL after ``timeout`` s), then remove the data folder."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def stop(self) -> None:
+        """Kill the server and remove its data folder and sockets. SIGKILL, not SIGTERM:
+        weed's graceful stop takes over 10 s, and nothing it holds is kept anyway."""
+        self.kill()
+        self._proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        for port in self._ports:  # weed's gRPC also listens on /tmp/seaweedfs-*-<port>.sock
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL at once, as in a crash (call :meth:`stop` to clean up)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
             self._proc.wait()
 
     def pause(self) -> None:
