@@ -15,6 +15,13 @@ with a public-read bucket. To run the same suite against a real S3-compatible st
 ``EBOOKLET_TEST_PUBLIC_URL`` (optional)
     the base URL where the bucket's objects are publicly readable
     (e.g. ``https://pub-xxx.r2.dev``); without it, public-URL tests are skipped.
+``EBOOKLET_TEST_FRESH_SERVER`` (optional)
+    ``seaweedfs``: tests that kill or freeze a server of their own (``fresh_server``)
+    start a private SeaweedFS (``tests/seaweedfs.py``); unset, they are skipped
+    when ``EBOOKLET_TEST_ENDPOINT`` is set.
+
+``python tests/seaweedfs.py -- python -m pytest`` runs the suite against a SeaweedFS
+server it starts on loopback, with all of these set.
 
 Fixtures (see each docstring): ``s3_server``, ``boto3_client``, ``db_key``, ``conn``,
 ``make_conn``, ``public_url``, ``reader``, ``fresh_server``.
@@ -100,7 +107,8 @@ class S3Target:
         public_base_url: base URL where ``{public_base_url}/{key}`` reads object ``key``
             anonymously, or ``None`` when the bucket is not public.
         is_local: ``True`` for a moto_server started by the tests.
-        server: that :class:`~ebooklet.server.LocalS3Server` (``None`` when external),
+        server: the server the tests started: a :class:`~ebooklet.server.LocalS3Server`,
+            or a ``tests/seaweedfs.py`` ``SeaweedFS`` for ``fresh_server`` (``None`` when external),
             e.g. to ``kill()``/``pause()`` it or read ``request_counts()``.
     """
 
@@ -158,6 +166,24 @@ class S3Target:
                     client.delete_object(Bucket=self.bucket, Key=k)
             deleted += len(keys)
         return deleted
+
+
+def folder_blocks_create(target: S3Target, prefix: str) -> bool:
+    """Whether the store refuses to create object ``K`` with ``If-None-Match: *`` when
+    objects ``K/...`` exist (path-based stores such as SeaweedFS do; AWS and moto do
+    not). Probed under ``prefix``, cleaned up after."""
+    client = target.client()
+    key = f"{prefix}/folder-probe"
+    client.put_object(Bucket=target.bucket, Key=f"{key}/child", Body=b"")
+    try:
+        client.put_object(Bucket=target.bucket, Key=key, Body=b"", IfNoneMatch="*")
+    except client.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] != "PreconditionFailed":
+            raise
+        return True
+    finally:
+        target.delete_prefix(key)
+    return False
 
 
 def _close(obj: Any) -> None:
@@ -366,17 +392,39 @@ def reader(
     return Reader(request.param, s3_server, db_key, make_conn)
 
 
+def _start_seaweedfs_target() -> S3Target:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from seaweedfs import SeaweedFS
+
+    server = SeaweedFS().start()
+    return S3Target(
+        endpoint_url=server.endpoint_url,
+        access_key_id=server.access_key_id,
+        access_key=server.access_key,
+        bucket=server.bucket,
+        region=server.region,
+        public_base_url=server.public_url(server.bucket),
+        is_local=False,
+        server=server,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def fresh_server() -> Iterator[S3Target]:
-    """A private moto_server for this test alone, with a public bucket.
+    """A private server for this test alone, with a public bucket: a moto_server, or
+    a SeaweedFS when ``EBOOKLET_TEST_FRESH_SERVER=seaweedfs`` (``tests/seaweedfs.py``
+    sets it).
 
     For tests that stop, kill (``fresh_server.server.kill()``) or freeze
-    (``.pause()``/``.resume()``) the server. Skipped when an external endpoint
+    (``.pause()``/``.resume()``) the server. Skipped when another external endpoint
     is configured. Make connections with ``fresh_server.connection(db_key)``.
     """
-    if _env("EBOOKLET_TEST_ENDPOINT") is not None:
-        pytest.skip("fresh_server needs a local moto_server (EBOOKLET_TEST_ENDPOINT is set)")
-    target = _start_local_target()
+    if _env("EBOOKLET_TEST_FRESH_SERVER") == "seaweedfs":
+        target = _start_seaweedfs_target()
+    elif _env("EBOOKLET_TEST_ENDPOINT") is not None:
+        pytest.skip("fresh_server needs a server of its own (set EBOOKLET_TEST_FRESH_SERVER)")
+    else:
+        target = _start_local_target()
     try:
         yield target
     finally:

@@ -30,12 +30,15 @@ CACHED = ["k0", "k1", "k2", "k3", "k4"]
 _made: list[ebooklet.S3Connection] = []
 
 
-def remote_for(target: Any, kind: str) -> ebooklet.S3Connection:
-    """A connection that gives up quickly: 1 s timeout, no retries (closed after the test)."""
+def remote_for(target: Any, kind: str, quick: bool = True) -> ebooklet.S3Connection:
+    """A connection that gives up quickly (1 s timeout, no retries), or with ``quick=False``
+    one with the default patience, for the steps before the outage (a server starting
+    up may take over a second to answer its first writes); closed after the test."""
+    params = {"timeout": 1, "retries": 0} if quick else {}
     if kind == "connection":
-        conn = target.connection(DB_KEY, timeout=1, retries=0)
+        conn = target.connection(DB_KEY, **params)
     else:
-        conn = ebooklet.S3Connection(db_url=target.public_url(DB_KEY), timeout=1, retries=0)
+        conn = ebooklet.S3Connection(db_url=target.public_url(DB_KEY), **params)
     _made.append(conn)
     return conn
 
@@ -57,14 +60,14 @@ def cut_off(target: Any, outage: str) -> None:
 def read_remote(target: Any, tmp_path: Path) -> dict:
     """Everything the remote holds, read through a brand-new local copy."""
     path = tmp_path / f"check-{time.time_ns()}.blt"
-    with ebooklet.open(remote_for(target, "connection"), path) as db:
+    with ebooklet.open(remote_for(target, "connection", quick=False), path) as db:
         return dict(db.items())
 
 
 @pytest.fixture
 def published(fresh_server: Any, tmp_path: Path) -> Any:
     """``fresh_server`` holding the database ``KEYS`` at ``DB_KEY``."""
-    conn = remote_for(fresh_server, "connection")
+    conn = remote_for(fresh_server, "connection", quick=False)
     with ebooklet.open(conn, tmp_path / "writer.blt", "n", value_serializer="str") as db:
         db.update(KEYS)
         db.changes().push()
@@ -74,7 +77,7 @@ def published(fresh_server: Any, tmp_path: Path) -> Any:
 def make_local_copy(target: Any, path: Path, kind: str) -> None:
     """A local copy of the database with the ``CACHED`` values (and its index shard)."""
     flag = "w" if kind == "connection" else "r"
-    with ebooklet.open(remote_for(target, kind), path, flag) as db:
+    with ebooklet.open(remote_for(target, kind, quick=False), path, flag) as db:
         assert not db.offline
         assert dict(db.get_items(CACHED)) == {k: KEYS[k] for k in CACHED}
 
@@ -160,6 +163,6 @@ def test_open_offline_without_a_local_copy_raises_offline_error(published, tmp_p
         with pytest.raises(ebooklet.OfflineError):
             ebooklet.open(remote_for(published, "connection"), path, flag)
     published.server.resume()
-    with ebooklet.open(remote_for(published, "connection"), path, flag) as db:
+    with ebooklet.open(remote_for(published, "connection", quick=False), path, flag) as db:
         assert not db.offline
         assert dict(db.items()) == KEYS

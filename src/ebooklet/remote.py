@@ -54,6 +54,9 @@ SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
 LOCK_LEASE = 30.0
 """Seconds a write lock lives without renewal; renewed every third of it."""
+LOCK_SETTLE = 1.0
+"""On a server that ignores conditional writes, seconds a lock taker waits between
+writing its lock record and reading it back (see :meth:`RemoteLock.acquire`)."""
 
 
 class Mirror(Protocol):
@@ -397,10 +400,26 @@ class RemoteIndex:
             head, head_etag = self._read_back()
             if head is not None and head.get("commit_id") == manifest["commit_id"]:
                 etag = head_etag
+            elif head is None and base_etag is None and isinstance(exc, PreconditionFailed):
+                raise self._folder_error() from None
             else:
                 raise exc from None
         self.adopt(manifest, etag)
         return etag
+
+    def _folder_error(self) -> RemoteError:
+        """The creating PUT (``If-None-Match: *``) failed although no manifest can be
+        read: no writer committed first. Path-based stores (SeaweedFS) answer so when
+        other objects use the database's key as a folder (``D/...``); retrying cannot
+        help."""
+        key = self.conn.db_key
+        return RemoteError(
+            f"Cannot create the database at {key!r}: the server refused to create it "
+            "(412) although no database is there. Other objects probably use it as a "
+            f"folder ({key}/...): path-based stores such as SeaweedFS then refuse the "
+            "conditional create (If-None-Match) that keeps concurrent creators apart. "
+            "Choose another db_key, or move the objects under it."
+        )
 
     def _read_back(self) -> tuple[dict | None, str | None]:
         try:
@@ -526,6 +545,7 @@ class RemoteLock:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._created: float | None = None
+        self._token: str | None = None  # tells this holder's record from any other
 
     @property
     def held(self) -> bool:
@@ -535,9 +555,11 @@ class RemoteLock:
         now = time.time()
         if not renewal or self._created is None:
             self._created = now  # "created" says since when the lock is held: kept on renewal
+            self._token = fmt.new_commit_id()
         return orjson.dumps(
             {
                 "owner_id": self.owner_id,
+                "token": self._token,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "path": os.path.basename(self.path),  # the bucket may be public: no full path
@@ -549,29 +571,21 @@ class RemoteLock:
     def acquire(self, timeout: float = 0.0) -> None:
         """Take the lock, waiting up to ``timeout`` seconds for another writer.
 
+        Where the server honours conditional writes the lock is created with
+        ``If-None-Match: *`` and renewed with ``If-Match``. Where it ignores them (then
+        only the lock protects commits) it is taken by writing and reading back after
+        :data:`LOCK_SETTLE` seconds, and every renewal and release reads it first.
+
         Raises:
             LockedError: another live writer holds it.
         """
         deadline = time.monotonic() + timeout
         self.contended = False
         while True:
-            try:
-                record = self._record()
-                self.etag = self.conn.put(fmt.LOCK_NAME, record, if_none_match=True)
-                if not self.conn.knows_conditional_writes():
-                    self.conn.probe_conditional_writes(fmt.LOCK_NAME, record)  # the lock is the probe
-                break
-            except PreconditionFailed:
-                self.contended = True
-            holder, etag = read_lock(self.conn)
+            holder = self._take_once()
             if holder is None:
-                continue  # released meanwhile
-            if holder.get("owner_id") == self.owner_id or holder.get("expires", 0) < time.time():
-                try:
-                    self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=etag)
-                    break
-                except PreconditionFailed:
-                    continue
+                break
+            self.contended = True
             if time.monotonic() >= deadline:
                 raise LockedError(holder, _locked_message(self.conn, holder))
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
@@ -579,6 +593,81 @@ class RemoteLock:
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="ebooklet-lock", daemon=True)
         self._thread.start()
+
+    def _take_once(self) -> dict | None:
+        """One try at the lock: ``None`` when taken, else the live holder's record
+        (``{}`` when unknown)."""
+        if not self.conn.knows_conditional_writes():
+            return self._take_probing()
+        return self._take() if self.conn.conditional_writes() else self._take_by_settling()
+
+    def _take_probing(self) -> dict | None:
+        """The first try on a bucket not probed yet: the lock is the probe. A live
+        holder's record is looked for first (on a server that ignores ``If-None-Match``
+        the create would overwrite it); then our record is created, and PUT the same
+        way again (:meth:`S3Connection.probe_conditional_writes`): a 412 proves the
+        lock ours, a success means the server ignores conditions, and the lock is
+        settled as :meth:`_take_by_settling` does."""
+        holder, _ = read_lock(self.conn)
+        if holder is not None and not self._reclaimable(holder):
+            return holder
+        record = self._record()
+        try:
+            self.etag = self.conn.put(fmt.LOCK_NAME, record, if_none_match=True)
+        except PreconditionFailed:  # appeared meanwhile, or ours to reclaim
+            return self._take()
+        if self.conn.probe_conditional_writes(fmt.LOCK_NAME, record):
+            return None
+        self.etag = None
+        return self._settled()
+
+    def _take(self) -> dict | None:
+        """One try at the lock with conditional writes: ``None`` when taken, else the
+        live holder's record."""
+        try:
+            self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_none_match=True)
+            return None
+        except PreconditionFailed:
+            pass
+        holder, etag = read_lock(self.conn)
+        if holder is None:
+            return self._take()  # released meanwhile
+        if self._reclaimable(holder):
+            try:
+                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=etag)
+                return None
+            except PreconditionFailed:
+                return self._take()
+        return holder
+
+    def _take_by_settling(self) -> dict | None:
+        """One try at the lock on a server that ignores conditional writes: write our
+        record only where no live holder's is, wait :data:`LOCK_SETTLE` seconds for the
+        PUTs of writers that looked at the same moment to land, then read it back:
+        the lock is ours only if our record is the one there (the last PUT wins). Safe
+        as long as a PUT lands within ``LOCK_SETTLE`` of the read that preceded it."""
+        holder, _ = read_lock(self.conn)
+        if holder is not None and not self._reclaimable(holder):
+            return holder
+        self.conn.put(fmt.LOCK_NAME, self._record())
+        return self._settled()
+
+    def _settled(self) -> dict | None:
+        """Our lock record was PUT unconditionally: after :data:`LOCK_SETTLE` seconds,
+        the lock is ours if our record is the one there."""
+        time.sleep(LOCK_SETTLE)
+        holder, etag = read_lock(self.conn)
+        if self._is_ours(holder):
+            self.etag = etag
+            return None
+        return holder or {}
+
+    def _reclaimable(self, holder: dict) -> bool:
+        """A lock left by this local copy (a crashed process) or past its lease."""
+        return holder.get("owner_id") == self.owner_id or holder.get("expires", 0) < time.time()
+
+    def _is_ours(self, holder: dict | None) -> bool:
+        return holder is not None and holder.get("token") == self._token
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease / 3):
@@ -592,17 +681,24 @@ class RemoteLock:
         with self._lock:
             if self.etag is None:
                 return
+            ignored = not self.conn.conditional_writes()  # If-Match would be: look first
+            if ignored and not self._is_ours(read_lock(self.conn)[0]):
+                self._mark_lost()
+                return
             try:
                 self.etag = self.conn.put(
                     fmt.LOCK_NAME, self._record(renewal=True), if_match=self.etag
                 )
             except (PreconditionFailed, RemoteNotFoundError):
                 holder, etag = read_lock(self.conn)
-                if holder and (holder.get("owner_id"), holder.get("pid")) == (self.owner_id, os.getpid()):
+                if self._is_ours(holder):
                     self.etag = etag  # a retried renewal whose first try had succeeded
                     return
-                self.lost = True
-                self._stop.set()
+                self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        self.lost = True
+        self._stop.set()
 
     def ensure(self) -> None:
         """Raise if the lock was broken or taken over while we held it."""
@@ -625,6 +721,8 @@ class RemoteLock:
             return
         for attempt in range(tries):
             try:
+                if not self.conn.conditional_writes() and not self._is_ours(read_lock(self.conn)[0]):
+                    return  # If-Match would be ignored: another writer's lock stays
                 self.conn.delete(fmt.LOCK_NAME, if_match=etag)
                 return
             except PreconditionFailed:
@@ -666,7 +764,10 @@ def read_pack_footer(conn: S3Connection, name: str) -> tuple[list[fmt.PackItem],
 
 LOCK_TEXT_MAX = 255
 """Longest text field (host, path, created) of a lock record shown to a user."""
-_DAMAGED_LOCK = {"owner_id": None, "host": None, "pid": None, "path": None, "created": None, "expires": 0.0}
+_DAMAGED_LOCK = {
+    "owner_id": None, "token": None, "host": None, "pid": None, "path": None, "created": None,
+    "expires": 0.0,
+}
 """What a damaged lock record reads as: nobody's, expired (a writer replaces it)."""
 
 
@@ -697,16 +798,17 @@ def check_lock_record(obj: Any) -> dict | None:
     if not isinstance(obj, dict):
         return None
     texts = [obj.get(f) for f in ("owner_id", "host", "path", "created")]
-    expires, pid = obj.get("expires"), obj.get("pid")
+    expires, pid, token = obj.get("expires"), obj.get("pid"), obj.get("token")
     valid = (
         all(isinstance(t, str) and len(t) <= LOCK_TEXT_MAX and t.isprintable() for t in texts)
+        and (token is None or fmt.is_id(token))
         and isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < 1 << 32
         and isinstance(expires, (int, float)) and not isinstance(expires, bool)
         and 0 <= expires < 1e12
     )
     if not valid:
         return None
-    return {f: obj[f] for f in _DAMAGED_LOCK}
+    return {f: obj.get(f) for f in _DAMAGED_LOCK}
 
 
 def _locked_message(conn: S3Connection, holder: dict) -> str:
