@@ -166,3 +166,24 @@ def test_open_offline_without_a_local_copy_raises_offline_error(published, tmp_p
     with ebooklet.open(remote_for(published, "connection", quick=False), path, flag) as db:
         assert not db.offline
         assert dict(db.items()) == KEYS
+
+
+def test_a_cached_value_that_cannot_be_checked_offline_says_so(published, tmp_path):
+    """A copy caches values, then adopts a newer head that rewrote their index shard
+    (not fetched yet), then loses the remote: the cached values it returns cannot be
+    checked against an md5, and the read says so with an OfflineWarning instead of
+    serving them as verified."""
+    path = tmp_path / "copy.blt"
+    make_local_copy(published, path, "connection")
+    with ebooklet.open(remote_for(published, "connection", quick=False), tmp_path / "w", "w") as db:
+        db["k19"] = "changed"
+        db.changes().push()
+    with ebooklet.open(remote_for(published, "connection", quick=False), path, "r") as db:
+        assert not db.offline  # adopts the new head; the shard of k0 is not local any more
+    cut_off(published, "killed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ebooklet.open(remote_for(published, "connection"), path, "r") as db:
+            assert db.offline
+            assert db["k0"] == KEYS["k0"]
+    assert any("cannot be checked" in str(w.message) for w in caught)

@@ -114,6 +114,7 @@ class EBooklet(MutableMapping):
         self._lock: RemoteLock | None = None
         self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
         self._found_unsaved = False  # edits found in the data file that only memory holds
+        self._warned_unchecked = False  # see _unchecked_copy
         # False: flag 'r' on local files that cannot be written (a read-only file
         # system): nothing is written, values fetched are returned without being cached
         self._local_writable = _local_files_writable(self.path, flag)
@@ -726,7 +727,7 @@ class EBooklet(MutableMapping):
                     f"Key {key!r} is not cached locally and the remote cannot be reached; "
                     "reconnect and try again."
                 )
-            return cached
+            return self._unchecked_copy(cached)
         if cached is not None and _is_copy(cached[0], cached[1], entry):
             return cached
         try:
@@ -740,6 +741,21 @@ class EBooklet(MutableMapping):
             if moved is None:
                 raise
             return self._download_one(*moved[0]) if moved else None
+
+    def _unchecked_copy(self, cached: tuple[int, bytes]) -> tuple[int, bytes]:
+        """A cached copy read offline while the index shard that holds its md5 is not
+        local (a newer head rewrote that shard since the value was cached): it cannot be
+        checked, so it is returned with an ``OfflineWarning``, once a session."""
+        if not self._warned_unchecked:
+            self._warned_unchecked = True
+            warnings.warn(
+                f"Working offline, {self.path} returns cached values whose index shard is "
+                "not local: they cannot be checked against the remote's md5 (a damaged copy "
+                "would go unnoticed). Reconnect to have them checked.",
+                OfflineWarning,
+                stacklevel=4,
+            )
+        return cached
 
     def _damaged_copy(self, kb: bytes, exc: OfflineError) -> IntegrityError:
         """The error for a cached copy of a remote value that fails its md5 (it has the
