@@ -408,6 +408,7 @@ DATA_CUTS: dict[str, Callable[[Path], int]] = {
     "in a cached value": lambda p: value_offset(p, REMOTE["r5"]) + 5,
     "in an edit's value": lambda p: value_offset(p, EDITS["r2"]) + 5,
     "after an edit's value": lambda p: value_offset(p, EDITS["n1"]) + len(EDITS["n1"]),
+    "after the first edit's value": lambda p: value_offset(p, EDITS["r1"]) + len(EDITS["r1"]),
     "3 bytes short": lambda p: p.stat().st_size - 3,
     "in the index": lambda p: 1000,
 }

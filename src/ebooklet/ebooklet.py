@@ -38,6 +38,7 @@ from .local import (
     append_records,
     data_changed_from,
     data_state,
+    deleted_last,
     local_paths,
     scan,
 )
@@ -210,13 +211,14 @@ class EBooklet(MutableMapping):
         """
         recorded = self._meta.data_state
         clean = recorded is not None and recorded["closed"]
-        start = data_changed_from(recorded, data_state(self._data, self._data_path))
+        current = data_state(self._data, self._data_path)
+        start = data_changed_from(recorded, current)
         if start is not None:
             self._find_outside_edits(cached_from, start)
         if not clean:
             self._forget_unwritten_edits()
         elif start is not None:
-            deleted = self._delete_absent_edits()
+            deleted = self._delete_absent_edits(shrunk=current["size"] < recorded["size"])
             self._warn_cached_deletions(recorded["n_keys"] - len(self._data) - deleted)
 
     def _find_outside_edits(self, cached_from: dict | None, start: int) -> int:
@@ -257,12 +259,23 @@ class EBooklet(MutableMapping):
             if edit.md5 is not None and self._ks.loads(kb) not in self._data
         ]
 
-    def _delete_absent_edits(self) -> int:
-        """After a clean close: a pending value gone from the data file was deleted outside
-        ebooklet, which makes it a pending deletion. Returns how many."""
+    def _delete_absent_edits(self, shrunk: bool) -> int:
+        """After a clean close: a pending value gone from the data file whose last record
+        there is marked deleted was deleted outside ebooklet (booklet's ``del``), which
+        makes it a pending deletion. Returns how many.
+
+        Any other absent value was lost by damage (no record left: the file was cut;
+        its record live but out of booklet's reach: a garbled index), and so is any when
+        the file is shorter than recorded (``shrunk``: cut, or pruned with booklet, which
+        drops the deleted records): the edit stays pending, and reading or pushing the
+        key raises IntegrityError (set it again or discard it), never a silent deletion.
+        """
         absent = self._absent_edits()
-        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent])
-        return len(absent)
+        if not absent or shrunk:
+            return 0
+        deleted = deleted_last(self._data, self._data_path, absent)
+        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent if kb in deleted])
+        return len(deleted)
 
     def _forget_unwritten_edits(self) -> None:
         """After a killed session: a pending value the data file does not hold never

@@ -664,11 +664,14 @@ def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     )
 
 
-def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> Iterator[tuple]:
+def scan(
+    book: Any, path: Path, include_value: bool = True, start: int = 0, deleted: bool = False
+) -> Iterator[tuple]:
     """``(encoded key, timestamp, encoded value)`` (or ``(encoded key, timestamp)``) of
     every key in the booklet file ``book`` opened from ``path``, in file order; with
     ``start`` (a record boundary, see :func:`data_changed_from`), of those whose record
-    lies at or after that position.
+    lies at or after that position; with ``deleted`` (and not ``include_value``), the
+    records marked deleted too, as ``(encoded key, None)``.
 
     This is ``book.timestamps()`` without decoding, read a :data:`SCAN_BUFFER` at a
     time and parsed in place: booklet reads a writable file with a seek and two
@@ -688,7 +691,7 @@ def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> I
         regions = [(max(begin, start), end) for begin, end in regions if end > start]
     try:
         for start, end in regions:
-            for record in _records(reader, start, end, book._ts_bytes_len, include_value):
+            for record in _records(reader, start, end, book._ts_bytes_len, include_value, deleted):
                 if book._mutation_count != mutations:
                     raise RuntimeError(f"{path} was written to during a scan.")
                 yield record
@@ -700,11 +703,15 @@ def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> I
         reader.close()
 
 
-def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool) -> Iterator[tuple]:
+def _records(
+    reader: Any, start: int, end: int, ts_len: int, include_value: bool, deleted: bool = False
+) -> Iterator[tuple]:
     """The live records of booklet's data between ``start`` and ``end`` (see
-    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position. A value
-    that is not in the buffer already is read on its own, into one new bytes object.
-    A record cut short by the end (a write killed midway) is not one."""
+    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position, and is
+    yielded as ``(key, None)`` when ``deleted`` (for :func:`deleted_last`; never with
+    ``include_value``). A value that is not in the buffer already is read on its own,
+    into one new bytes object. A record cut short by the end (a write killed midway)
+    is not one."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
     unpack = _RECORD_LENGTHS.unpack_from
     data, at, position = b"", 0, start
@@ -732,12 +739,28 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
         if live:
             ts = int.from_bytes(data[at + head_size : key_at], "little")
             yield (key, ts, value) if include_value else (key, ts)
+        elif deleted and key not in skip:
+            yield key, None
         position += size
         if len(data) >= at + size:
             at += size
         else:  # the value was not in the buffer: go on after it
             data, at = b"", 0
             reader.seek(position)
+
+
+def deleted_last(book: Any, path: Path, keys: Iterable[bytes]) -> set[bytes]:
+    """Those of ``keys`` (encoded) whose last record in the booklet file ``book`` opened
+    from ``path`` is marked deleted: what booklet's ``del`` leaves (it marks the record
+    in place). A key with no record, or whose last record is live although booklet
+    does not find it, was lost by damage (a truncation, a garbled index), not deleted.
+    Reads the whole file, so only for a few keys known to be absent."""
+    wanted = set(keys)
+    last: dict[bytes, bool] = {}
+    for key, ts in scan(book, path, include_value=False, deleted=True):
+        if key in wanted:
+            last[key] = ts is None
+    return {key for key, gone in last.items() if gone}
 
 
 #: Read size of :func:`scan`.
