@@ -18,6 +18,7 @@ copy damages them, then the database is opened against the real moto_server:
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,8 @@ EDITS = {"r1": "EDITED-ONE " * 4, "r2": "EDITED-TWO " * 4, "r3": None, "n1": "NE
          "n2": "NEW-TWO " * 5}
 """The five pending edits (``None``: deleted); ``n1``, ``n2`` are new keys."""
 PACK_ID = b"\x07" * 16
+CLOSE_KIND = b"E"
+CLOSE_SIZE = 45
 LOG_MAGICS = {b"EBKLOG02": (41, 4), b"EBKLOG01": (37, 0)}
 """Journal magic -> (record head size, checksum size after the record), docs/format.md 9.2."""
 
@@ -70,15 +73,26 @@ def journal_path(path: Path) -> Path:
 
 
 def record_spans(data: bytes) -> list[tuple[int, int, int]]:
-    """``(start, head end, end)`` of each record of a journal's bytes (docs/format.md 9.2)."""
+    """``(start, head end, end)`` of each record of a journal's bytes (docs/format.md 9.2),
+    but the close record (kind ``E``, the last one of a journal closed cleanly)."""
     head, check = LOG_MAGICS[data[:8]]
     spans, pos = [], 8
     while pos < len(data):
         kind, key_len = struct.unpack_from("<cI", data, pos)
         end = pos + head + key_len + (40 if kind == b"U" else 0) + check
-        spans.append((pos, pos + head, end))
+        if kind != CLOSE_KIND:
+            spans.append((pos, pos + head, end))
         pos = end
     return spans
+
+
+def as_if_killed(path: Path) -> None:
+    """Make ``P.ebk.json`` say what a session killed before its close leaves:
+    ``closed: false``."""
+    meta_path = local_paths(path)[3]
+    meta = json.loads(meta_path.read_bytes())
+    meta["data_state"]["closed"] = False
+    meta_path.write_bytes(json.dumps(meta).encode())
 
 
 def expected_state(upto: int | None = None) -> dict[str, str | None]:
@@ -153,9 +167,12 @@ def journal_bytes(tmp_path: Path) -> bytes:
 def test_a_journal_cut_at_any_byte_keeps_every_whole_record(tmp_path: Path) -> None:
     """Cut at each byte offset, a journal replays every record that is whole and drops only
     the one cut short (its change never reached the data file), and a writable open cuts
-    it away; a cut inside the magic is damage: IntegrityError, the bytes kept aside."""
+    it away (the close then ends it with its close record again); a cut inside the magic
+    is damage: IntegrityError, the bytes kept aside."""
     data = journal_bytes(tmp_path)
     spans = record_spans(data)
+    close_record = data[-CLOSE_SIZE:]
+    assert close_record[:1] == CLOSE_KIND
     failures = []
     for cut in range(len(data) + 1):
         path = tmp_path / f"cut{cut}.local_hash"
@@ -171,7 +188,7 @@ def test_a_journal_cut_at_any_byte_keeps_every_whole_record(tmp_path: Path) -> N
         keys = [k.encode() for k in EDITS][: len([i for i in whole if i < len(EDITS)])]
         ok = list(log.edits) == keys and bool(log._packs) == (len(spans) - 1 in whole)
         log.close()
-        if not ok or path.read_bytes() != data[: spans[whole[-1]][2] if whole else 8]:
+        if not ok or path.read_bytes() != data[: spans[whole[-1]][2] if whole else 8] + close_record:
             failures.append((cut, "records"))
     assert not failures, f"{len(failures)} of {len(data) + 1} cuts: {failures[:10]}"
 
@@ -219,10 +236,12 @@ def cut_offset(spans: list[tuple[int, int, int]], record: int, cut: str) -> int:
 def test_a_truncated_journal_keeps_the_edits_of_its_whole_records(
     conn: Any, tmp_path: Path, record: int, cut: str
 ) -> None:
-    """Cut at or inside a record, the reopened database keeps every edit whose record is
-    whole: pending, reading its local value, and pushed by the next push."""
+    """After a session killed before its close, a journal cut at or inside a record (a
+    write killed midway, or a system crash) keeps every edit whose record is whole:
+    pending, reading its local value, and pushed by the next push."""
     path = tmp_path / "db"
     make_database(conn, path)
+    as_if_killed(path)
     log = journal_path(path)
     data = log.read_bytes()
     log.write_bytes(data[: cut_offset(record_spans(data), record, cut)])
@@ -241,16 +260,13 @@ def test_a_truncated_journal_keeps_the_edits_of_its_whole_records(
 @pytest.mark.parametrize("cut", CUTS)
 @pytest.mark.parametrize("record", range(6), ids=[*EDITS, "pack"])
 def test_a_truncated_journal_loses_no_edit_silently(
-    conn: Any, tmp_path: Path, record: int, cut: str, request: pytest.FixtureRequest
+    conn: Any, tmp_path: Path, record: int, cut: str
 ) -> None:
-    """The issue's bar: after a cut anywhere, every one of the five edits is still pending
-    or the open raised IntegrityError. An edit whose record is cut away wholly (or cut
-    short) while its value is in the data file is only found by comparing the data file
-    with the journal at open: that is the data-file reconciliation (issue 10 point 6, done
-    on another branch), hence xfail here until it is merged."""
-    if record < len(EDITS):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="needs the data-file reconciliation at open (point 6)"))
+    """The issue's bar: after a clean close, a journal cut anywhere (even at a record
+    boundary, which the checksums cannot tell) lacks its close record: the open raises
+    IntegrityError, keeps the file aside, and get_local_hash() as advised finds every
+    edit whose value is in the data file again (an unpushed deletion is not recovered,
+    as the error says: the kept file lists it)."""
     path = tmp_path / "db"
     make_database(conn, path)
     log = journal_path(path)
@@ -259,7 +275,75 @@ def test_a_truncated_journal_loses_no_edit_silently(
 
     refused, db = open_recovering(conn, path, log.read_bytes())
     with db:
-        assert pending(db) == expected_state() or refused
+        assert refused
+        values = {k: v for k, v in expected_state().items() if v is not None}
+        state = pending(db)
+        assert {k: state.get(k) for k in values} == values
+        db.changes().push()
+    with ebooklet.open(conn, tmp_path / "fresh", "r") as fresh:
+        assert {k: fresh.get(k) for k in values} == values
+
+
+def test_a_journal_cut_where_an_earlier_session_ended_is_refused(conn: Any, tmp_path: Path) -> None:
+    """Two sessions closed cleanly: the journal holds one close record, the last (the
+    first session's went when the second one wrote), so a cut where the first session
+    ended is refused too, and get_local_hash() finds the edits of both sessions."""
+    path = tmp_path / "db"
+    make_database(conn, path)
+    log = journal_path(path)
+    first = log.read_bytes()
+    with ebooklet.open(conn, path, "w") as db:
+        db["n3"] = "NEW-THREE " * 4
+    data = log.read_bytes()
+    assert data.startswith(first[:-CLOSE_SIZE]) and data.count(first[-CLOSE_SIZE:]) == 1
+    log.write_bytes(data[: len(first)])  # as long as the journal the first session closed
+
+    refused, db = open_recovering(conn, path, log.read_bytes())
+    with db:
+        state = pending(db)
+        assert refused and state["n3"] == "NEW-THREE " * 4
+        assert {k: state.get(k) for k in EDITS if EDITS[k]} == {k: v for k, v in EDITS.items() if v}
+
+
+NO_CLOSE_RECORD_EXPECTED = ["killed mid-session", "no journal", "flag n", "no data_state"]
+
+
+@pytest.mark.parametrize("case", NO_CLOSE_RECORD_EXPECTED)
+def test_a_journal_without_close_record_is_no_damage_where_none_is_due(
+    conn: Any, tmp_path: Path, case: str
+) -> None:
+    """Only a journal whose last session closed cleanly (P.ebk.json says so) must end with
+    the close record. A session killed midway (a copy of its files taken while it is
+    open), a journal not started yet, flag 'n', and a copy without a recorded state open
+    without error; the killed session's edits are all pending."""
+    path = tmp_path / "db"
+    make_database(conn, path)
+    log = journal_path(path)
+    if case == "killed mid-session":
+        with ebooklet.open(conn, path, "w") as db:
+            db["n3"] = "NEW-THREE " * 4
+            path = tmp_path / "copy"
+            for source, copy in zip(local_paths(tmp_path / "db"), local_paths(path), strict=True):
+                shutil.copyfile(source, copy)
+    elif case == "no journal":
+        log.unlink()
+    else:
+        log.write_bytes(log.read_bytes()[:-CLOSE_SIZE])
+    if case == "no data_state":
+        meta_path = local_paths(path)[3]
+        meta_path.write_bytes(json.dumps(
+            {k: v for k, v in json.loads(meta_path.read_bytes()).items() if k != "data_state"}
+        ).encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the killed session's unwritten value
+        db = ebooklet.open(conn, path, "n" if case == "flag n" else "w")
+    with db:
+        state = pending(db)
+        if case in ("killed mid-session", "no data_state"):
+            assert {k: state.get(k) for k in EDITS} == expected_state()
+        if case == "flag n":
+            assert len(db) == 0
+    assert not kept_aside(path)
 
 
 def test_a_journal_of_format_1_is_read_and_rewritten(conn: Any, tmp_path: Path) -> None:
@@ -408,6 +492,7 @@ DATA_CUTS: dict[str, Callable[[Path], int]] = {
     "in a cached value": lambda p: value_offset(p, REMOTE["r5"]) + 5,
     "in an edit's value": lambda p: value_offset(p, EDITS["r2"]) + 5,
     "after an edit's value": lambda p: value_offset(p, EDITS["n1"]) + len(EDITS["n1"]),
+    "after the first edit's value": lambda p: value_offset(p, EDITS["r1"]) + len(EDITS["r1"]),
     "3 bytes short": lambda p: p.stat().st_size - 3,
     "in the index": lambda p: 1000,
 }

@@ -38,6 +38,7 @@ from .local import (
     append_records,
     data_changed_from,
     data_state,
+    deleted_last,
     local_paths,
     scan,
 )
@@ -115,6 +116,7 @@ class EBooklet(MutableMapping):
         self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
         self._found_unsaved = False  # edits found in the data file that only memory holds
         self._warned_unchecked = False  # see _unchecked_copy
+        self._recorded: dict | None = None  # the data file's state the last session recorded
         # False: flag 'r' on local files that cannot be written (a read-only file
         # system): nothing is written, values fetched are returned without being cached
         self._local_writable = _local_files_writable(self.path, flag)
@@ -126,13 +128,19 @@ class EBooklet(MutableMapping):
         try:
             fresh = flag == "n"  # a damaged journal or metadata is replaced, not read
             self._meta = LocalMeta(meta_path, damaged_ok=fresh)
-            self._log = ChangeLog(log_path, self._local_writable, damaged_ok=fresh)
+            self._recorded = self._meta.data_state  # see _record_data_state
+            closed = self._recorded is not None and self._recorded["closed"]
+            self._log = ChangeLog(
+                log_path, self._local_writable, damaged_ok=fresh, expect_closed=closed and not fresh
+            )
+            if not fresh:
+                self._mark_session_open()
             local_exists = data_path.exists() and not fresh
             if not fresh:
                 self._check_same_remote(conn)
             # Values cached in the data file came from this manifest (see _record_data_state).
             cached_from = self._remote.manifest
-            self._written_outside = local_exists and _stat_changed(data_path, self._meta.data_state)
+            self._written_outside = local_exists and _stat_changed(data_path, self._recorded)
             self._refresh_at_open(flag, local_exists, _open_wait(conn, remote_timeout))
             if commit is not None:
                 from .maintenance import pin_commit
@@ -167,6 +175,7 @@ class EBooklet(MutableMapping):
             self._record_data_state(closed=False, always=True)
         except BaseException:
             self._close_files()
+            self._unmark_session_open()
             raise
         return self
 
@@ -180,6 +189,7 @@ class EBooklet(MutableMapping):
 
     def _start_afresh(self, data_path: Path, log_path: Path) -> None:
         """Flag 'n', both locks held: an empty copy that replaces the remote at the next push."""
+        self._mark_session_open()
         self._log.close()
         for path in (data_path, log_path):
             path.unlink(missing_ok=True)
@@ -209,15 +219,16 @@ class EBooklet(MutableMapping):
         ``cached_from``: the head manifest the local mirror held at open, which every
         value cached since the recorded state came from (see :meth:`_record_data_state`).
         """
-        recorded = self._meta.data_state
+        recorded = self._recorded
         clean = recorded is not None and recorded["closed"]
-        start = data_changed_from(recorded, data_state(self._data, self._data_path))
+        current = data_state(self._data, self._data_path)
+        start = data_changed_from(recorded, current)
         if start is not None:
             self._find_outside_edits(cached_from, start)
         if not clean:
             self._forget_unwritten_edits()
         elif start is not None:
-            deleted = self._delete_absent_edits()
+            deleted = self._delete_absent_edits(shrunk=current["size"] < recorded["size"])
             self._warn_cached_deletions(recorded["n_keys"] - len(self._data) - deleted)
 
     def _find_outside_edits(self, cached_from: dict | None, start: int) -> int:
@@ -258,12 +269,23 @@ class EBooklet(MutableMapping):
             if edit.md5 is not None and self._ks.loads(kb) not in self._data
         ]
 
-    def _delete_absent_edits(self) -> int:
-        """After a clean close: a pending value gone from the data file was deleted outside
-        ebooklet, which makes it a pending deletion. Returns how many."""
+    def _delete_absent_edits(self, shrunk: bool) -> int:
+        """After a clean close: a pending value gone from the data file whose last record
+        there is marked deleted was deleted outside ebooklet (booklet's ``del``), which
+        makes it a pending deletion. Returns how many.
+
+        Any other absent value was lost by damage (no record left: the file was cut;
+        its record live but out of booklet's reach: a garbled index), and so is any when
+        the file is shorter than recorded (``shrunk``: cut, or pruned with booklet, which
+        drops the deleted records): the edit stays pending, and reading or pushing the
+        key raises IntegrityError (set it again or discard it), never a silent deletion.
+        """
         absent = self._absent_edits()
-        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent])
-        return len(absent)
+        if not absent or shrunk:
+            return 0
+        deleted = deleted_last(self._data, self._data_path, absent)
+        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent if kb in deleted])
+        return len(deleted)
 
     def _forget_unwritten_edits(self) -> None:
         """After a killed session: a pending value the data file does not hold never
@@ -309,23 +331,52 @@ class EBooklet(MutableMapping):
             self._log.remember_edits(edits)
             self._found_unsaved = True
 
+    def _mark_session_open(self) -> None:
+        """Before anything is appended to the journal, make ``P.ebk.json`` stop saying
+        that the last session closed cleanly (the state it recorded stays, for the
+        reconciliation): from here on, a journal that does not end with its close record
+        is one this process was killed writing, not one cut after a clean close (see
+        :class:`ChangeLog`, ``expect_closed``)."""
+        recorded = self._recorded
+        if self._local_writable and recorded is not None and recorded["closed"]:
+            self._meta.save(data_state={**recorded, "closed": False})
+
+    def _unmark_session_open(self) -> None:
+        """An open failed: if the journal ends with its close record again (see
+        :meth:`ChangeLog.close`), ``P.ebk.json`` says again that the last session closed
+        cleanly, as before :meth:`_mark_session_open`."""
+        recorded = self._recorded
+        log = getattr(self, "_log", None)
+        if log is None or not log.ends_closed or not (recorded and recorded["closed"]):
+            return
+        if self._local_writable and self._meta.data.get("data_state") != recorded:
+            self._meta.save(data_state=recorded)
+
     def _record_data_state(self, closed: bool, always: bool = False) -> None:
         """Record the data file's state (:func:`local.data_state`) in ``P.ebk.json``, and
         whether this session is closing the file, so that the next open reads only what
         was written after it. Called where every value in the file is a pending edit's
         or a value of the head manifest held by the local mirror: at open (after the
         reconciliation), before a new head is adopted, after each write of a snapshot's
-        values, after a prune or a clear, at close. Not while edits found in the file are
-        held in memory only. ``always``: save ``P.ebk.json`` even if nothing changed."""
+        values, after a prune or a clear, at close. While edits found in the file are held
+        in memory only, the state recorded at open stays, restored as it was at close (see
+        :meth:`_mark_session_open`). ``always``: save ``P.ebk.json`` even if nothing changed."""
         if not self._local_writable:  # flag 'r' on files that cannot be written
             return
         fields = {}
-        if not (self._closed or self._found_unsaved):
-            state = {**data_state(self._data, self._data_path), "closed": closed}
-            if state != self._meta.data.get("data_state"):
-                fields["data_state"] = state
+        state = self._state_to_record(closed)
+        if state is not None and state != self._meta.data.get("data_state"):
+            fields["data_state"] = state
         if fields or always:
             self._meta.save(**fields)
+
+    def _state_to_record(self, closed: bool) -> dict | None:
+        """The ``data_state`` for :meth:`_record_data_state`; ``None``: leave it as it is."""
+        if self._closed:
+            return None
+        if self._found_unsaved:
+            return self._recorded if closed else None
+        return {**data_state(self._data, self._data_path), "closed": closed}
 
     def _check_same_remote(self, conn: S3Connection | None) -> None:
         known = self._meta.data.get("remote")
@@ -1295,6 +1346,7 @@ class EBooklet(MutableMapping):
         if self._closed:
             return
         try:
+            self._log.close()  # its close record first: P.ebk.json says closed only after it
             self._record_data_state(closed=True)
         finally:
             self._closed = True

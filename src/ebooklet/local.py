@@ -48,12 +48,13 @@ _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 byte
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 _KEY_MAX = (1 << 16) - 1  # booklet keeps a key's length in 2 bytes
+_CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
 
-SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET = (
-    b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X"
+SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET, CLOSED = (
+    b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X", b"E"
 )
 _KEY_KINDS = (SET, DELETE, RETIME, CLEAN)
-_EMPTY_KINDS = (UPLOADED, REPLACE, METADATA, RESET)  # records with no key
+_EMPTY_KINDS = (UPLOADED, REPLACE, METADATA, RESET, CLOSED)  # records with no key
 DAMAGED_SUFFIX = ".damaged-"
 """A damaged journal ``P.local_hash`` is kept as ``P.local_hash.damaged-<UTC time>``."""
 
@@ -165,6 +166,19 @@ def _check_record(pos: int, kind: bytes, key_len: int) -> None:
         raise _Damaged(pos, f"a record has an unknown kind {kind!r}")
 
 
+def _check_closed(records: list[tuple], intact: int, size: int) -> None:
+    """Refuse a journal of ``size`` bytes whose last session closed it, but that does not
+    end with the close record: it was cut (at a record boundary, or in a record), and
+    the records after the last whole one, ``intact`` bytes in, are lost."""
+    if not records or records[-1][0] != CLOSED or intact < size:
+        raise _Damaged(
+            intact,
+            "the session that wrote it last closed it cleanly, but it does not end with "
+            "the record that closes it: the file was cut, and any record after that byte "
+            "is lost",
+        )
+
+
 class ChangeLog:
     """The ``P.local_hash`` journal: pending local edits and uncommitted uploads.
 
@@ -172,10 +186,16 @@ class ChangeLog:
     since the last push); the file is only appended to, and rewritten compactly
     after a push. Every record carries checksums: only a last record cut short (a
     write killed midway) is dropped; a journal damaged anywhere else is moved aside
-    (never deleted) and opening it raises :class:`IntegrityError`.
+    (never deleted) and opening it raises :class:`IntegrityError`. :meth:`close`
+    appends a close record, removed again before anything else is appended (so there
+    is one at most, the last record): a journal cut anywhere after a clean close, even at
+    a record boundary (which the checksums cannot tell), lacks it (``expect_closed``).
     """
 
-    def __init__(self, path: Path, writable: bool = True, damaged_ok: bool = False):
+    def __init__(
+        self, path: Path, writable: bool = True, damaged_ok: bool = False,
+        expect_closed: bool = False,
+    ):
         """Read the journal at ``path`` (if any) and, when ``writable``, open it for appending.
 
         Args:
@@ -183,6 +203,9 @@ class ChangeLog:
             writable: append to it (a torn last record is cut away first, and a journal
                 of format version 1 is rewritten in the current one).
             damaged_ok: do not read an existing journal (flag 'n' replaces it).
+            expect_closed: the session that wrote the journal last closed it (``P.ebk.json``
+                says so): a journal of the current format that does not end with its
+                close record was cut, which is damage.
 
         Raises:
             IntegrityError: the journal is damaged; when ``writable`` it was moved to
@@ -197,13 +220,17 @@ class ChangeLog:
         self._packs: list[tuple[bytes, bytes]] = []  # (pack id, footer) not read into _uploads yet
         self.replace = False
         self.metadata_dirty = False
+        self.ends_closed = False
+        """Whether the file ends with a close record (nothing appended since a close)."""
         self._lock = threading.RLock()
         self._records = 0
         self._fd: int | None = None
         self._size = 0  # bytes in the file, so that a short write can be undone
         rewrite = False
+        # a journal flag 'n' did not read (and will replace) gets no close record
+        self._end_known = not (damaged_ok and self.path.exists())
         if self.path.exists() and not damaged_ok:
-            rewrite = self._load(writable)
+            rewrite = self._load(writable, expect_closed)
         if writable:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._size = os.fstat(self._fd).st_size
@@ -212,19 +239,22 @@ class ChangeLog:
             elif rewrite:
                 self.compact()
 
-    def _load(self, writable: bool) -> bool:
+    def _load(self, writable: bool, expect_closed: bool) -> bool:
         """Replay the journal file; returns whether it is to be rewritten (format 1).
-        A torn last record is cut away when ``writable``."""
+        A torn last record is cut away when ``writable``; see :meth:`__init__` for
+        ``expect_closed`` (an empty file is a journal not started yet)."""
         data = self.path.read_bytes()
         if not data:
             return False
+        old_format = data[: len(_LOG_MAGIC)] == _LOG_MAGIC_V1
         try:
             records, intact = _parse_journal(data)
+            if expect_closed and not old_format:
+                _check_closed(records, intact, len(data))
         except _Damaged as damage:
             raise self._set_aside(damage, writable) from None
         for record in records:
             self._apply(*record)
-        old_format = data[: len(_LOG_MAGIC)] == _LOG_MAGIC_V1
         if writable and intact < len(data):
             if old_format:  # no checksums to tell a torn record from damage: keep a copy
                 kept = self._damaged_name()
@@ -267,6 +297,7 @@ class ChangeLog:
 
     def _apply(self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes) -> None:
         self._records += 1
+        self.ends_closed = kind == CLOSED
         if kind in (SET, DELETE, RETIME):
             self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base), kind == RETIME)
         elif kind == CLEAN:
@@ -299,6 +330,12 @@ class ChangeLog:
         write the kernel cuts short (a full disk) is undone and raises ``OSError``."""
         if self._fd is None:
             raise IntegrityError(f"{self.path} is open read-only.")
+        if self.ends_closed:  # the journal goes on: its close record goes (only the last one)
+            os.ftruncate(self._fd, self._size - _CLOSED_SIZE)
+            self._size -= _CLOSED_SIZE
+            self._records -= 1
+            self.ends_closed = False
+        self._end_known = True
         written = os.write(self._fd, blob)
         if written != len(blob):
             os.ftruncate(self._fd, self._size)
@@ -412,6 +449,8 @@ class ChangeLog:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(blob)
             self._records = len(records)
+            self.ends_closed = False
+            self._end_known = True
 
     def needs_compaction(self) -> bool:
         """True when most of the journal is superseded records."""
@@ -419,12 +458,21 @@ class ChangeLog:
         return self._records > 1000 and self._records > 4 * live
 
     def close(self) -> None:
-        """Compact if worthwhile and close the file."""
+        """Compact if worthwhile, end the file with a close record (unless nothing was
+        appended since the last one) and close it.
+
+        Raises:
+            OSError: the close record could not be written (the file is closed anyway).
+        """
         if self._fd is not None:
-            if self.needs_compaction():
-                self.compact()
-            os.close(self._fd)
-            self._fd = None
+            try:
+                if self.needs_compaction():
+                    self.compact()
+                if self._end_known and not self.ends_closed:
+                    self._write([(CLOSED, b"", None, None)])
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
 
 class IndexMirror:
@@ -664,11 +712,14 @@ def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     )
 
 
-def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> Iterator[tuple]:
+def scan(
+    book: Any, path: Path, include_value: bool = True, start: int = 0, deleted: bool = False
+) -> Iterator[tuple]:
     """``(encoded key, timestamp, encoded value)`` (or ``(encoded key, timestamp)``) of
     every key in the booklet file ``book`` opened from ``path``, in file order; with
     ``start`` (a record boundary, see :func:`data_changed_from`), of those whose record
-    lies at or after that position.
+    lies at or after that position; with ``deleted`` (and not ``include_value``), the
+    records marked deleted too, as ``(encoded key, None)``.
 
     This is ``book.timestamps()`` without decoding, read a :data:`SCAN_BUFFER` at a
     time and parsed in place: booklet reads a writable file with a seek and two
@@ -688,7 +739,7 @@ def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> I
         regions = [(max(begin, start), end) for begin, end in regions if end > start]
     try:
         for start, end in regions:
-            for record in _records(reader, start, end, book._ts_bytes_len, include_value):
+            for record in _records(reader, start, end, book._ts_bytes_len, include_value, deleted):
                 if book._mutation_count != mutations:
                     raise RuntimeError(f"{path} was written to during a scan.")
                 yield record
@@ -700,11 +751,15 @@ def scan(book: Any, path: Path, include_value: bool = True, start: int = 0) -> I
         reader.close()
 
 
-def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool) -> Iterator[tuple]:
+def _records(
+    reader: Any, start: int, end: int, ts_len: int, include_value: bool, deleted: bool = False
+) -> Iterator[tuple]:
     """The live records of booklet's data between ``start`` and ``end`` (see
-    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position. A value
-    that is not in the buffer already is read on its own, into one new bytes object.
-    A record cut short by the end (a write killed midway) is not one."""
+    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position, and is
+    yielded as ``(key, None)`` when ``deleted`` (for :func:`deleted_last`; never with
+    ``include_value``). A value that is not in the buffer already is read on its own,
+    into one new bytes object. A record cut short by the end (a write killed midway)
+    is not one."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
     unpack = _RECORD_LENGTHS.unpack_from
     data, at, position = b"", 0, start
@@ -732,12 +787,28 @@ def _records(reader: Any, start: int, end: int, ts_len: int, include_value: bool
         if live:
             ts = int.from_bytes(data[at + head_size : key_at], "little")
             yield (key, ts, value) if include_value else (key, ts)
+        elif deleted and key not in skip:
+            yield key, None
         position += size
         if len(data) >= at + size:
             at += size
         else:  # the value was not in the buffer: go on after it
             data, at = b"", 0
             reader.seek(position)
+
+
+def deleted_last(book: Any, path: Path, keys: Iterable[bytes]) -> set[bytes]:
+    """Those of ``keys`` (encoded) whose last record in the booklet file ``book`` opened
+    from ``path`` is marked deleted: what booklet's ``del`` leaves (it marks the record
+    in place). A key with no record, or whose last record is live although booklet
+    does not find it, was lost by damage (a truncation, a garbled index), not deleted.
+    Reads the whole file, so only for a few keys known to be absent."""
+    wanted = set(keys)
+    last: dict[bytes, bool] = {}
+    for key, ts in scan(book, path, include_value=False, deleted=True):
+        if key in wanted:
+            last[key] = ts is None
+    return {key for key, gone in last.items() if gone}
 
 
 #: Read size of :func:`scan`.
