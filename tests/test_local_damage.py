@@ -305,7 +305,29 @@ def test_a_journal_cut_where_an_earlier_session_ended_is_refused(conn: Any, tmp_
         assert {k: state.get(k) for k in EDITS if EDITS[k]} == {k: v for k, v in EDITS.items() if v}
 
 
-NO_CLOSE_RECORD_EXPECTED = ["killed mid-session", "no journal", "flag n", "no data_state"]
+@pytest.mark.parametrize("loss", ["deleted", "emptied", "magic only"])
+def test_a_journal_lost_after_a_clean_close_is_refused(conn: Any, tmp_path: Path, loss: str) -> None:
+    """The journal of a copy closed cleanly is deleted, emptied or cut to its magic bytes
+    (a rename without fsync, then a power cut, leaves such files): the open refuses once,
+    saying how to recover, and get_local_hash() then finds every value edit again
+    (before, the open started an empty journal and reads fetched the remote values over
+    the edits)."""
+    path = tmp_path / "db"
+    make_database(conn, path)
+    log = journal_path(path)
+    if loss == "deleted":
+        log.unlink()
+    else:
+        log.write_bytes(log.read_bytes()[: 0 if loss == "emptied" else 8])
+    with pytest.raises(IntegrityError, match=r"get_local_hash\(\)"):
+        ebooklet.open(conn, path, "w")
+    with ebooklet.open(conn, path, "w") as db:
+        db.get_local_hash()
+        state = pending(db)
+        assert {k: state.get(k) for k in EDITS if EDITS[k]} == {k: v for k, v in EDITS.items() if v}
+
+
+NO_CLOSE_RECORD_EXPECTED = ["killed mid-session", "flag n", "no data_state"]
 
 
 @pytest.mark.parametrize("case", NO_CLOSE_RECORD_EXPECTED)
@@ -314,8 +336,9 @@ def test_a_journal_without_close_record_is_no_damage_where_none_is_due(
 ) -> None:
     """Only a journal whose last session closed cleanly (P.ebk.json says so) must end with
     the close record. A session killed midway (a copy of its files taken while it is
-    open), a journal not started yet, flag 'n', and a copy without a recorded state open
-    without error; the killed session's edits are all pending."""
+    open), flag 'n', and a copy without a recorded state open without error; the killed
+    session's edits are all pending. (A journal missing after a clean close is refused:
+    test_a_journal_lost_after_a_clean_close_is_refused.)"""
     path = tmp_path / "db"
     make_database(conn, path)
     log = journal_path(path)
@@ -325,8 +348,6 @@ def test_a_journal_without_close_record_is_no_damage_where_none_is_due(
             path = tmp_path / "copy"
             for source, copy in zip(local_paths(tmp_path / "db"), local_paths(path), strict=True):
                 shutil.copyfile(source, copy)
-    elif case == "no journal":
-        log.unlink()
     else:
         log.write_bytes(log.read_bytes()[:-CLOSE_SIZE])
     if case == "no data_state":

@@ -130,9 +130,13 @@ class EBooklet(MutableMapping):
             self._meta = LocalMeta(meta_path, damaged_ok=fresh)
             self._recorded = self._meta.data_state  # see _record_data_state
             closed = self._recorded is not None and self._recorded["closed"]
-            self._log = ChangeLog(
-                log_path, self._local_writable, damaged_ok=fresh, expect_closed=closed and not fresh
-            )
+            try:
+                self._log = ChangeLog(
+                    log_path, self._local_writable, damaged_ok=fresh, expect_closed=closed and not fresh
+                )
+            except IntegrityError:
+                self._mark_session_open()  # said once: the next open starts a new journal
+                raise
             if not fresh:
                 self._mark_session_open()
             local_exists = data_path.exists() and not fresh

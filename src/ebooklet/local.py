@@ -166,6 +166,31 @@ def _check_record(pos: int, kind: bytes, key_len: int) -> None:
         raise _Damaged(pos, f"a record has an unknown kind {kind!r}")
 
 
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, atomically and durably: the new file is
+    synced before the rename and the folder after it, so that a power cut leaves the old
+    file or the new one, never an empty or short one (a rename of unsynced data may)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+_REBUILD = (
+    "call get_local_hash() before reading anything: it rebuilds the pending edits from the "
+    "data file (every value there that differs from the remote becomes a pending edit "
+    "again; unpushed deletions are not recovered)"
+)
+"""What to do when the journal's pending edits are lost (damaged, cut or missing)."""
+
+
 def _check_closed(records: list[tuple], intact: int, size: int) -> None:
     """Refuse a journal of ``size`` bytes whose last session closed it, but that does not
     end with the close record: it was cut (at a record boundary, or in a record), and
@@ -231,6 +256,11 @@ class ChangeLog:
         self._end_known = not (damaged_ok and self.path.exists())
         if self.path.exists() and not damaged_ok:
             rewrite = self._load(writable, expect_closed)
+        elif expect_closed and not damaged_ok:
+            raise IntegrityError(
+                f"{self.path} is missing, although the session that wrote it last closed it: "
+                f"the pending edits it held are unknown. Reopen the database and {_REBUILD}."
+            )
         if writable:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._size = os.fstat(self._fd).st_size
@@ -244,7 +274,7 @@ class ChangeLog:
         A torn last record is cut away when ``writable``; see :meth:`__init__` for
         ``expect_closed`` (an empty file is a journal not started yet)."""
         data = self.path.read_bytes()
-        if not data:
+        if not data and not expect_closed:
             return False
         old_format = data[: len(_LOG_MAGIC)] == _LOG_MAGIC_V1
         try:
@@ -278,11 +308,7 @@ class ChangeLog:
         """The error for a damaged journal; when ``writable``, the file is first renamed to
         ``P.local_hash.damaged-<time>`` (kept, never deleted) so that a reopen starts a new one."""
         what = f"{self.path} is damaged at byte {damage.offset}: {damage.reason}."
-        rebuild = (
-            "call get_local_hash() before reading anything: it rebuilds the pending edits "
-            "from the data file (every value there that differs from the remote becomes a "
-            "pending edit again; unpushed deletions are not recovered)"
-        )
+        rebuild = _REBUILD
         if not writable:
             return IntegrityError(
                 f"{what} Nothing was changed. Open the database with flag 'w' to set the "
@@ -441,10 +467,8 @@ class ChangeLog:
                 records.append((REPLACE, b"", b"\x01" * 16, None))
             if self.metadata_dirty:
                 records.append((METADATA, b"", b"\x01" * 16, None))
-            tmp = self.path.with_name(self.path.name + ".tmp")
             blob = _LOG_MAGIC + b"".join(self._encode(*r) for r in records)
-            tmp.write_bytes(blob)
-            os.replace(tmp, self.path)
+            _replace_durably(self.path, blob)
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(blob)
