@@ -513,7 +513,10 @@ def test_copy_remote_from_a_hostile_source_never_puts_outside_the_target(
 
 
 @pytest.mark.parametrize(
-    ("n_keys", "expected"), [(10**9, "IntegrityError"), (4_000_000, "ok")], ids=["10**9", "4e6"]
+    ("n_keys", "expected"),
+    [(10**9, "IntegrityError"), (fmt.MAX_SHARD_RECORDS + 1, "IntegrityError"),
+     (fmt.MAX_SHARD_RECORDS, "ok")],
+    ids=["10**9", "cap+1", "cap"],
 )
 def test_claimed_key_count_does_not_size_the_local_file(
     n_keys: int, expected: str, bucket: Bucket, proxy: _Proxy, s3_server: Any, tmp_path: Path

@@ -470,7 +470,7 @@ def test_group_entries_describe_each_database(two_databases: tuple[Any, Any], ma
         assert entry["metadata"] == {"owner": "team a"}
         assert group[uuid_b]["n_keys"] == 1
         member = group.connection(uuid_a, s3_server.access_key_id, s3_server.access_key,
-                                  endpoint_url=s3_server.endpoint_url)
+                                  endpoint_url=s3_server.endpoint_url, bucket=a.bucket)
         with ebooklet.open(member, tmp_path / "via-group.blt") as db:
             assert db["x"] == 1
 

@@ -5,6 +5,7 @@ from .connection import S3Connection
 from .ebooklet import EBooklet, open, open_rcg
 from .errors import (
     AuthError,
+    CacheDamagedError,
     ConflictError,
     ConsistencyWarning,
     DecompressionLimitError,
@@ -19,6 +20,7 @@ from .errors import (
     RemoteExistsError,
     RemoteNotFoundError,
     SerializationError,
+    ShardLimitError,
     UntrustedEndpointError,
     UntrustedSerializerError,
 )
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
+    "CacheDamagedError",
     "Change",
     "Changes",
     "ConflictError",
@@ -52,6 +55,7 @@ __all__ = [
     "RemoteNotFoundError",
     "S3Connection",
     "SerializationError",
+    "ShardLimitError",
     "UntrustedEndpointError",
     "UntrustedSerializerError",
     "break_lock",

@@ -493,7 +493,7 @@ class Changes:
         known: dict[bytes, Entry | None] = {}
         if head is not None:
             for _, name in fmt.iter_shard_names(head):
-                shard = db._remote.cached_shard(name)
+                shard = db._remote.local_shard(name)[0]
                 for entry in (shard or {}).values():
                     known[entry.md5] = entry
         uploads = dict(db._log.uploads)

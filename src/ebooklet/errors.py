@@ -109,3 +109,12 @@ class DecompressionLimitError(SerializationError):
 
 class UntrustedEndpointError(EBookletError, PermissionError):
     """Credentials would be sent to an endpoint that the caller did not choose."""
+
+
+class ShardLimitError(EBookletError, ValueError):
+    """An index shard a push would write is larger than readers accept (keys too long)."""
+
+
+class CacheDamagedError(IntegrityError):
+    """A local cache file (``P.remote_index``) is damaged and the remote, which is not at
+    fault, could not be reached to fetch its content again."""

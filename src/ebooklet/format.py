@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import FormatVersionError, IntegrityError
+from .errors import FormatVersionError, IntegrityError, ShardLimitError
 
 FORMAT_NAME = "ebooklet"
 FORMAT_VERSION = 1
@@ -40,10 +40,19 @@ _PACK_TRAILER = struct.Struct("<Q8s")  # footer length, magic
 
 MAX_MANIFEST_BYTES = 16 << 20
 """Largest manifest (or commit record) body a reader downloads."""
-MAX_SHARD_BYTES = 256 << 20
-"""Largest index shard a reader downloads."""
-MAX_SHARD_RECORDS = (MAX_SHARD_BYTES - _HEADER.size - 16) // _SHARD_RECORD.size
-"""Most records an index shard can hold within :data:`MAX_SHARD_BYTES` (64 bytes each)."""
+KEYS_PER_SHARD = 1 << 14
+"""Writers keep about this many keys per index shard (16,384; ``remote.KEYS_PER_SHARD``):
+the shard count is the smallest power of two that keeps the average at or below it, and
+keys are spread by hash, so a shard holds a little more than the average at most."""
+MAX_SHARD_RECORDS = 4 * KEYS_PER_SHARD
+"""Most records a reader accepts in one index shard (65,536): four times what writers
+put there, so an honest shard is never refused and a hostile one stays small."""
+SHARD_KEY_BYTES = 64 << 20
+"""Most key bytes a reader accepts in one index shard: keys averaging 1 KiB at
+:data:`MAX_SHARD_RECORDS` (4 KiB at :data:`KEYS_PER_SHARD`). A writer whose shard would
+hold more refuses to push (:func:`encode_shard`)."""
+MAX_SHARD_BYTES = _HEADER.size + MAX_SHARD_RECORDS * _SHARD_RECORD.size + SHARD_KEY_BYTES + 16
+"""Largest index shard a reader downloads (68 MiB: header, records, keys, md5)."""
 MAX_FOOTER_BYTES = 256 << 20
 """Largest pack footer a reader downloads."""
 MAX_LOCK_BYTES = 64 << 10
@@ -177,7 +186,13 @@ def shards_needed(n_keys: int, per_shard: int) -> int:
 
 
 def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
-    """Serialize one index shard (``key -> Entry``), keys sorted, md5-terminated."""
+    """Serialize one index shard (``key -> Entry``), keys sorted, md5-terminated.
+
+    Raises:
+        ShardLimitError: readers would refuse the shard: over :data:`MAX_SHARD_RECORDS`
+            records or :data:`SHARD_KEY_BYTES` of keys (nothing is written).
+    """
+    _check_shard_limits(len(entries), sum(map(len, entries)))
     records = bytearray(_HEADER.pack(SHARD_MAGIC, len(entries)))
     blob = bytearray()
     for key, (md5_, timestamp, pack, offset, length) in sorted(entries.items()):
@@ -187,27 +202,51 @@ def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
     return body + md5(body)
 
 
+def _check_shard_limits(n_records: int, key_bytes: int) -> None:
+    """Refuse to write a shard that readers would refuse (see :func:`encode_shard`)."""
+    if n_records > MAX_SHARD_RECORDS or key_bytes > SHARD_KEY_BYTES:
+        raise ShardLimitError(
+            f"An index shard would hold {n_records:,} keys of {key_bytes:,} bytes in all, over "
+            f"the {MAX_SHARD_RECORDS:,} keys or {SHARD_KEY_BYTES:,} bytes readers accept: the "
+            "keys are too long (or crafted to share a shard). Nothing was committed; use "
+            "shorter keys (a digest of a long key, with the long key in the value)."
+        )
+
+
 def decode_shard(data: bytes, name: str = "index shard") -> dict[bytes, Entry]:
     """Parse and validate an index shard.
 
+    At most :data:`MAX_SHARD_BYTES` and :data:`MAX_SHARD_RECORDS` records, whose keys
+    follow each other in the key blob as :func:`encode_shard` writes them (no two records
+    share key bytes), so what is built is bounded by the shard's size (docs/format.md §10).
+
     Raises:
-        IntegrityError: the shard is truncated, corrupted or not an ebooklet shard; or a
-            record is out of range (a key outside the key blob, a bad timestamp, a value
-            longer than booklet allows or lying beyond S3's largest object).
+        IntegrityError: the shard is over those limits, truncated, corrupted or not an
+            ebooklet shard; or a record is out of range (a key not where the previous one
+            ended, a bad timestamp, a value longer than booklet allows or lying beyond
+            S3's largest object).
     """
     if len(data) > MAX_SHARD_BYTES:
         raise IntegrityError(f"{name} is over {MAX_SHARD_BYTES:,} bytes; {_DAMAGED}")
     view, blob = _checked_table(data, name, SHARD_MAGIC, _SHARD_RECORD.size, "index shard")
+    count = (blob - _HEADER.size) // _SHARD_RECORD.size
+    if count > MAX_SHARD_RECORDS:
+        raise IntegrityError(
+            f"{name} claims {count:,} records, over the {MAX_SHARD_RECORDS:,} of any index "
+            f"shard; {_DAMAGED}"
+        )
     out = {}
     start, keys = _HEADER.size, view[blob:-16]
     n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
+    at = 0
     for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[start:blob]):
         if not (
-            k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < ts_end
+            k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < ts_end
             and length <= value_max and off + length <= object_max
         ):
-            _refuse_record(name, ts, off, length, k_off, k_len, n)
-        out[bytes(keys[k_off : k_off + k_len])] = Entry(md5_, ts, pack, off, length)
+            _refuse_record(name, ts, off, length, k_off, k_len, n, at)
+        at = k_off + k_len
+        out[bytes(keys[k_off:at])] = Entry(md5_, ts, pack, off, length)
     return out
 
 
@@ -235,9 +274,14 @@ def _checked_table(
     return memoryview(data), blob
 
 
-def _refuse_record(name: str, ts: int, off: int, length: int, k_off: int, k_len: int, blob: int) -> None:
-    """Raise for a shard or footer record found out of range, saying which field is."""
-    if k_off + k_len > blob or k_len > KEY_MAX:
+def _refuse_record(
+    name: str, ts: int, off: int, length: int, k_off: int, k_len: int, blob: int, at: int
+) -> None:
+    """Raise for a shard or footer record found out of range, saying which field is
+    (``at``: where its key should start, right after the previous record's)."""
+    if k_off != at:
+        problem = f"a key at {k_off:,}, not at {at:,} where the previous key ended"
+    elif k_off + k_len > blob or k_len > KEY_MAX:
         problem = f"a key at {k_off:,}+{k_len:,} outside its {blob:,}-byte key blob or too long"
     elif not 0 <= ts < TIMESTAMP_END:
         problem = f"a timestamp {ts} outside 0 <= t < 2**56"
@@ -319,14 +363,15 @@ def decode_pack_footer(
     end = MAX_OBJECT_SIZE if values_end is None else values_end
     items = []
     keys = view[blob:-16]
-    n = len(keys)
+    n, at = len(keys), 0
     for m, ts, off, length, k_off, k_len in _PACK_RECORD.iter_unpack(view[_HEADER.size : blob]):
         if not (
-            k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < TIMESTAMP_END
+            k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < TIMESTAMP_END
             and length <= VALUE_MAX and off + length <= end
         ):
-            _refuse_record(name, ts, off, length, k_off, k_len, n)
-        items.append(PackItem(bytes(keys[k_off : k_off + k_len]), m, ts, off, length))
+            _refuse_record(name, ts, off, length, k_off, k_len, n, at)
+        at = k_off + k_len
+        items.append(PackItem(bytes(keys[k_off:at]), m, ts, off, length))
     return items
 
 

@@ -118,7 +118,7 @@ class _Shards:
     def load(self, names: Iterable[str | None]) -> None:
         missing = []
         for name in {n for n in names if n is not None and n not in self._cache}:
-            cached = self.remote.cached_shard(name) if self.remote is not None else None
+            cached = self.remote.local_shard(name)[0] if self.remote is not None else None
             if cached is not None:
                 self._cache[name] = cached
             else:

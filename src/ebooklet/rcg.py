@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
 from .connection import Fetched, S3Connection, connection_from
-from .errors import EBookletError, RemoteNotFoundError, UntrustedEndpointError
+from .errors import EBookletError, IntegrityError, RemoteNotFoundError, UntrustedEndpointError
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -42,6 +42,10 @@ GROUP_KEY_SERIALIZER = "str"
 GROUP_TAG = "remote_conn_group"
 """The group's user metadata holds ``{"ebooklet": GROUP_TAG, "version": 1}``."""
 CONNECTION_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
+URL_FIELDS = ("endpoint_url", "db_url")
+"""Connection fields that are URLs: ``http://`` or ``https://`` when not null."""
+FIELD_MAX = 4096
+"""Longest string a connection field of an entry may hold."""
 
 
 class RemoteConnGroup(MutableMapping):
@@ -127,14 +131,17 @@ class RemoteConnGroup(MutableMapping):
         it is the anonymous read-only connection. Otherwise the connection signs its
         requests (with the keys given, or boto3's credential chain), and an entry, which
         whoever can write the group chose, must not choose where those credentials go:
-        the member's endpoint must be the endpoint of the group's own signed connection,
-        unless the caller passes ``endpoint_url=`` (the entry's is then ignored).
+        the member's bucket must be the group's own (that of its signed connection)
+        unless the caller passes ``bucket=``, and its endpoint and region (which picks the
+        host on AWS) must be the group's own unless the caller passes ``endpoint_url=``
+        (and ``region=`` if it differs); what the caller passes replaces the entry's.
 
         Raises:
             KeyError: no member ``uuid``.
+            IntegrityError: the entry is malformed (:func:`check_entry`).
             ValueError: the member was added by public URL (it can only be read so).
-            UntrustedEndpointError: credentials would go to an endpoint the caller did
-                not choose.
+            UntrustedEndpointError: credentials would go to an endpoint, bucket or region
+                the caller did not choose.
         """
         entry = self[uuid]
         if access_key_id is None and access_key is None and not kw and entry.get("db_url"):
@@ -145,8 +152,25 @@ class RemoteConnGroup(MutableMapping):
         params.pop("db_url")
         if "endpoint_url" not in kw:
             self._check_endpoint(uuid, params["endpoint_url"])
+            if "region" not in kw:
+                self._check_own(uuid, "region", params["region"])
+        if "bucket" not in kw:
+            self._check_own(uuid, "bucket", params["bucket"])
         params.update(kw)
         return S3Connection(access_key_id, access_key, **params)
+
+    def _check_own(self, uuid: str, field: str, value: Any) -> None:
+        """Refuse to sign requests for a bucket (or region) the caller did not choose: only
+        the group's own signed connection's is taken as chosen (else a writer of the
+        group could make the caller's keys act on another bucket of the same endpoint)."""
+        own = self._db.remote
+        if own is not None and own.writable and value == getattr(own, field):
+            return
+        raise UntrustedEndpointError(
+            f"Member {uuid} of {self._db.path} names the {field} {value!r}, not the group's "
+            f"own {getattr(own, field, None)!r}: the group's entries cannot choose what your "
+            f"credentials act on. If you trust it, pass {field}={value!r} to connection()."
+        )
 
     def _check_endpoint(self, uuid: str, endpoint_url: Any) -> None:
         """Refuse to sign requests to a member's endpoint that the caller did not choose:
@@ -166,7 +190,7 @@ class RemoteConnGroup(MutableMapping):
     # ------------------------------------------------------------ the mapping
 
     def __getitem__(self, uuid: str) -> dict:
-        return self._db[uuid]
+        return check_entry(uuid, self._db[uuid])
 
     def __delitem__(self, uuid: str) -> None:
         del self._db[uuid]
@@ -181,13 +205,13 @@ class RemoteConnGroup(MutableMapping):
         return uuid in self._db
 
     def items(self, keys: Any = None) -> Iterator[tuple[str, dict]]:  # type: ignore[override]
-        return self._db.items(keys)
+        return ((uuid, check_entry(uuid, entry)) for uuid, entry in self._db.items(keys))
 
     def values(self, keys: Any = None) -> Iterator[dict]:  # type: ignore[override]
-        return self._db.values(keys)
+        return (entry for _, entry in self.items(keys))
 
     def get(self, uuid: str, default: Any = None) -> Any:
-        return self._db.get(uuid, default)
+        return self[uuid] if uuid in self._db else default
 
     # ------------------------------------------------------------ as a database
 
@@ -227,3 +251,49 @@ class RemoteConnGroup(MutableMapping):
     def __repr__(self) -> str:
         return f"<RemoteConnGroup of {len(self)} databases at {self._db!r}>"
 
+
+
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "n_keys": (int,), "n_bytes": (int,), "seq": (int,), "last_commit": (int,), "added": (int,),
+    "commit_id": (str,), "key_serializer": (str,), "value_serializer": (str,),
+}
+"""Optional fields of an entry besides the connection fields, and their types (or null)."""
+
+
+def _connection_field_ok(field: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, str) or len(value) > FIELD_MAX or not value.isprintable():
+        return False
+    return field not in URL_FIELDS or value.startswith(("http://", "https://"))
+
+
+def check_entry(uuid: Any, entry: Any) -> dict:
+    """``entry`` itself if it is a valid group entry: an object whose connection fields are
+    null or printable strings (URLs ``http://`` or ``https://``), with a ``db_url`` or a
+    ``db_key`` and ``bucket``, and whose other known fields have their types.
+
+    Raises:
+        IntegrityError: anything else (the group was damaged or written by hand).
+    """
+    problem = None
+    if not isinstance(entry, dict):
+        problem = f"is {type(entry).__name__}, not an object"
+    else:
+        bad = [f for f in CONNECTION_FIELDS if not _connection_field_ok(f, entry.get(f))]
+        bad += [
+            f for f, types in _ENTRY_TYPES.items()
+            if entry.get(f) is not None
+            and (not isinstance(entry[f], types) or isinstance(entry[f], bool))
+        ]
+        if bad:
+            problem = f"has malformed fields {bad}"
+        elif entry.get("db_url") is None and (entry.get("db_key") is None or entry.get("bucket") is None):
+            problem = "names neither a db_url nor a bucket and db_key"
+    if problem is not None:
+        raise IntegrityError(
+            f"The entry {uuid!r:.80} of this remote connection group {problem}: the group is "
+            "damaged or was not written by ebooklet. Remove it (del group[uuid]) and add the "
+            "database again with group.add()."
+        )
+    return entry

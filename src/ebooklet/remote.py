@@ -23,6 +23,7 @@ import orjson
 from . import format as fmt
 from .connection import Fetched, NotModified, PreconditionFailed, S3Connection
 from .errors import (
+    CacheDamagedError,
     ConsistencyWarning,
     EBookletError,
     IntegrityError,
@@ -48,8 +49,9 @@ RANGE_GAP = 256 << 10
 """Neighbouring values of one pack closer than this are fetched in one GET."""
 RANGE_MAX = 16 << 20
 """A coalesced range GET is cut at about this many bytes."""
-KEYS_PER_SHARD = 16384
-"""Index shards hold at most about this many keys (some 1 MiB); their count is a power of two."""
+KEYS_PER_SHARD = fmt.KEYS_PER_SHARD
+"""Index shards hold about this many keys on average (readers accept four times as many,
+``format.MAX_SHARD_RECORDS``); their count is a power of two."""
 SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
 LOCK_LEASE = 30.0
@@ -146,7 +148,11 @@ class RemoteIndex:
         return i, fmt.shard_name_at(manifest, i)
 
     def cached_shard(self, name: str) -> dict[bytes, Entry] | None:
-        """A shard already in memory or in the local mirror (no request)."""
+        """A shard already in memory or in the local mirror (no request).
+
+        Raises:
+            CacheDamagedError: the mirror's copy is damaged (:meth:`shard` fetches it again).
+        """
         with self._lock:
             shard = self._shards.get(name)
             if shard is not None:
@@ -155,7 +161,49 @@ class RemoteIndex:
         raw = self.mirror.get_shard(name)
         if raw is None:
             return None
-        return self._remember(name, fmt.decode_shard(raw, name))
+        try:
+            shard = fmt.decode_shard(raw, name)
+        except IntegrityError as exc:
+            where = getattr(self.mirror, "path", "the local index cache")
+            raise CacheDamagedError(
+                f"The copy of index shard {name} cached in {where} is damaged "
+                f"({str(exc).split(';')[0]}). The remote is not at fault: reconnect and "
+                "read again to fetch the shard anew, or delete that file (it is only a cache)."
+            ) from None
+        return self._remember(name, shard)
+
+    def local_shard(self, name: str) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
+        """``(shard, None)`` from memory or the mirror, ``(None, None)`` when not local,
+        ``(None, error)`` when the mirror's copy is damaged."""
+        try:
+            return self.cached_shard(name), None
+        except CacheDamagedError as exc:
+            return None, exc
+
+    def _fetch_shard(self, name: str, damage: CacheDamagedError | None) -> dict[bytes, Entry]:
+        """GET a shard, validate it and keep it in the mirror (replacing a damaged copy,
+        with a ``RuntimeWarning``).
+
+        Raises:
+            CacheDamagedError: the mirror's copy was damaged and the remote is out of reach.
+            OfflineError: the shard is not local and the remote is out of reach.
+        """
+        if damage is not None:
+            warnings.warn(
+                f"{getattr(self.mirror, 'path', 'The local index cache')}: the cached index "
+                f"shard {name} is damaged; it is dropped and fetched again from the remote.",
+                RuntimeWarning, stacklevel=3,
+            )
+        try:
+            self._require_conn()
+            answer = self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES)
+        except OfflineError:
+            if damage is not None:
+                raise damage from None
+            raise
+        shard = fmt.decode_shard(answer.data, name)
+        self.mirror.set_shard(name, answer.data)
+        return self._remember(name, shard)
 
     def _remember(self, name: str, shard: dict[bytes, Entry]) -> dict[bytes, Entry]:
         with self._lock:
@@ -168,24 +216,18 @@ class RemoteIndex:
         """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard."""
         if name is None:
             return {}
-        shard = self.cached_shard(name)
+        shard, _ = self.local_shard(name)
         if shard is not None:
             return shard
         with self._lock:
             guard = self._fetching.setdefault(name, threading.Lock())
         with guard:
-            shard = self.cached_shard(name)
-            if shard is None:
-                self._require_conn()
-                answer = self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES)
-                shard = fmt.decode_shard(answer.data, name)
-                self.mirror.set_shard(name, answer.data)
-                self._remember(name, shard)
-        return shard
+            shard, damage = self.local_shard(name)
+            return shard if shard is not None else self._fetch_shard(name, damage)
 
     def load_shards(self, names: Iterable[str | None]) -> None:
-        """Fetch the given shards that are not local yet, in parallel."""
-        missing = sorted({n for n in names if n is not None and self.cached_shard(n) is None})
+        """Fetch the given shards that are not local yet (or damaged there), in parallel."""
+        missing = sorted({n for n in names if n is not None and self.local_shard(n)[0] is None})
         if missing:
             self._require_conn()
             list(self.conn.map(self.shard, missing))
@@ -364,7 +406,11 @@ class RemoteIndex:
         return PackUpload(pack, footer, [(key, Entry(m, ts, pack, 0, len(value)))])
 
     def upload_shard(self, commit_id: str, number: int, entries: dict[bytes, Entry]) -> str:
-        """Upload one index shard for ``commit_id``; returns its object suffix."""
+        """Upload one index shard for ``commit_id``; returns its object suffix.
+
+        Raises:
+            ShardLimitError: readers would refuse the shard (nothing is uploaded).
+        """
         name = fmt.shard_name(commit_id, number)
         data = fmt.encode_shard(entries)
         self.conn.put(name, data)
