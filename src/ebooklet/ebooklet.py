@@ -51,6 +51,8 @@ _CHUNK = 1000
 _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 _ABSENT = object()  # "no such key", told from any value a get may return
+_PLAIN_KEYS = frozenset({str, bytes, int})
+"""Types of decoded keys known to be hashable: any other is hashed once to check it."""
 LARGE_VALUE = 4 << 20
 _LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
 """The fields of ``S3Connection.public_params()`` that say which remote it is."""
@@ -254,7 +256,7 @@ class EBooklet(MutableMapping):
         """Keys with a pending value that the data file does not hold."""
         return [
             kb for kb, edit in self._log.edits.items()
-            if edit.md5 is not None and self._ks.loads(kb) not in self._data
+            if edit.md5 is not None and self._decode_key(kb) not in self._data
         ]
 
     def _delete_absent_edits(self) -> int:
@@ -525,6 +527,24 @@ class EBooklet(MutableMapping):
                 f"{self._vs_name!r} ({type(exc).__name__}: {exc})."
             ) from None
 
+    def _decode_key(self, kb: bytes) -> Any:
+        """The key encoded as ``kb`` (from the remote index, a pack footer or the local
+        files), decoded by the key serializer.
+
+        Raises:
+            IntegrityError: the serializer fails on ``kb`` (in any way: invalid text,
+                nesting too deep, a number too long...) or decodes it to an unhashable
+                value, which cannot be a key.
+        """
+        try:
+            key = self._ks.loads(kb)
+            if type(key) not in _PLAIN_KEYS:
+                hash(key)
+            return key
+        except Exception as exc:
+            where = self._conn.db_url if self._conn is not None else str(self.path)
+            raise _undecodable_key(kb, self._ks_name, where, exc) from None
+
     # ------------------------------------------------------------ state checks
 
     def _check_open(self) -> None:
@@ -637,7 +657,7 @@ class EBooklet(MutableMapping):
             except RuntimeError:
                 pass
         for kb in sorted(todo):
-            cached = self._cached(self._ks.loads(kb))
+            cached = self._cached(self._decode_key(kb))
             if cached is not None:
                 yield kb, *cached
 
@@ -684,7 +704,7 @@ class EBooklet(MutableMapping):
     def _damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
         false) or is not the value that was journaled."""
-        key = self._ks.loads(kb)
+        key = self._decode_key(kb)
         what = "holds another value than the one" if present else "lacks the value"
         return IntegrityError(
             f"{self.path} {what} last set locally for key {key!r:.80} (not pushed yet): the "
@@ -745,7 +765,7 @@ class EBooklet(MutableMapping):
         """The error for a cached copy of a remote value that fails its md5 (it has the
         remote entry's timestamp) when the remote cannot be reached to fetch it again."""
         return IntegrityError(
-            f"The copy of key {self._ks.loads(kb)!r:.80} cached in {self.path} is damaged (it "
+            f"The copy of key {self._decode_key(kb)!r:.80} cached in {self.path} is damaged (it "
             f"does not match the md5 of the remote index), and the remote cannot be reached "
             f"to fetch it again ({exc}). Reconnect and read it again: it is then downloaded."
         )
@@ -839,7 +859,7 @@ class EBooklet(MutableMapping):
     def __iter__(self) -> Iterator[Any]:
         self._check_open()
         for kb in self._iter_key_bytes():
-            yield self._ks.loads(kb)
+            yield self._decode_key(kb)
 
     def keys(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
         """The keys of the database (or those of ``keys`` that exist)."""
@@ -887,12 +907,12 @@ class EBooklet(MutableMapping):
                     if edit.md5 != self._log.checked.get(kb) and edit.md5 != fmt.md5(raw):
                         yield from self._decoded([kb], {})  # checked again: raises if damaged
                     else:
-                        yield self._ks.loads(kb), self._decode(raw)
+                        yield self._decode_key(kb), self._decode(raw)
                     continue
                 entry = remote.get(kb)
                 if entry is not None and _is_copy(ts, raw, entry):
                     done.add(kb)
-                    yield self._ks.loads(kb), self._decode(raw)
+                    yield self._decode_key(kb), self._decode(raw)
             interrupted = False
         except RuntimeError:  # the loop's body wrote to the database: finish key by key
             interrupted = True
@@ -920,7 +940,7 @@ class EBooklet(MutableMapping):
         one; a key edited since ``fetched`` was downloaded is read locally."""
         edits = self._log.edits
         for kb in kbs:
-            key = self._ks.loads(kb)
+            key = self._decode_key(kb)
             raw = fetched.get(kb) if kb not in edits else None
             if raw is None:
                 found = self._raw(key)
@@ -983,7 +1003,7 @@ class EBooklet(MutableMapping):
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
         return [
             (kb, e) for kb, e in candidates
-            if self._data.get_timestamp(self._ks.loads(kb)) != e.timestamp
+            if self._data.get_timestamp(self._decode_key(kb)) != e.timestamp
         ]
 
     def _fetch(self, wanted: list[tuple[bytes, Entry]], keep: bool = True) -> dict[bytes, bytes | None]:
@@ -1233,7 +1253,7 @@ class EBooklet(MutableMapping):
             for item in items:
                 if item.key not in found or found[item.key][1] < item.timestamp:
                     found[item.key] = (item.md5, item.timestamp)
-        return {self._ks.loads(k): (m.hex(), ts) for k, (m, ts) in found.items()}
+        return {self._decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}
 
     def sync(self) -> None:
         """Flush local files to disk."""
@@ -1365,7 +1385,7 @@ class EBooklet(MutableMapping):
             self._log.record_edits(current)
             for kb, m in cached:
                 if not (remote.get(kb) and remote[kb].md5 == m):
-                    del self._data[self._ks.loads(kb)]
+                    del self._data[self._decode_key(kb)]
             manifest = self._remote.manifest
             if manifest is not None and not self._log.replace and not self._log.metadata_dirty:
                 self._log.set_metadata_dirty(True)
@@ -1464,6 +1484,23 @@ def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | 
         "Convert the key (str(key), for instance), or create the database with another "
         "key serializer: ebooklet.open(..., 'n', key_serializer='orjson') takes str and "
         "int keys (see booklet.available_serializers)."
+    )
+
+
+def _undecodable_key(kb: bytes, ks_name: str | None, where: str, exc: Exception) -> EBookletError:
+    """The error for key bytes ``kb`` of database ``where`` that its key serializer fails to
+    decode (``exc``): the serializer cannot run here, or the bytes are not a key of it."""
+    if isinstance(exc, (ImportError, NameError)):
+        return SerializationError(
+            f"The key serializer {ks_name!r} of {where} cannot run here ({exc}): install the "
+            "package it needs (e.g. msgpack, numpy) to read this database."
+        )
+    shown = f"{bytes(kb[:40])!r}{'...' if len(kb) > 40 else ''}"
+    return IntegrityError(
+        f"Key bytes {shown} in the index of {where} cannot be decoded by key serializer "
+        f"{ks_name!r} ({type(exc).__name__}: {str(exc)[:200]}): the database is damaged or "
+        "not written with that serializer. Its keys cannot be listed until whoever writes it "
+        "repairs it; the values of other keys can still be read by key."
     )
 
 
