@@ -61,6 +61,11 @@ class Index:
         manifest["n_keys"] = len(entries)
         self._put("", orjson.dumps(manifest))
 
+    def edit_manifest(self, **fields: Any) -> None:
+        manifest = orjson.loads(self._get(""))
+        manifest.update(fields)
+        self._put("", orjson.dumps(manifest))
+
 
 @pytest.fixture
 def index(boto3_client: Any, s3_server: Any, db_key: str) -> Index:
@@ -132,3 +137,106 @@ def test_diff_with_a_hostile_key_is_an_integrity_error(
     index.plant(kb)
     with ebooklet.open(reader(), tmp_path / "copy.blt", "r") as db:
         typed(lambda: db.diff(1))
+
+
+# --------------------------------------------------------------------------- the data file's header
+
+
+class Doubled:
+    """A custom serializer class (booklet records it as code 0)."""
+
+    @staticmethod
+    def dumps(value: Any) -> bytes:
+        return orjson.dumps([value, value])
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return orjson.loads(data)[0]
+
+
+def local_db(path: Path, **serializers: Any) -> None:
+    """A local-only database at ``path`` holding ``{"k": {"x": 1}}``."""
+    with ebooklet.open(None, path, "n", **serializers) as db:
+        db["k"] = {"x": 1}
+
+
+def edit_meta(path: Path, **fields: Any) -> None:
+    meta_path = Path(f"{path}.ebk.json")
+    meta = orjson.loads(meta_path.read_bytes())
+    meta.update(fields)
+    meta_path.write_bytes(orjson.dumps(meta))
+
+
+def test_deleted_sidecar_reads_with_the_headers_serializers(tmp_path: Path) -> None:
+    """Deleting a damaged P.ebk.json (as its IntegrityError advises) keeps values decoded."""
+    path = tmp_path / "db.blt"
+    local_db(path, value_serializer="orjson")
+    Path(f"{path}.ebk.json").unlink()
+    with ebooklet.open(None, path, "r") as db:
+        assert db["k"] == {"x": 1}
+        assert list(db) == ["k"]
+    with ebooklet.open(None, path, "w") as db:
+        db["k2"] = [2]
+    with ebooklet.open(None, path, "r") as db:
+        assert dict(db.items()) == {"k": {"x": 1}, "k2": [2]}
+
+
+@pytest.mark.parametrize(
+    "field, name", [("value_serializer", "str"), ("value_serializer", None), ("key_serializer", "orjson")]
+)
+def test_sidecar_disagreeing_with_the_header_is_refused(tmp_path: Path, field: str, name: Any) -> None:
+    path = tmp_path / "db.blt"
+    local_db(path, value_serializer="orjson")
+    edit_meta(path, **{field: name})
+    with pytest.raises(ebooklet.SerializationError, match=f"records {field} .* in its header"):
+        ebooklet.open(None, path, "r")
+
+
+def test_arguments_disagreeing_with_the_header_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db.blt"
+    local_db(path, value_serializer="orjson")
+    Path(f"{path}.ebk.json").unlink()
+    with pytest.raises(ebooklet.SerializationError, match="in its header"):
+        ebooklet.open(None, path, "r", value_serializer="json")
+    with ebooklet.open(None, path, "n", value_serializer="str") as db:  # 'n' replaces P
+        db["k"] = "five"
+    with ebooklet.open(None, path, "r") as db:
+        assert db["k"] == "five"
+
+
+def test_custom_class_is_checked_against_the_header(tmp_path: Path) -> None:
+    """A custom class (code 0 in the header) must be passed again once P.ebk.json is gone;
+    a booklet serializer is refused for it, and a custom class for a named one."""
+    path = tmp_path / "db.blt"
+    local_db(path, value_serializer=Doubled)
+    with ebooklet.open(None, path, "r", value_serializer=Doubled) as db:
+        assert db["k"] == {"x": 1}
+    Path(f"{path}.ebk.json").unlink()
+    with pytest.raises(ebooklet.SerializationError, match="custom value_serializer class"):
+        ebooklet.open(None, path, "r")
+    with pytest.raises(ebooklet.SerializationError, match="in its header"):
+        ebooklet.open(None, path, "r", value_serializer="orjson")
+    with ebooklet.open(None, path, "r", value_serializer=Doubled) as db:
+        assert db["k"] == {"x": 1}
+    other = tmp_path / "named.blt"
+    local_db(other, value_serializer="orjson")
+    Path(f"{other}.ebk.json").unlink()
+    with pytest.raises(ebooklet.SerializationError, match="in its header"):
+        ebooklet.open(None, other, "r", value_serializer=Doubled)
+
+
+def test_remote_manifest_disagreeing_with_the_header_is_refused(
+    conn: Any, make_conn: Callable[..., Any], index: Index, tmp_path: Path
+) -> None:
+    """A manifest that changes its value serializer under a local copy is refused, not
+    decoded with (the copy's cached bytes were written by the other one)."""
+    with ebooklet.open(conn, tmp_path / "origin.blt", "n", value_serializer="orjson") as db:
+        db["k"] = {"x": 1}
+        db.changes().push()
+    path = tmp_path / "copy.blt"
+    for _ in range(2):  # the second open checks the header against the manifest: same
+        with ebooklet.open(make_conn(), path, "r") as db:
+            assert db["k"] == {"x": 1}
+    index.edit_manifest(value_serializer="json")
+    with pytest.raises(ebooklet.SerializationError, match="in its header"):
+        ebooklet.open(make_conn(), path, "r")

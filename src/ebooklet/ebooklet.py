@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import booklet
+from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
@@ -51,6 +52,9 @@ _CHUNK = 1000
 _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 _ABSENT = object()  # "no such key", told from any value a get may return
+_HEADER_SERIALIZERS = {"value_serializer": slice(29, 31), "key_serializer": slice(31, 33)}
+"""Where a booklet file's header records its serializers' codes (2 bytes little-endian each)."""
+_HEADER_END = 33
 _PLAIN_KEYS = frozenset({str, bytes, int})
 """Types of decoded keys known to be hashable: any other is hashed once to check it."""
 LARGE_VALUE = 4 << 20
@@ -425,13 +429,14 @@ class EBooklet(MutableMapping):
         manifest = self._remote.manifest
         replacing = self.flag == "n" or self._log.replace
         recorded = manifest if manifest is not None and not replacing else self._meta.data
+        header = _header_serializers(local_paths(self.path)[0])
         if self.flag == "n" or "key_serializer" not in recorded:
-            if key_serializer is serializers.UNSET:
-                key_serializer = NEW_KEY_SERIALIZER
-            if value_serializer is serializers.UNSET:
-                value_serializer = NEW_VALUE_SERIALIZER
-            self._ks, self._ks_name = serializers.resolve(key_serializer, "key_serializer")
-            self._vs, self._vs_name = serializers.resolve(value_serializer, "value_serializer")
+            self._ks, self._ks_name = _unrecorded("key_serializer", key_serializer, header)
+            self._vs, self._vs_name = _unrecorded("value_serializer", value_serializer, header)
+            self._check_header(
+                header, "open()'s arguments",
+                "Leave the serializer arguments out to use the file's own.",
+            )
             return
         user_owned = recorded is self._meta.data
         where = f"{self.path} (its {self._meta.path.name})" if user_owned else repr(self._conn)
@@ -443,6 +448,25 @@ class EBooklet(MutableMapping):
 
         self._ks, self._ks_name = choose("key_serializer", key_serializer)
         self._vs, self._vs_name = choose("value_serializer", value_serializer)
+        if user_owned:
+            remedy = (
+                f"If {self._meta.path.name} was edited, restore it, or delete it to use the "
+                "file's own serializers."
+            )
+        else:
+            remedy = (
+                f"Move {self.path} and its {self.path.name}.* files away (whatever was pushed "
+                "is safe remotely): reopening downloads the database again."
+            )
+        self._check_header(header, where, remedy)
+
+    def _check_header(self, header: dict[str, Any] | None, chosen_by: str, remedy: str) -> None:
+        """Refuse serializers (chosen by ``chosen_by``) that differ from those the data
+        file's header records (``None``: no data file); see :func:`serializers.check_header`."""
+        if header is None:
+            return
+        for field, cls in (("key_serializer", self._ks), ("value_serializer", self._vs)):
+            serializers.check_header(field, header[field], cls, str(self.path), chosen_by, remedy)
 
     def _remembered_serializers(self) -> dict[str, set]:
         """``{field: {name}}`` that ``P.ebk.json`` records for this very remote (opened
@@ -1630,6 +1654,44 @@ def _local_files_writable(path: Path, flag: str) -> bool:
             "you can write."
         )
     return False
+
+
+def _header_serializers(path: Path) -> dict[str, Any] | None:
+    """The serializers the header of the booklet file ``path`` records, as
+    :func:`serializers.header_name` gives them (``None``: no such file, or not a booklet
+    file, which opening it then reports)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(_HEADER_END)
+    except OSError:
+        return None
+    if len(head) < _HEADER_END or head[: len(bk_utils.uuid_variable_blt)] != bk_utils.uuid_variable_blt:
+        return None
+    where = f"The header of {path}"
+    return {
+        field: serializers.header_name(int.from_bytes(head[at], "little"), field, where)
+        for field, at in _HEADER_SERIALIZERS.items()
+    }
+
+
+def _unrecorded(field: str, given: Any, header: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """The serializer for ``field`` when neither the remote nor ``P.ebk.json`` records one:
+    the caller's, else the data file header's, else the default.
+
+    Raises:
+        SerializationError: the header records a custom class and none was given.
+    """
+    if given is serializers.UNSET:
+        if header is None:
+            given = NEW_KEY_SERIALIZER if field == "key_serializer" else NEW_VALUE_SERIALIZER
+        elif header[field] is serializers.CUSTOM:
+            raise SerializationError(
+                f"The data file was written with a custom {field} class (its header records "
+                f"booklet's code 0): pass that class to open() as {field}= to read it."
+            )
+        else:
+            given = header[field]
+    return serializers.resolve(given, field)
 
 
 def _open_data(

@@ -141,7 +141,15 @@ def _bounded(name: str) -> type:
 _BOUNDED = {name: _bounded(name) for name in _INFLATED}
 _NAME_OF: dict[Any, str | None] = {cls: name for name, cls in reversed(bk_serializers.serial_dict.items())}
 _NAME_OF.update({cls: name for name, cls in _BOUNDED.items()})
-_CUSTOM = object()  # the name of a serializer class that is not booklet's
+class _Custom:
+    """The name of a serializer class that is not booklet's."""
+
+    def __repr__(self) -> str:
+        return "a custom class"
+
+
+CUSTOM: Any = _Custom()
+"""The name of a serializer class that is not booklet's (booklet records it as code 0)."""
 
 
 def resolve(name_or_class: Any, field: str) -> tuple[Any, str | None]:
@@ -233,14 +241,48 @@ def choose(field: str, recorded: Any, given: Any, trusted: frozenset | bool, whe
     return resolve(recorded, field)
 
 
+def header_name(code: int, field: str, where: str) -> Any:
+    """The serializer a booklet file's header records as ``code``: its name (``None`` for
+    bytes), or :data:`CUSTOM` for booklet's code 0 (a class passed when it was created).
+
+    Raises:
+        IntegrityError: a code booklet does not know (the header is damaged).
+    """
+    if code == 0:
+        return CUSTOM
+    if code not in bk_serializers.serial_int_dict:
+        raise IntegrityError(
+            f"{where} records {field} code {code}, which booklet does not know: the file is "
+            "damaged. Move it away: whatever was pushed is safe remotely."
+        )
+    return _NAME_OF[bk_serializers.serial_int_dict[code]]
+
+
+def check_header(field: str, header: Any, cls: Any, where: str, chosen_by: str, remedy: str) -> None:
+    """Refuse serializer ``cls``, chosen by ``chosen_by``, for the booklet file ``where``
+    whose header records ``header`` (a :func:`header_name`): its bytes were written by
+    another serializer. ``remedy`` tells what to do.
+
+    Raises:
+        SerializationError: they differ.
+    """
+    mine = _NAME_OF.get(cls, CUSTOM)
+    if mine == header:
+        return
+    raise SerializationError(
+        f"{where} records {field} {header!r} in its header, but {chosen_by} says {mine!r}: "
+        f"decoding with either could give wrong values. {remedy}"
+    )
+
+
 def _check_same(field: str, recorded: str | None, cls: Any, where: str) -> None:
     """Refuse a serializer passed to ``open()`` that is not the one the database records
     (``None`` records bytes or a custom class: any class is taken as the custom one)."""
     mine = _NAME_OF[bk_serializers.serial_dict[recorded]]  # "bytes" is recorded as None too
-    passed = _NAME_OF.get(cls, _CUSTOM)
-    if passed == mine or (mine is None and passed is _CUSTOM):
+    passed = _NAME_OF.get(cls, CUSTOM)
+    if passed == mine or (mine is None and passed is CUSTOM):
         return
-    shown = getattr(cls, "__name__", cls) if passed is _CUSTOM else passed
+    shown = getattr(cls, "__name__", cls) if passed is CUSTOM else passed
     advice = "leave it out" if recorded in SAFE else f"pass {field}={recorded!r} if you trust it"
     raise SerializationError(
         f"{where} records {field} {recorded!r}, but {shown!r} was passed to open(); decoding "
