@@ -1684,7 +1684,7 @@ def _unrecorded(field: str, given: Any, header: dict[str, Any] | None) -> tuple[
     if given is serializers.UNSET:
         if header is None:
             given = NEW_KEY_SERIALIZER if field == "key_serializer" else NEW_VALUE_SERIALIZER
-        elif header[field] is serializers.CUSTOM:
+        elif header[field] == serializers.HEADER_CUSTOM:
             raise SerializationError(
                 f"The data file was written with a custom {field} class (its header records "
                 f"booklet's code 0): pass that class to open() as {field}= to read it."

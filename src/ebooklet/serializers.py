@@ -46,6 +46,10 @@ each decode) to read databases of larger compressed values."""
 BYTES = bk_serializers.serial_dict[None]
 """The default value serializer: values are bytes, stored as they are."""
 
+HEADER_CUSTOM = "custom"
+"""What a booklet file's header records for a serializer class that is not booklet's
+(code 0), as :func:`header_name` gives it."""
+
 _INFLATE_CHUNK = 1 << 20
 """A zstd frame that does not declare its size is inflated this many bytes at a time."""
 
@@ -141,15 +145,7 @@ def _bounded(name: str) -> type:
 _BOUNDED = {name: _bounded(name) for name in _INFLATED}
 _NAME_OF: dict[Any, str | None] = {cls: name for name, cls in reversed(bk_serializers.serial_dict.items())}
 _NAME_OF.update({cls: name for name, cls in _BOUNDED.items()})
-class _Custom:
-    """The name of a serializer class that is not booklet's."""
-
-    def __repr__(self) -> str:
-        return "a custom class"
-
-
-CUSTOM: Any = _Custom()
-"""The name of a serializer class that is not booklet's (booklet records it as code 0)."""
+_CUSTOM = object()  # the name of a serializer class that is not booklet's
 
 
 def resolve(name_or_class: Any, field: str) -> tuple[Any, str | None]:
@@ -243,13 +239,14 @@ def choose(field: str, recorded: Any, given: Any, trusted: frozenset | bool, whe
 
 def header_name(code: int, field: str, where: str) -> Any:
     """The serializer a booklet file's header records as ``code``: its name (``None`` for
-    bytes), or :data:`CUSTOM` for booklet's code 0 (a class passed when it was created).
+    bytes), or :data:`HEADER_CUSTOM` for booklet's code 0 (a class passed when it was
+    created).
 
     Raises:
         IntegrityError: a code booklet does not know (the header is damaged).
     """
     if code == 0:
-        return CUSTOM
+        return HEADER_CUSTOM
     if code not in bk_serializers.serial_int_dict:
         raise IntegrityError(
             f"{where} records {field} code {code}, which booklet does not know: the file is "
@@ -266,7 +263,7 @@ def check_header(field: str, header: Any, cls: Any, where: str, chosen_by: str, 
     Raises:
         SerializationError: they differ.
     """
-    mine = _NAME_OF.get(cls, CUSTOM)
+    mine = _NAME_OF.get(cls, HEADER_CUSTOM)
     if mine == header:
         return
     raise SerializationError(
@@ -279,10 +276,10 @@ def _check_same(field: str, recorded: str | None, cls: Any, where: str) -> None:
     """Refuse a serializer passed to ``open()`` that is not the one the database records
     (``None`` records bytes or a custom class: any class is taken as the custom one)."""
     mine = _NAME_OF[bk_serializers.serial_dict[recorded]]  # "bytes" is recorded as None too
-    passed = _NAME_OF.get(cls, CUSTOM)
-    if passed == mine or (mine is None and passed is CUSTOM):
+    passed = _NAME_OF.get(cls, _CUSTOM)
+    if passed == mine or (mine is None and passed is _CUSTOM):
         return
-    shown = getattr(cls, "__name__", cls) if passed is CUSTOM else passed
+    shown = getattr(cls, "__name__", cls) if passed is _CUSTOM else passed
     advice = "leave it out" if recorded in SAFE else f"pass {field}={recorded!r} if you trust it"
     raise SerializationError(
         f"{where} records {field} {recorded!r}, but {shown!r} was passed to open(); decoding "
