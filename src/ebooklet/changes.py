@@ -201,10 +201,10 @@ class Changes:
                 kind = "added" if r is None else "modified"
             else:
                 kind = "modified"
-            yield Change(kind, db._ks.loads(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
+            yield Change(kind, db._decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
         if online and not db._log.replace:
             for kb, kind, entry in self._stale_cache():
-                yield Change(kind, db._ks.loads(kb), None, _hex(entry.md5) if entry else None, None)
+                yield Change(kind, db._decode_key(kb), None, _hex(entry.md5) if entry else None, None)
 
     def _stale_cache(self) -> Iterator[tuple[bytes, str, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
@@ -241,10 +241,10 @@ class Changes:
         gone = [kb for kb, kind, _ in stale if kind == "remote_deleted"]
         with db._rlock:
             for kb in gone:
-                key = db._ks.loads(kb)
+                key = db._decode_key(kb)
                 if key in db._data:
                     del db._data[key]
-        changed = [db._ks.loads(kb) for kb, kind, _ in stale if kind == "remote_changed"]
+        changed = [db._decode_key(kb) for kb, kind, _ in stale if kind == "remote_changed"]
         return db.load_items(changed) if changed else 0
 
     def discard(self, keys: Iterable[Any] | None = None) -> int:
@@ -265,7 +265,7 @@ class Changes:
                 kbs = [kb for kb in (db._key(k) for k in keys) if kb in db._log.edits]
             db._log.mark_clean(kbs)
             for kb in kbs:
-                key = db._ks.loads(kb)
+                key = db._decode_key(kb)
                 if key in db._data:
                     del db._data[key]
             return len(kbs)
@@ -369,17 +369,17 @@ class Changes:
             else:
                 sets[kb] = edit.md5
         if conflicts:
-            raise ConflictError([db._ks.loads(kb) for kb in conflicts])
+            raise ConflictError([db._decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
 
     def _local_ts(self, kb: bytes) -> int | None:
-        return self._db._data.get_timestamp(self._db._ks.loads(kb))
+        return self._db._data.get_timestamp(self._db._decode_key(kb))
 
     def _settle(self, settled: list[tuple[bytes, Entry | None]]) -> None:
         """Forget edits equal to the remote; the local copy takes the remote timestamp."""
         db = self._db
         for kb, entry in settled:
-            key = db._ks.loads(kb)
+            key = db._decode_key(kb)
             if entry is not None and key in db._data:
                 db._data.set_timestamp(key, entry.timestamp)
         db._log.mark_clean(kb for kb, _ in settled)

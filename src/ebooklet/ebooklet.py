@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import booklet
+from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
@@ -52,6 +53,11 @@ _CHUNK = 1000
 _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 _ABSENT = object()  # "no such key", told from any value a get may return
+_HEADER_SERIALIZERS = {"value_serializer": slice(29, 31), "key_serializer": slice(31, 33)}
+"""Where a booklet file's header records its serializers' codes (2 bytes little-endian each)."""
+_HEADER_END = 33
+_PLAIN_KEYS = frozenset({str, bytes, int})
+"""Types of decoded keys known to be hashable: any other is hashed once to check it."""
 LARGE_VALUE = 4 << 20
 _LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
 """The fields of ``S3Connection.public_params()`` that say which remote it is."""
@@ -270,7 +276,7 @@ class EBooklet(MutableMapping):
         """Keys with a pending value that the data file does not hold."""
         return [
             kb for kb, edit in self._log.edits.items()
-            if edit.md5 is not None and self._ks.loads(kb) not in self._data
+            if edit.md5 is not None and self._decode_key(kb) not in self._data
         ]
 
     def _delete_absent_edits(self, shrunk: bool) -> int:
@@ -479,13 +485,14 @@ class EBooklet(MutableMapping):
         manifest = self._remote.manifest
         replacing = self.flag == "n" or self._log.replace
         recorded = manifest if manifest is not None and not replacing else self._meta.data
+        header = _header_serializers(local_paths(self.path)[0])
         if self.flag == "n" or "key_serializer" not in recorded:
-            if key_serializer is serializers.UNSET:
-                key_serializer = NEW_KEY_SERIALIZER
-            if value_serializer is serializers.UNSET:
-                value_serializer = NEW_VALUE_SERIALIZER
-            self._ks, self._ks_name = serializers.resolve(key_serializer, "key_serializer")
-            self._vs, self._vs_name = serializers.resolve(value_serializer, "value_serializer")
+            self._ks, self._ks_name = _unrecorded("key_serializer", key_serializer, header)
+            self._vs, self._vs_name = _unrecorded("value_serializer", value_serializer, header)
+            self._check_header(
+                header, "open()'s arguments",
+                "Leave the serializer arguments out to use the file's own.",
+            )
             return
         user_owned = recorded is self._meta.data
         where = f"{self.path} (its {self._meta.path.name})" if user_owned else repr(self._conn)
@@ -497,6 +504,25 @@ class EBooklet(MutableMapping):
 
         self._ks, self._ks_name = choose("key_serializer", key_serializer)
         self._vs, self._vs_name = choose("value_serializer", value_serializer)
+        if user_owned:
+            remedy = (
+                f"If {self._meta.path.name} was edited, restore it, or delete it to use the "
+                "file's own serializers."
+            )
+        else:
+            remedy = (
+                f"Move {self.path} and its {self.path.name}.* files away (whatever was pushed "
+                "is safe remotely): reopening downloads the database again."
+            )
+        self._check_header(header, where, remedy)
+
+    def _check_header(self, header: dict[str, Any] | None, chosen_by: str, remedy: str) -> None:
+        """Refuse serializers (chosen by ``chosen_by``) that differ from those the data
+        file's header records (``None``: no data file); see :func:`serializers.check_header`."""
+        if header is None:
+            return
+        for field, cls in (("key_serializer", self._ks), ("value_serializer", self._vs)):
+            serializers.check_header(field, header[field], cls, str(self.path), chosen_by, remedy)
 
     def _remembered_serializers(self) -> dict[str, set]:
         """``{field: {name}}`` that ``P.ebk.json`` records for this very remote (opened
@@ -580,6 +606,24 @@ class EBooklet(MutableMapping):
                 f"A value of {self.path} cannot be decoded by its value serializer "
                 f"{self._vs_name!r} ({type(exc).__name__}: {exc})."
             ) from None
+
+    def _decode_key(self, kb: bytes) -> Any:
+        """The key encoded as ``kb`` (from the remote index, a pack footer or the local
+        files), decoded by the key serializer.
+
+        Raises:
+            IntegrityError: the serializer fails on ``kb`` (in any way: invalid text,
+                nesting too deep, a number too long...) or decodes it to an unhashable
+                value, which cannot be a key.
+        """
+        try:
+            key = self._ks.loads(kb)
+            if type(key) not in _PLAIN_KEYS:
+                hash(key)
+            return key
+        except Exception as exc:
+            where = self._conn.db_url if self._conn is not None else str(self.path)
+            raise _undecodable_key(kb, self._ks_name, where, exc) from None
 
     # ------------------------------------------------------------ state checks
 
@@ -693,7 +737,7 @@ class EBooklet(MutableMapping):
             except RuntimeError:
                 pass
         for kb in sorted(todo):
-            cached = self._cached(self._ks.loads(kb))
+            cached = self._cached(self._decode_key(kb))
             if cached is not None:
                 yield kb, *cached
 
@@ -740,7 +784,7 @@ class EBooklet(MutableMapping):
     def _damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
         false) or is not the value that was journaled."""
-        key = self._ks.loads(kb)
+        key = self._decode_key(kb)
         what = "holds another value than the one" if present else "lacks the value"
         return IntegrityError(
             f"{self.path} {what} last set locally for key {key!r:.80} (not pushed yet): the "
@@ -816,7 +860,7 @@ class EBooklet(MutableMapping):
         """The error for a cached copy of a remote value that fails its md5 (it has the
         remote entry's timestamp) when the remote cannot be reached to fetch it again."""
         return IntegrityError(
-            f"The copy of key {self._ks.loads(kb)!r:.80} cached in {self.path} is damaged (it "
+            f"The copy of key {self._decode_key(kb)!r:.80} cached in {self.path} is damaged (it "
             f"does not match the md5 of the remote index), and the remote cannot be reached "
             f"to fetch it again ({exc}). Reconnect and read it again: it is then downloaded."
         )
@@ -910,7 +954,7 @@ class EBooklet(MutableMapping):
     def __iter__(self) -> Iterator[Any]:
         self._check_open()
         for kb in self._iter_key_bytes():
-            yield self._ks.loads(kb)
+            yield self._decode_key(kb)
 
     def keys(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
         """The keys of the database (or those of ``keys`` that exist)."""
@@ -958,12 +1002,12 @@ class EBooklet(MutableMapping):
                     if edit.md5 != self._log.checked.get(kb) and edit.md5 != fmt.md5(raw):
                         yield from self._decoded([kb], {})  # checked again: raises if damaged
                     else:
-                        yield self._ks.loads(kb), self._decode(raw)
+                        yield self._decode_key(kb), self._decode(raw)
                     continue
                 entry = remote.get(kb)
                 if entry is not None and _is_copy(ts, raw, entry):
                     done.add(kb)
-                    yield self._ks.loads(kb), self._decode(raw)
+                    yield self._decode_key(kb), self._decode(raw)
             interrupted = False
         except RuntimeError:  # the loop's body wrote to the database: finish key by key
             interrupted = True
@@ -991,7 +1035,7 @@ class EBooklet(MutableMapping):
         one; a key edited since ``fetched`` was downloaded is read locally."""
         edits = self._log.edits
         for kb in kbs:
-            key = self._ks.loads(kb)
+            key = self._decode_key(kb)
             raw = fetched.get(kb) if kb not in edits else None
             if raw is None:
                 found = self._raw(key)
@@ -1054,7 +1098,7 @@ class EBooklet(MutableMapping):
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
         return [
             (kb, e) for kb, e in candidates
-            if self._data.get_timestamp(self._ks.loads(kb)) != e.timestamp
+            if self._data.get_timestamp(self._decode_key(kb)) != e.timestamp
         ]
 
     def _fetch(self, wanted: list[tuple[bytes, Entry]], keep: bool = True) -> dict[bytes, bytes | None]:
@@ -1304,7 +1348,7 @@ class EBooklet(MutableMapping):
             for item in items:
                 if item.key not in found or found[item.key][1] < item.timestamp:
                     found[item.key] = (item.md5, item.timestamp)
-        return {self._ks.loads(k): (m.hex(), ts) for k, (m, ts) in found.items()}
+        return {self._decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}
 
     def sync(self) -> None:
         """Flush local files to disk."""
@@ -1437,7 +1481,7 @@ class EBooklet(MutableMapping):
             self._log.record_edits(current)
             for kb, m in cached:
                 if not (remote.get(kb) and remote[kb].md5 == m):
-                    del self._data[self._ks.loads(kb)]
+                    del self._data[self._decode_key(kb)]
             manifest = self._remote.manifest
             if manifest is not None and not self._log.replace and not self._log.metadata_dirty:
                 self._log.set_metadata_dirty(True)
@@ -1536,6 +1580,23 @@ def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | 
         "Convert the key (str(key), for instance), or create the database with another "
         "key serializer: ebooklet.open(..., 'n', key_serializer='orjson') takes str and "
         "int keys (see booklet.available_serializers)."
+    )
+
+
+def _undecodable_key(kb: bytes, ks_name: str | None, where: str, exc: Exception) -> EBookletError:
+    """The error for key bytes ``kb`` of database ``where`` that its key serializer fails to
+    decode (``exc``): the serializer cannot run here, or the bytes are not a key of it."""
+    if isinstance(exc, (ImportError, NameError)):
+        return SerializationError(
+            f"The key serializer {ks_name!r} of {where} cannot run here ({exc}): install the "
+            "package it needs (e.g. msgpack, numpy) to read this database."
+        )
+    shown = f"{bytes(kb[:40])!r}{'...' if len(kb) > 40 else ''}"
+    return IntegrityError(
+        f"Key bytes {shown} in the index of {where} cannot be decoded by key serializer "
+        f"{ks_name!r} ({type(exc).__name__}: {str(exc)[:200]}): the database is damaged or "
+        "not written with that serializer. Its keys cannot be listed until whoever writes it "
+        "repairs it; the values of other keys can still be read by key."
     )
 
 
@@ -1665,6 +1726,44 @@ def _local_files_writable(path: Path, flag: str) -> bool:
             "you can write."
         )
     return False
+
+
+def _header_serializers(path: Path) -> dict[str, Any] | None:
+    """The serializers the header of the booklet file ``path`` records, as
+    :func:`serializers.header_name` gives them (``None``: no such file, or not a booklet
+    file, which opening it then reports)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(_HEADER_END)
+    except OSError:
+        return None
+    if len(head) < _HEADER_END or head[: len(bk_utils.uuid_variable_blt)] != bk_utils.uuid_variable_blt:
+        return None
+    where = f"The header of {path}"
+    return {
+        field: serializers.header_name(int.from_bytes(head[at], "little"), field, where)
+        for field, at in _HEADER_SERIALIZERS.items()
+    }
+
+
+def _unrecorded(field: str, given: Any, header: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """The serializer for ``field`` when neither the remote nor ``P.ebk.json`` records one:
+    the caller's, else the data file header's, else the default.
+
+    Raises:
+        SerializationError: the header records a custom class and none was given.
+    """
+    if given is serializers.UNSET:
+        if header is None:
+            given = NEW_KEY_SERIALIZER if field == "key_serializer" else NEW_VALUE_SERIALIZER
+        elif header[field] == serializers.HEADER_CUSTOM:
+            raise SerializationError(
+                f"The data file was written with a custom {field} class (its header records "
+                f"booklet's code 0): pass that class to open() as {field}= to read it."
+            )
+        else:
+            given = header[field]
+    return serializers.resolve(given, field)
 
 
 def _open_data(

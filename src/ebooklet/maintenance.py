@@ -370,7 +370,7 @@ def db_diff(db: EBooklet, seq_a: int | str, seq_b: int | str | None = None) -> l
     b = head if seq_b is None else find_commit(db._conn, head, seq_b)
     shards = _Shards(db._conn, db._remote)
     return [
-        KeyDiff(kind, db._ks.loads(key), _hex(old), _hex(new))
+        KeyDiff(kind, db._decode_key(key), _hex(old), _hex(new))
         for kind, key, old, new in diff_manifests(shards, a, b)
     ]
 

@@ -49,6 +49,10 @@ each decode) to read databases of larger compressed values."""
 BYTES = bk_serializers.serial_dict[None]
 """The default value serializer: values are bytes, stored as they are."""
 
+HEADER_CUSTOM = "custom"
+"""What a booklet file's header records for a serializer class that is not booklet's
+(code 0), as :func:`header_name` gives it."""
+
 _INFLATE_CHUNK = 1 << 20
 """A zstd frame that does not declare its size is inflated this many bytes at a time."""
 
@@ -234,6 +238,41 @@ def choose(field: str, recorded: Any, given: Any, trusted: frozenset | bool, whe
             f"trust_serializers={{{recorded!r}}}).",
         )
     return resolve(recorded, field)
+
+
+def header_name(code: int, field: str, where: str) -> Any:
+    """The serializer a booklet file's header records as ``code``: its name (``None`` for
+    bytes), or :data:`HEADER_CUSTOM` for booklet's code 0 (a class passed when it was
+    created).
+
+    Raises:
+        IntegrityError: a code booklet does not know (the header is damaged).
+    """
+    if code == 0:
+        return HEADER_CUSTOM
+    if code not in bk_serializers.serial_int_dict:
+        raise IntegrityError(
+            f"{where} records {field} code {code}, which booklet does not know: the file is "
+            "damaged. Move it away: whatever was pushed is safe remotely."
+        )
+    return _NAME_OF[bk_serializers.serial_int_dict[code]]
+
+
+def check_header(field: str, header: Any, cls: Any, where: str, chosen_by: str, remedy: str) -> None:
+    """Refuse serializer ``cls``, chosen by ``chosen_by``, for the booklet file ``where``
+    whose header records ``header`` (a :func:`header_name`): its bytes were written by
+    another serializer. ``remedy`` tells what to do.
+
+    Raises:
+        SerializationError: they differ.
+    """
+    mine = _NAME_OF.get(cls, HEADER_CUSTOM)
+    if mine == header:
+        return
+    raise SerializationError(
+        f"{where} records {field} {header!r} in its header, but {chosen_by} says {mine!r}: "
+        f"decoding with either could give wrong values. {remedy}"
+    )
 
 
 def _check_same(field: str, recorded: str | None, cls: Any, where: str) -> None:
