@@ -114,6 +114,16 @@ def huge_error(client: socket.socket, stop: threading.Event) -> None:
         client.sendall(chunk)
 
 
+def busy_huge(client: socket.socket, stop: threading.Event) -> None:
+    """A 503 asking for a retry in 30 s, whose plain body is 1 GiB."""
+    chunk = b"<" + b"x" * ((1 << 20) - 1)
+    client.sendall(_head("503 Slow Down", 1024 * len(chunk), "Retry-After: 30"))
+    for _ in range(1024):
+        if stop.is_set():
+            return
+        client.sendall(chunk)
+
+
 def lying_encoding(client: socket.socket, stop: threading.Event) -> None:
     """A 200 that says ``Content-Encoding: gzip`` over bytes that are not gzip."""
     body = b'{"format": "not gzip"}'
@@ -178,10 +188,14 @@ import json, resource, sys, warnings
 import ebooklet
 from ebooklet.errors import EBookletError
 warnings.simplefilter("ignore")
-url, path = sys.argv[1:]
+url, path, action = sys.argv[1:]
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 try:
-    with ebooklet.open(url, path, "r"):
+    if action == "open":
+        with ebooklet.open(url, path, "r"):
+            outcome = "ok"
+    else:  # a value read: a range GET of a pack, retried after a 503
+        ebooklet.S3Connection(db_url=url, retries=1).get_range(".ebk/pack/" + "0" * 32, 0, 100)
         outcome = "ok"
 except EBookletError as exc:
     outcome = type(exc).__name__
@@ -193,22 +207,40 @@ print(json.dumps({"outcome": outcome, "rss": rss}))
 """
 
 
+def run_child(url: str, path: Path, action: str) -> dict:
+    """Run ``action`` (``open`` the URL, or a ``range`` read) in a child process: its
+    outcome and peak RSS."""
+    src = str(Path(ebooklet.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=src, MALLOC_ARENA_MAX="2")
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, url, str(path), action],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("handler", [gzip_bomb_error, huge_error], ids=["gzip-bomb", "huge"])
 def test_error_body_is_read_capped(endpoint: Any, handler: Handler, tmp_path: Path) -> None:
     """A 404 whose body is a gzip bomb or 1 GiB: "not found", in bounded memory and time."""
     hostile = endpoint(handler)
-    src = str(Path(ebooklet.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=src, MALLOC_ARENA_MAX="2")
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, hostile.url(), str(tmp_path / "copy.blt")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_child(hostile.url(), tmp_path / "copy.blt", "open")
     assert report["outcome"] == "RemoteNotFoundError"
     assert report["rss"] < PEAK_RSS, f"peak RSS {report['rss'] >> 20} MiB"
     assert time.monotonic() - started < 30
+
+
+def test_retried_answer_is_not_drained(endpoint: Any, tmp_path: Path) -> None:
+    """A 503 with a 1 GiB body and ``Retry-After: 30`` on a value read: the retry reads
+    little of each body and waits at most ``connection.RETRY_AFTER_MAX`` (10 s), then a
+    typed error."""
+    hostile = endpoint(busy_huge)
+    started = time.monotonic()
+    report = run_child(hostile.url(), tmp_path / "copy.blt", "range")
+    assert report["outcome"] == "RemoteError"
+    assert report["rss"] < PEAK_RSS, f"peak RSS {report['rss'] >> 20} MiB"
+    assert time.monotonic() - started < 20
 
 
 # ---------------------------------------------------------------- broken bodies, no local copy

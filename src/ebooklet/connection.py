@@ -45,6 +45,8 @@ CONNECT_TIMEOUT = 3.0
 """Default seconds to wait for a connection to be made (each try), see :class:`S3Connection`."""
 _BACKOFF = 0.2
 """Seconds before the first retry of a failed request; doubled at each retry."""
+RETRY_AFTER_MAX = 10.0
+"""Seconds of a server's ``Retry-After`` honoured at most before a retry."""
 _MIN_TRY = 0.01
 """Seconds a try of a request with a deadline gets at least (urllib3 refuses 0)."""
 ERROR_BODY_MAX = 64 << 10
@@ -271,19 +273,8 @@ class S3Connection:
                 if self._http is None:
                     if self.writable and self._credentials is None:
                         self._credentials = _default_credentials()
-                    retry = urllib3.Retry(
-                        total=self.retries,
-                        connect=self.retries,
-                        read=self.retries,
-                        status=self.retries,
-                        status_forcelist=_RETRY_STATUSES,
-                        allowed_methods=None,
-                        backoff_factor=_BACKOFF,
-                        raise_on_status=False,
-                        respect_retry_after_header=True,
-                    )
                     self._http = urllib3.PoolManager(
-                        num_pools=4, maxsize=self.threads + 4, retries=retry,
+                        num_pools=4, maxsize=self.threads + 4, retries=False,
                         timeout=self._timeouts(self.timeout),
                     )
         return self._http
@@ -446,13 +437,7 @@ class S3Connection:
             self.request_counts[method] += 1
         end = None if wait is None else time.monotonic() + wait
         try:
-            if end is not None:
-                response = self._request_within(client, end, method, url, headers, body)
-            else:
-                response = client.request(
-                    method, url, headers=headers, body=body, preload_content=False,
-                    decode_content=False, redirect=False,
-                )
+            response = self._request_within(client, end, method, url, headers, body)
         except urllib3.exceptions.HTTPError as exc:
             raise OfflineError(
                 f"Cannot reach {urlsplit(url).netloc} ({type(exc).__name__}: {exc}); "
@@ -463,43 +448,50 @@ class S3Connection:
     def _request_within(
         self,
         client: urllib3.PoolManager,
-        end: float,
+        end: float | None,
         method: str,
         url: str,
         headers: dict,
         body: Any,
     ) -> urllib3.BaseHTTPResponse:
-        """A request whose tries all end by the time ``end`` (``time.monotonic()``); the
-        :class:`Reply` made of the answer reads its body by then too.
+        """A request, tried again after a failure (connection error, 429, 5xx) up to
+        ``retries`` times, whose tries all end by the time ``end`` (``time.monotonic()``;
+        ``None``: no deadline); the :class:`Reply` made of the answer reads its body by
+        then too.
 
         Each try may take the time left (its connection at most ``connect_timeout``,
-        each read at most ``timeout``);
-        a failed try (connection error, 429, 5xx) is retried, as any request is, while
-        time is left for the pause before the retry. An endpoint that accepts
+        each read at most ``timeout``); a retry waits :data:`_BACKOFF` seconds, doubled
+        each time, or the server's ``Retry-After`` (at most :data:`RETRY_AFTER_MAX`), and
+        happens only while time is left for that pause. An endpoint that accepts
         connections and never answers thus costs ``wait`` seconds, not ``retries + 1``
-        read timeouts.
+        read timeouts. The body of a failed try is read up to :data:`ERROR_BODY_MAX`
+        bytes, never drained whole; a stream ``body`` is rewound for each try.
         """
-        pause, retries = _BACKOFF, self.retries
-
-        def may_retry() -> bool:
-            return retries > 0 and end - time.monotonic() > pause
-
+        backoff, retries = _BACKOFF, self.retries
+        start = body.tell() if hasattr(body, "tell") else None
         while True:
-            timeout = self._timeouts(min(self.timeout, max(end - time.monotonic(), _MIN_TRY)))
+            if start is not None:
+                body.seek(start)  # a stream is sent again from its start
+            left = self.timeout if end is None else end - time.monotonic()
+            timeout = self._timeouts(min(self.timeout, max(left, _MIN_TRY)))
+            pause = backoff
             try:
                 response = client.request(
                     method, url, headers=headers, body=body, redirect=False, retries=False,
                     timeout=timeout, preload_content=False, decode_content=False,
                 )
             except urllib3.exceptions.HTTPError:
-                if not may_retry():
+                if not _may_retry(retries, pause, end):
                     raise
             else:
-                if response.status not in _RETRY_STATUSES or not may_retry():
+                if response.status not in _RETRY_STATUSES:
+                    return response
+                pause = max(pause, _retry_after(response.headers))
+                if not _may_retry(retries, pause, end):
                     return response
                 Reply(response, url, end, None).error_answer()
             time.sleep(pause)
-            pause *= 2
+            backoff *= 2
             retries -= 1
 
     def _fail(self, response: Answer | Reply, what: str) -> RemoteError:
@@ -1179,6 +1171,18 @@ def _host_header(parts: Any) -> str:
     if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
         host = f"{host}:{parts.port}"
     return host
+
+
+def _may_retry(retries: int, pause: float, end: float | None) -> bool:
+    """Whether a failed try is retried: tries are left, and time for the pause before it."""
+    return retries > 0 and (end is None or end - time.monotonic() > pause)
+
+
+def _retry_after(headers: Any) -> float:
+    """A ``Retry-After`` of whole seconds, at most :data:`RETRY_AFTER_MAX` (0 when absent
+    or a date)."""
+    value = headers.get("Retry-After", "").strip()
+    return min(float(value), RETRY_AFTER_MAX) if value.isascii() and value.isdigit() else 0.0
 
 
 def _error_code(body: bytes | None) -> str | None:
