@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from base64 import b64encode
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -43,8 +45,17 @@ CONNECT_TIMEOUT = 3.0
 """Default seconds to wait for a connection to be made (each try), see :class:`S3Connection`."""
 _BACKOFF = 0.2
 """Seconds before the first retry of a failed request; doubled at each retry."""
+RETRY_AFTER_MAX = 10.0
+"""Seconds of a server's ``Retry-After`` honoured at most before a retry."""
 _MIN_TRY = 0.01
 """Seconds a try of a request with a deadline gets at least (urllib3 refuses 0)."""
+ERROR_BODY_MAX = 64 << 10
+"""Bytes of an error answer's body read (for its S3 error code); the rest is never read:
+the connection is closed instead."""
+XML_BODY_MAX = 8 << 20
+"""Bytes a successful answer read whole may have: a listing page (1000 entries of at
+most about 2 KiB each: a key of up to 1024 bytes, escaped, and its other fields), a
+multipart, copy or bulk-delete answer. A larger one is refused (``IntegrityError``)."""
 
 
 class PreconditionFailed(RemoteError):
@@ -62,6 +73,14 @@ class Fetched(NamedTuple):
 
     data: bytes
     etag: str
+
+
+class Answer(NamedTuple):
+    """A response read whole: its status, headers and (capped) body."""
+
+    status: int
+    headers: Any
+    data: bytes
 
 
 def _check_str(name: str, value: Any, required: bool = False) -> None:
@@ -254,19 +273,8 @@ class S3Connection:
                 if self._http is None:
                     if self.writable and self._credentials is None:
                         self._credentials = _default_credentials()
-                    retry = urllib3.Retry(
-                        total=self.retries,
-                        connect=self.retries,
-                        read=self.retries,
-                        status=self.retries,
-                        status_forcelist=_RETRY_STATUSES,
-                        allowed_methods=None,
-                        backoff_factor=_BACKOFF,
-                        raise_on_status=False,
-                        respect_retry_after_header=True,
-                    )
                     self._http = urllib3.PoolManager(
-                        num_pools=4, maxsize=self.threads + 4, retries=retry,
+                        num_pools=4, maxsize=self.threads + 4, retries=False,
                         timeout=self._timeouts(self.timeout),
                     )
         return self._http
@@ -378,15 +386,45 @@ class S3Connection:
         url: str,
         headers: dict | None = None,
         body: bytes | memoryview | None = None,
-        stream: bool = False,
         wait: float | None = None,
-    ) -> urllib3.BaseHTTPResponse:
-        """Send one request (signed when the connection has credentials).
+    ) -> Answer:
+        """Send one request (signed when the connection has credentials) and read its answer.
+
+        The body of an error answer is read up to :data:`ERROR_BODY_MAX` bytes (enough
+        for its error code), that of a success up to :data:`XML_BODY_MAX`.
 
         Args:
-            wait: seconds the whole request may take, all tries together (see
-                :meth:`_request_within`); ``None``: each try may take up to ``connect_timeout``
-                plus ``timeout`` per read, and ``retries`` tries follow a failure.
+            wait: seconds the whole request may take, all tries and the body together
+                (see :meth:`_request_within`); ``None``: each try may take up to
+                ``connect_timeout`` plus ``timeout`` per read, and ``retries`` tries
+                follow a failure.
+
+        Raises:
+            OfflineError: the endpoint cannot be reached (or did not answer in time).
+            IntegrityError: a successful answer is larger than :data:`XML_BODY_MAX`.
+        """
+        reply = self.send(method, url, headers, body, wait)
+        if reply.status >= 300:
+            return reply.error_answer()
+        try:
+            data = _read_capped(reply, XML_BODY_MAX, f"The answer to {method} {urlsplit(url).path}")
+        finally:
+            reply.release_conn()
+        return Answer(reply.status, reply.headers, data)
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        headers: dict | None = None,
+        body: bytes | memoryview | None = None,
+        wait: float | None = None,
+    ) -> Reply:
+        """Send one request (signed when the connection has credentials); its body is
+        left to read from the :class:`Reply` (release or close it after).
+
+        Args:
+            wait: as for :meth:`request`: the deadline covers the reads of the body too.
 
         Raises:
             OfflineError: the endpoint cannot be reached (or did not answer in time).
@@ -397,65 +435,70 @@ class S3Connection:
             headers = self._sign(method, url, headers, body)
         with self._counts_lock:
             self.request_counts[method] += 1
+        end = None if wait is None else time.monotonic() + wait
         try:
-            if wait is not None:
-                return self._request_within(client, wait, method, url, headers, body, stream)
-            return client.request(
-                method, url, headers=headers, body=body, preload_content=not stream,
-                redirect=False,
-            )
+            response = self._request_within(client, end, method, url, headers, body)
         except urllib3.exceptions.HTTPError as exc:
             raise OfflineError(
                 f"Cannot reach {urlsplit(url).netloc} ({type(exc).__name__}: {exc}); "
                 "check the endpoint and your network, or work offline."
             ) from None
+        return Reply(response, url, end, wait)
 
     def _request_within(
         self,
         client: urllib3.PoolManager,
-        wait: float,
+        end: float | None,
         method: str,
         url: str,
         headers: dict,
         body: Any,
-        stream: bool,
     ) -> urllib3.BaseHTTPResponse:
-        """A request whose tries all end within ``wait`` seconds (its body too, unless
-        ``stream``: then each read of it takes at most the time the last try had left).
+        """A request, tried again after a failure (connection error, 429, 5xx) up to
+        ``retries`` times, whose tries all end by the time ``end`` (``time.monotonic()``;
+        ``None``: no deadline); the :class:`Reply` made of the answer reads its body by
+        then too.
 
         Each try may take the time left (its connection at most ``connect_timeout``,
-        each read at most ``timeout``);
-        a failed try (connection error, 429, 5xx) is retried, as any request is, while
-        time is left for the pause before the retry. An endpoint that accepts
+        each read at most ``timeout``); a retry waits :data:`_BACKOFF` seconds, doubled
+        each time, or the server's ``Retry-After`` (at most :data:`RETRY_AFTER_MAX`), and
+        happens only while time is left for that pause. An endpoint that accepts
         connections and never answers thus costs ``wait`` seconds, not ``retries + 1``
-        read timeouts.
+        read timeouts. The body of a failed try is read up to :data:`ERROR_BODY_MAX`
+        bytes, never drained whole; a stream ``body`` is rewound for each try.
         """
-        end = time.monotonic() + wait
-        pause, retries = _BACKOFF, self.retries
-
-        def may_retry() -> bool:
-            return retries > 0 and end - time.monotonic() > pause
-
+        backoff, retries = _BACKOFF, self.retries
+        start = body.tell() if hasattr(body, "tell") else None
         while True:
-            timeout = self._timeouts(min(self.timeout, max(end - time.monotonic(), _MIN_TRY)))
+            if start is not None:
+                body.seek(start)  # a stream is sent again from its start
+            left = self.timeout if end is None else end - time.monotonic()
+            timeout = self._timeouts(min(self.timeout, max(left, _MIN_TRY)))
+            pause = backoff
             try:
                 response = client.request(
                     method, url, headers=headers, body=body, redirect=False, retries=False,
-                    timeout=timeout, preload_content=not stream,
+                    timeout=timeout, preload_content=False, decode_content=False,
                 )
             except urllib3.exceptions.HTTPError:
-                if not may_retry():
+                if not _may_retry(retries, pause, end):
                     raise
             else:
-                if response.status not in _RETRY_STATUSES or not may_retry():
+                if response.status not in _RETRY_STATUSES:
                     return response
-                response.drain_conn()
+                pause = max(pause, _retry_after(response.headers))
+                if not _may_retry(retries, pause, end):
+                    return response
+                Reply(response, url, end, None).error_answer()
             time.sleep(pause)
-            pause *= 2
+            backoff *= 2
             retries -= 1
 
-    def _fail(self, response: urllib3.BaseHTTPResponse, what: str) -> RemoteError:
-        """The typed error for a failed response (returned, for the caller to raise)."""
+    def _fail(self, response: Answer | Reply, what: str) -> RemoteError:
+        """The typed error for a failed response (returned, for the caller to raise); a
+        :class:`Reply`'s body is read up to :data:`ERROR_BODY_MAX` bytes."""
+        if isinstance(response, Reply):
+            response = response.error_answer()
         status = response.status
         code = _error_code(response.data)
         if status == 412:
@@ -499,21 +542,19 @@ class S3Connection:
             OfflineError: the endpoint cannot be reached, or did not answer in time.
         """
         headers = {"If-None-Match": etag} if etag else None
-        response = self.request(
-            "GET", self._url(suffix), headers, stream=max_bytes is not None, wait=wait
-        )
+        reply = self.send("GET", self._url(suffix), headers, wait=wait)
         try:
-            if response.status == 304:
+            if reply.status == 304:
                 return NotModified(etag)
-            if response.status != 200:
-                raise self._fail(response, f"GET {self._describe(suffix)}")
+            if reply.status != 200:
+                raise self._fail(reply, f"GET {self._describe(suffix)}")
             if max_bytes is None:
-                return Fetched(response.data, response.headers.get("ETag", ""))
-            data = _read_capped(response, max_bytes, self._describe(suffix))
-            return Fetched(data, response.headers.get("ETag", ""))
+                data = _read_chunks(reply, sys.maxsize)
+            else:
+                data = _read_capped(reply, max_bytes, self._describe(suffix))
+            return Fetched(data, reply.headers.get("ETag", ""))
         finally:
-            if max_bytes is not None:
-                response.release_conn()
+            reply.release_conn()
 
     def get_range(
         self, suffix: str, start: int, length: int, into: bytearray | None = None
@@ -525,19 +566,18 @@ class S3Connection:
             return b""
         url = self._url(suffix)
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
-        response = self.request("GET", url, headers, stream=True)
+        reply = self.send("GET", url, headers)
         try:
-            if response.status == 416:  # the object ends before the range starts
-                response.read()
+            if reply.status == 416:  # the object ends before the range starts
+                reply.error_answer()
                 raise IntegrityError(
                     f"{self._describe(suffix)} is truncated: it ends before byte {start}."
                 )
-            if response.status not in (200, 206):
-                response.read()
-                raise self._fail(response, f"GET {self._describe(suffix)} (range)")
-            if response.status == 200 and start:
+            if reply.status not in (200, 206):
+                raise self._fail(reply, f"GET {self._describe(suffix)} (range)")
+            if reply.status == 200 and start:
                 raise RemoteError(f"{self._describe(suffix)}: the server ignored the Range header.")
-            data = _read_exactly(response, length, into)
+            data = _read_exactly(reply, length, into)
             if len(data) != length:
                 raise IntegrityError(
                     f"{self._describe(suffix)} is truncated: asked for {length} bytes "
@@ -545,7 +585,7 @@ class S3Connection:
                 )
             return data
         finally:
-            response.release_conn()
+            reply.release_conn()
 
     def put(
         self,
@@ -749,7 +789,7 @@ class S3Connection:
         response = self.request("PUT", self._url(target), {"x-amz-copy-source": header})
         return self._copied_etag(response, what)
 
-    def _copied_etag(self, response: urllib3.BaseHTTPResponse, what: str) -> str:
+    def _copied_etag(self, response: Answer, what: str) -> str:
         """The ETag a copy or a completion answered (S3 may report a failure as 200 + <Error>)."""
         if response.status != 200 or b"<Error>" in response.data:
             raise self._fail(response, what)
@@ -791,21 +831,21 @@ class S3Connection:
 
         One suffix-range GET; works anonymously (no HEAD, no listing).
         """
-        response = self.request("GET", self._url(suffix), {"Range": f"bytes=-{length}"}, stream=True)
+        reply = self.send("GET", self._url(suffix), {"Range": f"bytes=-{length}"})
         try:
-            if response.status not in (200, 206):
-                raise self._fail(response, f"GET {self._describe(suffix)} (tail)")
-            if response.status == 200:
-                return _read_tail(response, length)
-            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            if reply.status not in (200, 206):
+                raise self._fail(reply, f"GET {self._describe(suffix)} (tail)")
+            if reply.status == 200:
+                return _read_tail(reply, length)
+            total = reply.headers.get("Content-Range", "").rpartition("/")[2]
             if not total.isdigit():
                 raise RemoteError(f"{self._describe(suffix)}: the server sent no object size.")
-            data = _read_capped(response, length, f"the tail of {self._describe(suffix)}")
+            data = _read_capped(reply, length, f"the tail of {self._describe(suffix)}")
             if len(data) > int(total):
                 raise IntegrityError(f"{self._describe(suffix)}: the server sent more than its size.")
             return data, int(total)
         finally:
-            response.release_conn()
+            reply.release_conn()
 
     def list_versions(self, suffix_prefix: str, exact: bool = False) -> Iterator[ObjectVersion]:
         """Every version and delete marker of the objects starting with ``db_key + suffix_prefix``.
@@ -897,7 +937,98 @@ class S3Connection:
 READ_CHUNK = 1 << 20
 
 
-def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearray | None) -> bytes | memoryview:
+class Reply:
+    """An answer whose body is read as it arrives, undecoded (the bytes the md5 covers,
+    whatever ``Content-Encoding`` the server names).
+
+    Every read turns urllib3's errors (a body cut short, a stall, a broken stream) into
+    :class:`OfflineError`. With a deadline (``end``, on ``time.monotonic()``), no read
+    starts after it and each returns what arrived within the time left, so a server
+    sending a byte now and then cannot hold a read past the deadline.
+    """
+
+    def __init__(
+        self, response: urllib3.BaseHTTPResponse, url: str, end: float | None, wait: float | None
+    ):
+        self._response = response
+        self._where = urlsplit(url).netloc
+        self._end = end
+        self._wait = wait
+        self.status: int = response.status
+        self.headers: Any = response.headers
+
+    def read(self, amt: int) -> bytes:
+        """Up to ``amt`` bytes of the body (``b""`` at its end).
+
+        Raises:
+            OfflineError: the body broke off, stalled, or the deadline passed.
+        """
+        with self._reading():
+            if self._end is None:
+                return self._response.read(amt)
+            self._limit_wait()
+            return self._response.read1(amt)
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Read into ``buffer`` (its length at most); the number of bytes read.
+
+        Raises:
+            OfflineError: as :meth:`read`.
+        """
+        if self._end is not None:
+            data = self.read(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        with self._reading():
+            return self._response.readinto(buffer)
+
+    def error_answer(self) -> Answer:
+        """The answer with at most :data:`ERROR_BODY_MAX` bytes of its body (enough for
+        an error code); the connection is closed rather than the rest read."""
+        try:
+            data = _read_chunks(self, ERROR_BODY_MAX + 1)
+        except OfflineError:
+            data = b""
+        if len(data) > ERROR_BODY_MAX:
+            self.close()
+        self.release_conn()
+        return Answer(self.status, self.headers, data[:ERROR_BODY_MAX])
+
+    def close(self) -> None:
+        """Close the connection (the rest of the body is never read)."""
+        self._response.close()
+
+    def release_conn(self) -> None:
+        """Give the connection back to the pool."""
+        self._response.release_conn()
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The one place where urllib3's errors while reading a body become OfflineError."""
+        try:
+            yield
+        except urllib3.exceptions.HTTPError as exc:
+            self.close()
+            raise OfflineError(
+                f"{self._where} stopped sending its answer ({type(exc).__name__}: {exc}); "
+                "check the endpoint and your network, or work offline."
+            ) from None
+
+    def _limit_wait(self) -> None:
+        """Refuse to read past the deadline; let the next read wait at most the time left."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            self.close()
+            raise OfflineError(
+                f"{self._where} did not send its whole answer within {self._wait:g} s; "
+                "check the endpoint and your network, or work offline."
+            )
+        connection = self._response.connection
+        if connection is not None and connection.sock is not None:
+            connection.sock.settimeout(left)
+
+
+def _read_exactly(response: Reply, length: int, into: bytearray | None) -> bytes | memoryview:
     """Up to ``length`` bytes of a response body (fewer if it ends first).
 
     Read a :data:`READ_CHUNK` at a time: a claimed ``length`` (from an index entry) is
@@ -919,7 +1050,7 @@ def _read_exactly(response: urllib3.BaseHTTPResponse, length: int, into: bytearr
     return memoryview(into)[:done]
 
 
-def _read_chunks(response: urllib3.BaseHTTPResponse, length: int) -> bytes:
+def _read_chunks(response: Reply, length: int) -> bytes:
     """Up to ``length`` bytes of a response body, read a :data:`READ_CHUNK` at a time."""
     chunks = []
     done = 0
@@ -932,7 +1063,7 @@ def _read_chunks(response: urllib3.BaseHTTPResponse, length: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int, what: str) -> bytes:
+def _read_capped(response: Reply, max_bytes: int, what: str) -> bytes:
     """A whole response body of at most ``max_bytes`` bytes.
 
     Raises:
@@ -951,7 +1082,7 @@ def _read_capped(response: urllib3.BaseHTTPResponse, max_bytes: int, what: str) 
     return data
 
 
-def _read_tail(response: urllib3.BaseHTTPResponse, length: int) -> tuple[bytes, int]:
+def _read_tail(response: Reply, length: int) -> tuple[bytes, int]:
     """The last ``length`` bytes of a response body and the body's size, holding no more
     than about that much (a server that ignores the Range header sends the whole object)."""
     tail = b""
@@ -1040,6 +1171,18 @@ def _host_header(parts: Any) -> str:
     if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
         host = f"{host}:{parts.port}"
     return host
+
+
+def _may_retry(retries: int, pause: float, end: float | None) -> bool:
+    """Whether a failed try is retried: tries are left, and time for the pause before it."""
+    return retries > 0 and (end is None or end - time.monotonic() > pause)
+
+
+def _retry_after(headers: Any) -> float:
+    """A ``Retry-After`` of whole seconds, at most :data:`RETRY_AFTER_MAX` (0 when absent
+    or a date)."""
+    value = headers.get("Retry-After", "").strip()
+    return min(float(value), RETRY_AFTER_MAX) if value.isascii() and value.isdigit() else 0.0
 
 
 def _error_code(body: bytes | None) -> str | None:
