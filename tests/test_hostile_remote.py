@@ -120,9 +120,11 @@ class _Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 @pytest.fixture(scope="module")
 def proxy(s3_server: Any) -> Iterator[_Proxy]:
-    """A recording forwarding proxy to the test S3 endpoint (local moto only)."""
-    if not s3_server.is_local:
-        pytest.skip("the recording proxy forwards to the local moto_server")
+    """A recording forwarding proxy to the test S3 endpoint (a plain-http server on this
+    machine: moto, or SeaweedFS in CI's second run)."""
+    where = urlsplit(s3_server.endpoint_url)
+    if where.scheme != "http" or where.hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip("the recording proxy forwards only to a plain-http server on loopback")
     server = _Proxy(urlsplit(s3_server.endpoint_url).netloc)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
