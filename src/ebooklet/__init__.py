@@ -24,9 +24,9 @@ from .errors import (
     UntrustedEndpointError,
     UntrustedSerializerError,
 )
+from .lock import break_lock
 from .maintenance import check
 from .rcg import RemoteConnGroup
-from .remote import break_lock
 
 open_ebooklet = open
 

@@ -43,7 +43,8 @@ from .local import (
     local_paths,
     scan,
 )
-from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
+from .lock import RemoteLock
+from .remote import MISSING_SHARD, RemoteIndex
 
 logger = logging.getLogger("ebooklet")
 _T = TypeVar("_T")

@@ -45,7 +45,8 @@ from .errors import (
     RemoteNotFoundError,
 )
 from .format import Entry
-from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, RemoteLock, plan_ranges, read_pack_footer
+from .lock import RemoteLock
+from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, plan_ranges, read_pack_footer
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
