@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import format as fmt
+from ._booklet_io import n_buckets
 from .connection import PreconditionFailed
 from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
 from .format import Entry
@@ -402,7 +403,7 @@ class Changes:
             "timestamp": int(time.time() * 1_000_000),
             "key_serializer": db._ks_name,
             "value_serializer": db._vs_name,
-            "n_buckets": db._data._n_buckets,
+            "n_buckets": n_buckets(db._data),
             "n_shards": n_shards,
             "shards": shards,
             "n_keys": n_keys,

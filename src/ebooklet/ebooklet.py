@@ -18,6 +18,7 @@ from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
+from ._booklet_io import append_records, data_changed_from, data_state, deleted_last, scan
 from .changes import Changes
 from .connection import S3Connection, check_seconds, connection_from
 from .errors import (
@@ -30,19 +31,7 @@ from .errors import (
     SerializationError,
 )
 from .format import Entry
-from .local import (
-    UNKNOWN_MD5,
-    ChangeLog,
-    Edit,
-    IndexMirror,
-    LocalMeta,
-    append_records,
-    data_changed_from,
-    data_state,
-    deleted_last,
-    local_paths,
-    scan,
-)
+from .local import UNKNOWN_MD5, ChangeLog, Edit, IndexMirror, LocalMeta, local_paths
 from .lock import RemoteLock
 from .remote import MISSING_SHARD, RemoteIndex
 
@@ -364,7 +353,7 @@ class EBooklet(MutableMapping):
             self._meta.save(data_state=recorded)
 
     def _record_data_state(self, closed: bool, always: bool = False) -> None:
-        """Record the data file's state (:func:`local.data_state`) in ``P.ebk.json``, and
+        """Record the data file's state (:func:`_booklet_io.data_state`) in ``P.ebk.json``, and
         whether this session is closing the file, so that the next open reads only what
         was written after it. Called where every value in the file is a pending edit's
         or a value of the head manifest held by the local mirror: at open (after the
@@ -687,7 +676,7 @@ class EBooklet(MutableMapping):
 
     def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
-        file, without booklet's copies (see :func:`local.append_records`)."""
+        file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
             append_records(self._data, [(self._ks.dumps(key), raw, timestamp)])
         else:
@@ -711,7 +700,7 @@ class EBooklet(MutableMapping):
             ) from None
 
     def _scan(self, include_value: bool = True) -> Iterator[tuple]:
-        """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`local.scan`."""
+        """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`_booklet_io.scan`."""
         return scan(self._data, self._data_path, include_value)
 
     def _scan_pays(self, n_keys: int) -> bool:
@@ -1123,7 +1112,7 @@ class EBooklet(MutableMapping):
     ) -> None:
         """:meth:`_fetch` without the retry, into ``fetched``. Values are written to the
         data file in batches of about :data:`_CHUNK_BYTES` (one write each, see
-        :func:`local.append_records`), a large one on its own."""
+        :func:`_booklet_io.append_records`), a large one on its own."""
         batch: list[tuple[bytes, bytes | memoryview, int]] = []
         size = 0
         head = self._remote.etag
