@@ -17,8 +17,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import format as fmt
 from ._booklet_io import n_buckets
-from .connection import PreconditionFailed
-from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
+from .errors import (
+    ConflictError,
+    OfflineError,
+    PreconditionFailed,
+    ReadOnlyError,
+    RemoteNotFoundError,
+)
 from .format import Entry
 from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 

@@ -32,6 +32,7 @@ from .errors import (
     AuthError,
     IntegrityError,
     OfflineError,
+    PreconditionFailed,
     RemoteError,
     RemoteNotFoundError,
 )
@@ -56,10 +57,6 @@ XML_BODY_MAX = 8 << 20
 """Bytes a successful answer read whole may have: a listing page (1000 entries of at
 most about 2 KiB each: a key of up to 1024 bytes, escaped, and its other fields), a
 multipart, copy or bulk-delete answer. A larger one is refused (``IntegrityError``)."""
-
-
-class PreconditionFailed(RemoteError):
-    """A conditional write lost: the object changed (or appeared) meanwhile."""
 
 
 class NotModified(NamedTuple):

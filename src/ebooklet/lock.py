@@ -21,8 +21,14 @@ from typing import Any
 import orjson
 
 from . import format as fmt
-from .connection import Fetched, PreconditionFailed, S3Connection
-from .errors import EBookletError, IntegrityError, LockedError, RemoteNotFoundError
+from .connection import Fetched, S3Connection
+from .errors import (
+    EBookletError,
+    IntegrityError,
+    LockedError,
+    PreconditionFailed,
+    RemoteNotFoundError,
+)
 
 LOCK_LEASE = 30.0
 """Seconds a write lock lives without renewal; renewed every third of it."""

@@ -28,7 +28,6 @@ from . import format as fmt
 from .connection import (
     COPY_SINGLE_MAX,
     ObjectVersion,
-    PreconditionFailed,
     S3Connection,
     connection_from,
 )
@@ -39,6 +38,7 @@ from .errors import (
     FormatVersionError,
     IntegrityError,
     OfflineError,
+    PreconditionFailed,
     ReadOnlyError,
     RemoteError,
     RemoteExistsError,

@@ -16,12 +16,13 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol
 
 from . import format as fmt
-from .connection import NotModified, PreconditionFailed, S3Connection
+from .connection import NotModified, S3Connection
 from .errors import (
     CacheDamagedError,
     ConsistencyWarning,
     IntegrityError,
     OfflineError,
+    PreconditionFailed,
     RemoteError,
     RemoteNotFoundError,
 )
