@@ -1,8 +1,9 @@
 """ebooklet: a dict-like key/value database in a local file, synced with S3."""
 
+from .api import break_lock, check, open, open_rcg
 from .changes import Change, Changes, PushResult
 from .connection import S3Connection
-from .ebooklet import EBooklet, open, open_rcg
+from .ebooklet import EBooklet
 from .errors import (
     AuthError,
     CacheDamagedError,
@@ -24,8 +25,6 @@ from .errors import (
     UntrustedEndpointError,
     UntrustedSerializerError,
 )
-from .lock import break_lock
-from .maintenance import check
 from .rcg import RemoteConnGroup
 
 open_ebooklet = open

@@ -317,9 +317,8 @@ def _locked_message(conn: S3Connection, holder: dict) -> str:
 
 
 def break_lock(conn: S3Connection) -> dict | None:
-    """Delete the write lock of ``conn``'s database by hand; returns the broken record."""
-    if not conn.writable:
-        raise ValueError("break_lock needs a writable S3Connection (bucket, db_key, credentials).")
+    """Delete the write lock of the database of ``conn`` (writable) by hand; returns the
+    broken record (see :func:`ebooklet.break_lock`)."""
     holder, _ = read_lock(conn)
     conn.delete(fmt.LOCK_NAME)
     return holder
