@@ -9,7 +9,7 @@ import re
 import ebooklet
 from ebooklet import errors
 
-INTERNAL_ERRORS = {"PreconditionFailed"}
+INTERNAL_ERRORS = {"PreconditionFailed", "ScanInterrupted"}
 """Exceptions ebooklet catches itself; errors.py's docstring marks them internal."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import booklet
 
+from .errors import ScanInterrupted
+
 #: :func:`_link_records` reads booklet's bucket array whole for a batch of at least one
 #: key per this many buckets.
 _BUCKETS_PER_KEY = 64
@@ -62,8 +64,11 @@ def scan(
 
     This is ``book.timestamps()`` without decoding, read a :data:`SCAN_BUFFER` at a
     time and parsed in place: booklet reads a writable file with a seek and two
-    unbuffered reads per record, 3x slower. As ``timestamps()`` does, the scan raises
-    ``RuntimeError`` when the file is written to before it ends.
+    unbuffered reads per record, 3x slower. As ``timestamps()`` does, the scan stops
+    when the file is written to before it ends.
+
+    Raises:
+        ScanInterrupted: the file was written to during the scan (a ``RuntimeError``).
     """
     utils = booklet.utils
     book.sync()
@@ -80,11 +85,11 @@ def scan(
         for start, end in regions:
             for record in _records(reader, start, end, book._ts_bytes_len, include_value, deleted):
                 if book._mutation_count != mutations:
-                    raise RuntimeError(f"{path} was written to during a scan.")
+                    raise ScanInterrupted(f"{path} was written to during a scan.")
                 yield record
     except Exception:
         if book._mutation_count != mutations:  # e.g. cleared or pruned under the reader
-            raise RuntimeError(f"{path} was written to during a scan.") from None
+            raise ScanInterrupted(f"{path} was written to during a scan.") from None
         raise
     finally:
         reader.close()

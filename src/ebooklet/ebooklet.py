@@ -28,6 +28,7 @@ from .errors import (
     OfflineWarning,
     ReadOnlyError,
     RemoteNotFoundError,
+    ScanInterrupted,
     SerializationError,
 )
 from .format import Entry
@@ -724,7 +725,7 @@ class EBooklet(MutableMapping):
                         todo.discard(kb)
                         yield kb, ts, raw
                     raw = None  # noqa: F841 - drop a large value before reading the next
-            except RuntimeError:
+            except ScanInterrupted:
                 pass
         for kb in sorted(todo):
             cached = self._cached(self._decode_key(kb))
@@ -999,7 +1000,7 @@ class EBooklet(MutableMapping):
                     done.add(kb)
                     yield self._decode_key(kb), self._decode(raw)
             interrupted = False
-        except RuntimeError:  # the loop's body wrote to the database: finish key by key
+        except ScanInterrupted:  # the loop's body wrote to the database: finish key by key
             interrupted = True
         rest = sorted((e.pack, e.offset, kb) for kb, e in remote.items() if kb not in done)
         wanted = [(kb, remote[kb]) for _, _, kb in rest]
@@ -1083,7 +1084,7 @@ class EBooklet(MutableMapping):
         file's keys and timestamps, a few by a lookup each.
         """
         if self._scan_pays(len(candidates)):
-            with contextlib.suppress(RuntimeError):  # a write ended the scan: look up
+            with contextlib.suppress(ScanInterrupted):  # a write ended the scan: look up
                 local = dict(self._scan(include_value=False))
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
         return [

@@ -19,6 +19,7 @@ to do about it. Where a builtin means the same, the error subclasses it too, so 
     │   ├── UntrustedEndpointError ················· also PermissionError
     │   ├── RemoteError
     │   │   └── PreconditionFailed ················· internal: a conditional write lost
+    │   ├── ScanInterrupted ························ internal; also RuntimeError
     │   ├── SerializationError ····················· also TypeError
     │   │   ├── UntrustedSerializerError
     │   │   └── DecompressionLimitError
@@ -151,3 +152,9 @@ class CacheDamagedError(IntegrityError):
 class PreconditionFailed(RemoteError):
     """A conditional write lost: the object changed (or appeared) meanwhile (HTTP 412).
     Internal: the commit and the lock catch it and retry or report their own error."""
+
+
+class ScanInterrupted(EBookletError, RuntimeError):
+    """The data file was written to while it was being scanned (booklet's own scan
+    raises a ``RuntimeError`` then, hence the base). Internal: the readers catch it and
+    finish key by key."""
