@@ -45,11 +45,11 @@ WORKER = r"""
 import json, os, sys, time
 
 import ebooklet
-import ebooklet.remote
+import ebooklet.lock
 
 spec = json.loads(os.environ["EBOOKLET_TEST_WORKER"])
 if spec.get("lease"):
-    ebooklet.remote.LOCK_LEASE = spec["lease"]  # a short (or long) lease, for lock tests
+    ebooklet.lock.LOCK_LEASE = spec["lease"]  # a short (or long) lease, for lock tests
 conn = ebooklet.S3Connection(**spec["conn"])
 db = None
 
@@ -248,7 +248,7 @@ class Worker:
 @pytest.fixture
 def spawn(s3_server: Any, db_key: str, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Factory ``spawn(name, lease=None) -> Worker`` on this test's database (killed after
-    the test); ``lease`` sets the worker's ``ebooklet.remote.LOCK_LEASE``."""
+    the test); ``lease`` sets the worker's ``ebooklet.lock.LOCK_LEASE``."""
     workers: list[Worker] = []
 
     def factory(name: str, lease: float | None = None) -> Worker:

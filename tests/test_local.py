@@ -1,5 +1,5 @@
 """Downloaded values and large ones are appended to the local booklet file by
-ebooklet's own writer (:func:`ebooklet.local.append_records`), which must write exactly
+ebooklet's own writer (:func:`ebooklet._booklet_io.append_records`), which must write exactly
 what ``booklet.set`` writes, index included: these tests fail the day a booklet release
 changes its layout."""
 
@@ -13,7 +13,7 @@ import booklet
 import pytest
 
 import ebooklet
-from ebooklet.local import append_records
+from ebooklet._booklet_io import append_records
 
 TS = 1_700_000_000_000_000  # microseconds, as booklet keeps them
 
@@ -56,11 +56,11 @@ def _write(path: Path, by_append: bool, n_buckets: int) -> None:
 
 
 @pytest.mark.parametrize("n_buckets", [11, 12007])  # 11: long chains, and booklet regrows its index
-@pytest.mark.parametrize("write_size", [ebooklet.local.WRITE_SIZE, 10_000])  # one write, many
+@pytest.mark.parametrize("write_size", [ebooklet._booklet_io.WRITE_SIZE, 10_000])  # one write, many
 def test_appended_records_make_the_same_file_as_booklet_set(
     tmp_path: Path, n_buckets: int, write_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ebooklet.local, "WRITE_SIZE", write_size)
+    monkeypatch.setattr(ebooklet._booklet_io, "WRITE_SIZE", write_size)
     by_set, by_append = tmp_path / "set.blt", tmp_path / "append.blt"
     _write(by_set, by_append=False, n_buckets=n_buckets)
     _write(by_append, by_append=True, n_buckets=n_buckets)
@@ -98,7 +98,7 @@ def test_large_values_written_through_ebooklet_open_with_plain_booklet(tmp_path:
 
 @pytest.mark.parametrize("sizes", [[0, 3], [5, 0, 2], [1 << 16, 1]])
 def test_write_all_writes_every_buffer_in_order(tmp_path: Path, sizes: list[int]) -> None:
-    from ebooklet.local import _write_all
+    from ebooklet._booklet_io import _write_all
 
     buffers = [os.urandom(n) for n in sizes]
     path = tmp_path / "out"
@@ -109,7 +109,7 @@ def test_write_all_writes_every_buffer_in_order(tmp_path: Path, sizes: list[int]
 
 def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
     """Overwrites, deletes, metadata and enough keys to make booklet move its index."""
-    from ebooklet.local import scan
+    from ebooklet._booklet_io import scan
 
     path = tmp_path / "db.blt"
     rng = random.Random(2)
@@ -129,7 +129,7 @@ def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
 
 
 def test_scan_stops_when_the_file_is_written_meanwhile(tmp_path: Path) -> None:
-    from ebooklet.local import scan
+    from ebooklet._booklet_io import scan
 
     path = tmp_path / "db.blt"
     with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
@@ -164,9 +164,9 @@ def test_a_refused_record_leaves_the_file_as_it_was(tmp_path: Path) -> None:
 def test_scan_of_a_file_cleared_meanwhile_stops_like_booklet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ebooklet.local import scan
+    from ebooklet._booklet_io import scan
 
-    monkeypatch.setattr(ebooklet.local, "SCAN_BUFFER", 16)  # a read for every record
+    monkeypatch.setattr(ebooklet._booklet_io, "SCAN_BUFFER", 16)  # a read for every record
     path = tmp_path / "db.blt"
     with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
         append_records(book, [(b"k%d" % i, b"v" * 100, TS) for i in range(10)])
@@ -203,7 +203,7 @@ def test_journaled_packs_are_read_back_and_a_damaged_one_is_skipped(tmp_path: Pa
 def test_scan_skips_a_record_cut_short_by_a_killed_write(tmp_path: Path) -> None:
     """A process killed while appending leaves a torn record at the end of the file; a
     scan (what a push reads its values from) must not take its truncated value."""
-    from ebooklet.local import scan
+    from ebooklet._booklet_io import scan
 
     path = tmp_path / "db.blt"
     with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
@@ -219,7 +219,7 @@ def test_scan_skips_a_record_cut_short_by_a_killed_write(tmp_path: Path) -> None
 
 def append_head(key: bytes, value_len: int) -> bytes:
     """booklet's record head for ``key`` and a value of ``value_len`` bytes, then the key."""
-    from ebooklet.local import _NO_NEXT_BLOCK, _RECORD_HEAD
+    from ebooklet._booklet_io import _NO_NEXT_BLOCK, _RECORD_HEAD
 
     head = _RECORD_HEAD.pack(booklet.utils.hash_key(key), _NO_NEXT_BLOCK, len(key), value_len)
     return head + TS.to_bytes(7, "little") + key

@@ -29,7 +29,7 @@ from ebooklet.errors import (
     RemoteExistsError,
     RemoteNotFoundError,
 )
-from ebooklet.remote import RemoteLock
+from ebooklet.lock import RemoteLock
 
 # --------------------------------------------------------------------------- helpers
 

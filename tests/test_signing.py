@@ -14,6 +14,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 import ebooklet
+from ebooklet._sigv4 import Signer
 
 
 def botocore_headers(conn: Any, method: str, url: str, headers: dict, body: Any, now: str) -> dict:
@@ -77,9 +78,9 @@ def test_signature_matches_botocore(where: dict, token: str | None) -> None:
 
 
 def test_signing_key_is_derived_once_a_day() -> None:
-    conn = ebooklet.S3Connection("id", "secret", "db", "my-bucket", endpoint_url="http://h:1")
-    first = conn._signing_key("20260101", "secret")
-    assert conn._signing_key("20260101", "secret") is first
-    second = conn._signing_key("20260102", "secret")
+    signer = Signer("us-east-1")
+    first = signer.signing_key("20260101", "secret")
+    assert signer.signing_key("20260101", "secret") is first
+    second = signer.signing_key("20260102", "secret")
     assert second != first
-    assert conn._signing_key("20260102", "another secret") != second
+    assert signer.signing_key("20260102", "another secret") != second

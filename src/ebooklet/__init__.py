@@ -1,8 +1,9 @@
 """ebooklet: a dict-like key/value database in a local file, synced with S3."""
 
+from .api import break_lock, check, open, open_rcg
 from .changes import Change, Changes, PushResult
 from .connection import S3Connection
-from .ebooklet import EBooklet, open, open_rcg
+from .ebooklet import EBooklet
 from .errors import (
     AuthError,
     CacheDamagedError,
@@ -24,9 +25,7 @@ from .errors import (
     UntrustedEndpointError,
     UntrustedSerializerError,
 )
-from .maintenance import check
 from .rcg import RemoteConnGroup
-from .remote import break_lock
 
 open_ebooklet = open
 

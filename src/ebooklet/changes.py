@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import format as fmt
-from .connection import PreconditionFailed
-from .errors import ConflictError, OfflineError, ReadOnlyError, RemoteNotFoundError
+from ._booklet_io import n_buckets
+from .errors import (
+    ConflictError,
+    OfflineError,
+    PreconditionFailed,
+    ReadOnlyError,
+    RemoteNotFoundError,
+)
 from .format import Entry
 from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 
@@ -402,7 +408,7 @@ class Changes:
             "timestamp": int(time.time() * 1_000_000),
             "key_serializer": db._ks_name,
             "value_serializer": db._vs_name,
-            "n_buckets": db._data._n_buckets,
+            "n_buckets": n_buckets(db._data),
             "n_shards": n_shards,
             "shards": shards,
             "n_keys": n_keys,

@@ -2,7 +2,7 @@
 
 :class:`S3Connection` holds where a database lives and how to reach it. Every
 request goes through one urllib3 connection pool: requests with credentials are
-signed with SigV4 exactly as botocore's S3 signer would (tests compare the two;
+signed by :mod:`._sigv4` exactly as botocore's S3 signer would (tests compare the two;
 boto3's own credential chain fills in missing keys), anonymous ones (public URLs)
 are sent as they are. Skipping boto3's client pipeline saves about 1.5 ms a
 request, which is most of the cost of a small GET against a nearby server, and
@@ -13,7 +13,6 @@ signing here rather than through botocore's per-request objects saves another
 from __future__ import annotations
 
 import hashlib
-import hmac
 import sys
 import threading
 import time
@@ -28,10 +27,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import urllib3
 
+from ._sigv4 import Signer, default_credentials
 from .errors import (
     AuthError,
     IntegrityError,
     OfflineError,
+    PreconditionFailed,
     RemoteError,
     RemoteNotFoundError,
 )
@@ -56,10 +57,6 @@ XML_BODY_MAX = 8 << 20
 """Bytes a successful answer read whole may have: a listing page (1000 entries of at
 most about 2 KiB each: a key of up to 1024 bytes, escaped, and its other fields), a
 multipart, copy or bulk-delete answer. A larger one is refused (``IntegrityError``)."""
-
-
-class PreconditionFailed(RemoteError):
-    """A conditional write lost: the object changed (or appeared) meanwhile."""
 
 
 class NotModified(NamedTuple):
@@ -183,8 +180,7 @@ class S3Connection:
         self.db_url = db_url or self._derive_db_url()
         # botocore credentials: fixed ones, or those of boto3's chain (which refresh)
         self._credentials: Any = None
-        # (day, sha256 of the secret, signing key): never the secret itself, see _signing_key
-        self._day_key: tuple[str, bytes, bytes] | None = None
+        self._signer = Signer(self.region)
         if access_key_id is not None:
             from botocore.credentials import Credentials
 
@@ -272,7 +268,7 @@ class S3Connection:
             with self._init_lock:
                 if self._http is None:
                     if self.writable and self._credentials is None:
-                        self._credentials = _default_credentials()
+                        self._credentials = default_credentials()
                     self._http = urllib3.PoolManager(
                         num_pools=4, maxsize=self.threads + 4, retries=False,
                         timeout=self._timeouts(self.timeout),
@@ -328,57 +324,8 @@ class S3Connection:
         return base + "?" + urlencode(sorted(query.items()), quote_via=quote)
 
     def _sign(self, method: str, url: str, headers: dict, body: Any) -> dict:
-        """``headers`` plus the SigV4 headers, exactly as botocore's ``S3SigV4Auth``
-        makes them (the payload is hashed), without its per-request objects; the
-        day's signing key is derived once. Credentials about to expire are refreshed
-        first (botocore's ``get_frozen_credentials``)."""
-        credentials = self._credentials.get_frozen_credentials()
-        now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        signed = dict(headers)
-        signed["X-Amz-Date"] = now
-        if credentials.token:
-            signed["X-Amz-Security-Token"] = credentials.token
-        signed["X-Amz-Content-SHA256"] = _payload_sha256(body)
-        parts = urlsplit(url)
-        canonical = {"host": _host_header(parts)}
-        for name, value in signed.items():
-            if name.lower() not in _UNSIGNED_HEADERS:
-                canonical[name.lower()] = " ".join(value.split())
-        names = sorted(canonical)
-        signed_names = ";".join(names)
-        request = "\n".join((
-            method,
-            parts.path,
-            _canonical_query(parts.query),
-            "".join(f"{n}:{canonical[n]}\n" for n in names),
-            signed_names,
-            signed["X-Amz-Content-SHA256"],
-        ))
-        scope = f"{now[:8]}/{self.region}/s3/aws4_request"
-        to_sign = f"AWS4-HMAC-SHA256\n{now}\n{scope}\n{hashlib.sha256(request.encode()).hexdigest()}"
-        key = self._signing_key(now[:8], credentials.secret_key)
-        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        signed["Authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-            f"SignedHeaders={signed_names}, Signature={signature}"
-        )
-        return signed
-
-    def _signing_key(self, day: str, secret: str) -> bytes:
-        """The SigV4 key of ``day`` (``YYYYMMDD``), derived once a day (and again if the
-        credentials change).
-
-        The cache keeps a SHA-256 digest of the secret, to notice new credentials,
-        never the secret itself: ``vars(conn)`` must not show it.
-        """
-        digest = hashlib.sha256(secret.encode()).digest()
-        cached = self._day_key
-        if cached is None or cached[:2] != (day, digest):
-            key = f"AWS4{secret}".encode()
-            for part in (day, self.region, "s3", "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            cached = self._day_key = (day, digest, key)
-        return cached[2]
+        """``headers`` plus the SigV4 headers of the request (see :mod:`._sigv4`)."""
+        return self._signer.sign(self._credentials, method, url, headers, body)
 
     def request(
         self,
@@ -1133,46 +1080,6 @@ class _Concatenated:
         return memoryview(b"")
 
 
-_UNSIGNED_HEADERS = frozenset({
-    "baggage", "connection", "expect", "keep-alive", "proxy-authenticate",
-    "proxy-authorization", "te", "traceparent", "tracestate", "trailer",
-    "transfer-encoding", "upgrade", "user-agent", "x-amzn-trace-id",
-})
-"""Headers SigV4 signatures leave out (botocore's ``SIGNED_HEADERS_BLACKLIST``)."""
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def _payload_sha256(body: Any) -> str:
-    """The hex SHA-256 of a request body: bytes-like, or a seekable stream (read, then
-    rewound to where it was)."""
-    if not body:
-        return _EMPTY_SHA256
-    if not hasattr(body, "read"):
-        return hashlib.sha256(body).hexdigest()
-    hasher = hashlib.sha256()
-    position = body.tell()
-    while chunk := body.read(1 << 20):
-        hasher.update(chunk)
-    body.seek(position)
-    return hasher.hexdigest()
-
-
-def _canonical_query(query: str) -> str:
-    """SigV4's canonical form of a URL's (already encoded) query: its pairs sorted."""
-    pairs = sorted(pair.partition("=")[::2] for pair in query.split("&")) if query else []
-    return "&".join(f"{name}={value}" for name, value in pairs)
-
-
-def _host_header(parts: Any) -> str:
-    """The ``Host`` header of a split URL as SigV4 signs it (no default port)."""
-    host = parts.hostname
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
-        host = f"{host}:{parts.port}"
-    return host
-
-
 def _may_retry(retries: int, pause: float, end: float | None) -> bool:
     """Whether a failed try is retried: tries are left, and time for the pause before it."""
     return retries > 0 and (end is None or end - time.monotonic() > pause)
@@ -1192,18 +1099,6 @@ def _error_code(body: bytes | None) -> str | None:
         return ET.fromstring(body).findtext("Code")
     except ET.ParseError:
         return None
-
-
-def _default_credentials():
-    import boto3
-
-    credentials = boto3.Session().get_credentials()
-    if credentials is None:
-        raise AuthError(
-            "No credentials given and none found in the environment or AWS config; "
-            "pass access_key_id and access_key to S3Connection."
-        )
-    return credentials
 
 
 def connection_from(remote: S3Connection | str | None, timeout: float | None = None) -> S3Connection | None:

@@ -18,6 +18,7 @@ from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
+from ._booklet_io import append_records, data_changed_from, data_state, deleted_last, scan
 from .changes import Changes
 from .connection import S3Connection, check_seconds, connection_from
 from .errors import (
@@ -27,23 +28,13 @@ from .errors import (
     OfflineWarning,
     ReadOnlyError,
     RemoteNotFoundError,
+    ScanInterrupted,
     SerializationError,
 )
 from .format import Entry
-from .local import (
-    UNKNOWN_MD5,
-    ChangeLog,
-    Edit,
-    IndexMirror,
-    LocalMeta,
-    append_records,
-    data_changed_from,
-    data_state,
-    deleted_last,
-    local_paths,
-    scan,
-)
-from .remote import MISSING_SHARD, RemoteIndex, RemoteLock
+from .local import UNKNOWN_MD5, ChangeLog, Edit, IndexMirror, LocalMeta, local_paths
+from .lock import RemoteLock
+from .remote import MISSING_SHARD, RemoteIndex
 
 logger = logging.getLogger("ebooklet")
 _T = TypeVar("_T")
@@ -363,7 +354,7 @@ class EBooklet(MutableMapping):
             self._meta.save(data_state=recorded)
 
     def _record_data_state(self, closed: bool, always: bool = False) -> None:
-        """Record the data file's state (:func:`local.data_state`) in ``P.ebk.json``, and
+        """Record the data file's state (:func:`_booklet_io.data_state`) in ``P.ebk.json``, and
         whether this session is closing the file, so that the next open reads only what
         was written after it. Called where every value in the file is a pending edit's
         or a value of the head manifest held by the local mirror: at open (after the
@@ -686,7 +677,7 @@ class EBooklet(MutableMapping):
 
     def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
-        file, without booklet's copies (see :func:`local.append_records`)."""
+        file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
             append_records(self._data, [(self._ks.dumps(key), raw, timestamp)])
         else:
@@ -710,7 +701,7 @@ class EBooklet(MutableMapping):
             ) from None
 
     def _scan(self, include_value: bool = True) -> Iterator[tuple]:
-        """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`local.scan`."""
+        """The data file's ``(encoded key, timestamp[, encoded value])``, see :func:`_booklet_io.scan`."""
         return scan(self._data, self._data_path, include_value)
 
     def _scan_pays(self, n_keys: int) -> bool:
@@ -734,7 +725,7 @@ class EBooklet(MutableMapping):
                         todo.discard(kb)
                         yield kb, ts, raw
                     raw = None  # noqa: F841 - drop a large value before reading the next
-            except RuntimeError:
+            except ScanInterrupted:
                 pass
         for kb in sorted(todo):
             cached = self._cached(self._decode_key(kb))
@@ -1009,7 +1000,7 @@ class EBooklet(MutableMapping):
                     done.add(kb)
                     yield self._decode_key(kb), self._decode(raw)
             interrupted = False
-        except RuntimeError:  # the loop's body wrote to the database: finish key by key
+        except ScanInterrupted:  # the loop's body wrote to the database: finish key by key
             interrupted = True
         rest = sorted((e.pack, e.offset, kb) for kb, e in remote.items() if kb not in done)
         wanted = [(kb, remote[kb]) for _, _, kb in rest]
@@ -1093,7 +1084,7 @@ class EBooklet(MutableMapping):
         file's keys and timestamps, a few by a lookup each.
         """
         if self._scan_pays(len(candidates)):
-            with contextlib.suppress(RuntimeError):  # a write ended the scan: look up
+            with contextlib.suppress(ScanInterrupted):  # a write ended the scan: look up
                 local = dict(self._scan(include_value=False))
                 return [(kb, e) for kb, e in candidates if local.get(kb) != e.timestamp]
         return [
@@ -1122,7 +1113,7 @@ class EBooklet(MutableMapping):
     ) -> None:
         """:meth:`_fetch` without the retry, into ``fetched``. Values are written to the
         data file in batches of about :data:`_CHUNK_BYTES` (one write each, see
-        :func:`local.append_records`), a large one on its own."""
+        :func:`_booklet_io.append_records`), a large one on its own."""
         batch: list[tuple[bytes, bytes | memoryview, int]] = []
         size = 0
         head = self._remote.etag
@@ -1787,97 +1778,3 @@ def _open_data(
             "Move it away: whatever was pushed is safe remotely, and reopening "
             "downloads it again."
         ) from None
-
-
-def open(
-    remote: S3Connection | str | None,
-    file_path: str | os.PathLike,
-    flag: str = "r",
-    value_serializer: Any = serializers.UNSET,
-    key_serializer: Any = serializers.UNSET,
-    n_buckets: int = 12007,
-    buffer_size: int = 2**22,
-    lock_timeout: float = 0.0,
-    timeout: float | None = None,
-    commit: int | str | None = None,
-    remote_conn_group: bool = False,
-    trust_serializers: bool | str | Collection[str] = False,
-    remote_timeout: float | None = None,
-) -> Any:
-    """Open a database kept in ``file_path`` and synced with ``remote``.
-
-    Args:
-        remote: an :class:`S3Connection`, a public URL string (read-only), or
-            ``None`` to work locally only.
-        file_path: the local booklet file; ``.local_hash``, ``.remote_index``
-            and ``.ebk.json`` files are kept beside it.
-        flag: ``'r'`` read-only, ``'w'`` read-write existing, ``'c'`` create if
-            missing, ``'n'`` new and empty (the next push replaces the remote).
-        value_serializer, key_serializer: booklet serializer names or classes
-            with ``dumps``/``loads``. A new database records them (defaults:
-            ``None``, bytes values, and ``"str"`` keys). An existing database uses
-            those it records: leave them out, or pass the same ones (anything else
-            raises ``SerializationError``). Passing one also allows it when it can
-            run code or inflate (``pickle``, ``*zstd``...): see ``trust_serializers``.
-        n_buckets, buffer_size: booklet parameters of the local file.
-        lock_timeout: seconds to wait for another writer's remote lock.
-        timeout: seconds to wait for another process's local file lock
-            (``None``: wait). It is not about the remote: see ``remote_timeout``.
-        commit: open that past commit (a seq, or a commit id) as a read-only
-            snapshot (flag ``'r'`` only); see :meth:`EBooklet.history`.
-        remote_conn_group: open a remote connection group
-            (:class:`ebooklet.rcg.RemoteConnGroup`) instead of a plain database.
-        trust_serializers: which serializers the remote may choose beyond the safe
-            ones (bytes, str, json, orjson, msgpack, integers): ``True`` for any, or
-            a name or collection of names such as ``{"pickle"}``. Without it, a
-            remote recording ``pickle`` or a ``*zstd`` serializer that was not passed
-            raises ``UntrustedSerializerError``. The choice is remembered in
-            ``P.ebk.json`` for this remote. See docs/security.md.
-        remote_timeout: seconds to wait for the remote. The open waits at most this
-            long for the manifest, all tries together, then works offline from the
-            local files (``OfflineWarning``; ``OfflineError`` when there are none).
-            Default :data:`OPEN_WAIT` (5 s, or the connection's ``timeout`` when
-            shorter): an endpoint that accepts connections and never answers costs
-            the open 5.0 s (measured 5.01-5.02 s; 121.3 s before this bound). With a URL
-            string it is also the ``timeout`` of the :class:`S3Connection` made for
-            it (each later request's read timeout; default 30 s); an
-            :class:`S3Connection` keeps its own ``timeout`` and ``connect_timeout``.
-
-    Raises:
-        ValueError, TypeError: bad arguments.
-        ReadOnlyError: a write flag with a public URL, or with local files that
-            cannot be written (flag ``'r'`` reads them); flag ``'r'`` with no data
-            file where none can be created.
-        OfflineError: the remote cannot be reached and there is no local copy.
-        RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
-        LockedError: another writer holds the remote lock.
-        IntegrityError, FormatVersionError: damaged or too new files.
-        UntrustedSerializerError: the remote records a serializer that can run code
-            or inflate, and the caller did not allow it.
-        SerializationError: a serializer passed differs from the one recorded.
-    """
-    if commit is not None:
-        from .maintenance import _check_commit_arg
-
-        _check_commit_arg(commit)
-        if flag != "r":
-            raise ValueError(f"A past commit opens read-only: use flag 'r' with commit=, not {flag!r}.")
-    if remote_conn_group:
-        from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
-
-        if value_serializer not in (serializers.UNSET, GROUP_SERIALIZER):
-            raise ValueError(f"A remote connection group stores {GROUP_SERIALIZER!r} values; drop value_serializer.")
-        if key_serializer not in (serializers.UNSET, GROUP_KEY_SERIALIZER):
-            raise ValueError(f"A remote connection group has {GROUP_KEY_SERIALIZER!r} keys; drop key_serializer.")
-        # Passed explicitly: a group whose manifest records anything else is refused.
-        value_serializer, key_serializer = GROUP_SERIALIZER, GROUP_KEY_SERIALIZER
-    db = EBooklet._open(
-        remote, file_path, flag, value_serializer, key_serializer,
-        n_buckets, buffer_size, lock_timeout, timeout, commit, trust_serializers, remote_timeout,
-    )
-    return RemoteConnGroup(db) if remote_conn_group else db
-
-
-def open_rcg(remote: S3Connection | str | None, file_path: str | os.PathLike, flag: str = "r", **kw: Any) -> Any:
-    """Open a remote connection group: ``open(..., remote_conn_group=True)``."""
-    return open(remote, file_path, flag, remote_conn_group=True, **kw)

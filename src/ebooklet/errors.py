@@ -1,7 +1,36 @@
-"""The exception hierarchy of ebooklet.
+"""The exception hierarchy of ebooklet: every exception and warning it raises on purpose.
 
-Every error raised on purpose by ebooklet is an :class:`EBookletError`; each
-message says what happened and what to do about it.
+Every error is an :class:`EBookletError`; each message says what happened and what
+to do about it. Where a builtin means the same, the error subclasses it too, so that
+``except FileNotFoundError`` works as a user expects::
+
+    Exception
+    ├── EBookletError
+    │   ├── ReadOnlyError ·························· also PermissionError
+    │   ├── RemoteNotFoundError ···················· also FileNotFoundError
+    │   ├── RemoteExistsError ······················ also FileExistsError
+    │   ├── ConflictError
+    │   ├── LockedError
+    │   ├── IntegrityError
+    │   │   └── CacheDamagedError
+    │   ├── FormatVersionError
+    │   ├── OfflineError ··························· also ConnectionError
+    │   ├── AuthError ······························ also PermissionError
+    │   ├── UntrustedEndpointError ················· also PermissionError
+    │   ├── RemoteError
+    │   │   └── PreconditionFailed ················· internal: a conditional write lost
+    │   ├── ScanInterrupted ························ internal; also RuntimeError
+    │   ├── SerializationError ····················· also TypeError
+    │   │   ├── UntrustedSerializerError
+    │   │   └── DecompressionLimitError
+    │   └── ShardLimitError ························ also ValueError
+    └── Warning
+        └── UserWarning
+            ├── OfflineWarning
+            └── ConsistencyWarning
+
+All of them are exported as ``ebooklet.<Name>`` except those marked internal, which
+ebooklet catches itself (``tests/test_exported_members.py`` keeps this true).
 """
 
 from __future__ import annotations
@@ -118,3 +147,14 @@ class ShardLimitError(EBookletError, ValueError):
 class CacheDamagedError(IntegrityError):
     """A local cache file (``P.remote_index``) is damaged and the remote, which is not at
     fault, could not be reached to fetch its content again."""
+
+
+class PreconditionFailed(RemoteError):
+    """A conditional write lost: the object changed (or appeared) meanwhile (HTTP 412).
+    Internal: the commit and the lock catch it and retry or report their own error."""
+
+
+class ScanInterrupted(EBookletError, RuntimeError):
+    """The data file was written to while it was being scanned (booklet's own scan
+    raises a ``RuntimeError`` then, hence the base). Internal: the readers catch it and
+    finish key by key."""

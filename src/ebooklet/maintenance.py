@@ -28,9 +28,7 @@ from . import format as fmt
 from .connection import (
     COPY_SINGLE_MAX,
     ObjectVersion,
-    PreconditionFailed,
     S3Connection,
-    connection_from,
 )
 from .errors import (
     AuthError,
@@ -39,13 +37,15 @@ from .errors import (
     FormatVersionError,
     IntegrityError,
     OfflineError,
+    PreconditionFailed,
     ReadOnlyError,
     RemoteError,
     RemoteExistsError,
     RemoteNotFoundError,
 )
 from .format import Entry
-from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, RemoteLock, plan_ranges, read_pack_footer
+from .lock import RemoteLock
+from .remote import PACK_SIZE, PART_SIZE, RemoteIndex, plan_ranges, read_pack_footer
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -260,7 +260,12 @@ def history(conn: S3Connection, head: dict | None, limit: int | None = None) -> 
     return [Commit.from_manifest(m) for m in iter_chain(conn, head, limit)]
 
 
-def _check_commit_arg(commit: Any) -> None:
+def check_commit_arg(commit: Any) -> None:
+    """Check a ``commit=`` argument: a seq (int >= 1) or a commit id (non-empty str).
+
+    Raises:
+        TypeError, ValueError: it is neither.
+    """
     if isinstance(commit, bool) or not isinstance(commit, (int, str)):
         raise TypeError(f"commit must be a seq (int) or a commit id (str), not {commit!r}.")
     if isinstance(commit, int) and commit < 1:
@@ -275,7 +280,7 @@ def find_commit(conn: S3Connection, head: dict | None, commit: int | str) -> dic
     Raises:
         RemoteNotFoundError: no such commit (never made, or removed by vacuum).
     """
-    _check_commit_arg(commit)
+    check_commit_arg(commit)
     if head is None:
         raise RemoteNotFoundError(f"{conn!r} has no commits yet.")
     limit = None
@@ -1108,26 +1113,13 @@ class CheckResult:
         return not self.missing and not self.corrupt
 
 
-def check(remote: S3Connection | str, sample: int | float | None = None, seed: int | None = None) -> CheckResult:
-    """Verify a remote database without changing anything.
-
-    Checks that the manifest, its commit record, every index shard and every
-    pack it references exist and are intact, and that the values match their
-    md5 (all of them, or a random ``sample``: a count, or a fraction in (0, 1]).
-    With a writable connection it also walks the whole history and lists
-    orphans: objects no commit references (left by interrupted pushes).
-
-    Args:
-        remote: an :class:`S3Connection` or a public URL.
-        sample: ``None`` checks every value.
-        seed: seeds the sample, for repeatable checks.
+def check_remote(conn: S3Connection, sample: int | float | None = None, seed: int | None = None) -> CheckResult:
+    """Verify the remote database of ``conn`` without changing anything: the work of
+    :func:`ebooklet.check`, whose docstring says what is checked.
 
     Raises:
-        RemoteNotFoundError: there is no database at ``remote``.
+        RemoteNotFoundError: there is no database at ``conn``.
     """
-    conn = connection_from(remote)
-    if conn is None:
-        raise TypeError("check needs an S3Connection or a public URL.")
     result = CheckResult()
     index = RemoteIndex(conn, MemoryMirror())
     try:

@@ -1,0 +1,338 @@
+"""The only code that knows booklet's private file layout.
+
+booklet is pinned to 0.12 in pyproject.toml: this module reads and writes that
+version's records, index buckets and private attributes (``_file``, ``_n_buckets``,
+``_index_offset``, ``_mutation_count``...) directly, where booklet's public API is too
+slow: a scan of every record, a batch record writer and the index linker, and the
+file state that tells whether plain booklet wrote to a data file. Nothing else in
+ebooklet may touch a booklet object's private state; ``tests/test_local.py`` fails
+the day a booklet release changes the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from hashlib import blake2s
+from pathlib import Path
+from typing import Any
+
+import booklet
+
+from .errors import ScanInterrupted
+
+#: :func:`_link_records` reads booklet's bucket array whole for a batch of at least one
+#: key per this many buckets.
+_BUCKETS_PER_KEY = 64
+
+#: booklet 0.12's record header: key hash, position of the next record of the same
+#: index bucket, key length, value length (the timestamp and the key follow).
+_HASH_LEN = booklet.utils.key_hash_len
+_RECORD_HEAD = struct.Struct(f"<{_HASH_LEN}s{booklet.utils.n_bytes_file}sHI")
+_NO_NEXT_BLOCK = (1).to_bytes(booklet.utils.n_bytes_file, "little")  # the end of a bucket's chain
+_DELETED = bytes(booklet.utils.n_bytes_file)  # the next-record position of a deleted record
+_RECORD_LENGTHS = struct.Struct(f"<{_HASH_LEN}x{booklet.utils.n_bytes_file}sHI")
+
+#: :func:`append_records` copies values up to this size into its write buffer, and
+#: writes that buffer whenever it holds this much.
+COPY_MAX = 1 << 20
+WRITE_SIZE = 8 << 20
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
+
+#: Read size of :func:`scan`.
+SCAN_BUFFER = 1 << 20
+
+#: What identifies a data file's content as ebooklet left it (see :func:`data_state`).
+DATA_STATE_FIELDS = ("size", "mtime_ns", "inode", "n_keys", "index_offset", "first_data")
+
+
+def n_buckets(book: Any) -> int:
+    """The number of index buckets of the booklet file ``book`` (a manifest records it)."""
+    return book._n_buckets
+
+
+def scan(
+    book: Any, path: Path, include_value: bool = True, start: int = 0, deleted: bool = False
+) -> Iterator[tuple]:
+    """``(encoded key, timestamp, encoded value)`` (or ``(encoded key, timestamp)``) of
+    every key in the booklet file ``book`` opened from ``path``, in file order; with
+    ``start`` (a record boundary, see :func:`data_changed_from`), of those whose record
+    lies at or after that position; with ``deleted`` (and not ``include_value``), the
+    records marked deleted too, as ``(encoded key, None)``.
+
+    This is ``book.timestamps()`` without decoding, read a :data:`SCAN_BUFFER` at a
+    time and parsed in place: booklet reads a writable file with a seek and two
+    unbuffered reads per record, 3x slower. As ``timestamps()`` does, the scan stops
+    when the file is written to before it ends.
+
+    Raises:
+        ScanInterrupted: the file was written to during the scan (a ``RuntimeError``).
+    """
+    utils = booklet.utils
+    book.sync()
+    with book._thread_lock:
+        mutations = book._mutation_count
+        reader = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        index_size = book._n_buckets * utils.n_bytes_file
+        first = book._first_data_block_pos or utils.sub_index_init_pos + index_size
+        regions = [(first, os.fstat(reader.fileno()).st_size)]
+        if book._index_offset != utils.sub_index_init_pos:  # booklet moved its index here
+            regions = [(first, book._index_offset), (book._index_offset + index_size, regions[0][1])]
+        regions = [(max(begin, start), end) for begin, end in regions if end > start]
+    try:
+        for start, end in regions:
+            for record in _records(reader, start, end, book._ts_bytes_len, include_value, deleted):
+                if book._mutation_count != mutations:
+                    raise ScanInterrupted(f"{path} was written to during a scan.")
+                yield record
+    except Exception:
+        if book._mutation_count != mutations:  # e.g. cleared or pruned under the reader
+            raise ScanInterrupted(f"{path} was written to during a scan.") from None
+        raise
+    finally:
+        reader.close()
+
+
+def _records(
+    reader: Any, start: int, end: int, ts_len: int, include_value: bool, deleted: bool = False
+) -> Iterator[tuple]:
+    """The live records of booklet's data between ``start`` and ``end`` (see
+    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position, and is
+    yielded as ``(key, None)`` when ``deleted`` (for :func:`deleted_last`; never with
+    ``include_value``). A value that is not in the buffer already is read on its own,
+    into one new bytes object. A record cut short by the end (a write killed midway)
+    is not one."""
+    head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
+    unpack = _RECORD_LENGTHS.unpack_from
+    data, at, position = b"", 0, start
+    reader.seek(start)
+    while position + head_size <= end:
+        if len(data) - at < head_size:
+            data, at = data[at:] + reader.read(SCAN_BUFFER + head_size), 0
+        next_block, key_len, value_len = unpack(data, at)
+        size = head_size + ts_len + key_len + value_len
+        if position + size > end:
+            return
+        key_at = at + head_size + ts_len
+        value_at = key_at + key_len
+        if len(data) < value_at:
+            data, at = data[at:] + reader.read(SCAN_BUFFER + value_at - len(data)), 0
+            key_at, value_at = head_size + ts_len, head_size + ts_len + key_len
+        key = data[key_at:value_at]
+        live = next_block != _DELETED and key not in skip
+        if live and include_value:
+            if len(data) >= value_at + value_len:
+                value = data[value_at : value_at + value_len]
+            else:
+                reader.seek(position + value_at - at)
+                value = reader.read(value_len)
+        if live:
+            ts = int.from_bytes(data[at + head_size : key_at], "little")
+            yield (key, ts, value) if include_value else (key, ts)
+        elif deleted and key not in skip:
+            yield key, None
+        position += size
+        if len(data) >= at + size:
+            at += size
+        else:  # the value was not in the buffer: go on after it
+            data, at = b"", 0
+            reader.seek(position)
+
+
+def deleted_last(book: Any, path: Path, keys: Iterable[bytes]) -> set[bytes]:
+    """Those of ``keys`` (encoded) whose last record in the booklet file ``book`` opened
+    from ``path`` is marked deleted: what booklet's ``del`` leaves (it marks the record
+    in place). A key with no record, or whose last record is live although booklet
+    does not find it, was lost by damage (a truncation, a garbled index), not deleted.
+    Reads the whole file, so only for a few keys known to be absent."""
+    wanted = set(keys)
+    last: dict[bytes, bool] = {}
+    for key, ts in scan(book, path, include_value=False, deleted=True):
+        if key in wanted:
+            last[key] = ts is None
+    return {key for key, gone in last.items() if gone}
+
+
+def data_state(book: Any, path: Path) -> dict[str, int]:
+    """The state of the booklet file ``book`` opened from ``path``, after a sync: its size,
+    modification time and inode, booklet's key count and where its index and first
+    record lie. Any write changes one of them: booklet appends every new record at the
+    end of the file, marks a deletion in place (the key count drops) and rewrites the
+    file on ``prune()``/``clear()`` (the layout changes)."""
+    book.sync()
+    stat = os.stat(path)
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "n_keys": book._n_keys,
+        "index_offset": book._index_offset,
+        "first_data": book._first_data_block_pos,
+    }
+
+
+def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) -> int | None:
+    """Where the records written to a data file since its state was ``recorded`` begin:
+    ``None`` when it is unchanged, the recorded size when everything before it is as it
+    was (writes were appended, perhaps with booklet's index moved to the end by a
+    regrowth, and deletions marked in place), 0 when anything else happened (another
+    file, a prune or clear, nothing recorded): the whole file has to be read."""
+    if recorded is None:
+        return 0
+    if all(recorded[f] == current[f] for f in DATA_STATE_FIELDS):
+        return None
+    size = recorded["size"]
+    appended = (
+        current["inode"] == recorded["inode"]
+        and current["size"] >= size
+        and current["first_data"] == recorded["first_data"]
+        and (
+            current["index_offset"] == recorded["index_offset"]
+            or current["index_offset"] >= size  # booklet moved its index after the old end
+        )
+    )
+    return size if appended else 0
+
+
+def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview, Any]]) -> None:
+    """Append ``(encoded key, encoded value, timestamp)`` records to the booklet file
+    ``book``, byte for byte as ``book.set(key, value, timestamp, encode_value=False)``
+    for each, in order, then ``book.sync()``, would; all of them or, when one is
+    refused or the write fails, none.
+
+    ``booklet.set`` costs about 12 µs a record: it builds each record by joining bytes,
+    asks the file for its end, copies the record into its write buffer (a large value
+    twice, 50 ms for 32 MiB), and links it into the index with a seek and a read or
+    write per step. Here the records' heads are made first (a key or value too long
+    for booklet, or a bad timestamp, is refused before anything is written), then laid
+    out in a buffer written :data:`WRITE_SIZE` at a time (a value over :data:`COPY_MAX`
+    is written from where it is, with ``writev``), then linked by :func:`_link_records`.
+    This follows booklet 0.12's file layout and private attributes (booklet is pinned to
+    0.12 in pyproject.toml); ``tests/test_local.py`` checks that both ways write
+    identical files.
+    """
+    ts_len = book._ts_bytes_len
+    heads: list[tuple[bytes, bytes, bytes | memoryview]] = []  # (key hash, head + key, value)
+    for key, value, timestamp in records:
+        key_hash = blake2s(key, digest_size=_HASH_LEN).digest()  # booklet's utils.hash_key
+        head = _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
+        if ts_len:
+            if type(timestamp) is not int:
+                timestamp = booklet.utils.make_timestamp_int(timestamp)
+            head += timestamp.to_bytes(ts_len, "little")
+        heads.append((key_hash, head + key, value))
+    if not heads:
+        return
+    with book._thread_lock:
+        book._mutation_count += 1
+        file = book._file
+        start = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
+        if book._buffer_index:  # keys booklet buffered go first, as set() keeps the order
+            book._n_keys += booklet.utils.update_index(
+                file, book._buffer_index, book._buffer_index_set, book._n_buckets, book._index_offset
+            )
+        file.seek(start)
+        try:
+            links = _write_records(file.fileno(), start, heads)
+        except BaseException:
+            os.ftruncate(file.fileno(), start)  # no record may stay in the file unindexed
+            raise
+        book._n_keys += _link_records(book, links)
+        file.seek(book._n_keys_pos)
+        file.write(book._n_keys.to_bytes(4, "little"))
+        book._check_auto_reindex()  # booklet checks twice, in _sync_index and in sync
+    book.sync()
+
+
+def _write_records(fd: int, position: int, heads: list[tuple[bytes, bytes, Any]]) -> list[tuple[bytes, int]]:
+    """Write the records at ``fd``'s position (``position``); returns each one's key
+    hash and position."""
+    links = []
+    body = bytearray()
+    for key_hash, head, value in heads:
+        links.append((key_hash, position))
+        position += len(head) + len(value)
+        body += head
+        if len(value) > COPY_MAX:
+            _write_all(fd, [body, value])
+            body = bytearray()
+            continue
+        body += value
+        if len(body) >= WRITE_SIZE:
+            _write_all(fd, [body])
+            body = bytearray()
+    _write_all(fd, [body])
+    return links
+
+
+def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
+    """Link records just written at the given positions into booklet's index, in order,
+    as booklet's ``utils.update_index`` does: a key already in its bucket's chain takes
+    the old record's place (which is marked deleted), a new key goes at the chain's end.
+    Returns the number of new keys.
+
+    Position fields (bucket slots and the records' next-record fields) are read with
+    ``pread`` and written back with ``pwrite`` once each; booklet seeks, reads and
+    writes key by key. For a batch that touches much of the bucket array, the array is
+    read and written whole.
+    """
+    fd = book._file.fileno()
+    width, hash_len = booklet.utils.n_bytes_file, booklet.utils.key_hash_len
+    n_buckets, index_offset = book._n_buckets, book._index_offset
+    index_end = index_offset + n_buckets * width
+    buckets = None
+    if len(links) * _BUCKETS_PER_KEY >= n_buckets:
+        buckets = bytearray(os.pread(fd, n_buckets * width, index_offset))
+    changed: dict[int, int] = {}  # field position -> new value
+
+    def field(pos: int) -> int:
+        if pos in changed:
+            return changed[pos]
+        if buckets is not None and index_offset <= pos < index_end:
+            return int.from_bytes(buckets[pos - index_offset : pos - index_offset + width], "little")
+        return int.from_bytes(os.pread(fd, width, pos), "little")
+
+    new_keys = 0
+    for key_hash, position in links:
+        previous = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+        block = field(previous)
+        while block > 1:  # 0 or 1: an empty bucket
+            block_hash = os.pread(fd, hash_len, block)
+            next_block = field(block + hash_len)
+            if next_block and block_hash == key_hash:  # the key's old record: replace it
+                changed[block + hash_len] = 0
+                if next_block > 1:
+                    changed[position + hash_len] = next_block
+                break
+            if next_block <= 1:  # the chain ends (1), or at a deleted record (0)
+                new_keys += 1
+                if next_block == 1:
+                    previous = block + hash_len
+                break
+            previous, block = block + hash_len, next_block
+        else:
+            new_keys += 1
+        changed[previous] = position
+    if buckets is not None:
+        for pos in [pos for pos in changed if index_offset <= pos < index_end]:
+            at = pos - index_offset
+            buckets[at : at + width] = changed.pop(pos).to_bytes(width, "little")
+        os.pwrite(fd, buckets, index_offset)
+    for pos, value in changed.items():
+        os.pwrite(fd, value.to_bytes(width, "little"), pos)
+    return new_keys
+
+
+def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
+    """Write ``buffers`` one after the other at ``fd``'s position, with one ``writev``
+    call unless the kernel writes less (over 2 GiB on Linux) or there are more than
+    ``IOV_MAX`` buffers."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]

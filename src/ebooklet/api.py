@@ -1,0 +1,142 @@
+"""The top-level functions of ebooklet: ``open``, ``open_rcg``, ``check``, ``break_lock``.
+
+Each checks its arguments, picks the class or module that does the work, and calls it.
+This module sits above every class; nothing in the package imports it but
+``__init__.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from typing import Any
+
+from . import lock, maintenance, serializers
+from .connection import S3Connection, connection_from
+from .ebooklet import EBooklet
+from .maintenance import CheckResult, check_commit_arg
+from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
+
+
+def open(
+    remote: S3Connection | str | None,
+    file_path: str | os.PathLike,
+    flag: str = "r",
+    value_serializer: Any = serializers.UNSET,
+    key_serializer: Any = serializers.UNSET,
+    n_buckets: int = 12007,
+    buffer_size: int = 2**22,
+    lock_timeout: float = 0.0,
+    timeout: float | None = None,
+    commit: int | str | None = None,
+    remote_conn_group: bool = False,
+    trust_serializers: bool | str | Collection[str] = False,
+    remote_timeout: float | None = None,
+) -> Any:
+    """Open a database kept in ``file_path`` and synced with ``remote``.
+
+    Args:
+        remote: an :class:`S3Connection`, a public URL string (read-only), or
+            ``None`` to work locally only.
+        file_path: the local booklet file; ``.local_hash``, ``.remote_index``
+            and ``.ebk.json`` files are kept beside it.
+        flag: ``'r'`` read-only, ``'w'`` read-write existing, ``'c'`` create if
+            missing, ``'n'`` new and empty (the next push replaces the remote).
+        value_serializer, key_serializer: booklet serializer names or classes
+            with ``dumps``/``loads``. A new database records them (defaults:
+            ``None``, bytes values, and ``"str"`` keys). An existing database uses
+            those it records: leave them out, or pass the same ones (anything else
+            raises ``SerializationError``). Passing one also allows it when it can
+            run code or inflate (``pickle``, ``*zstd``...): see ``trust_serializers``.
+        n_buckets, buffer_size: booklet parameters of the local file.
+        lock_timeout: seconds to wait for another writer's remote lock.
+        timeout: seconds to wait for another process's local file lock
+            (``None``: wait). It is not about the remote: see ``remote_timeout``.
+        commit: open that past commit (a seq, or a commit id) as a read-only
+            snapshot (flag ``'r'`` only); see :meth:`EBooklet.history`.
+        remote_conn_group: open a remote connection group
+            (:class:`ebooklet.rcg.RemoteConnGroup`) instead of a plain database.
+        trust_serializers: which serializers the remote may choose beyond the safe
+            ones (bytes, str, json, orjson, msgpack, integers): ``True`` for any, or
+            a name or collection of names such as ``{"pickle"}``. Without it, a
+            remote recording ``pickle`` or a ``*zstd`` serializer that was not passed
+            raises ``UntrustedSerializerError``. The choice is remembered in
+            ``P.ebk.json`` for this remote. See docs/security.md.
+        remote_timeout: seconds to wait for the remote. The open waits at most this
+            long for the manifest, all tries together, then works offline from the
+            local files (``OfflineWarning``; ``OfflineError`` when there are none).
+            Default :data:`ebooklet.ebooklet.OPEN_WAIT` (5 s, or the connection's ``timeout`` when
+            shorter): an endpoint that accepts connections and never answers costs
+            the open 5.0 s (measured 5.01-5.02 s; 121.3 s before this bound). With a URL
+            string it is also the ``timeout`` of the :class:`S3Connection` made for
+            it (each later request's read timeout; default 30 s); an
+            :class:`S3Connection` keeps its own ``timeout`` and ``connect_timeout``.
+
+    Raises:
+        ValueError, TypeError: bad arguments.
+        ReadOnlyError: a write flag with a public URL, or with local files that
+            cannot be written (flag ``'r'`` reads them); flag ``'r'`` with no data
+            file where none can be created.
+        OfflineError: the remote cannot be reached and there is no local copy.
+        RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
+        LockedError: another writer holds the remote lock.
+        IntegrityError, FormatVersionError: damaged or too new files.
+        UntrustedSerializerError: the remote records a serializer that can run code
+            or inflate, and the caller did not allow it.
+        SerializationError: a serializer passed differs from the one recorded.
+    """
+    if commit is not None:
+        check_commit_arg(commit)
+        if flag != "r":
+            raise ValueError(f"A past commit opens read-only: use flag 'r' with commit=, not {flag!r}.")
+    if remote_conn_group:
+        if value_serializer not in (serializers.UNSET, GROUP_SERIALIZER):
+            raise ValueError(f"A remote connection group stores {GROUP_SERIALIZER!r} values; drop value_serializer.")
+        if key_serializer not in (serializers.UNSET, GROUP_KEY_SERIALIZER):
+            raise ValueError(f"A remote connection group has {GROUP_KEY_SERIALIZER!r} keys; drop key_serializer.")
+        # Passed explicitly: a group whose manifest records anything else is refused.
+        value_serializer, key_serializer = GROUP_SERIALIZER, GROUP_KEY_SERIALIZER
+    db = EBooklet._open(
+        remote, file_path, flag, value_serializer, key_serializer,
+        n_buckets, buffer_size, lock_timeout, timeout, commit, trust_serializers, remote_timeout,
+    )
+    return RemoteConnGroup(db) if remote_conn_group else db
+
+
+def open_rcg(remote: S3Connection | str | None, file_path: str | os.PathLike, flag: str = "r", **kw: Any) -> Any:
+    """Open a remote connection group: ``open(..., remote_conn_group=True)``."""
+    return open(remote, file_path, flag, remote_conn_group=True, **kw)
+
+
+def check(remote: S3Connection | str, sample: int | float | None = None, seed: int | None = None) -> CheckResult:
+    """Verify a remote database without changing anything.
+
+    Checks that the manifest, its commit record, every index shard and every
+    pack it references exist and are intact, and that the values match their
+    md5 (all of them, or a random ``sample``: a count, or a fraction in (0, 1]).
+    With a writable connection it also walks the whole history and lists
+    orphans: objects no commit references (left by interrupted pushes).
+
+    Args:
+        remote: an :class:`S3Connection` or a public URL.
+        sample: ``None`` checks every value.
+        seed: seeds the sample, for repeatable checks.
+
+    Raises:
+        RemoteNotFoundError: there is no database at ``remote``.
+    """
+    conn = connection_from(remote)
+    if conn is None:
+        raise TypeError("check needs an S3Connection or a public URL.")
+    return maintenance.check_remote(conn, sample, seed)
+
+
+def break_lock(conn: S3Connection) -> dict | None:
+    """Delete the write lock of ``conn``'s database by hand; returns the broken record.
+
+    Raises:
+        ValueError: ``conn`` cannot write (a public URL).
+    """
+    if not conn.writable:
+        raise ValueError("break_lock needs a writable S3Connection (bucket, db_key, credentials).")
+    return lock.break_lock(conn)
