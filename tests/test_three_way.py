@@ -7,12 +7,134 @@ The pure function is tested by properties with no server; ``iter_changes`` and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 import ebooklet
+from ebooklet.local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
 
 T0 = 1_600_000_000_000_000
 T1 = 1_700_000_000_000_000
+
+
+class Version(NamedTuple):
+    """A remote version as the rule reads it."""
+
+    md5: bytes
+    timestamp: int
+
+
+# Few md5s and timestamps, so that sides often hold the same one.
+md5s = st.sampled_from([b"a" * 16, b"b" * 16, b"c" * 16])
+maybe_md5s = st.none() | md5s
+timestamps = st.sampled_from([T0, T1])
+edits = st.builds(Edit, maybe_md5s, maybe_md5s, st.booleans()).filter(
+    lambda e: not (e.retimed and e.md5 is None)  # a retimed edit always has a value
+)
+remotes = st.none() | st.builds(Version, md5s, timestamps)
+LOCAL_EDIT_STATES = {State.SETTLED, State.ADDED, State.MODIFIED, State.DELETED, State.CONFLICT}
+
+
+@given(edits, remotes, timestamps, st.booleans())
+def test_an_edited_key_is_in_a_local_edit_state(edit: Edit, remote: Any, ts: int, replacing: bool) -> None:
+    assert three_way(edit, remote, ts, replacing) in LOCAL_EDIT_STATES
+
+
+@given(remotes, st.none() | timestamps, st.booleans())
+def test_a_key_without_edit_only_follows_the_remote(remote: Any, ts: int | None, replacing: bool) -> None:
+    """No edit: unchanged, or a cached copy (``ts`` not None) the remote changed or deleted;
+    nothing when the copy replaces its remote or caches nothing."""
+    state = three_way(None, remote, ts, replacing)
+    if replacing or ts is None:
+        assert state is State.UNCHANGED
+    elif remote is None:
+        assert state is State.REMOTE_DELETED
+    else:
+        assert state is (State.UNCHANGED if remote.timestamp == ts else State.REMOTE_CHANGED)
+    assert three_way(None, REMOTE_UNKNOWN, ts, replacing) is State.UNCHANGED
+
+
+@given(edits, remotes, timestamps)
+def test_settled_iff_local_equals_remote(edit: Edit, remote: Any, ts: int) -> None:
+    """Settled exactly when the remote holds the local value, and, for a retimed edit,
+    also its timestamp."""
+    r = remote.md5 if remote is not None else None
+    same = edit.md5 == r and (not edit.retimed or remote.timestamp == ts)
+    assert (three_way(edit, remote, ts, False) is State.SETTLED) == same
+
+
+@given(edits, remotes, timestamps)
+def test_conflict_iff_both_sides_changed_and_differ(edit: Edit, remote: Any, ts: int) -> None:
+    """A conflict exactly when the remote moved away from the base and the local copy
+    does not hold what it moved to."""
+    state = three_way(edit, remote, ts, False)
+    r = remote.md5 if remote is not None else None
+    assert (state is State.CONFLICT) == (r != edit.base and state is not State.SETTLED)
+    if r != edit.base and not edit.retimed:
+        assert (state is State.CONFLICT) == (edit.md5 != r)
+
+
+@given(maybe_md5s, maybe_md5s, maybe_md5s, timestamps)
+def test_local_and_remote_are_symmetric(local: Any, remote: Any, base: Any, ts: int) -> None:
+    """Swapping the local value and the remote one (plain edits, each side changed from
+    the base) keeps a conflict a conflict and a settled edit settled. (A pending edit
+    back to its base still counts as a local change: set on purpose, it wins only by
+    being pushed, so it is not symmetric with a remote that never moved.)"""
+    assume(local != base and remote != base)
+
+    def state(mine: bytes | None, theirs: bytes | None) -> State:
+        version = None if theirs is None else Version(theirs, ts)
+        return three_way(Edit(mine, base), version, ts, False)
+
+    for kind in (State.CONFLICT, State.SETTLED):
+        assert (state(local, remote) is kind) == (state(remote, local) is kind)
+
+
+@given(edits, remotes, timestamps)
+def test_unconflicted_edits_are_named_by_their_local_side(edit: Edit, remote: Any, ts: int) -> None:
+    """Neither settled nor a conflict: a deletion, an addition (no remote value to
+    replace) or a modification."""
+    state = three_way(edit, remote, ts, False)
+    if state in (State.SETTLED, State.CONFLICT):
+        return
+    if edit.md5 is None:
+        assert state is State.DELETED
+    else:
+        assert state is (State.ADDED if edit.base is None else State.MODIFIED)
+
+
+@given(edits, remotes, remotes, timestamps)
+def test_a_replacing_copy_ignores_the_remote(edit: Edit, one: Any, other: Any, ts: int) -> None:
+    """A copy replacing its remote: no conflict, every value added, every deletion settled,
+    whatever the remote holds."""
+    state = three_way(edit, one, ts, True)
+    assert state is three_way(edit, other, ts, True)
+    assert state is (State.SETTLED if edit.md5 is None else State.ADDED)
+    assert remote_md5(edit, one, True) is None
+
+
+@given(edits, timestamps)
+def test_offline_the_remote_is_taken_to_be_the_base(edit: Edit, ts: int) -> None:
+    """Remote unknown: never a conflict; a plain edit is judged as if the remote still held
+    its base, a retimed one is a change to push."""
+    state = three_way(edit, REMOTE_UNKNOWN, ts, False)
+    assert state is not State.CONFLICT
+    assert remote_md5(edit, REMOTE_UNKNOWN, False) == edit.base
+    if not edit.retimed:
+        as_base = None if edit.base is None else Version(edit.base, ts)
+        assert state is three_way(edit, as_base, ts, False)
+    else:
+        assert state.listed
+
+
+@given(edits, remotes, timestamps, st.booleans())
+def test_listed_iff_push_has_work(edit: Edit, remote: Any, ts: int, replacing: bool) -> None:
+    """What iter_changes lists for an edit is exactly what push does not settle."""
+    state = three_way(edit, remote, ts, replacing)
+    assert state.listed == (state is not State.SETTLED)
+    assert state.value in {"added", "modified", "deleted", "conflict", "settled"}
 
 
 def _kinds(db: Any) -> list[str]:
