@@ -193,3 +193,103 @@ def test_retimed_edit_to_another_timestamp_is_listed_and_pushed(
         assert _kinds(db) == []
     with ebooklet.open(reader(conn), tmp_path / "r.blt", value_serializer="pickle") as r:
         assert r.get_timestamp("k") == T1
+
+
+# --------------------------------------------------------------------------- callers agree
+
+VALUES = (None, b"x", b"y", b"z")  # None: absent (remote) or deleted (local)
+
+
+def _cases() -> dict[str, tuple[bytes | None, bytes | None, bytes | None]]:
+    """key -> (base, remote, local): every plain edit of a key absent or holding x at its
+    base, while the remote keeps it, deletes it or sets another value."""
+    return {
+        f"{base}-{remote}-{local}": (base, remote, local)
+        for base in (None, b"x")
+        for remote in (None, b"x", b"y")
+        for local in VALUES
+    }
+
+
+#: key -> (timestamp the remote gets, timestamp the local copy gives): retimed edits of a
+#: value x set at T0; ``None``: the remote sets value y instead.
+RETIMED = {"retime-same": (T1, T1), "retime-other": (T1, T1 + 1), "retime-conflict": (None, T1)}
+
+
+def _expected(cases: dict) -> dict[str, State]:
+    """The rule's verdict per key, from the values themselves (equal values, equal md5s)."""
+    out = {}
+    for key, (base, remote, local) in cases.items():
+        version = None if remote is None else Version(remote, 0)
+        out[key] = three_way(Edit(local, base), version, None, False)
+    for key, (theirs, mine) in RETIMED.items():
+        version = Version(b"y", T0) if theirs is None else Version(b"x", theirs)
+        out[key] = three_way(Edit(b"x", b"x", True), version, mine, False)
+    return out
+
+
+def _make_states(conn: Any, tmp_path: Path, cases: dict) -> Path:
+    """Write the base, the local edits (second copy) and the remote changes; returns the
+    second copy's path."""
+    first, second = tmp_path / "first.blt", tmp_path / "second.blt"
+    with ebooklet.open(conn, first, "n") as db:
+        for key, (base, _, _) in cases.items():
+            if base is not None:
+                db[key] = base
+        for key in RETIMED:
+            db.set(key, b"x", timestamp=T0)
+        db.changes().push()
+    with ebooklet.open(conn, second, "w") as db:
+        for key, (_, _, local) in cases.items():
+            if local is None:
+                db[key] = b"z"  # an edit of its own, then deleted
+                del db[key]
+            else:
+                db[key] = local
+        for key, (_, mine) in RETIMED.items():
+            db.set_timestamp(key, mine)
+    with ebooklet.open(conn, first, "w") as db:
+        for key, (base, remote, _) in cases.items():
+            if remote is None and base is not None:
+                del db[key]
+            elif remote is not None and remote != base:
+                db[key] = remote
+        for key, (theirs, _) in RETIMED.items():
+            if theirs is None:
+                db.set(key, b"y", timestamp=T0)
+            else:
+                db.set_timestamp(key, theirs)
+        db.changes().push()
+    return second
+
+
+def test_iter_changes_and_push_follow_the_rule(conn: Any, reader: Any, tmp_path: Path) -> None:
+    """For every combination of base, remote and local edit: iter_changes lists the rule's
+    verdict, push refuses exactly its conflicts, and a forced push uploads, deletes and
+    settles exactly what it says; nothing is listed after."""
+    cases = _cases()
+    path = _make_states(conn, tmp_path, cases)
+    expected = _expected(cases)
+    with ebooklet.open(conn, path, "w") as db:
+        listed = {c.key: c.kind for c in db.changes().iter_changes()}
+        assert listed == {k: s.value for k, s in expected.items() if s.listed}
+        conflicts = {k for k, s in expected.items() if s is State.CONFLICT}
+        assert conflicts  # the combinations hold conflicts, and push refuses them all
+        try:
+            db.changes().push()
+        except ebooklet.ConflictError as exc:
+            assert set(exc.keys) == conflicts
+        else:
+            raise AssertionError("push did not refuse the conflicts")
+        assert {c.key: c.kind for c in db.changes().iter_changes()} == listed
+        result = db.changes().push(force=True)
+        local = {k: c[2] for k, c in cases.items()} | dict.fromkeys(RETIMED, b"x")
+        pushed = {k for k, s in expected.items() if s.listed and local[k] is not None}
+        deleted = {k for k, s in expected.items() if s.listed and local[k] is None}
+        assert (result.keys_pushed, result.keys_deleted) == (len(pushed), len(deleted))
+        assert list(db.changes().iter_changes()) == []
+    with ebooklet.open(reader(conn), tmp_path / "r.blt") as r:
+        for key, value in local.items():
+            assert r.get(key) == value, key
+        assert r.get_timestamp("retime-same") == T1
+        assert r.get_timestamp("retime-other") == T1 + 1
