@@ -204,6 +204,58 @@ def _cached_state(remote: RemoteVersion | None, local_timestamp: int | None, rep
     return State.UNCHANGED if remote.timestamp == local_timestamp else State.REMOTE_CHANGED
 
 
+def local_side(edit: Edit | None, replacing: bool) -> bool | None:
+    """Whether a read of a key is answered by the local file (``True``: its edited value),
+    by nothing (``False``: deleted, or not kept from a remote being replaced), or is the
+    remote's to answer (``None``: no edit)."""
+    if edit is None and not replacing:
+        return None
+    return edit is not None and edit.md5 is not None
+
+
+def new_base(edit: Edit | None, remote: RemoteVersion | None, replacing: bool) -> bytes | None:
+    """The base of a new edit of a key: the pending edit's base (an edit of an edit still
+    replaces the remote version the first one replaced), else the remote's md5 (``None``:
+    no remote value, or a remote being replaced; :data:`UNKNOWN_MD5` when it cannot be
+    known now, resolved at the next refresh)."""
+    if edit is not None:
+        return edit.base
+    if replacing or remote is None:
+        return None
+    return UNKNOWN_MD5 if remote is REMOTE_UNKNOWN else remote.md5
+
+
+def found_edit(
+    md5_: bytes, timestamp: int, edit: Edit | None, remote: RemoteVersion | None, whole_file: bool
+) -> tuple[bytes, bytes | None] | None:
+    """``(md5, base)`` of the pending edit that a live record of the data file, written
+    outside ebooklet's knowledge, stands for; ``None`` when it is none.
+
+    The record is the local side of :func:`three_way`: an edit settled against the remote
+    is none. A record that is no pending edit's value and not the remote's may still be a
+    cached copy: one with the remote's timestamp is (a cached copy carries it), and so is
+    an older one when the record may predate the data file's recorded state
+    (``whole_file``: a copy cached before the remote changed).
+
+    Args:
+        md5_, timestamp: the record's value md5 and timestamp.
+        edit: the key's pending edit (``None``: none); the value in the file wins over it.
+        remote: the key's version in the manifest cached values came from (``None``: not
+            there, :data:`REMOTE_UNKNOWN`: unknown offline, the base is resolved later).
+        whole_file: the record may predate the data file's recorded state.
+    """
+    if edit is not None:
+        return None if edit.md5 == md5_ else (md5_, edit.base)
+    candidate = Edit(md5_, new_base(None, remote, False))
+    if remote is REMOTE_UNKNOWN or remote is None:
+        return candidate[:2]
+    if three_way(candidate, remote, timestamp, False) is State.SETTLED:
+        return None
+    if timestamp == remote.timestamp or (whole_file and timestamp < remote.timestamp):
+        return None
+    return candidate[:2]
+
+
 class Upload(NamedTuple):
     """A value uploaded into a pack by a push that has not (yet) committed."""
 
