@@ -13,7 +13,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import ebooklet
-from ebooklet.local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
+from ebooklet.local import (
+    REMOTE_UNKNOWN,
+    UNKNOWN_MD5,
+    Edit,
+    State,
+    found_edit,
+    local_side,
+    new_base,
+    remote_md5,
+    three_way,
+)
 
 T0 = 1_600_000_000_000_000
 T1 = 1_700_000_000_000_000
@@ -135,6 +145,47 @@ def test_listed_iff_push_has_work(edit: Edit, remote: Any, ts: int, replacing: b
     state = three_way(edit, remote, ts, replacing)
     assert state.listed == (state is not State.SETTLED)
     assert state.value in {"added", "modified", "deleted", "conflict", "settled"}
+
+
+@given(st.none() | edits, st.booleans())
+def test_reads_follow_the_local_side(edit: Edit | None, replacing: bool) -> None:
+    """A read is the local file's exactly when the key has an edit or the copy replaces
+    its remote, and finds a value only for an edit that holds one."""
+    side = local_side(edit, replacing)
+    assert (side is None) == (edit is None and not replacing)
+    assert bool(side) == (edit is not None and edit.md5 is not None)
+
+
+@given(st.none() | edits, remotes | st.just(REMOTE_UNKNOWN), st.booleans())
+def test_a_new_edit_keeps_the_first_base(edit: Edit | None, remote: Any, replacing: bool) -> None:
+    """An edit of an edited key keeps the base of the first; otherwise the base is what
+    the remote holds as far as known, nothing for a copy that replaces it."""
+    base = new_base(edit, remote, replacing)
+    if edit is not None:
+        assert base == edit.base
+    elif replacing or remote is None:
+        assert base is None
+    else:
+        assert base == (UNKNOWN_MD5 if remote is REMOTE_UNKNOWN else remote.md5)
+
+
+@given(md5s, timestamps, st.none() | edits, remotes, st.booleans())
+def test_recovery_finds_what_differs(
+    md5: bytes, ts: int, edit: Edit | None, remote: Any, whole_file: bool
+) -> None:
+    """A record written outside ebooklet is no edit when it holds the pending edit's value,
+    or (no edit) the remote's value or timestamp; what it finds is an edit the rule would
+    not settle against that remote."""
+    found = found_edit(md5, ts, edit, remote, whole_file)
+    if edit is not None:
+        assert found == (None if edit.md5 == md5 else (md5, edit.base))
+        return
+    if remote is not None and (md5 == remote.md5 or ts == remote.timestamp):
+        assert found is None
+    if found is not None:
+        assert found == (md5, remote and remote.md5)
+        assert three_way(Edit(*found), remote, ts, False) is not State.SETTLED
+    assert found_edit(md5, ts, None, REMOTE_UNKNOWN, whole_file) == (md5, UNKNOWN_MD5)
 
 
 def _kinds(db: Any) -> list[str]:
