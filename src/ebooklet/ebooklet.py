@@ -553,7 +553,7 @@ class EBooklet(MutableMapping):
         if unknown and self._local_writable:  # else resolved by the next writable open
             entries = self._remote.entries(unknown, old_manifest)
             self._note_edits(
-                [(k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()]
+                [(k, self._log.edits[k].md5, new_base(None, e, False)) for k, e in entries.items()]
             )
         if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
             self.offline = False
