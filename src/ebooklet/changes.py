@@ -1,7 +1,7 @@
 """`Changes`: what differs between a local copy and its remote, and moving it.
 
-Three-way state per key (md5s): *local changed* = local ≠ base, *remote
-changed* = remote ≠ base, both = *conflict* (unless both sides hold the same).
+What differs is decided per key by the three-way rule, :func:`.local.three_way`:
+``iter_changes`` lists its verdicts and ``push`` plans from them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .errors import (
     RemoteNotFoundError,
 )
 from .format import Entry
+from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
 from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 
 if TYPE_CHECKING:
@@ -193,36 +194,27 @@ class Changes:
         except OfflineError:
             online = False
         edits = dict(db._log.edits)
-        remote = self._remote_entries(edits) if online else {kb: None for kb in edits}
+        remote = self._remote_entries(edits) if online else dict.fromkeys(edits, REMOTE_UNKNOWN)
+        replacing = db._log.replace
         for kb, edit in edits.items():
             entry = remote[kb]
-            r = entry.md5 if entry is not None else (edit.base if not online else None)
-            if edit.md5 == r and not edit.retimed:
-                continue
-            if online and r != edit.base and not db._log.replace:
-                kind = "conflict"
-            elif edit.md5 is None:
-                kind = "deleted"
-            elif edit.base is None or db._log.replace:
-                kind = "added" if r is None else "modified"
-            else:
-                kind = "modified"
-            yield Change(kind, db._decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
-        if online and not db._log.replace:
-            for kb, kind, entry in self._stale_cache():
-                yield Change(kind, db._decode_key(kb), None, _hex(entry.md5) if entry else None, None)
+            state = three_way(edit, entry, self._edit_ts(kb, edit), replacing)
+            if state.listed:
+                r = remote_md5(edit, entry, replacing)
+                yield Change(state.value, db._decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
+        if online and not replacing:
+            for kb, state, entry in self._stale_cache():
+                yield Change(state.value, db._decode_key(kb), None, _hex(entry and entry.md5), None)
 
-    def _stale_cache(self) -> Iterator[tuple[bytes, str, Entry | None]]:
+    def _stale_cache(self) -> Iterator[tuple[bytes, State, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
         db = self._db
         cached = [(kb, ts) for kb, ts in db._scan(include_value=False) if kb not in db._log.edits]
         remote = db._remote.entries(kb for kb, _ in cached)
         for kb, ts in cached:
-            entry = remote[kb]
-            if entry is None:
-                yield kb, "remote_deleted", None
-            elif entry.timestamp != ts:
-                yield kb, "remote_changed", entry
+            state = three_way(None, remote[kb], ts, db._log.replace)
+            if state.listed:
+                yield kb, state, remote[kb]
 
     # ------------------------------------------------------------ pull & discard
 
@@ -244,13 +236,13 @@ class Changes:
         if db._log.replace:
             return 0
         stale = list(self._stale_cache())
-        gone = [kb for kb, kind, _ in stale if kind == "remote_deleted"]
+        gone = [kb for kb, state, _ in stale if state is State.REMOTE_DELETED]
         with db._rlock:
             for kb in gone:
                 key = db._decode_key(kb)
                 if key in db._data:
                     del db._data[key]
-        changed = [db._decode_key(kb) for kb, kind, _ in stale if kind == "remote_changed"]
+        changed = [db._decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
         return db.load_items(changed) if changed else 0
 
     def discard(self, keys: Iterable[Any] | None = None) -> int:
@@ -364,11 +356,10 @@ class Changes:
         settled, conflicts = [], []
         for kb, edit in edits.items():
             entry = remote[kb]
-            r = entry.md5 if entry is not None else None
-            if edit.md5 == r and not (edit.retimed and entry.timestamp != self._local_ts(kb)):
+            state = three_way(edit, entry, self._edit_ts(kb, edit), db._log.replace)
+            if state is State.SETTLED:
                 settled.append((kb, entry))
-                continue
-            if r != edit.base and not force and not db._log.replace:
+            elif state is State.CONFLICT and not force:
                 conflicts.append(kb)
             elif edit.md5 is None:
                 deletes.add(kb)
@@ -378,7 +369,11 @@ class Changes:
             raise ConflictError([db._decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
 
-    def _local_ts(self, kb: bytes) -> int | None:
+    def _edit_ts(self, kb: bytes, edit: Edit) -> int | None:
+        """The local timestamp the three-way rule needs for ``edit``: a retimed edit's
+        (``None`` for any other edit, which the rule compares by md5 alone)."""
+        if not edit.retimed:
+            return None
         return self._db._data.get_timestamp(self._db._decode_key(kb))
 
     def _settle(self, settled: list[tuple[bytes, Entry | None]]) -> None:

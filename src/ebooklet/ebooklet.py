@@ -32,7 +32,17 @@ from .errors import (
     SerializationError,
 )
 from .format import Entry
-from .local import UNKNOWN_MD5, ChangeLog, Edit, IndexMirror, LocalMeta, local_paths
+from .local import (
+    UNKNOWN_MD5,
+    ChangeLog,
+    IndexMirror,
+    LocalMeta,
+    found_edit,
+    local_paths,
+    local_side,
+    new_base,
+    remote_md5,
+)
 from .lock import RemoteLock
 from .remote import MISSING_SHARD, RemoteIndex
 
@@ -241,7 +251,7 @@ class EBooklet(MutableMapping):
         entries = self._reference_entries([kb for kb, _, _ in records if kb not in edits], cached_from)
         found = []
         for kb, ts, md5_ in records:
-            edit = _found_edit(md5_, ts, edits.get(kb), entries.get(kb), whole_file=start == 0)
+            edit = found_edit(md5_, ts, edits.get(kb), entries.get(kb), whole_file=start == 0)
             if edit is not None:
                 found.append((kb, *edit))
         self._note_edits(found)
@@ -543,7 +553,7 @@ class EBooklet(MutableMapping):
         if unknown and self._local_writable:  # else resolved by the next writable open
             entries = self._remote.entries(unknown, old_manifest)
             self._note_edits(
-                [(k, self._log.edits[k].md5, e.md5 if e else None) for k, e in entries.items()]
+                [(k, self._log.edits[k].md5, new_base(None, e, False)) for k, e in entries.items()]
             )
         if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
             self.offline = False
@@ -735,11 +745,8 @@ class EBooklet(MutableMapping):
     def _local_only(self, kb: bytes) -> bool | None:
         """Whether the value of ``kb`` is the local file's (``True``: a local edit), is
         gone (``False``: deleted, or not kept from a remote being replaced), or is the
-        remote's to say (``None``)."""
-        edit = self._log.edits.get(kb)
-        if edit is None and not self._log.replace:
-            return None
-        return edit is not None and edit.md5 is not None
+        remote's to say (``None``): :func:`.local.local_side`."""
+        return local_side(self._log.edits.get(kb), self._log.replace)
 
     def _raw(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key, fetching it if needed."""
@@ -887,30 +894,31 @@ class EBooklet(MutableMapping):
     def __contains__(self, key: Any) -> bool:
         self._check_open()
         kb = self._key(key)
-        edit = self._log.edits.get(kb)
-        if edit is not None:
-            return edit.md5 is not None
+        local = self._local_only(kb)
+        if local is not None:
+            return local
         entry = self._remote_entry(kb)
         if entry is MISSING_SHARD:
             return key in self._data
         return entry is not None
 
     def _edits_in_remote(self) -> dict[bytes, bool]:
-        """For every edited key, whether the remote head has it."""
+        """For every edited key, whether the remote head has it (as far as known:
+        :func:`.local.remote_md5`)."""
         edits = dict(self._log.edits)
         if self._log.replace or not self._remote.exists:
             return dict.fromkeys(edits, False)
+        entries = self._known_entries(edits)
+        return {kb: remote_md5(edit, entries[kb], False) is not None for kb, edit in edits.items()}
+
+    def _known_entries(self, kbs: Iterable[bytes]) -> dict[bytes, Any]:
+        """The head's entries of ``kbs``, fetched when online; offline, from local shards
+        (:data:`MISSING_SHARD` where the shard is not local)."""
+        kbs = list(kbs)
         if not self.offline:
-            try:
-                entries = self._remote.entries(edits)
-                return {k: e is not None for k, e in entries.items()}
-            except OfflineError:
-                pass
-        out = {}
-        for kb, edit in edits.items():
-            entry = self._remote.entry(kb, fetch=False)
-            out[kb] = edit.base is not None if entry is MISSING_SHARD else entry is not None
-        return out
+            with contextlib.suppress(OfflineError):
+                return self._remote.entries(kbs)
+        return {kb: self._remote.entry(kb, fetch=False) for kb in kbs}
 
     def __len__(self) -> int:
         self._check_open()
@@ -1152,16 +1160,12 @@ class EBooklet(MutableMapping):
     # ------------------------------------------------------------ the write path
 
     def _base(self, kb: bytes) -> bytes | None:
-        """The remote md5 a new edit of ``kb`` replaces (no request is made)."""
+        """The remote md5 a new edit of ``kb`` replaces (no request is made):
+        :func:`.local.new_base`."""
         edit = self._log.edits.get(kb)
-        if edit is not None:
-            return edit.base
-        if self._log.replace:
-            return None
-        entry = self._remote.entry(kb, fetch=False)
-        if entry is MISSING_SHARD:
-            return UNKNOWN_MD5
-        return entry.md5 if entry is not None else None
+        replacing = self._log.replace
+        remote = self._remote.entry(kb, fetch=False) if edit is None and not replacing else None
+        return new_base(edit, remote, replacing)
 
     def set(self, key: Any, value: Any, timestamp: int | str | datetime | None = None) -> None:
         """Set ``key`` to ``value`` locally, with an optional timestamp (µs, ISO str or datetime)."""
@@ -1624,32 +1628,6 @@ def _timestamp(timestamp: Any) -> int | None:
 
 #: booklet keeps timestamps in 7 bytes.
 TIMESTAMP_END = 1 << 56
-
-
-def _found_edit(
-    md5_: bytes, timestamp: int, edit: Edit | None, entry: Any, whole_file: bool
-) -> tuple[bytes, bytes | None] | None:
-    """``(md5, base)`` of the pending edit that a live record of the data file, written
-    outside ebooklet's knowledge, stands for; ``None`` when it is none.
-
-    Args:
-        md5_, timestamp: the record's value md5 and timestamp.
-        edit: the key's pending edit (``None``: none); the value in the file wins over it.
-        entry: the key's entry in the manifest cached values came from (``None``: not
-            there, :data:`MISSING_SHARD`: unknown offline, the base is resolved later).
-        whole_file: the record may predate the data file's recorded state: a copy cached
-            before the head changed is older than the entry (it is no edit).
-    """
-    if edit is not None:
-        return None if edit.md5 == md5_ else (md5_, edit.base)
-    if entry is MISSING_SHARD:
-        return md5_, UNKNOWN_MD5
-    if entry is None:
-        return md5_, None
-    cached = md5_ == entry.md5 or timestamp == entry.timestamp
-    if cached or (whole_file and timestamp < entry.timestamp):
-        return None
-    return md5_, entry.md5
 
 
 def _stat_changed(path: Path, recorded: dict | None) -> bool:

@@ -30,8 +30,9 @@ import warnings
 import zlib
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import booklet
 import orjson
@@ -72,6 +73,187 @@ class Edit(NamedTuple):
     md5: bytes | None
     base: bytes | None
     retimed: bool = False
+
+
+class RemoteVersion(Protocol):
+    """What the three-way rule reads of a remote index entry (:class:`format.Entry` is one)."""
+
+    @property
+    def md5(self) -> bytes: ...
+
+    @property
+    def timestamp(self) -> int: ...
+
+
+class _RemoteUnknown:
+    """The type of :data:`REMOTE_UNKNOWN`."""
+
+    def __repr__(self) -> str:
+        return "REMOTE_UNKNOWN"
+
+
+REMOTE_UNKNOWN: Any = _RemoteUnknown()
+"""The remote version of a key cannot be known now (offline, its shard not local)."""
+
+
+class State(str, Enum):
+    """How one key stands between the local copy, its remote and the edit's base.
+
+    The values ``added`` to ``remote_deleted`` are the kinds of :class:`Change`.
+    """
+
+    UNCHANGED = "unchanged"  # nothing to do or to show
+    SETTLED = "settled"  # a local edit that already equals the remote: forget it
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+    CONFLICT = "conflict"  # both sides changed since the base, to different values
+    REMOTE_CHANGED = "remote_changed"  # a cached value the remote replaced
+    REMOTE_DELETED = "remote_deleted"  # a cached value the remote deleted
+
+    @property
+    def listed(self) -> bool:
+        """Whether ``iter_changes`` reports a key in this state."""
+        return self not in (State.UNCHANGED, State.SETTLED)
+
+
+def remote_md5(edit: Edit, remote: RemoteVersion | None, replacing: bool) -> bytes | None:
+    """The md5 the remote holds for an edited key as far as known (``None``: no value).
+
+    A copy ``replacing`` its remote ignores what the remote holds; a remote version
+    unknown now (:data:`REMOTE_UNKNOWN`) is taken to be the edit's base: no remote
+    change is known, so none is assumed.
+    """
+    if replacing:
+        return None
+    if remote is REMOTE_UNKNOWN:
+        return edit.base
+    return remote.md5 if remote is not None else None
+
+
+# Why one function decides this, and why it decides the way it does.
+#
+# The state of a key is read by several callers: iter_changes() lists it, push() plans
+# from it (upload, delete, forget, or refuse), len() counts from its remote side. When each
+# computed it on its own, two of them disagreed: an edit that only changed a timestamp
+# and already matched the remote was listed as "modified" and then settled silently by
+# push. So the rule lives here, pure (no I/O: callers pass what they looked up), and the
+# callers only act on its verdict.
+#
+# The comparisons are of md5s, not values: the journal keeps the md5 of the local value
+# and of the remote version the edit replaced (its base), the remote index keeps the
+# remote's. Local and remote holding the same md5 is "settled" whatever the base: there
+# is nothing to push, and nothing to lose by forgetting the edit (the local copy takes
+# the remote's timestamp). A timestamp counts only for an edit whose point was the
+# timestamp (``set_timestamp``, a "retimed" edit): it is settled only when the remote
+# holds the same value AND the same timestamp, else it is a modification to push. We
+# could have treated every edit so, but a plain set() that happens to write the remote's
+# value would then push a new timestamp nobody asked for.
+#
+# Otherwise the remote having moved away from the base is a conflict: both sides
+# changed, to different values. A copy replacing its remote (flag 'n', clear()) has
+# no remote to conflict with: every value it holds is added. An unknown remote version
+# (offline) is taken to be the base: offline, nothing is a conflict or settled by
+# the remote's timestamp, and a change is listed by its local side only.
+#
+# Keys without an edit have no base: a cached copy whose timestamp differs from the
+# remote's is out of date (the remote changed), one the remote no longer holds was
+# deleted there. Timestamps, not md5s, because the data file does not keep md5s of
+# cached values, and a cached copy always carries the remote's timestamp.
+def three_way(
+    edit: Edit | None,
+    remote: RemoteVersion | None,
+    local_timestamp: int | None,
+    replacing: bool,
+) -> State:
+    """The state of one key (see the comment above for why).
+
+    Args:
+        edit: the key's pending local edit, ``None`` when it has none.
+        remote: the remote's version of the key (``md5``, ``timestamp``), ``None`` when the
+            remote does not hold it, :data:`REMOTE_UNKNOWN` when that cannot be known now.
+        local_timestamp: the timestamp of the local value; needed for a retimed edit and
+            for a key with no edit (``None``: not cached), ignored otherwise.
+        replacing: the copy replaces its remote at the next push.
+    """
+    if edit is None:
+        return _cached_state(remote, local_timestamp, replacing)
+    r = remote_md5(edit, remote, replacing)
+    if edit.md5 == r and (not edit.retimed or _same_time(remote, local_timestamp, replacing)):
+        return State.SETTLED
+    if r != edit.base and not replacing:
+        return State.CONFLICT
+    if edit.md5 is None:
+        return State.DELETED
+    return State.ADDED if r is None else State.MODIFIED
+
+
+def _same_time(remote: RemoteVersion | None, local_timestamp: int | None, replacing: bool) -> bool:
+    """Whether the remote's version is known and carries ``local_timestamp``."""
+    if replacing or remote is None or remote is REMOTE_UNKNOWN:
+        return False
+    return remote.timestamp == local_timestamp
+
+
+def _cached_state(remote: RemoteVersion | None, local_timestamp: int | None, replacing: bool) -> State:
+    """The state of a key with no local edit: a cached copy the remote changed or deleted."""
+    if replacing or local_timestamp is None or remote is REMOTE_UNKNOWN:
+        return State.UNCHANGED
+    if remote is None:
+        return State.REMOTE_DELETED
+    return State.UNCHANGED if remote.timestamp == local_timestamp else State.REMOTE_CHANGED
+
+
+def local_side(edit: Edit | None, replacing: bool) -> bool | None:
+    """Whether a read of a key is answered by the local file (``True``: its edited value),
+    by nothing (``False``: deleted, or not kept from a remote being replaced), or is the
+    remote's to answer (``None``: no edit)."""
+    if edit is None and not replacing:
+        return None
+    return edit is not None and edit.md5 is not None
+
+
+def new_base(edit: Edit | None, remote: RemoteVersion | None, replacing: bool) -> bytes | None:
+    """The base of a new edit of a key: the pending edit's base (an edit of an edit still
+    replaces the remote version the first one replaced), else the remote's md5 (``None``:
+    no remote value, or a remote being replaced; :data:`UNKNOWN_MD5` when it cannot be
+    known now, resolved at the next refresh)."""
+    if edit is not None:
+        return edit.base
+    if replacing or remote is None:
+        return None
+    return UNKNOWN_MD5 if remote is REMOTE_UNKNOWN else remote.md5
+
+
+def found_edit(
+    md5_: bytes, timestamp: int, edit: Edit | None, remote: RemoteVersion | None, whole_file: bool
+) -> tuple[bytes, bytes | None] | None:
+    """``(md5, base)`` of the pending edit that a live record of the data file, written
+    outside ebooklet's knowledge, stands for; ``None`` when it is none.
+
+    The record is the local side of :func:`three_way`: an edit settled against the remote
+    is none. A record that is no pending edit's value and not the remote's may still be a
+    cached copy: one with the remote's timestamp is (a cached copy carries it), and so is
+    an older one when the record may predate the data file's recorded state
+    (``whole_file``: a copy cached before the remote changed).
+
+    Args:
+        md5_, timestamp: the record's value md5 and timestamp.
+        edit: the key's pending edit (``None``: none); the value in the file wins over it.
+        remote: the key's version in the manifest cached values came from (``None``: not
+            there, :data:`REMOTE_UNKNOWN`: unknown offline, the base is resolved later).
+        whole_file: the record may predate the data file's recorded state.
+    """
+    if edit is not None:
+        return None if edit.md5 == md5_ else (md5_, edit.base)
+    candidate = Edit(md5_, new_base(None, remote, False))
+    if remote is REMOTE_UNKNOWN or remote is None:
+        return candidate[:2]
+    if three_way(candidate, remote, timestamp, False) is State.SETTLED:
+        return None
+    if timestamp == remote.timestamp or (whole_file and timestamp < remote.timestamp):
+        return None
+    return candidate[:2]
 
 
 class Upload(NamedTuple):

@@ -27,6 +27,7 @@ from .errors import (
     RemoteNotFoundError,
 )
 from .format import Entry
+from .local import REMOTE_UNKNOWN
 
 PACK_SIZE = 4 << 20
 """Small values are grouped into packs of about this many bytes. Kept small enough
@@ -468,13 +469,9 @@ def _shard_names(manifest: dict | None) -> set[str]:
     return {name for _, name in fmt.iter_shard_names(manifest)} if manifest else set()
 
 
-class _MissingShard:
-    def __repr__(self) -> str:
-        return "MISSING_SHARD"
-
-
-MISSING_SHARD: Any = _MissingShard()
-"""Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local."""
+MISSING_SHARD: Any = REMOTE_UNKNOWN
+"""Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local:
+the remote version is unknown to the three-way rule (:func:`.local.three_way`)."""
 
 
 class PackUpload(NamedTuple):
