@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import booklet
-import orjson
 import pytest
 
 import ebooklet
 from ebooklet import IntegrityError, UntrustedEndpointError
 from ebooklet import format as fmt
 from ebooklet.errors import CacheDamagedError, ShardLimitError
+from test_hostile_remote import Bucket
 
 RSS_BOUND = 400 << 20
 """Peak resident memory of a child reading one key through the largest index shard a
@@ -43,29 +43,13 @@ RECORD = struct.Struct("<16sq16sQQII")
 HEADER = struct.Struct("<8sI")
 
 
-class Remote:
-    """The test's database in the bucket: its objects, read and replaced with boto3."""
-
-    def __init__(self, client: Any, bucket: str, db_key: str):
-        self.client, self.bucket, self.db_key = client, bucket, db_key
-
-    def get(self, suffix: str = "") -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self.db_key + suffix)["Body"].read()
-
-    def put(self, suffix: str, body: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.db_key + suffix, Body=body)
-
-    def shard_name(self) -> str:
-        return fmt.shard_name(orjson.loads(self.get())["shards"][0], 0)
-
-
 @pytest.fixture
-def remote(conn: Any, boto3_client: Any, s3_server: Any, db_key: str, tmp_path: Path) -> Remote:
+def remote(conn: Any, boto3_client: Any, s3_server: Any, db_key: str, tmp_path: Path) -> Bucket:
     """:data:`BASE` pushed to this test's db_key (one index shard)."""
     with ebooklet.open(conn, tmp_path / "origin.blt", "n", value_serializer="str") as db:
         db.update(BASE)
         db.changes().push()
-    return Remote(boto3_client, s3_server.bucket, db_key)
+    return Bucket(boto3_client, s3_server.bucket, db_key)
 
 
 def raw_shard(entry: fmt.Entry, keys: list[tuple[int, int]], blob: bytes) -> bytes:
@@ -86,7 +70,7 @@ def contiguous(keys: list[bytes]) -> tuple[list[tuple[int, int]], bytes]:
     return spans, b"".join(keys)
 
 
-def replace_shard(remote: Remote, make: Callable[[fmt.Entry], bytes]) -> None:
+def replace_shard(remote: Bucket, make: Callable[[fmt.Entry], bytes]) -> None:
     """Replace the database's shard by ``make(entry of key "a")``."""
     name = remote.shard_name()
     entry = fmt.decode_shard(remote.get(name))[b"a"]
@@ -101,7 +85,7 @@ def read_a(url: str, path: Path) -> Any:
 # --------------------------------------------------------------------------- index shard caps
 
 
-def test_shard_over_the_record_cap_is_refused(remote: Remote, public_url: str, tmp_path: Path) -> None:
+def test_shard_over_the_record_cap_is_refused(remote: Bucket, public_url: str, tmp_path: Path) -> None:
     """A shard may claim at most 65,536 records (four times what writers put in one):
     a reader used to accept 3.9 M records (2 GiB of RSS for one ``db[k]``)."""
     keys = [b"a"] + [b"k%08d" % i for i in range(fmt.MAX_SHARD_RECORDS)]
@@ -110,7 +94,7 @@ def test_shard_over_the_record_cap_is_refused(remote: Remote, public_url: str, t
         read_a(public_url, tmp_path / "copy.blt")
 
 
-def test_shard_with_the_most_records_is_read(remote: Remote, public_url: str, tmp_path: Path) -> None:
+def test_shard_with_the_most_records_is_read(remote: Bucket, public_url: str, tmp_path: Path) -> None:
     """The cap refuses nothing a writer could make: a shard of exactly 65,536 records reads."""
     keys = [b"a"] + [b"k%08d" % i for i in range(fmt.MAX_SHARD_RECORDS - 1)]
     replace_shard(remote, lambda e: raw_shard(e, *contiguous(keys)))
@@ -123,7 +107,7 @@ def test_shard_with_the_most_records_is_read(remote: Remote, public_url: str, tm
     ids=["overlapping", "gap", "backwards"],
 )
 def test_shard_keys_must_follow_each_other(
-    spans: list[tuple[int, int]], remote: Remote, public_url: str, tmp_path: Path
+    spans: list[tuple[int, int]], remote: Bucket, public_url: str, tmp_path: Path
 ) -> None:
     """Keys lie one after the other in the key blob: records that share key bytes would
     each copy a slice of up to 64 KiB (65,536 of them: 4 GiB from a 68 MiB shard)."""
@@ -167,7 +151,7 @@ def overlapping(entry: fmt.Entry) -> bytes:
     ids=["largest-accepted", "overlapping-1M"],
 )
 def test_one_read_through_a_large_shard_bounds_memory(
-    make: Callable[[fmt.Entry], bytes], expected: str, remote: Remote, public_url: str,
+    make: Callable[[fmt.Entry], bytes], expected: str, remote: Bucket, public_url: str,
     tmp_path: Path,
 ) -> None:
     """One ``db[k]`` by public URL, in a fresh process, peaks under :data:`RSS_BOUND`: through
@@ -215,7 +199,7 @@ def damage_mirror_shard(path: Path) -> None:
         b[name] = bytes(raw)
 
 
-def test_damaged_cached_shard_is_fetched_again(remote: Remote, reader: Any, tmp_path: Path) -> None:
+def test_damaged_cached_shard_is_fetched_again(remote: Bucket, reader: Any, tmp_path: Path) -> None:
     """A shard damaged in the local mirror made every read say the remote was damaged,
     and was never fetched again. Now it is replaced by a fresh copy, with a warning."""
     path = tmp_path / "copy.blt"
@@ -232,7 +216,7 @@ def test_damaged_cached_shard_is_fetched_again(remote: Remote, reader: Any, tmp_
             assert db["b"] == "bravo"
 
 
-def test_damaged_cached_shard_offline_blames_the_cache(remote: Remote, public_url: str, tmp_path: Path) -> None:
+def test_damaged_cached_shard_offline_blames_the_cache(remote: Bucket, public_url: str, tmp_path: Path) -> None:
     """Offline, the damaged shard cannot be replaced: a typed ``CacheDamagedError`` names
     the local file and says the remote is not at fault (no ``ebooklet.check()`` advice)."""
     path = tmp_path / "copy.blt"
