@@ -65,14 +65,14 @@ class MemoryMirror:
     """A mirror (see ``remote.Mirror``) kept in memory: for one-off remotes (copy targets, checks)."""
 
     def __init__(self) -> None:
-        self._manifests: dict[str, tuple[dict | None, str | None]] = {}
+        self._manifest: tuple[dict | None, str | None] = (None, None)
         self._shards: dict[str, bytes] = {}
 
-    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
-        return self._manifests.get(which, (None, None))
+    def get_manifest(self) -> tuple[dict | None, str | None]:
+        return self._manifest
 
-    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
-        self._manifests[which] = (manifest, etag)
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
+        self._manifest = (manifest, etag)
 
     def get_shard(self, name: str) -> bytes | None:
         return self._shards.get(name)
@@ -94,7 +94,7 @@ class PinnedMirror(MemoryMirror):
 
     def __init__(self, manifest: dict, base: Any):
         super().__init__()
-        self._manifests["head"] = (manifest, None)
+        self._manifest = (manifest, None)
         self._base = base
 
     def get_shard(self, name: str) -> bytes | None:
