@@ -624,3 +624,15 @@ def test_unreachable_endpoint_without_local_copy_is_an_offline_error(
     assert isinstance(info.value, ConnectionError)
     assert not isinstance(info.value, RemoteNotFoundError)
     assert not (tmp_path / "db").exists()
+
+
+# --------------------------------------------------------------------------- commit retries
+
+
+def test_a_push_that_gives_up_is_a_conflict_error_without_keys() -> None:
+    """Code written for ``except ConflictError`` still catches a push that lost every
+    commit try; the error names no key and says what to do."""
+    with pytest.raises(ebooklet.ConflictError) as info:
+        raise ebooklet.CommitRetryError(8)
+    assert info.value.keys == [] and info.value.attempts == 8
+    assert "8 tries" in str(info.value) and "push again" in str(info.value)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import format as fmt
 from ._booklet_io import n_buckets
 from .errors import (
+    CommitRetryError,
     ConflictError,
     OfflineError,
     PreconditionFailed,
@@ -289,6 +290,8 @@ class Changes:
 
         Raises:
             ConflictError: keys changed on both sides (nothing is committed).
+            CommitRetryError: another writer won every commit try (a ``ConflictError``
+                with no keys; nothing is committed, the edits stay pending).
             LockedError: another writer holds the lock.
             OfflineError: the remote cannot be reached (edits stay pending).
             ValueError: ``keys`` given while the copy replaces a remote that holds keys
@@ -325,7 +328,7 @@ class Changes:
                 self._after_commit(plan, metadata)
                 break
             else:
-                raise ConflictError([], "Gave up after repeated concurrent commits; push again.")
+                raise CommitRetryError(MAX_COMMIT_ATTEMPTS)
         result.requests = Counter(conn.request_counts) - before
         return result
 
