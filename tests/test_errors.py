@@ -284,7 +284,7 @@ def test_bad_key_length_or_timestamp_writes_nothing(
 
 
 def test_a_value_too_long_for_the_local_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ebooklet.ebooklet, "VALUE_MAX", 100)  # 4 GiB - 1 byte in truth
+    monkeypatch.setattr(ebooklet.format, "VALUE_MAX", 100)  # 4 GiB - 1 byte in truth
     with ebooklet.open(None, tmp_path / "db", "n", value_serializer="bytes") as db:
         with pytest.raises(ValueError, match="Split it"):
             db["big"] = b"x" * 101

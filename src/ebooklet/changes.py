@@ -27,7 +27,7 @@ from .errors import (
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
-from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
+from .remote import LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -531,7 +531,7 @@ class Changes:
         remote = db._remote
         old_n = head["n_shards"] if head else 1
         old_keys = head["n_keys"] if head else 0
-        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), KEYS_PER_SHARD))
+        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), fmt.KEYS_PER_SHARD))
         if head is not None and n_shards == old_n:
             shards = list(head["shards"])
             touched = {fmt.shard_of(kb, n_shards) for kb in [*new_entries, *deletes]}

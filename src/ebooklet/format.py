@@ -41,8 +41,8 @@ _PACK_TRAILER = struct.Struct("<Q8s")  # footer length, magic
 MAX_MANIFEST_BYTES = 16 << 20
 """Largest manifest (or commit record) body a reader downloads."""
 KEYS_PER_SHARD = 1 << 14
-"""Writers keep about this many keys per index shard (16,384; ``remote.KEYS_PER_SHARD``):
-the shard count is the smallest power of two that keeps the average at or below it, and
+"""Writers keep about this many keys per index shard (16,384; read as
+``format.KEYS_PER_SHARD`` at each push, so that a test may change it): the shard count is the smallest power of two that keeps the average at or below it, and
 keys are spread by hash, so a shard holds a little more than the average at most."""
 MAX_SHARD_RECORDS = 4 * KEYS_PER_SHARD
 """Most records a reader accepts in one index shard (65,536): four times what writers

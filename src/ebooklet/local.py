@@ -39,7 +39,7 @@ import orjson
 
 from ._booklet_io import DATA_STATE_FIELDS
 from .errors import FormatVersionError, IntegrityError
-from .format import NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
+from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
 
 LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16
@@ -51,7 +51,6 @@ _RECORD_V1 = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
 _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 bytes
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
-_KEY_MAX = (1 << 16) - 1  # booklet keeps a key's length in 2 bytes
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET, CLOSED = (
@@ -343,7 +342,7 @@ def _parse_records_v1(data: bytes, pos: int) -> tuple[list[tuple], int]:
 def _check_record(pos: int, kind: bytes, key_len: int) -> None:
     """Refuse a record kind this version does not know, or a key length its kind cannot have."""
     if kind in _KEY_KINDS:
-        if key_len > _KEY_MAX:
+        if key_len > KEY_MAX:
             raise _Damaged(pos, f"a record claims a key of {key_len:,} bytes")
     elif kind in _EMPTY_KINDS:
         if key_len:

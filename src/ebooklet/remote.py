@@ -44,9 +44,6 @@ RANGE_GAP = 256 << 10
 """Neighbouring values of one pack closer than this are fetched in one GET."""
 RANGE_MAX = 16 << 20
 """A coalesced range GET is cut at about this many bytes."""
-KEYS_PER_SHARD = fmt.KEYS_PER_SHARD
-"""Index shards hold about this many keys on average (readers accept four times as many,
-``format.MAX_SHARD_RECORDS``); their count is a power of two."""
 SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
 
