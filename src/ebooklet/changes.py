@@ -395,15 +395,8 @@ class Changes:
         new_entries, uploaded = self._upload_values(plan.sets, head)
         commit_id = fmt.new_commit_id()
         shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
-        base = remote.manifest
-        manifest = {
-            "format": fmt.FORMAT_NAME,
-            "version": fmt.FORMAT_VERSION,
+        content = {
             "uuid": db.uuid,
-            "seq": (base["seq"] + 1) if base else 1,
-            "commit_id": commit_id,
-            "parent": {"seq": base["seq"], "commit_id": base["commit_id"]} if base else None,
-            "timestamp": int(time.time() * 1_000_000),
             "key_serializer": db._ks_name,
             "value_serializer": db._vs_name,
             "n_buckets": n_buckets(db._data),
@@ -415,6 +408,7 @@ class Changes:
             "message": message,
             "changed_keys": len(plan.sets) + len(plan.deletes),
         }
+        manifest = fmt.build_manifest(content, remote.manifest, commit_id=commit_id)
         result.bytes_uploaded += uploaded  # counted even if this attempt loses the race
         remote.commit(manifest, remote.etag)
         result.keys_pushed = len(plan.sets)
