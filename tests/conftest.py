@@ -436,7 +436,7 @@ def fresh_server() -> Iterator[S3Target]:
 def small_shards(monkeypatch: pytest.MonkeyPatch) -> int:
     """Index shards of 1,024 keys for this test, so that a few thousand keys make
     several shards (the default keeps 16,384 keys per shard)."""
-    import ebooklet.changes
+    import ebooklet.format
 
-    monkeypatch.setattr(ebooklet.changes, "KEYS_PER_SHARD", 1024)
+    monkeypatch.setattr(ebooklet.format, "KEYS_PER_SHARD", 1024)
     return 1024

@@ -284,7 +284,7 @@ def test_bad_key_length_or_timestamp_writes_nothing(
 
 
 def test_a_value_too_long_for_the_local_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ebooklet.ebooklet, "VALUE_MAX", 100)  # 4 GiB - 1 byte in truth
+    monkeypatch.setattr(ebooklet.format, "VALUE_MAX", 100)  # 4 GiB - 1 byte in truth
     with ebooklet.open(None, tmp_path / "db", "n", value_serializer="bytes") as db:
         with pytest.raises(ValueError, match="Split it"):
             db["big"] = b"x" * 101
@@ -624,3 +624,15 @@ def test_unreachable_endpoint_without_local_copy_is_an_offline_error(
     assert isinstance(info.value, ConnectionError)
     assert not isinstance(info.value, RemoteNotFoundError)
     assert not (tmp_path / "db").exists()
+
+
+# --------------------------------------------------------------------------- commit retries
+
+
+def test_a_push_that_gives_up_is_a_conflict_error_without_keys() -> None:
+    """Code written for ``except ConflictError`` still catches a push that lost every
+    commit try; the error names no key and says what to do."""
+    with pytest.raises(ebooklet.ConflictError) as info:
+        raise ebooklet.CommitRetryError(8)
+    assert info.value.keys == [] and info.value.attempts == 8
+    assert "8 tries" in str(info.value) and "push again" in str(info.value)

@@ -7,6 +7,7 @@ from .ebooklet import EBooklet
 from .errors import (
     AuthError,
     CacheDamagedError,
+    CommitRetryError,
     ConflictError,
     ConsistencyWarning,
     DecompressionLimitError,
@@ -36,6 +37,7 @@ __all__ = [
     "CacheDamagedError",
     "Change",
     "Changes",
+    "CommitRetryError",
     "ConflictError",
     "ConsistencyWarning",
     "DecompressionLimitError",

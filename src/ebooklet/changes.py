@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import format as fmt
 from ._booklet_io import n_buckets
 from .errors import (
+    CommitRetryError,
     ConflictError,
     OfflineError,
     PreconditionFailed,
@@ -26,7 +27,7 @@ from .errors import (
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
-from .remote import KEYS_PER_SHARD, LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
+from .remote import LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet
@@ -289,6 +290,8 @@ class Changes:
 
         Raises:
             ConflictError: keys changed on both sides (nothing is committed).
+            CommitRetryError: another writer won every commit try (a ``ConflictError``
+                with no keys; nothing is committed, the edits stay pending).
             LockedError: another writer holds the lock.
             OfflineError: the remote cannot be reached (edits stay pending).
             ValueError: ``keys`` given while the copy replaces a remote that holds keys
@@ -325,7 +328,7 @@ class Changes:
                 self._after_commit(plan, metadata)
                 break
             else:
-                raise ConflictError([], "Gave up after repeated concurrent commits; push again.")
+                raise CommitRetryError(MAX_COMMIT_ATTEMPTS)
         result.requests = Counter(conn.request_counts) - before
         return result
 
@@ -392,15 +395,8 @@ class Changes:
         new_entries, uploaded = self._upload_values(plan.sets, head)
         commit_id = fmt.new_commit_id()
         shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
-        base = remote.manifest
-        manifest = {
-            "format": fmt.FORMAT_NAME,
-            "version": fmt.FORMAT_VERSION,
+        content = {
             "uuid": db.uuid,
-            "seq": (base["seq"] + 1) if base else 1,
-            "commit_id": commit_id,
-            "parent": {"seq": base["seq"], "commit_id": base["commit_id"]} if base else None,
-            "timestamp": int(time.time() * 1_000_000),
             "key_serializer": db._ks_name,
             "value_serializer": db._vs_name,
             "n_buckets": n_buckets(db._data),
@@ -412,6 +408,7 @@ class Changes:
             "message": message,
             "changed_keys": len(plan.sets) + len(plan.deletes),
         }
+        manifest = fmt.build_manifest(content, remote.manifest, commit_id=commit_id)
         result.bytes_uploaded += uploaded  # counted even if this attempt loses the race
         remote.commit(manifest, remote.etag)
         result.keys_pushed = len(plan.sets)
@@ -528,7 +525,7 @@ class Changes:
         remote = db._remote
         old_n = head["n_shards"] if head else 1
         old_keys = head["n_keys"] if head else 0
-        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), KEYS_PER_SHARD))
+        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), fmt.KEYS_PER_SHARD))
         if head is not None and n_shards == old_n:
             shards = list(head["shards"])
             touched = {fmt.shard_of(kb, n_shards) for kb in [*new_entries, *deletes]}

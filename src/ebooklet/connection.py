@@ -256,11 +256,6 @@ class S3Connection:
             keys.append((getattr(c, "access_key", None), getattr(c, "secret_key", None)))
         return keys[0] == keys[1] and keys[0][0] is not None
 
-    def reset_counts(self) -> None:
-        """Zero :attr:`request_counts`."""
-        with self._counts_lock:
-            self.request_counts.clear()
-
     # ------------------------------------------------------------ plumbing
 
     def _client(self) -> urllib3.PoolManager:

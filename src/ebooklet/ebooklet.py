@@ -60,6 +60,7 @@ _HEADER_END = 33
 _PLAIN_KEYS = frozenset({str, bytes, int})
 """Types of decoded keys known to be hashable: any other is hashed once to check it."""
 LARGE_VALUE = 4 << 20
+"""A value longer than this goes into the data file without booklet's copies of it."""
 _LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
 """The fields of ``S3Connection.public_params()`` that say which remote it is."""
 NEW_KEY_SERIALIZER = "str"
@@ -1554,10 +1555,6 @@ class EBooklet(MutableMapping):
         return maintenance.vacuum(self, keep, older_than, rewrite_below, purge)
 
 
-#: booklet keeps a key's length in 2 bytes and a value's in 4.
-KEY_MAX = (1 << 16) - 1
-VALUE_MAX = (1 << 32) - 1
-
 
 def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | None = None) -> str:
     """Why ``key`` is not a key of a database with key serializer ``ks`` (which raised
@@ -1597,15 +1594,15 @@ def _undecodable_key(kb: bytes, ks_name: str | None, where: str, exc: Exception)
 
 def _check_sizes(key: Any, kb: bytes, raw: bytes) -> None:
     """Refuse an encoded key or value too long for the local file (``ValueError``)."""
-    if len(kb) > KEY_MAX:
+    if len(kb) > fmt.KEY_MAX:
         raise ValueError(
             f"Key {key!r:.60} is {len(kb):,} bytes once encoded; keys can be at most "
-            f"{KEY_MAX:,} bytes. Use a shorter key (a hash of it, for instance)."
+            f"{fmt.KEY_MAX:,} bytes. Use a shorter key (a hash of it, for instance)."
         )
-    if len(raw) > VALUE_MAX:
+    if len(raw) > fmt.VALUE_MAX:
         raise ValueError(
             f"The value of key {key!r:.60} is {len(raw):,} bytes once encoded; values can "
-            f"be at most {VALUE_MAX:,} bytes. Split it over several keys."
+            f"be at most {fmt.VALUE_MAX:,} bytes. Split it over several keys."
         )
 
 
@@ -1621,13 +1618,10 @@ def _timestamp(timestamp: Any) -> int | None:
             f"Bad timestamp {timestamp!r}: give microseconds since the epoch (int), an ISO "
             "8601 string with a timezone, or a datetime with a timezone."
         ) from None
-    if not 0 <= value < TIMESTAMP_END:
+    if not 0 <= value < fmt.TIMESTAMP_END:
         raise ValueError(f"Timestamp {timestamp!r} is out of range: 0 <= µs since the epoch < 2**56.")
     return value
 
-
-#: booklet keeps timestamps in 7 bytes.
-TIMESTAMP_END = 1 << 56
 
 
 def _stat_changed(path: Path, recorded: dict | None) -> bool:

@@ -10,6 +10,7 @@ to do about it. Where a builtin means the same, the error subclasses it too, so 
     │   ├── RemoteNotFoundError ···················· also FileNotFoundError
     │   ├── RemoteExistsError ······················ also FileExistsError
     │   ├── ConflictError
+    │   │   └── CommitRetryError
     │   ├── LockedError
     │   ├── IntegrityError
     │   │   └── CacheDamagedError
@@ -158,3 +159,24 @@ class ScanInterrupted(EBookletError, RuntimeError):
     """The data file was written to while it was being scanned (booklet's own scan
     raises a ``RuntimeError`` then, hence the base). Internal: the readers catch it and
     finish key by key."""
+
+
+class CommitRetryError(ConflictError):
+    """A push gave up: each of its tries lost its commit to another writer's.
+
+    A ``ConflictError`` with no keys (no key conflicts; the same remedy: push again), so
+    that ``except ConflictError`` catches it as before.
+
+    Attributes:
+        attempts: how many commits were tried.
+    """
+
+    def __init__(self, attempts: int):
+        self.attempts = attempts
+        super().__init__(
+            [],
+            f"push() gave up after {attempts} tries: each time another writer committed "
+            "between this push reading the remote and committing (a writer that ignores the "
+            "write lock, or a lock broken by hand). Nothing was committed and the edits stay "
+            "pending: push again once the other writer is done.",
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -41,8 +42,8 @@ _PACK_TRAILER = struct.Struct("<Q8s")  # footer length, magic
 MAX_MANIFEST_BYTES = 16 << 20
 """Largest manifest (or commit record) body a reader downloads."""
 KEYS_PER_SHARD = 1 << 14
-"""Writers keep about this many keys per index shard (16,384; ``remote.KEYS_PER_SHARD``):
-the shard count is the smallest power of two that keeps the average at or below it, and
+"""Writers keep about this many keys per index shard (16,384; read as
+``format.KEYS_PER_SHARD`` at each push, so that a test may change it): the shard count is the smallest power of two that keeps the average at or below it, and
 keys are spread by hash, so a shard holds a little more than the average at most."""
 MAX_SHARD_RECORDS = 4 * KEYS_PER_SHARD
 """Most records a reader accepts in one index shard (65,536): four times what writers
@@ -396,6 +397,41 @@ MANIFEST_FIELDS = (
     "metadata",
     "message",
 )
+
+
+def build_manifest(
+    content: Mapping[str, Any],
+    parent: Mapping[str, Any] | None,
+    *,
+    commit_id: str | None = None,
+    seq: int | None = None,
+    timestamp: int | None = None,
+) -> dict[str, Any]:
+    """The manifest of a commit: ``content`` with the fields that place it in the history.
+
+    Every manifest a writer commits (push, copy, vacuum's re-laid commits) is built here.
+
+    Args:
+        content: the fields that say what the commit holds (``uuid``, the serializers,
+            ``n_buckets``, ``n_shards``, ``shards``, ``n_keys``, ``n_bytes``, ``metadata``,
+            ``message``, optional ``changed_keys``, ``copied_from``, ``relayout``); the
+            fields set here are replaced if it has them.
+        parent: the commit it follows (a manifest or ``{"seq", "commit_id"}``), ``None``
+            for the first.
+        commit_id: its id (default: a new one).
+        seq: its sequence number (default: the parent's plus one, 1 without a parent).
+        timestamp: µs since the epoch (default: now).
+    """
+    manifest = dict(content)
+    manifest.update(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        commit_id=commit_id if commit_id is not None else new_commit_id(),
+        seq=seq if seq is not None else (parent["seq"] + 1 if parent else 1),
+        parent={"seq": parent["seq"], "commit_id": parent["commit_id"]} if parent else None,
+        timestamp=timestamp if timestamp is not None else int(time.time() * 1_000_000),
+    )
+    return manifest
 
 
 def encode_manifest(manifest: Mapping[str, Any]) -> bytes:

@@ -39,7 +39,7 @@ import orjson
 
 from ._booklet_io import DATA_STATE_FIELDS
 from .errors import FormatVersionError, IntegrityError
-from .format import NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
+from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
 
 LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16
@@ -51,7 +51,6 @@ _RECORD_V1 = struct.Struct("<cI16s16s")  # kind, key length, md5, base md5
 _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 bytes
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
-_KEY_MAX = (1 << 16) - 1  # booklet keeps a key's length in 2 bytes
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET, CLOSED = (
@@ -61,6 +60,7 @@ _KEY_KINDS = (SET, DELETE, RETIME, CLEAN)
 _EMPTY_KINDS = (UPLOADED, REPLACE, METADATA, RESET, CLOSED)  # records with no key
 DAMAGED_SUFFIX = ".damaged-"
 """A damaged journal ``P.local_hash`` is kept as ``P.local_hash.damaged-<UTC time>``."""
+_MIRROR_HEAD = "head"  # the index mirror's key of the head manifest (docs/format.md §9.3)
 
 
 class Edit(NamedTuple):
@@ -342,7 +342,7 @@ def _parse_records_v1(data: bytes, pos: int) -> tuple[list[tuple], int]:
 def _check_record(pos: int, kind: bytes, key_len: int) -> None:
     """Refuse a record kind this version does not know, or a key length its kind cannot have."""
     if kind in _KEY_KINDS:
-        if key_len > _KEY_MAX:
+        if key_len > KEY_MAX:
             raise _Damaged(pos, f"a record claims a key of {key_len:,} bytes")
     elif kind in _EMPTY_KINDS:
         if key_len:
@@ -687,8 +687,8 @@ class ChangeLog:
 class IndexMirror:
     """``P.remote_index``: the manifests and index shards already fetched.
 
-    Holds two manifests: ``head`` (the newest seen, which reads use) and
-    ``synced`` (the one the local state was last reconciled with by pull or push).
+    Holds one manifest, under the key ``head``: the newest seen, which reads use (a
+    ``synced`` key that files of earlier versions may hold is never read).
 
     Opened with ``writable=False`` (local files that cannot be written), the file is
     only read, if it exists; what is stored meanwhile is kept in memory and lost at
@@ -731,8 +731,8 @@ class IndexMirror:
         elif name in self._db:
             del self._db[name]
 
-    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
-        """``(manifest, etag)`` stored under ``which`` ('head' or 'synced').
+    def get_manifest(self) -> tuple[dict | None, str | None]:
+        """``(manifest, etag)`` of the head manifest stored, ``(None, None)`` if none.
 
         The manifest is validated as one fresh from the bucket (``format.check_manifest``).
         A damaged record reads as absent, with a ``RuntimeWarning``: this file is only a
@@ -741,17 +741,17 @@ class IndexMirror:
         Raises:
             FormatVersionError: the cached manifest is of a newer format.
         """
-        raw = self._get(which)
+        raw = self._get(_MIRROR_HEAD)
         if raw is None:
             return None, None
         try:
             record = orjson.loads(raw)
             if not isinstance(record, dict) or not isinstance(record.get("etag"), (str, type(None))):
                 raise IntegrityError("the record is not {'manifest': ..., 'etag': str}")
-            return check_manifest(record.get("manifest"), f"the cached {which} manifest"), record["etag"]
+            return check_manifest(record.get("manifest"), "the cached head manifest"), record["etag"]
         except (orjson.JSONDecodeError, IntegrityError) as exc:
             warnings.warn(
-                f"{self.path}: the cached {which} manifest is damaged ({exc}); it is ignored "
+                f"{self.path}: the cached head manifest is damaged ({exc}); it is ignored "
                 "and the remote's is fetched again (offline, the copy shows no remote data "
                 "until then).",
                 RuntimeWarning,
@@ -759,11 +759,11 @@ class IndexMirror:
             )
             return None, None
 
-    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
-        """Store a manifest and its ETag under ``which``."""
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
+        """Store the head manifest and its ETag (``None``: forget it)."""
         with self._lock:
             record = None if manifest is None else orjson.dumps({"manifest": manifest, "etag": etag})
-            self._put(which, record)
+            self._put(_MIRROR_HEAD, record)
             if self._memory is None:
                 self._db.sync()
 
@@ -786,10 +786,6 @@ class IndexMirror:
         if self._db is not None and self._db.writable:
             with self._lock:
                 self._db.sync()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._db.clear()
 
     def close(self) -> None:
         if self._db is not None:

@@ -65,14 +65,14 @@ class MemoryMirror:
     """A mirror (see ``remote.Mirror``) kept in memory: for one-off remotes (copy targets, checks)."""
 
     def __init__(self) -> None:
-        self._manifests: dict[str, tuple[dict | None, str | None]] = {}
+        self._manifest: tuple[dict | None, str | None] = (None, None)
         self._shards: dict[str, bytes] = {}
 
-    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]:
-        return self._manifests.get(which, (None, None))
+    def get_manifest(self) -> tuple[dict | None, str | None]:
+        return self._manifest
 
-    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None:
-        self._manifests[which] = (manifest, etag)
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
+        self._manifest = (manifest, etag)
 
     def get_shard(self, name: str) -> bytes | None:
         return self._shards.get(name)
@@ -94,7 +94,7 @@ class PinnedMirror(MemoryMirror):
 
     def __init__(self, manifest: dict, base: Any):
         super().__init__()
-        self._manifests["head"] = (manifest, None)
+        self._manifest = (manifest, None)
         self._base = base
 
     def get_shard(self, name: str) -> bytes | None:
@@ -592,18 +592,14 @@ def copy_remote(
             _copy_server_side(source, target, todo, sizes, result)
         else:
             _copy_streamed(source, target, todo, existing, result)
-        manifest = dict(head)
-        manifest.update(
+        content = {name: value for name, value in head.items() if name != "relayout"}
+        content.update(
             uuid=uuid_mod.uuid4().hex,
-            seq=old["seq"] + 1 if old else 1,
-            commit_id=fmt.new_commit_id(),
-            parent={"seq": old["seq"], "commit_id": old["commit_id"]} if old else None,
-            timestamp=_now_us(),
             changed_keys=head["n_keys"],
             message=message if message is not None else f"copy of {source.db_url} at seq {head['seq']}",
             copied_from={"uuid": head["uuid"], "seq": head["seq"], "commit_id": head["commit_id"]},
         )
-        manifest.pop("relayout", None)
+        manifest = fmt.build_manifest(content, old)
         try:
             index.commit(manifest, old_etag)
         except PreconditionFailed:
@@ -991,11 +987,11 @@ def _relayout(
         if not touched and not (parent and parent["commit_id"] in relaid):
             new_kept.append(m)
             continue
-        commit_id = fmt.new_commit_id()
-        new = dict(m, commit_id=commit_id, shards=list(m["shards"]))
-        new["relayout"] = {"of": m["commit_id"], "at": now}
         if parent and parent["commit_id"] in relaid:
-            new["parent"] = {"seq": parent["seq"], "commit_id": relaid[parent["commit_id"]]}
+            parent = {"seq": parent["seq"], "commit_id": relaid[parent["commit_id"]]}
+        content = dict(m, shards=list(m["shards"]), relayout={"of": m["commit_id"], "at": now})
+        new = fmt.build_manifest(content, parent, seq=m["seq"], timestamp=m["timestamp"])
+        commit_id = new["commit_id"]
         for i, name in touched:
             if name not in renamed:
                 entries = {

@@ -44,9 +44,6 @@ RANGE_GAP = 256 << 10
 """Neighbouring values of one pack closer than this are fetched in one GET."""
 RANGE_MAX = 16 << 20
 """A coalesced range GET is cut at about this many bytes."""
-KEYS_PER_SHARD = fmt.KEYS_PER_SHARD
-"""Index shards hold about this many keys on average (readers accept four times as many,
-``format.MAX_SHARD_RECORDS``); their count is a power of two."""
 SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
 
@@ -54,8 +51,8 @@ SHARD_CACHE = 256
 class Mirror(Protocol):
     """Where fetched manifests and shards are kept (``local.IndexMirror``)."""
 
-    def get_manifest(self, which: str = "head") -> tuple[dict | None, str | None]: ...
-    def set_manifest(self, manifest: dict | None, etag: str | None, which: str = "head") -> None: ...
+    def get_manifest(self) -> tuple[dict | None, str | None]: ...
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None: ...
     def get_shard(self, name: str) -> bytes | None: ...
     def set_shard(self, name: str, data: bytes) -> None: ...
     def drop_shards(self, names: Iterable[str]) -> None: ...
@@ -72,7 +69,7 @@ class RemoteIndex:
     def __init__(self, conn: S3Connection | None, mirror: Mirror):
         self.conn = conn
         self.mirror = mirror
-        self.manifest, self.etag = mirror.get_manifest("head")
+        self.manifest, self.etag = mirror.get_manifest()
         self._shards: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
         self._lock = threading.RLock()
         self._fetching: dict[str, threading.Lock] = {}
@@ -105,20 +102,12 @@ class RemoteIndex:
             return self.manifest, self.etag
         return fmt.decode_manifest(answer.data, f"manifest of {self.conn!r}"), answer.etag
 
-    def refresh(self) -> bool:
-        """Adopt the newest head manifest; True when it changed."""
-        manifest, etag = self.fetch_manifest()
-        changed = etag != self.etag or (manifest is None) != (self.manifest is None)
-        if changed:
-            self.adopt(manifest, etag)
-        return changed
-
     def adopt(self, manifest: dict | None, etag: str | None) -> None:
         """Make ``manifest`` the head (after a refresh or our own commit)."""
         with self._lock:
             gone = _shard_names(self.manifest) - _shard_names(manifest)
             self.manifest, self.etag = manifest, etag
-            self.mirror.set_manifest(manifest, etag, "head")
+            self.mirror.set_manifest(manifest, etag)
             self.mirror.drop_shards(gone)
             for name in gone:
                 self._shards.pop(name, None)
