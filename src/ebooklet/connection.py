@@ -40,6 +40,9 @@ from .format import check_suffix, md5
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
+PUBLIC_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
+"""Where a database is, without credentials: :meth:`S3Connection.public_params`, as
+``P.ebk.json`` and remote connection group entries record it."""
 _CONDITIONAL_WRITES: dict[tuple[str | None, str | None], bool] = {}
 """Probe answers by ``(endpoint_url, bucket)``: whether conditional writes are honoured."""
 CONNECT_TIMEOUT = 3.0
@@ -238,14 +241,9 @@ class S3Connection:
         return copy
 
     def public_params(self) -> dict[str, Any]:
-        """The connection's location, without credentials (safe to write to disk)."""
-        return {
-            "bucket": self.bucket,
-            "db_key": self.db_key,
-            "endpoint_url": self.endpoint_url,
-            "db_url": self.db_url,
-            "region": self.region,
-        }
+        """The connection's location, without credentials (safe to write to disk): the
+        attributes named by :data:`PUBLIC_FIELDS`."""
+        return {field: getattr(self, field) for field in PUBLIC_FIELDS}
 
     def same_credentials(self, other: S3Connection) -> bool:
         """True when both connections sign with the same (known) keys; never reveals them."""

@@ -38,6 +38,7 @@ import booklet
 import orjson
 
 from ._booklet_io import DATA_STATE_FIELDS
+from .connection import PUBLIC_FIELDS
 from .errors import FormatVersionError, IntegrityError
 from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
 
@@ -878,7 +879,7 @@ def _meta_problem(data: Any) -> str | None:
     remote = data.get("remote")
     if isinstance(remote, dict):
         for name, value in remote.items():
-            if name not in _REMOTE_FIELDS or not (value is None or isinstance(value, str)):
+            if name not in PUBLIC_FIELDS or not (value is None or isinstance(value, str)):
                 return f"field 'remote' has {name!r:.40}: {value!r:.80}, not a location"
     return None
 
@@ -903,7 +904,6 @@ _META_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("conditional_writes", lambda v: isinstance(v, bool), "true or false"),
     ("remote", lambda v: v is None or isinstance(v, dict), "an object or null"),
 )
-_REMOTE_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
 
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:

@@ -29,7 +29,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
-from .connection import Fetched, S3Connection, connection_from
+from .connection import PUBLIC_FIELDS, Fetched, S3Connection, connection_from
 from .errors import EBookletError, IntegrityError, RemoteNotFoundError, UntrustedEndpointError
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ GROUP_KEY_SERIALIZER = "str"
 """The key serializer of every group (keys are database uuids)."""
 GROUP_TAG = "remote_conn_group"
 """The group's user metadata holds ``{"ebooklet": GROUP_TAG, "version": 1}``."""
-CONNECTION_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
 URL_FIELDS = ("endpoint_url", "db_url")
 """Connection fields that are URLs: ``http://`` or ``https://`` when not null."""
 FIELD_MAX = 4096
@@ -146,7 +145,7 @@ class RemoteConnGroup(MutableMapping):
         entry = self[uuid]
         if access_key_id is None and access_key is None and not kw and entry.get("db_url"):
             return S3Connection(db_url=entry["db_url"])
-        params = {f: entry.get(f) for f in CONNECTION_FIELDS}
+        params = {f: entry.get(f) for f in PUBLIC_FIELDS}
         if params["db_key"] is None:
             raise ValueError(f"Member {uuid} was added by public URL; it can only be read through it.")
         params.pop("db_url")
@@ -280,7 +279,7 @@ def check_entry(uuid: Any, entry: Any) -> dict:
     if not isinstance(entry, dict):
         problem = f"is {type(entry).__name__}, not an object"
     else:
-        bad = [f for f in CONNECTION_FIELDS if not _connection_field_ok(f, entry.get(f))]
+        bad = [f for f in PUBLIC_FIELDS if not _connection_field_ok(f, entry.get(f))]
         bad += [
             f for f, types in _ENTRY_TYPES.items()
             if entry.get(f) is not None
