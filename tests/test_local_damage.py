@@ -458,10 +458,12 @@ def test_a_garbled_cached_value_when_the_server_goes_away_is_an_integrity_error(
     fresh_server: Any, tmp_path: Path
 ) -> None:
     """Opened online, then the server dies: the garbled cached value raises IntegrityError."""
-    conn = fresh_server.connection("damage/db", timeout=1, retries=0)
     path = tmp_path / "db"
-    cached_copy(conn, path)
+    # Default patience for the setup: a server just started may take over a second to
+    # answer its first writes (the quick connection below is for the outage).
+    cached_copy(fresh_server.connection("damage/db"), path)
     garble_cached(path, "r4")
+    conn = fresh_server.connection("damage/db", timeout=1, retries=0)
     with ebooklet.open(conn, path, "r") as db:
         fresh_server.server.kill()
         with pytest.raises(IntegrityError, match="'r4'"):
