@@ -127,7 +127,7 @@ class _Shards:
         def fetch(name: str) -> tuple[str, dict[bytes, Entry]]:
             return name, fmt.decode_shard(self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES).data, name)
 
-        for name, shard in self.conn.map(fetch, sorted(missing)):
+        for name, shard in self.conn.workers.map(fetch, sorted(missing)):
             self._cache[name] = shard
 
     def __getitem__(self, name: str | None) -> dict[bytes, Entry]:
@@ -237,7 +237,7 @@ def iter_chain(
         names = listing if listing is not None else (n for n, _ in conn.list(fmt.PREFIX + "commit/"))
         low = head["seq"] - limit if limit is not None else 0
         wanted = [n for n in names if (p := _parse_commit_name(n)) and low < p[0] < head["seq"]]
-        fetched = zip(wanted, conn.map(lambda name: _fetch_record(conn, name), wanted), strict=True)
+        fetched = zip(wanted, conn.workers.map(lambda name: _fetch_record(conn, name), wanted), strict=True)
         records = {name: m for name, m in fetched if m is not None}
     yield head
     count, ref = 1, head.get("parent")
@@ -639,7 +639,7 @@ def _copy_server_side(
     """Copy inside the store (``CopyObject``), then check every copy's size."""
     large = [n for n in todo if sizes[n] > COPY_SINGLE_MAX]
     small = [n for n in todo if sizes[n] <= COPY_SINGLE_MAX]
-    list(target.map(lambda name: target.copy_object(source, name, sizes[name]), small))
+    list(target.workers.map(lambda name: target.copy_object(source, name, sizes[name]), small))
     for name in large:  # multipart copies run their parts on the pool themselves
         target.copy_object(source, name, sizes[name])
     after = dict(target.list(fmt.PREFIX))
@@ -716,7 +716,7 @@ def _copy_streamed(
         target.put(name, data)
         return 1, len(data)
 
-    done = list(source.map(small_copy, todo))
+    done = list(source.workers.map(small_copy, todo))
     result.objects_copied += sum(n for n, _ in done)
     result.bytes_copied += sum(b for _, b in done)
     result.objects_skipped += len(todo) - sum(n for n, _ in done) - len(large)
@@ -927,7 +927,7 @@ def _packs_to_rewrite(
             return True
         return live_bytes(pack) < rewrite_below * sum(it.length for it in items)
 
-    return {p for p, yes in zip(candidates, conn.map(qualifies, candidates), strict=True) if yes}
+    return {p for p, yes in zip(candidates, conn.workers.map(qualifies, candidates), strict=True) if yes}
 
 
 def _relayout(
@@ -1160,7 +1160,7 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         return None
 
     good = set()
-    for name, problem in zip(names, conn.map(load, names), strict=True):
+    for name, problem in zip(names, conn.workers.map(load, names), strict=True):
         result.shards_checked += 1
         if problem == "missing":
             result.missing.append(name)
@@ -1173,7 +1173,7 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         item for _, name in fmt.iter_shard_names(head) if name in good for item in shards[name].items()
     ]
     packs = sorted(n for n in referenced if n.startswith(fmt.PREFIX + "pack/"))
-    present = dict(zip(packs, conn.map(exists, packs), strict=True))
+    present = dict(zip(packs, conn.workers.map(exists, packs), strict=True))
     result.packs_checked = len(packs)
     result.missing.extend(n for n, ok in present.items() if not ok)
     if listing is not None:
@@ -1220,4 +1220,4 @@ def _verify_values(conn: S3Connection, wanted: list[tuple[bytes, Entry]]) -> lis
                 bad.append(f"{key!r}: the value in {name} does not match its md5")
         return bad
 
-    return [problem for problems in conn.map(verify, ranges) for problem in problems]
+    return [problem for problems in conn.workers.map(verify, ranges) for problem in problems]
