@@ -3,6 +3,7 @@ against the real server, and the thread pool (ebooklet.workers) on its own."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import uuid
 from typing import Any
@@ -34,6 +35,29 @@ def test_a_connection_is_a_store_signed_or_anonymous() -> None:
         assert isinstance(conn.workers, Workers)
         assert conn.workers.threads == conn.threads == 16
     assert not hasattr(signed, "map") and not hasattr(signed, "submit")
+
+
+VERBS = sorted(
+    name
+    for protocol in (Store, MaintenanceStore)
+    for name, member in vars(protocol).items()
+    if callable(member) and not name.startswith("_")
+)
+"""The methods of the store protocols."""
+
+
+@pytest.mark.parametrize("name", VERBS)
+def test_the_connection_implements_each_verb_with_the_protocols_signature(name: str) -> None:
+    protocol = getattr(MaintenanceStore, name)
+    assert inspect.signature(getattr(S3Connection, name)) == inspect.signature(protocol)
+
+
+def test_the_protocols_attributes_and_properties_are_the_connections() -> None:
+    public = S3Connection(db_url="http://127.0.0.1:1/bucket/db")
+    assert set(Store.__annotations__) == {"db_key", "db_url", "timeout", "workers", "request_counts"}
+    for name in Store.__annotations__:
+        assert hasattr(public, name)
+    assert isinstance(S3Connection.writable, property) and isinstance(Store.writable, property)
 
 
 def test_a_precondition_must_be_a_mode_or_an_if_match(conn: Any) -> None:
