@@ -442,7 +442,7 @@ class Changes:
         def send_pack() -> None:
             nonlocal pack, pack_size
             if pack:
-                in_flight.append(conn.submit(remote.upload_pack, pack))
+                in_flight.append(conn.workers.submit(remote.upload_pack, pack))
                 pack, pack_size = [], 0
             while len(in_flight) > conn.threads:
                 finished(in_flight.pop(0).result())
@@ -514,7 +514,7 @@ class Changes:
                 return False
 
         todo = sorted(packs - checked.keys())
-        checked.update(zip(todo, conn.map(exists, todo), strict=True))
+        checked.update(zip(todo, conn.workers.map(exists, todo), strict=True))
         return {p for p in packs if checked[p]}
 
     def _write_shards(
@@ -546,7 +546,7 @@ class Changes:
             remote.upload_shard(commit_id, i, contents[i])
             return i, commit_id
 
-        for i, written in db._conn.map(upload, sorted(contents)):
+        for i, written in db._conn.workers.map(upload, sorted(contents)):
             shards[i] = written
         n_keys, n_bytes = self._counts(head, contents, shards)
         return shards, n_shards, n_keys, n_bytes

@@ -1,6 +1,8 @@
-"""Talking to S3: one small interface over signed and anonymous HTTP.
+"""Talking to S3: the store of :mod:`.store` over signed and anonymous HTTP.
 
-:class:`S3Connection` holds where a database lives and how to reach it. Every
+:class:`S3Connection` holds where a database lives and how to reach it, and implements
+:class:`.store.Store` and :class:`.store.MaintenanceStore` (the layers above use those
+verbs); its thread pool is a :class:`.workers.Workers` of its own. Every
 request goes through one urllib3 connection pool: requests with credentials are
 signed by :mod:`._sigv4` exactly as botocore's S3 signer would (tests compare the two;
 boto3's own credential chain fills in missing keys), anonymous ones (public URLs)
@@ -19,8 +21,7 @@ import time
 import xml.etree.ElementTree as ET
 from base64 import b64encode
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
@@ -37,12 +38,20 @@ from .errors import (
     RemoteNotFoundError,
 )
 from .format import check_suffix, md5
+from .store import (
+    PUBLIC_FIELDS,
+    Fetched,
+    IfMatch,
+    MaintenanceStore,
+    Mode,
+    NotModified,
+    ObjectVersion,
+    Precondition,
+)
+from .workers import Workers
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
-PUBLIC_FIELDS = ("bucket", "db_key", "endpoint_url", "db_url", "region")
-"""Where a database is, without credentials: :meth:`S3Connection.public_params`, as
-``P.ebk.json`` and remote connection group entries record it."""
 _CONDITIONAL_WRITES: dict[tuple[str | None, str | None], bool] = {}
 """Probe answers by ``(endpoint_url, bucket)``: whether conditional writes are honoured."""
 CONNECT_TIMEOUT = 3.0
@@ -60,19 +69,6 @@ XML_BODY_MAX = 8 << 20
 """Bytes a successful answer read whole may have: a listing page (1000 entries of at
 most about 2 KiB each: a key of up to 1024 bytes, escaped, and its other fields), a
 multipart, copy or bulk-delete answer. A larger one is refused (``IntegrityError``)."""
-
-
-class NotModified(NamedTuple):
-    """Answer to a conditional GET whose object is unchanged."""
-
-    etag: str
-
-
-class Fetched(NamedTuple):
-    """An object's bytes and its ETag."""
-
-    data: bytes
-    etag: str
 
 
 class Answer(NamedTuple):
@@ -99,7 +95,7 @@ def check_seconds(name: str, value: Any) -> None:
 
 
 class S3Connection:
-    """Where a database lives in S3 and how to reach it.
+    """Where a database lives in S3 and how to reach it: a :class:`.store.MaintenanceStore`.
 
     Args:
         access_key_id: the access key id; ``None`` with ``db_key`` and ``bucket``
@@ -176,7 +172,8 @@ class S3Connection:
         self.bucket = bucket
         self.endpoint_url = endpoint_url.rstrip("/") if endpoint_url else None
         self.region = region or "us-east-1"
-        self.threads = threads
+        self.workers = Workers(threads)
+        """The thread pool of parallel transfers, ``threads`` workers."""
         self.retries = retries
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
@@ -191,10 +188,14 @@ class S3Connection:
         self.request_counts: Counter[str] = Counter()
         self._counts_lock = threading.Lock()
         self._http: urllib3.PoolManager | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._init_lock = threading.Lock()
 
     # ------------------------------------------------------------ identity
+
+    @property
+    def threads(self) -> int:
+        """How many requests run at once in parallel transfers (:attr:`workers`' size)."""
+        return self.workers.threads
 
     @property
     def writable(self) -> bool:
@@ -271,27 +272,6 @@ class S3Connection:
     def _timeouts(self, read: float) -> urllib3.Timeout:
         """urllib3's timeouts of one try: the connect timeout (at most ``read``), then ``read``."""
         return urllib3.Timeout(connect=min(self.connect_timeout, read), read=read)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            with self._init_lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ebooklet")
-        return self._pool
-
-    def map(self, func: Callable, items: Iterable) -> Iterator:
-        """Run ``func`` over ``items`` on the connection's thread pool, in order.
-
-        Must not be called from a task already running on that pool.
-        """
-        items = list(items)
-        if len(items) <= 1:
-            return iter([func(i) for i in items])
-        return self._executor().map(func, items)
-
-    def submit(self, func: Callable, *args: Any) -> Future:
-        """Run ``func(*args)`` on the connection's thread pool."""
-        return self._executor().submit(func, *args)
 
     def _url(self, suffix: str, query: dict | None = None) -> str:
         """The URL of object ``db_key + suffix``; ``suffix`` must pass
@@ -487,11 +467,11 @@ class S3Connection:
             if reply.status == 304:
                 return NotModified(etag)
             if reply.status != 200:
-                raise self._fail(reply, f"GET {self._describe(suffix)}")
+                raise self._fail(reply, f"GET {self.describe(suffix)}")
             if max_bytes is None:
                 data = _read_chunks(reply, sys.maxsize)
             else:
-                data = _read_capped(reply, max_bytes, self._describe(suffix))
+                data = _read_capped(reply, max_bytes, self.describe(suffix))
             return Fetched(data, reply.headers.get("ETag", ""))
         finally:
             reply.release_conn()
@@ -511,16 +491,16 @@ class S3Connection:
             if reply.status == 416:  # the object ends before the range starts
                 reply.error_answer()
                 raise IntegrityError(
-                    f"{self._describe(suffix)} is truncated: it ends before byte {start}."
+                    f"{self.describe(suffix)} is truncated: it ends before byte {start}."
                 )
             if reply.status not in (200, 206):
-                raise self._fail(reply, f"GET {self._describe(suffix)} (range)")
+                raise self._fail(reply, f"GET {self.describe(suffix)} (range)")
             if reply.status == 200 and start:
-                raise RemoteError(f"{self._describe(suffix)}: the server ignored the Range header.")
+                raise RemoteError(f"{self.describe(suffix)}: the server ignored the Range header.")
             data = _read_exactly(reply, length, into)
             if len(data) != length:
                 raise IntegrityError(
-                    f"{self._describe(suffix)} is truncated: asked for {length} bytes "
+                    f"{self.describe(suffix)} is truncated: asked for {length} bytes "
                     f"at {start}, got {len(data)}."
                 )
             return data
@@ -532,12 +512,11 @@ class S3Connection:
         suffix: str,
         data: bytes | memoryview | list[bytes | memoryview],
         *,
-        if_match: str | None = None,
-        if_none_match: bool = False,
+        precondition: Precondition = Mode.OVERWRITE,
         content_type: str = "application/octet-stream",
         content_md5: bytes | None = None,
     ) -> str:
-        """PUT an object with ``Content-MD5``; conditional when asked. Returns its ETag.
+        """PUT an object with ``Content-MD5`` if ``precondition`` holds. Returns its ETag.
 
         ``data`` may be a list of buffers: they are sent one after the other as one
         body, without being joined (a large value and its pack footer).
@@ -553,21 +532,22 @@ class S3Connection:
         if content_md5 is None:
             content_md5 = data.md5() if isinstance(data, _Concatenated) else md5(data)
         headers["Content-MD5"] = b64encode(content_md5).decode()
-        if if_match:
-            headers["If-Match"] = if_match
-        if if_none_match:
-            headers["If-None-Match"] = "*"
+        headers.update(_condition(precondition))
         response = self.request("PUT", self._url(suffix), headers, data)
         if response.status != 200:
-            raise self._fail(response, f"PUT {self._describe(suffix)}")
+            raise self._fail(response, f"PUT {self.describe(suffix)}")
         return response.headers.get("ETag", "")
 
-    def delete(self, suffix: str, if_match: str | None = None) -> None:
-        """DELETE an object (missing objects are fine)."""
-        headers = {"If-Match": if_match} if if_match else None
+    def delete(self, suffix: str, precondition: IfMatch | None = None) -> None:
+        """DELETE an object (missing objects are fine), only if ``precondition`` holds.
+
+        Raises:
+            PreconditionFailed: the object's ETag is not the one of ``precondition`` (412).
+        """
+        headers = _condition(precondition) if precondition is not None else None
         response = self.request("DELETE", self._url(suffix), headers)
         if response.status not in (200, 204, 404):
-            raise self._fail(response, f"DELETE {self._describe(suffix)}")
+            raise self._fail(response, f"DELETE {self.describe(suffix)}")
 
     def list(self, suffix_prefix: str) -> Iterator[tuple[str, int]]:
         """``(suffix, size)`` of every object whose key starts with ``db_key + suffix_prefix``."""
@@ -575,7 +555,7 @@ class S3Connection:
         while True:
             response = self.request("GET", self._bucket_url(query))
             if response.status != 200:
-                raise self._fail(response, f"LIST {self._describe(suffix_prefix)}*")
+                raise self._fail(response, f"LIST {self.describe(suffix_prefix)}*")
             root = ET.fromstring(response.data)
             for item in root.iter(f"{_S3_NS}Contents"):
                 listed = self._listed(query["prefix"], _find_text(item, "Key"), _find_text(item, "Size"))
@@ -602,12 +582,12 @@ class S3Connection:
         url = self._url(suffix, {"uploads": ""})
         response = self.request("POST", url)
         if response.status != 200:
-            raise self._fail(response, f"start multipart upload of {self._describe(suffix)}")
+            raise self._fail(response, f"start multipart upload of {self.describe(suffix)}")
         upload_id = ET.fromstring(response.data).findtext(f"{_S3_NS}UploadId")
         try:
             etags = self._upload_parts(suffix, upload_id, parts)
             return self._complete_multipart(
-                suffix, upload_id, etags, f"multipart upload of {self._describe(suffix)}"
+                suffix, upload_id, etags, f"multipart upload of {self.describe(suffix)}"
             )
         except BaseException:
             self.request("DELETE", self._url(suffix, {"uploadId": upload_id}))
@@ -620,7 +600,7 @@ class S3Connection:
             headers = {"Content-MD5": b64encode(md5(data)).decode()}
             response = self.request("PUT", url, headers, data)
             if response.status != 200:
-                raise self._fail(response, f"upload part {number} of {self._describe(suffix)}")
+                raise self._fail(response, f"upload part {number} of {self.describe(suffix)}")
             return response.headers.get("ETag", "")
 
         etags: list[str] = []
@@ -628,12 +608,13 @@ class S3Connection:
         for number, data in enumerate(parts, 1):
             batch.append((number, data))
             if len(batch) == self.threads:
-                etags.extend(self.map(upload, batch))
+                etags.extend(self.workers.map(upload, batch))
                 batch = []
-        etags.extend(self.map(upload, batch))
+        etags.extend(self.workers.map(upload, batch))
         return etags
 
-    def _describe(self, suffix: str) -> str:
+    def describe(self, suffix: str) -> str:
+        """Where the object ``suffix`` is, for messages (``s3://bucket/key`` or its URL)."""
         if self.writable:
             return f"s3://{self.bucket}/{self.db_key}{suffix}"
         return f"{self.db_url}{suffix}"
@@ -652,7 +633,7 @@ class S3Connection:
             from .format import new_commit_id
 
             probe = f".ebk/probe-{new_commit_id()}"
-            self.put(probe, b"probe", if_none_match=True)
+            self.put(probe, b"probe", precondition=Mode.CREATE)
             try:
                 self.probe_conditional_writes(probe, b"probe")
             finally:
@@ -665,11 +646,11 @@ class S3Connection:
 
     def probe_conditional_writes(self, suffix: str, data: bytes) -> bool:
         """Learn :meth:`conditional_writes` from an object just created with
-        ``If-None-Match: *``: PUT the same ``data`` again the same way. A server that
-        accepts it ignores conditions (Backblaze B2 is reported to); the object is
-        left as it was either way. One request."""
+        ``If-None-Match: *`` (:attr:`Mode.CREATE`): PUT the same ``data`` again the same
+        way. A server that accepts it ignores conditions (Backblaze B2 is reported to);
+        the object is left as it was either way. One request."""
         try:
-            self.put(suffix, data, if_none_match=True)
+            self.put(suffix, data, precondition=Mode.CREATE)
             honoured = False
         except PreconditionFailed:
             honoured = True
@@ -682,15 +663,14 @@ class S3Connection:
 
     def close(self) -> None:
         """Release the connection pool and the thread pool."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self.workers.close()
         if self._http is not None:
             self._http.clear()
             self._http = None
 
     # ------------------------------------------------------------ maintenance operations
-    # (server-side copy, object versions, bulk delete, tail reads; used by maintenance.py)
+    # (tail reads; then server-side copy, object versions and bulk delete: the verbs
+    # of store.MaintenanceStore)
 
     def copy_source(self, suffix: str) -> str:
         """The ``x-amz-copy-source`` header value naming the object ``db_key + suffix``."""
@@ -700,7 +680,7 @@ class S3Connection:
 
     def copy_object(
         self,
-        source: S3Connection,
+        source: MaintenanceStore,
         suffix: str,
         size: int,
         target_suffix: str | None = None,
@@ -722,7 +702,7 @@ class S3Connection:
         """
         target = suffix if target_suffix is None else target_suffix
         header = source.copy_source(suffix)
-        what = f"COPY {source._describe(suffix)} to {self._describe(target)}"
+        what = f"COPY {source.describe(suffix)} to {self.describe(target)}"
         max_single = COPY_SINGLE_MAX if max_single is None else max_single
         if size > max_single:
             return self._copy_multipart(header, what, target, size, part_size or COPY_PART_SIZE)
@@ -750,7 +730,7 @@ class S3Connection:
             return self._copied_etag(answer, f"part {number} of {what}")
 
         try:
-            etags = list(self.map(copy_part, enumerate(range(0, size, part_size), 1)))
+            etags = list(self.workers.map(copy_part, enumerate(range(0, size, part_size), 1)))
             return self._complete_multipart(target, upload_id, etags, what)
         except BaseException:
             self.request("DELETE", self._url(target, {"uploadId": upload_id}))
@@ -774,15 +754,17 @@ class S3Connection:
         reply = self.send("GET", self._url(suffix), {"Range": f"bytes=-{length}"})
         try:
             if reply.status not in (200, 206):
-                raise self._fail(reply, f"GET {self._describe(suffix)} (tail)")
+                raise self._fail(reply, f"GET {self.describe(suffix)} (tail)")
             if reply.status == 200:
                 return _read_tail(reply, length)
             total = reply.headers.get("Content-Range", "").rpartition("/")[2]
             if not total.isdigit():
-                raise RemoteError(f"{self._describe(suffix)}: the server sent no object size.")
-            data = _read_capped(reply, length, f"the tail of {self._describe(suffix)}")
+                raise RemoteError(f"{self.describe(suffix)}: the server sent no object size.")
+            data = _read_capped(reply, length, f"the tail of {self.describe(suffix)}")
             if len(data) > int(total):
-                raise IntegrityError(f"{self._describe(suffix)}: the server sent more than its size.")
+                raise IntegrityError(
+                    f"{self.describe(suffix)}: the server sent more than its size."
+                )
             return data, int(total)
         finally:
             reply.release_conn()
@@ -801,7 +783,7 @@ class S3Connection:
         while True:
             response = self.request("GET", self._bucket_url(query))
             if response.status != 200:
-                raise self._fail(response, f"LIST VERSIONS {self._describe(suffix_prefix)}*")
+                raise self._fail(response, f"LIST VERSIONS {self.describe(suffix_prefix)}*")
             root = ET.fromstring(response.data)
             for item in root:
                 kind = item.tag.rpartition("}")[2]
@@ -830,7 +812,7 @@ class S3Connection:
         query = {"versionId": version_id} if version_id else None
         response = self.request("DELETE", self._url(suffix, query))
         if response.status not in (200, 204, 404):
-            raise self._fail(response, f"DELETE {self._describe(suffix)} version {version_id}")
+            raise self._fail(response, f"DELETE {self.describe(suffix)} version {version_id}")
 
     def delete_objects(self, items: Iterable[tuple[str, str | None]]) -> int:
         """Delete many ``(suffix, version id or None)`` objects, 1000 per request.
@@ -858,10 +840,10 @@ class S3Connection:
             if response.status in (400, 501) and _error_code(response.data) in (
                 "NotImplemented", "MalformedXML", "InvalidRequest", None
             ):
-                list(self.map(lambda item: self.delete_version(*item), batch))
+                list(self.workers.map(lambda item: self.delete_version(*item), batch))
                 continue
             if response.status != 200:
-                raise self._fail(response, f"DELETE {len(batch)} objects under {self._describe('')}")
+                raise self._fail(response, f"DELETE {len(batch)} objects under {self.describe('')}")
             failed = [
                 f"{_find_text(e, 'Key')} ({_find_text(e, 'Code')})"
                 for e in ET.fromstring(response.data)
@@ -1085,6 +1067,17 @@ def _retry_after(headers: Any) -> float:
     return min(float(value), RETRY_AFTER_MAX) if value.isascii() and value.isdigit() else 0.0
 
 
+def _condition(precondition: Precondition) -> dict[str, str]:
+    """The headers of a precondition (:class:`IfMatch` with an empty ETag has none)."""
+    if isinstance(precondition, IfMatch):
+        return {"If-Match": precondition.etag} if precondition.etag else {}
+    if precondition is Mode.CREATE:
+        return {"If-None-Match": "*"}
+    if precondition is Mode.OVERWRITE:
+        return {}
+    raise TypeError(f"precondition must be a Mode or an IfMatch, not {precondition!r}.")
+
+
 def _error_code(body: bytes | None) -> str | None:
     if not body or not body.lstrip().startswith(b"<"):
         return None
@@ -1112,16 +1105,6 @@ COPY_SINGLE_MAX = 5 << 30
 """The largest object one server-side ``CopyObject`` may copy (5 GiB)."""
 COPY_PART_SIZE = 512 << 20
 """Part size of a multipart server-side copy (``UploadPartCopy``)."""
-
-
-class ObjectVersion(NamedTuple):
-    """One entry of :meth:`S3Connection.list_versions`."""
-
-    suffix: str
-    version_id: str | None
-    size: int
-    is_latest: bool
-    delete_marker: bool
 
 
 def _find_text(element: ET.Element, tag: str) -> str:

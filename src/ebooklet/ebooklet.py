@@ -1340,7 +1340,7 @@ class EBooklet(MutableMapping):
 
         found: dict[bytes, tuple[bytes, int]] = {}
         packs = [name for name, _ in self._conn.list(fmt.PREFIX + "pack/") if fmt.is_own_name(name)]
-        for items, _, _ in self._conn.map(lambda name: read_pack_footer(self._conn, name), packs):
+        for items, _, _ in self._conn.workers.map(lambda name: read_pack_footer(self._conn, name), packs):
             for item in items:
                 if item.key not in found or found[item.key][1] < item.timestamp:
                     found[item.key] = (item.md5, item.timestamp)

@@ -38,9 +38,9 @@ import booklet
 import orjson
 
 from ._booklet_io import DATA_STATE_FIELDS
-from .connection import PUBLIC_FIELDS
 from .errors import FormatVersionError, IntegrityError
 from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
+from .store import PUBLIC_FIELDS
 
 LOCAL_FORMAT_VERSION = 1
 UNKNOWN_MD5 = b"\xff" * 16

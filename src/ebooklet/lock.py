@@ -4,8 +4,8 @@ crashed holder or after its lease, and broken by hand.
 The lock is a courtesy that saves wasted uploads: commits stay correct without it
 where the server honours conditional writes. Where it does not, the lock is taken
 by writing, waiting :data:`LOCK_SETTLE` and reading back. This module knows the
-lock record (docs/format.md §6) and the connection's verbs, nothing of the index,
-the packs or the local files.
+lock record (docs/format.md §6) and the verbs of the store (:mod:`.store`), nothing
+of the index, the packs or the local files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 import orjson
 
 from . import format as fmt
-from .connection import Fetched, S3Connection
 from .errors import (
     EBookletError,
     IntegrityError,
@@ -29,6 +28,7 @@ from .errors import (
     PreconditionFailed,
     RemoteNotFoundError,
 )
+from .store import Fetched, IfMatch, Mode, Store
 
 LOCK_LEASE = 30.0
 """Seconds a write lock lives without renewal; renewed every third of it."""
@@ -50,7 +50,7 @@ class RemoteLock:
             read when the lock is made, so setting it shortens later leases).
     """
 
-    def __init__(self, conn: S3Connection, owner_id: str, path: str, lease: float | None = None):
+    def __init__(self, conn: Store, owner_id: str, path: str, lease: float | None = None):
         self.conn = conn
         self.owner_id = owner_id
         self.path = path
@@ -123,7 +123,7 @@ class RemoteLock:
         """The first try on a bucket not probed yet: the lock is the probe. A live
         holder's record is looked for first (on a server that ignores ``If-None-Match``
         the create would overwrite it); then our record is created, and PUT the same
-        way again (:meth:`S3Connection.probe_conditional_writes`): a 412 proves the
+        way again (:meth:`.store.Store.probe_conditional_writes`): a 412 proves the
         lock ours, a success means the server ignores conditions, and the lock is
         settled as :meth:`_take_by_settling` does."""
         holder, _ = read_lock(self.conn)
@@ -131,7 +131,7 @@ class RemoteLock:
             return holder
         record = self._record()
         try:
-            self.etag = self.conn.put(fmt.LOCK_NAME, record, if_none_match=True)
+            self.etag = self.conn.put(fmt.LOCK_NAME, record, precondition=Mode.CREATE)
         except PreconditionFailed:  # appeared meanwhile, or ours to reclaim
             return self._take()
         if self.conn.probe_conditional_writes(fmt.LOCK_NAME, record):
@@ -143,7 +143,7 @@ class RemoteLock:
         """One try at the lock with conditional writes: ``None`` when taken, else the
         live holder's record."""
         try:
-            self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_none_match=True)
+            self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), precondition=Mode.CREATE)
             return None
         except PreconditionFailed:
             pass
@@ -152,7 +152,9 @@ class RemoteLock:
             return self._take()  # released meanwhile
         if self._reclaimable(holder):
             try:
-                self.etag = self.conn.put(fmt.LOCK_NAME, self._record(), if_match=etag)
+                self.etag = self.conn.put(
+                    fmt.LOCK_NAME, self._record(), precondition=IfMatch(etag or "")
+                )
                 return None
             except PreconditionFailed:
                 return self._take()
@@ -205,7 +207,7 @@ class RemoteLock:
                 return
             try:
                 self.etag = self.conn.put(
-                    fmt.LOCK_NAME, self._record(renewal=True), if_match=self.etag
+                    fmt.LOCK_NAME, self._record(renewal=True), precondition=IfMatch(self.etag)
                 )
             except (PreconditionFailed, RemoteNotFoundError):
                 holder, etag = read_lock(self.conn)
@@ -241,7 +243,7 @@ class RemoteLock:
             try:
                 if not self.conn.conditional_writes() and not self._is_ours(read_lock(self.conn)[0]):
                     return  # If-Match would be ignored: another writer's lock stays
-                self.conn.delete(fmt.LOCK_NAME, if_match=etag)
+                self.conn.delete(fmt.LOCK_NAME, IfMatch(etag))
                 return
             except PreconditionFailed:
                 return  # no longer ours
@@ -266,7 +268,7 @@ _DAMAGED_LOCK = {
 """What a damaged lock record reads as: nobody's, expired (a writer replaces it)."""
 
 
-def read_lock(conn: S3Connection) -> tuple[dict | None, str | None]:
+def read_lock(conn: Store) -> tuple[dict | None, str | None]:
     """The current lock record and its ETag, or ``(None, None)`` when unlocked.
 
     The record is validated (:func:`check_lock_record`); a damaged one reads as an expired
@@ -306,7 +308,7 @@ def check_lock_record(obj: Any) -> dict | None:
     return {f: obj.get(f) for f in _DAMAGED_LOCK}
 
 
-def _locked_message(conn: S3Connection, holder: dict) -> str:
+def _locked_message(conn: Store, holder: dict) -> str:
     left = holder.get("expires", 0) - time.time()
     return (
         f"{conn!r} is locked by another writer: host {holder.get('host')!r}, pid "
@@ -316,7 +318,7 @@ def _locked_message(conn: S3Connection, holder: dict) -> str:
     )
 
 
-def break_lock(conn: S3Connection) -> dict | None:
+def break_lock(conn: Store) -> dict | None:
     """Delete the write lock of the database of ``conn`` (writable) by hand; returns the
     broken record (see :func:`ebooklet.break_lock`)."""
     holder, _ = read_lock(conn)

@@ -29,8 +29,9 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from . import format as fmt
-from .connection import PUBLIC_FIELDS, Fetched, S3Connection, connection_from
+from .connection import S3Connection, connection_from
 from .errors import EBookletError, IntegrityError, RemoteNotFoundError, UntrustedEndpointError
+from .store import PUBLIC_FIELDS, Fetched
 
 if TYPE_CHECKING:
     from .ebooklet import EBooklet

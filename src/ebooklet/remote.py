@@ -16,7 +16,6 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol
 
 from . import format as fmt
-from .connection import NotModified, S3Connection
 from .errors import (
     CacheDamagedError,
     ConsistencyWarning,
@@ -28,6 +27,7 @@ from .errors import (
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN
+from .store import IfMatch, Mode, NotModified, Store
 
 PACK_SIZE = 4 << 20
 """Small values are grouped into packs of about this many bytes. Kept small enough
@@ -66,7 +66,7 @@ class RemoteIndex:
         mirror: where fetched manifests and shards are kept.
     """
 
-    def __init__(self, conn: S3Connection | None, mirror: Mirror):
+    def __init__(self, conn: Store | None, mirror: Mirror):
         self.conn = conn
         self.mirror = mirror
         self.manifest, self.etag = mirror.get_manifest()
@@ -209,7 +209,7 @@ class RemoteIndex:
         missing = sorted({n for n in names if n is not None and self.local_shard(n)[0] is None})
         if missing:
             self._require_conn()
-            list(self.conn.map(self.shard, missing))
+            list(self.conn.workers.map(self.shard, missing))
 
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
@@ -256,7 +256,7 @@ class RemoteIndex:
         """Download and md5-verify values; yields ``(key, entry, bytes)``.
 
         Neighbouring values of the same pack are coalesced into one range GET;
-        ranges are fetched ``conn.threads`` at a time. Values larger than
+        ranges are fetched ``conn.workers.threads`` at a time. Values larger than
         :data:`PART_SIZE` come last, see :meth:`_fetch_large`. With
         ``reuse_buffers``, those come as memoryviews of buffers that later values
         reuse: each is valid only until the caller asks for the next item.
@@ -271,7 +271,7 @@ class RemoteIndex:
             if rng.length > PART_SIZE:
                 continue
             batch.append(rng)
-            if len(batch) == self.conn.threads:
+            if len(batch) == self.conn.workers.threads:
                 yield from self._fetch_batch(batch)
                 batch = []
         yield from self._fetch_batch(batch)
@@ -281,7 +281,7 @@ class RemoteIndex:
         return self.conn.get_range(fmt.pack_name(rng.pack), rng.start, rng.length, into)
 
     def _fetch_batch(self, batch: list[_Range]) -> Iterator[tuple[bytes, Entry, bytes]]:
-        for rng, data in zip(batch, self.conn.map(self._download, batch), strict=False):
+        for rng, data in zip(batch, self.conn.workers.map(self._download, batch), strict=False):
             yield from self._verified(rng, data)
 
     def _fetch_large(
@@ -307,7 +307,8 @@ class RemoteIndex:
                     rng = todo.popleft()
                     buffer = _buffer_for(free, rng.length) if reuse_buffers else None
                     size = max(len(buffer), rng.length) if buffer is not None else rng.length
-                    pending.append((size, buffer, self.conn.submit(self._fetch_verified, rng, buffer)))
+                    future = self.conn.workers.submit(self._fetch_verified, rng, buffer)
+                    pending.append((size, buffer, future))
                     held += size
                 size, buffer, future = pending.popleft()
                 yield from future.result()
@@ -418,7 +419,7 @@ class RemoteIndex:
             )
         try:
             etag = self.conn.put(
-                "", body, if_match=base_etag, if_none_match=base_etag is None,
+                "", body, precondition=Mode.CREATE if base_etag is None else IfMatch(base_etag),
                 content_type="application/json",
             )
         except (PreconditionFailed, OfflineError, RemoteError) as exc:
@@ -541,7 +542,7 @@ TAIL_READ = 64 << 10
 """Bytes read from a pack's end to get its footer in one GET (most footers fit)."""
 
 
-def read_pack_footer(conn: S3Connection, name: str) -> tuple[list[fmt.PackItem], bytes, int]:
+def read_pack_footer(conn: Store, name: str) -> tuple[list[fmt.PackItem], bytes, int]:
     """A pack's footer items, its tail bytes (footer + trailer) and its size.
 
     One suffix-range GET, a second only for a footer over :data:`TAIL_READ`;

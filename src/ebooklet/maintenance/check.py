@@ -97,7 +97,7 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         return None
 
     good = set()
-    for name, problem in zip(names, conn.map(load, names), strict=True):
+    for name, problem in zip(names, conn.workers.map(load, names), strict=True):
         result.shards_checked += 1
         if problem == "missing":
             result.missing.append(name)
@@ -110,7 +110,7 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         item for _, name in fmt.iter_shard_names(head) if name in good for item in shards[name].items()
     ]
     packs = sorted(n for n in referenced if n.startswith(fmt.PREFIX + "pack/"))
-    present = dict(zip(packs, conn.map(exists, packs), strict=True))
+    present = dict(zip(packs, conn.workers.map(exists, packs), strict=True))
     result.packs_checked = len(packs)
     result.missing.extend(n for n, ok in present.items() if not ok)
     if listing is not None:
@@ -157,4 +157,4 @@ def _verify_values(conn: S3Connection, wanted: list[tuple[bytes, Entry]]) -> lis
                 bad.append(f"{key!r}: the value in {name} does not match its md5")
         return bad
 
-    return [problem for problems in conn.map(verify, ranges) for problem in problems]
+    return [problem for problems in conn.workers.map(verify, ranges) for problem in problems]

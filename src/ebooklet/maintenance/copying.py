@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
-from ..connection import COPY_SINGLE_MAX, ObjectVersion, S3Connection
+from ..connection import COPY_SINGLE_MAX, S3Connection
 from ..errors import (
     IntegrityError,
     PreconditionFailed,
@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..lock import RemoteLock
 from ..remote import PART_SIZE, RemoteIndex, read_pack_footer
+from ..store import ObjectVersion
 from . import versioning
 from .history import db_head, writable_conn
 from .shards import MemoryMirror, Shards
@@ -227,7 +228,7 @@ def _copy_server_side(
     """Copy inside the store (``CopyObject``), then check every copy's size."""
     large = [n for n in todo if sizes[n] > COPY_SINGLE_MAX]
     small = [n for n in todo if sizes[n] <= COPY_SINGLE_MAX]
-    list(target.map(lambda name: target.copy_object(source, name, sizes[name]), small))
+    list(target.workers.map(lambda name: target.copy_object(source, name, sizes[name]), small))
     for name in large:  # multipart copies run their parts on the pool themselves
         target.copy_object(source, name, sizes[name])
     after = dict(target.list(fmt.PREFIX))
@@ -304,7 +305,7 @@ def _copy_streamed(
         target.put(name, data)
         return 1, len(data)
 
-    done = list(source.map(small_copy, todo))
+    done = list(source.workers.map(small_copy, todo))
     result.objects_copied += sum(n for n, _ in done)
     result.bytes_copied += sum(b for _, b in done)
     result.objects_skipped += len(todo) - sum(n for n, _ in done) - len(large)

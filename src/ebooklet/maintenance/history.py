@@ -113,7 +113,7 @@ def iter_chain(
         names = listing if listing is not None else (n for n, _ in conn.list(fmt.PREFIX + "commit/"))
         low = head["seq"] - limit if limit is not None else 0
         wanted = [n for n in names if (p := _parse_commit_name(n)) and low < p[0] < head["seq"]]
-        fetched = zip(wanted, conn.map(lambda name: _fetch_record(conn, name), wanted), strict=True)
+        fetched = zip(wanted, conn.workers.map(lambda name: _fetch_record(conn, name), wanted), strict=True)
         records = {name: m for name, m in fetched if m is not None}
     yield head
     count, ref = 1, head.get("parent")

@@ -77,7 +77,7 @@ class Shards:
         def fetch(name: str) -> tuple[str, dict[bytes, Entry]]:
             return name, fmt.decode_shard(self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES).data, name)
 
-        for name, shard in self.conn.map(fetch, sorted(missing)):
+        for name, shard in self.conn.workers.map(fetch, sorted(missing)):
             self._cache[name] = shard
 
     def add(self, name: str, entries: dict[bytes, Entry]) -> None:

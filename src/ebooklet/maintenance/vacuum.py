@@ -221,7 +221,7 @@ def _packs_to_rewrite(
             return True
         return live_bytes(pack) < rewrite_below * sum(it.length for it in items)
 
-    return {p for p, yes in zip(candidates, conn.map(qualifies, candidates), strict=True) if yes}
+    return {p for p, yes in zip(candidates, conn.workers.map(qualifies, candidates), strict=True) if yes}
 
 
 def _relayout(

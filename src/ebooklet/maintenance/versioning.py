@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
-from ..connection import ObjectVersion, S3Connection
+from ..connection import S3Connection
 from ..errors import AuthError, RemoteError
+from ..store import ObjectVersion
 
 
 def versions(conn: S3Connection, suffix: str, exact: bool = False) -> list[ObjectVersion] | None:
