@@ -25,6 +25,7 @@ from .errors import (
     ShardLimitError,
     UntrustedEndpointError,
     UntrustedSerializerError,
+    VacuumConflictError,
 )
 from .rcg import RemoteConnGroup
 
@@ -59,6 +60,7 @@ __all__ = [
     "ShardLimitError",
     "UntrustedEndpointError",
     "UntrustedSerializerError",
+    "VacuumConflictError",
     "break_lock",
     "check",
     "open",

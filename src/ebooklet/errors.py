@@ -10,7 +10,8 @@ to do about it. Where a builtin means the same, the error subclasses it too, so 
     │   ├── RemoteNotFoundError ···················· also FileNotFoundError
     │   ├── RemoteExistsError ······················ also FileExistsError
     │   ├── ConflictError
-    │   │   └── CommitRetryError
+    │   │   ├── CommitRetryError
+    │   │   └── VacuumConflictError
     │   ├── LockedError
     │   ├── IntegrityError
     │   │   └── CacheDamagedError
@@ -179,4 +180,22 @@ class CommitRetryError(ConflictError):
             "between this push reading the remote and committing (a writer that ignores the "
             "write lock, or a lock broken by hand). Nothing was committed and the edits stay "
             "pending: push again once the other writer is done.",
+        )
+
+
+class VacuumConflictError(ConflictError):
+    """A vacuum that rewrote packs lost its commit: another writer committed while it held
+    the write lock (a writer that ignores the lock, or a lock broken by hand).
+
+    A ``ConflictError`` with no keys (nothing conflicts key by key; the remedy is to run
+    vacuum again), so that ``except ConflictError`` catches it as before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            [],
+            "Another writer committed while vacuum held the lock (a server without "
+            "conditional writes, or a lock broken by hand); nothing was deleted. Run vacuum "
+            "again: the packs and index shards this one wrote are referenced by no commit, "
+            "and the next vacuum deletes them.",
         )

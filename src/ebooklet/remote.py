@@ -394,9 +394,14 @@ class RemoteIndex:
         name = fmt.shard_name(commit_id, number)
         data = fmt.encode_shard(entries)
         self.conn.put(name, data)
+        self.keep_shard(name, data, entries)
+        return name
+
+    def keep_shard(self, name: str, data: bytes, entries: dict[bytes, Entry]) -> None:
+        """Keep a shard this process wrote: its bytes ``data`` in the mirror, its decoded
+        ``entries`` in memory, so that reading it makes no request."""
         self.mirror.set_shard(name, data)
         self._remember(name, entries)
-        return name
 
     # ------------------------------------------------------------ commit
 

@@ -12,7 +12,7 @@ from ..errors import FormatVersionError, IntegrityError, RemoteNotFoundError
 from ..format import Entry
 from ..remote import RemoteIndex, plan_ranges
 from .history import iter_chain
-from .shards import MemoryMirror, Shards
+from .shards import MemoryMirror
 
 
 @dataclass
@@ -64,7 +64,6 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         raise RemoteNotFoundError(f"There is no database at {conn!r} (or it is not public).")
     result.seq, result.commit_id = head["seq"], head["commit_id"]
     listing = dict(conn.list(fmt.PREFIX)) if conn.writable else None
-    shards = Shards(conn)
 
     def exists(name: str) -> bool:
         if listing is not None:
@@ -89,7 +88,7 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
         if listing is not None and name not in listing:
             return "missing"
         try:
-            shards.load([name])
+            index.shard(name)
         except RemoteNotFoundError:
             return "missing"
         except IntegrityError as exc:
@@ -105,9 +104,9 @@ def check_remote(conn: S3Connection, sample: int | float | None = None, seed: in
             result.corrupt.append(problem)
         else:
             good.add(name)
-            referenced.update(fmt.pack_name(e.pack) for e in shards[name].values())
+            referenced.update(fmt.pack_name(e.pack) for e in index.shard(name).values())
     head_entries = [
-        item for _, name in fmt.iter_shard_names(head) if name in good for item in shards[name].items()
+        item for _, name in fmt.iter_shard_names(head) if name in good for item in index.shard(name).items()
     ]
     packs = sorted(n for n in referenced if n.startswith(fmt.PREFIX + "pack/"))
     present = dict(zip(packs, conn.workers.map(exists, packs), strict=True))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
+from .. import remote
 from ..connection import COPY_SINGLE_MAX, S3Connection
 from ..errors import (
     IntegrityError,
@@ -19,11 +20,11 @@ from ..errors import (
     RemoteNotFoundError,
 )
 from ..lock import RemoteLock
-from ..remote import PART_SIZE, RemoteIndex, read_pack_footer
+from ..remote import RemoteIndex, read_pack_footer
 from ..store import ObjectVersion
 from . import versioning
 from .history import db_head, writable_conn
-from .shards import MemoryMirror, Shards
+from .shards import MemoryMirror
 
 if TYPE_CHECKING:
     from ..ebooklet import EBooklet
@@ -169,9 +170,8 @@ def copy_remote(
                 f"{target!r} already holds a database (uuid {old['uuid']}, seq {old['seq']}); "
                 "pass overwrite=True to replace it (its history stays until vacuum)."
             )
-        shards = Shards(source, db._remote)
         names = [name for _, name in fmt.iter_shard_names(head)]
-        packs = sorted({fmt.pack_name(e.pack) for _, e in shards.entries(head)})
+        packs = sorted({fmt.pack_name(e.pack) for _, e in db._remote.iter_entries(head)})
         result = CopyResult("", 0, server_side)
         sizes = dict(source.list(fmt.PREFIX)) if source.writable else None
         existing = dict(target.list(fmt.PREFIX))
@@ -295,7 +295,7 @@ def _copy_streamed(
             items, tail, size = read_pack_footer(source, name)
             if existing.get(name) == size:
                 return 0, 0  # copied before (a pack's name fixes its content)
-            if size > PART_SIZE:
+            if size > remote.PART_SIZE:
                 large.append((name, items, tail, size))
                 return 0, 0
             data = tail if size == len(tail) else source.get_range(name, 0, size)
@@ -320,8 +320,8 @@ def _verified_parts(
 ) -> Iterator[bytes]:
     """A large pack in parts of :data:`PART_SIZE`, each verified before it is handed on."""
     verifier = _PackVerifier(name, items, tail, size)
-    for start in range(0, size, PART_SIZE):
-        chunk = source.get_range(name, start, min(PART_SIZE, size - start))
+    for start in range(0, size, remote.PART_SIZE):
+        chunk = source.get_range(name, start, min(remote.PART_SIZE, size - start))
         verifier.feed(start, chunk)
         if start + len(chunk) == size:
             verifier.finish()  # before the last part goes: a bad value aborts the upload

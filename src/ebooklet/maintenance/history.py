@@ -23,7 +23,7 @@ from ..errors import (
 )
 from ..format import Entry
 from ..remote import RemoteIndex
-from .shards import PinnedMirror, Shards
+from .shards import PinnedMirror
 
 if TYPE_CHECKING:
     from ..ebooklet import EBooklet
@@ -241,10 +241,11 @@ class KeyDiff(NamedTuple):
     new_md5: str | None
 
 
-def diff_manifests(shards: Shards, a: dict, b: dict) -> Iterator[tuple[str, bytes, Entry | None, Entry | None]]:
+def diff_manifests(index: RemoteIndex, a: dict, b: dict) -> Iterator[tuple[str, bytes, Entry | None, Entry | None]]:
     """``(kind, key, entry in a, entry in b)`` for every key whose value differs.
 
-    Shards that both commits share (same object) are skipped unread.
+    Shards are read through ``index``; those that both commits share (same object)
+    are skipped unread.
     """
     if a["n_shards"] == b["n_shards"]:
         pairs = [
@@ -252,14 +253,14 @@ def diff_manifests(shards: Shards, a: dict, b: dict) -> Iterator[tuple[str, byte
             for i in range(a["n_shards"])
             if a["shards"][i] != b["shards"][i]
         ]
-        shards.load([n for pair in pairs for n in pair])
+        index.load_shards([n for pair in pairs for n in pair])
         olds: dict[bytes, Entry] = {}
         news: dict[bytes, Entry] = {}
         for name_a, name_b in pairs:
-            olds.update(shards[name_a])
-            news.update(shards[name_b])
+            olds.update(index.shard(name_a))
+            news.update(index.shard(name_b))
     else:
-        olds, news = dict(shards.entries(a)), dict(shards.entries(b))
+        olds, news = dict(index.iter_entries(a)), dict(index.iter_entries(b))
     for key in sorted(olds.keys() | news.keys()):
         old, new = olds.get(key), news.get(key)
         if old is None:
@@ -275,10 +276,9 @@ def db_diff(db: EBooklet, seq_a: int | str, seq_b: int | str | None = None) -> l
     head = db_head(db)
     a = find_commit(db._conn, head, seq_a)
     b = head if seq_b is None else find_commit(db._conn, head, seq_b)
-    shards = Shards(db._conn, db._remote)
     return [
         KeyDiff(kind, db._decode_key(key), _hex(old), _hex(new))
-        for kind, key, old, new in diff_manifests(shards, a, b)
+        for kind, key, old, new in diff_manifests(db._remote, a, b)
     ]
 
 

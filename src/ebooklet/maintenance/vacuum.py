@@ -12,13 +12,13 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import format as fmt
+from .. import remote
 from ..connection import S3Connection
-from ..errors import ConflictError, IntegrityError, PreconditionFailed, RemoteNotFoundError
+from ..errors import IntegrityError, PreconditionFailed, RemoteNotFoundError, VacuumConflictError
 from ..format import Entry
-from ..remote import PACK_SIZE, read_pack_footer
+from ..remote import RemoteIndex, read_pack_footer
 from . import versioning
 from .history import db_head, iter_chain, writable_conn
-from .shards import Shards
 
 if TYPE_CHECKING:
     from ..ebooklet import EBooklet
@@ -116,12 +116,12 @@ class _Live(NamedTuple):
     entry: Entry
 
 
-def _live_values(shards: Shards, kept: list[dict]) -> dict[bytes, dict[tuple[int, int], _Live]]:
+def _live_values(index: RemoteIndex, kept: list[dict]) -> dict[bytes, dict[tuple[int, int], _Live]]:
     """The values the kept commits reference: ``pack -> (offset, length) -> _Live``."""
     live: dict[bytes, dict[tuple[int, int], _Live]] = {}
     for m in kept:
         for _, name in fmt.iter_shard_names(m):
-            for key, e in shards[name].items():
+            for key, e in index.shard(name).items():
                 live.setdefault(e.pack, {}).setdefault((e.offset, e.length), _Live(key, e))
     return live
 
@@ -155,9 +155,9 @@ def vacuum(
     result = VacuumResult(commits_removed=[m["seq"] for m in removed])
 
     # what the kept commits reference
-    shards = Shards(conn, db._remote)
-    shards.load(name for m in kept for _, name in fmt.iter_shard_names(m))
-    live = _live_values(shards, kept)
+    index = db._remote
+    index.load_shards(name for m in kept for _, name in fmt.iter_shard_names(m))
+    live = _live_values(index, kept)
     missing = [p.hex() for p in live if fmt.pack_name(p) not in listing]
     if missing:
         raise IntegrityError(
@@ -168,8 +168,8 @@ def vacuum(
     rewrite = _packs_to_rewrite(conn, live, listing, rewrite_below, purge)
     if rewrite:
         lock.ensure()
-        kept = _relayout(db, conn, kept, shards, live, rewrite, result)
-        live = _live_values(shards, kept)
+        kept = _relayout(index, conn, kept, live, rewrite, result)
+        live = _live_values(index, kept)
 
     keep_names = {fmt.commit_name(m["seq"], m["commit_id"]) for m in kept}
     keep_names.update(name for m in kept for _, name in fmt.iter_shard_names(m))
@@ -225,10 +225,9 @@ def _packs_to_rewrite(
 
 
 def _relayout(
-    db: EBooklet,
+    index: RemoteIndex,
     conn: S3Connection,
     kept: list[dict],
-    shards: Shards,
     live: dict[bytes, dict[tuple[int, int], _Live]],
     rewrite: set[bytes],
     result: VacuumResult,
@@ -239,8 +238,10 @@ def _relayout(
     one, whose parent pointer changes) gets a new commit id and record; the
     head's is committed with the usual conditional manifest PUT. Returns the new
     kept manifests, newest first. Nothing is deleted here.
+
+    Raises:
+        VacuumConflictError: another writer committed meanwhile (nothing is deleted).
     """
-    remote = db._remote
     moved: dict[tuple[bytes, int], Entry] = {}
     values = sorted(
         (v for pack in rewrite for v in live[pack].values()),
@@ -253,15 +254,15 @@ def _relayout(
         nonlocal batch, size
         if not batch:
             return
-        fetched = {(e.pack, e.offset): raw for _, e, raw in remote.fetch_values(batch)}
+        fetched = {(e.pack, e.offset): raw for _, e, raw in index.fetch_values(batch)}
         items = [(v.key, fetched[(v.entry.pack, v.entry.offset)], v.entry.md5, v.entry.timestamp) for v in batch]
-        for v, (_, new) in zip(batch, remote.upload_pack(items).located, strict=True):
+        for v, (_, new) in zip(batch, index.upload_pack(items).located, strict=True):
             moved[(v.entry.pack, v.entry.offset)] = new
         result.bytes_written += size
         batch, size = [], 0
 
     for v in values:
-        if size and size + v.entry.length > PACK_SIZE:
+        if size and size + v.entry.length > remote.PACK_SIZE:
             flush()
         batch.append(v)
         size += v.entry.length
@@ -275,7 +276,7 @@ def _relayout(
     for m in reversed(kept):  # oldest first, so parents are re-laid before children
         touched = [
             (i, name) for i, name in fmt.iter_shard_names(m)
-            if name in renamed or any(e.pack in rewrite for e in shards[name].values())
+            if name in renamed or any(e.pack in rewrite for e in index.shard(name).values())
         ]
         parent = m.get("parent")
         if not touched and not (parent and parent["commit_id"] in relaid):
@@ -290,13 +291,13 @@ def _relayout(
             if name not in renamed:
                 entries = {
                     k: moved.get((e.pack, e.offset), e) if e.pack in rewrite else e
-                    for k, e in shards[name].items()
+                    for k, e in index.shard(name).items()
                 }
                 data = fmt.encode_shard(entries)
                 conn.put(fmt.shard_name(commit_id, i), data)
                 result.bytes_written += len(data)
                 renamed[name] = commit_id
-                shards.add(fmt.shard_name(commit_id, i), entries)
+                index.keep_shard(fmt.shard_name(commit_id, i), data, entries)
             new["shards"][i] = renamed[name]
         relaid[m["commit_id"]] = commit_id
         body = fmt.encode_manifest(new)
@@ -307,13 +308,9 @@ def _relayout(
     new_head = new_kept[-1]
     if new_head is not kept[0]:
         try:
-            remote.commit(new_head, remote.etag)
+            index.commit(new_head, index.etag)
         except PreconditionFailed:
-            raise ConflictError(
-                [],
-                "Another writer committed while vacuum held the lock (a server without "
-                "conditional writes, or a lock broken by hand); nothing was deleted. Run vacuum again.",
-            ) from None
+            raise VacuumConflictError() from None
     return list(reversed(new_kept))
 
 
