@@ -25,6 +25,7 @@ LAYERS = [
         "maintenance.vacuum",
         "maintenance.check",
         "maintenance.shards",
+        "maintenance.versioning",
     },
     {"ebooklet"},
     {"rcg"},
