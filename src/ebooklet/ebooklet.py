@@ -294,7 +294,7 @@ class EBooklet(MutableMapping):
         return f"<EBooklet {str(self.path)!r} flag={self.flag!r} {state} remote={replica.conn!r}>"
 
     # ------------------------------------------------------------ remote management
-    # (thin wrappers: the work is in maintenance.py; see docs/history-and-vacuum.md)
+    # (thin wrappers: the work is in maintenance/; see docs/history-and-vacuum.md)
 
     @property
     def commit(self) -> int | None:

@@ -565,6 +565,11 @@ class Replica:
     # ------------------------------------------------------------ encoding
 
     def encode_key(self, key: Any) -> bytes:
+        """``key`` encoded by the key serializer.
+
+        Raises:
+            SerializationError: the serializer refuses it or returns no bytes.
+        """
         try:
             kb = self._ks.dumps(key)
         except Exception as exc:
@@ -574,6 +579,11 @@ class Replica:
         return kb
 
     def encode_value(self, value: Any) -> bytes:
+        """``value`` encoded by the value serializer.
+
+        Raises:
+            SerializationError: the serializer refuses it or returns no bytes.
+        """
         try:
             raw = self._vs.dumps(value)
         except Exception as exc:
@@ -594,6 +604,11 @@ class Replica:
         return raw
 
     def decode_value(self, raw: bytes) -> Any:
+        """The value encoded as ``raw``.
+
+        Raises:
+            SerializationError: the value serializer fails on it.
+        """
         try:
             return self._vs.loads(raw)
         except SerializationError:
@@ -625,10 +640,13 @@ class Replica:
     # ------------------------------------------------------------ state checks
 
     def check_open(self) -> None:
+        """Raises ``EBookletError`` once the replica is closed."""
         if self._closed:
             raise EBookletError(f"{self.path} is closed; reopen it with ebooklet.open().")
 
     def check_writable(self) -> None:
+        """Raises ``EBookletError`` when closed, ``ReadOnlyError`` (saying why) when the
+        copy was opened read-only."""
         self.check_open()
         if self.writable:
             return
@@ -655,6 +673,8 @@ class Replica:
                 "(read-only file system, or no permission); read values with get(), items() "
                 "or get_items() instead: they are fetched without being cached."
             )
+
+    # ------------------------------------------------------------ the data file
 
     def store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
@@ -923,11 +943,18 @@ class Replica:
             self._lock.acquire(timeout)
         return self._lock
 
-    def pin(self, manifest: dict, remote: RemoteIndex) -> None:
-        """Show the snapshot ``manifest`` (read through ``remote``) instead of the head,
-        for the rest of this session: refreshes keep it."""
+    def release_lock(self) -> None:
+        """Release the remote write lock if this copy holds it."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def pin(self, manifest: dict) -> None:
+        """Show the snapshot ``manifest`` (a past commit's) instead of the head, for the
+        rest of this session: refreshes keep it. Its index shards are read through the
+        local mirror, whose head stays as it was."""
         self._pinned = manifest
-        self._remote = remote
+        self._remote = RemoteIndex(self._conn, _PinnedMirror(manifest, self._mirror))
 
     def keep_values_local(self) -> None:
         """Before the remote is deleted: every value this copy shows from its data file
@@ -977,9 +1004,7 @@ class Replica:
         ):
             with contextlib.suppress(AttributeError):
                 closer()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self.release_lock()
 
     def close(self) -> None:
         """Flush and close the local files and release the remote write lock."""
@@ -992,14 +1017,30 @@ class Replica:
             self._closed = True
             self._close_files()
 
-    # The names maintenance.py reads until it takes the Replica's public verbs (this
-    # stage's last step removes them).
-    _check_open = check_open
-    _decode_key = decode_key
-    _ensure_lock = ensure_lock
-    _refresh = refresh
-    _hold_local_values = keep_values_local
-    _forget_deleted_remote = detach
+class _PinnedMirror:
+    """The mirror of a snapshot (see ``remote.Mirror``): the pinned manifest in memory,
+    shards through the real mirror ``base``. Index shards are immutable and named by the
+    commit that wrote them, so the local ``P.remote_index`` can share them; its head is
+    never changed."""
+
+    def __init__(self, manifest: dict, base: IndexMirror):
+        self._manifest: tuple[dict | None, str | None] = (manifest, None)
+        self._base = base
+
+    def get_manifest(self) -> tuple[dict | None, str | None]:
+        return self._manifest
+
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
+        self._manifest = (manifest, etag)
+
+    def get_shard(self, name: str) -> bytes | None:
+        return self._base.get_shard(name)
+
+    def set_shard(self, name: str, data: bytes) -> None:
+        self._base.set_shard(name, data)
+
+    def drop_shards(self, names: Iterable[str]) -> None:
+        pass
 
 
 def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | None = None) -> str:

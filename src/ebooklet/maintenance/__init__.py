@@ -31,7 +31,7 @@ from .history import (
     iter_chain,
     pin_commit,
 )
-from .shards import MemoryMirror, PinnedMirror
+from .shards import MemoryMirror
 from .vacuum import DEFAULT_REWRITE_BELOW, VacuumResult, vacuum
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "DeleteResult",
     "KeyDiff",
     "MemoryMirror",
-    "PinnedMirror",
     "VacuumResult",
     "check_commit_arg",
     "check_remote",
