@@ -41,6 +41,7 @@ class Reads:
         self._replica = replica
         self._log = replica.log  # both fixed for the replica's life: read on the hot path
         self._data = replica.data
+        self._encode_key = replica.encode_key
         self._warned_unchecked = False  # see _unchecked_copy
 
     def _remote_entry(self, kb: bytes) -> Any:
@@ -75,7 +76,7 @@ class Reads:
     def lookup(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key, fetching it if needed."""
         self._replica.check_open()
-        kb = self._replica.encode_key(key)
+        kb = self._encode_key(key)
         local = self._local_only(kb)
         if local is not None:
             return self._edited(key, kb) if local else None
@@ -113,7 +114,7 @@ class Reads:
         of a local get (benchmarks/README.md)."""
         if self._replica.closed:
             self._replica.check_open()
-        kb = self._replica.encode_key(key)
+        kb = self._encode_key(key)
         edit = self._log.edits.get(kb)
         if edit is not None and edit.md5 is not None and self._log.checked.get(kb) == edit.md5:
             return self._data.get(key, default)
@@ -197,7 +198,7 @@ class Reads:
         """Whether ``key`` is in the database (asks the remote index only for a key
         without a local edit)."""
         self._replica.check_open()
-        kb = self._replica.encode_key(key)
+        kb = self._encode_key(key)
         local = self._local_only(kb)
         if local is not None:
             return local
@@ -250,7 +251,7 @@ class Reads:
                     f"Listing only locally cached keys: {exc}", OfflineWarning, stacklevel=3
                 )
                 for key in self._data:
-                    kb = self._replica.encode_key(key)
+                    kb = self._encode_key(key)
                     if kb not in edits:
                         yield kb
         for kb, edit in edits.items():
@@ -345,7 +346,7 @@ class Reads:
                 yield key, self._replica.decode_value(raw)
 
     def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
-        yield from self._decoded([self._replica.encode_key(key) for key in keys], self._load(keys))
+        yield from self._decoded([self._encode_key(key) for key in keys], self._load(keys))
 
     def load_items(self, keys: Iterable[Any] | None = None) -> int:
         """Download values into the local file without returning them.
@@ -365,7 +366,7 @@ class Reads:
         (as ``None`` when large or without ``keep``: then only the data file has them)."""
         if self._log.replace or not self._replica.remote.exists or self._replica.offline:
             return {}
-        kbs = [self._replica.encode_key(k) for k in keys] if keys is not None else None
+        kbs = [self._encode_key(k) for k in keys] if keys is not None else None
         if kbs is None:
             candidates = self._indexed(lambda: list(self._replica.remote.iter_entries()))
         else:
@@ -434,7 +435,7 @@ class Reads:
     def timestamp(self, key: Any, include_value: bool = False, default: Any = None) -> Any:
         """The timestamp (µs) of ``key``; ``(timestamp, value)`` with ``include_value``."""
         self._replica.check_open()
-        kb = self._replica.encode_key(key)
+        kb = self._encode_key(key)
         if not include_value and kb not in self._log.edits and not self._log.replace:
             entry = self._remote_entry(kb)
             if entry is None:
