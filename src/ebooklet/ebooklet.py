@@ -13,9 +13,9 @@ from typing import Any
 import booklet
 
 from . import format as fmt
+from . import maintenance
 from .changes import Changes
 from .connection import S3Connection
-from .errors import ReadOnlyError
 from .reads import Reads
 from .replica import OPEN_WAIT as OPEN_WAIT
 from .replica import Replica
@@ -238,19 +238,7 @@ class EBooklet(MutableMapping):
         in several packs, the newest timestamp wins. A recovery and audit tool: it
         cannot know which keys were deleted later.
         """
-        self._replica.check_open()
-        conn = self._replica.conn
-        if conn is None or not conn.writable:
-            raise ReadOnlyError("get_remote_hash lists the bucket: it needs an S3Connection with credentials.")
-        from .remote import read_pack_footer
-
-        found: dict[bytes, tuple[bytes, int]] = {}
-        packs = [name for name, _ in conn.list(fmt.PREFIX + "pack/") if fmt.is_own_name(name)]
-        for items, _, _ in conn.map(lambda name: read_pack_footer(conn, name), packs):
-            for item in items:
-                if item.key not in found or found[item.key][1] < item.timestamp:
-                    found[item.key] = (item.md5, item.timestamp)
-        return {self._replica.decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}
+        return maintenance.remote_hash(self._replica)
 
     def sync(self) -> None:
         """Flush local files to disk."""
@@ -311,8 +299,6 @@ class EBooklet(MutableMapping):
         a public URL too (it follows each commit's parent with GETs). Commits
         removed by :meth:`vacuum` are not listed.
         """
-        from . import maintenance
-
         return maintenance.history(self._replica.conn, maintenance.db_head(self._replica), limit)
 
     def diff(self, seq_a: int | str, seq_b: int | str | None = None) -> list:
@@ -323,8 +309,6 @@ class EBooklet(MutableMapping):
         going from ``seq_a`` to ``seq_b``, sorted by encoded key. Only index
         shards that differ are read; no value is downloaded.
         """
-        from . import maintenance
-
         return maintenance.db_diff(self._replica, seq_a, seq_b)
 
     def delete_remote(self) -> Any:
@@ -338,8 +322,6 @@ class EBooklet(MutableMapping):
         recreate the remote. This object goes on working offline (``remote``
         becomes ``None``). Returns a :class:`ebooklet.maintenance.DeleteResult`.
         """
-        from . import maintenance
-
         return maintenance.delete_remote(self._replica)
 
     def copy_remote(
@@ -367,8 +349,6 @@ class EBooklet(MutableMapping):
 
         Returns a :class:`ebooklet.maintenance.CopyResult`.
         """
-        from . import maintenance
-
         return maintenance.copy_remote(self._replica, target, overwrite, server_side, message)
 
     def vacuum(
@@ -393,8 +373,6 @@ class EBooklet(MutableMapping):
         Returns a :class:`ebooklet.maintenance.VacuumResult` (what was removed,
         ``bytes_reclaimed``).
         """
-        from . import maintenance
-
         return maintenance.vacuum(self._replica, keep, older_than, rewrite_below, purge)
 
 

@@ -17,7 +17,7 @@ below are the package's interface; ``history`` and ``vacuum`` here are the
 functions, not the modules of the same name.
 """
 
-from .check import CheckResult, check_remote
+from .check import CheckResult, check_remote, remote_hash
 from .copying import CopyResult, DeleteResult, copy_remote, delete_remote, same_store
 from .history import (
     Commit,
@@ -54,6 +54,7 @@ __all__ = [
     "history",
     "iter_chain",
     "pin_commit",
+    "remote_hash",
     "same_store",
     "vacuum",
 ]
