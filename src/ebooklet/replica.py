@@ -676,7 +676,7 @@ class Replica:
 
     # ------------------------------------------------------------ the data file
 
-    def store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
+    def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
         file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
@@ -778,7 +778,7 @@ class Replica:
         ``kb``) as a local edit; ``retimed``: only its timestamp changed."""
         with self._rlock:
             self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed)
-            self.store(key, raw, timestamp)
+            self._store(key, raw, timestamp)
             if not retimed:
                 self._log.checked[kb] = md5
 
