@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ebooklet"
 
 LAYERS = [
@@ -131,12 +129,10 @@ def _upward_imports(modules: dict[str, ast.Module]) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 stage 2: the Replica is not there yet")
 def test_no_module_reaches_into_another_modules_private_state():
     assert _reach_ins(_modules()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: upward imports remain")
 def test_imports_go_only_downward():
     assert _upward_imports(_modules()) == []
 

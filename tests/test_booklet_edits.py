@@ -22,7 +22,7 @@ import booklet
 import pytest
 
 import ebooklet
-import ebooklet.ebooklet
+import ebooklet.replica
 
 PUSHED = {"a": 1, "b": 2, "c": 3, "d": 4}
 
@@ -148,14 +148,14 @@ def test_a_clean_reopen_reads_no_record(conn: Any, tmp_path: Path, monkeypatch: 
     path = tmp_path / "db"
     seed(conn, path, {f"k{i}": i for i in range(2000)})
     read: list[int] = []
-    real_scan = ebooklet.ebooklet.scan
+    real_scan = ebooklet.replica.scan
 
     def counting_scan(*args: Any) -> Any:
         for record in real_scan(*args):
             read.append(1)
             yield record
 
-    monkeypatch.setattr(ebooklet.ebooklet, "scan", counting_scan)
+    monkeypatch.setattr(ebooklet.replica, "scan", counting_scan)
     ebooklet.open(conn, path, "w").close()
     assert read == []
     with booklet.open(str(path), "w") as book:

@@ -75,7 +75,7 @@ def hold_first_commit():
     # Timing only: stop the push right before its first commit until the parent says
     # "go", so that two writers provably build on the same head. Nothing is faked:
     # the real commit (commit record + conditional manifest PUT) runs afterwards.
-    real = db._remote.commit
+    real = db._replica.remote.commit
     calls = []
 
     def commit(manifest, base_etag):
@@ -86,7 +86,7 @@ def hold_first_commit():
                 raise RuntimeError("expected go")
         return real(manifest, base_etag)
 
-    db._remote.commit = commit
+    db._replica.remote.commit = commit
     return calls
 
 

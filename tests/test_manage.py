@@ -694,7 +694,7 @@ def test_copies_opened_before_a_vacuum_read_the_values_it_moved(
     assert ebooklet.check(conn).ok
     with ebooklet.open(reader(), tmp_path / "late.blt", value_serializer="pickle") as late:
         assert late["k5"] == "new 5"
-        pack = fmt.pack_name(late._remote.entry(late._key("k1")).pack)
+        pack = fmt.pack_name(late._replica.remote.entry(late._replica.encode_key("k1")).pack)
         s3_server.client().delete_object(Bucket=s3_server.bucket, Key=db_key + pack)
         with pytest.raises(RemoteNotFoundError):
             late["k1"]
@@ -737,10 +737,11 @@ def test_push_after_another_client_vacuumed_its_uploads_away(conn: Any, make_con
     with ebooklet.open(conn, path, "w") as db:
         db["b"] = "the value"
         # the state a push interrupted between its uploads and its commit leaves behind
-        kb = db._key("b")
-        ts, raw = db._cached("b")
-        uploaded = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
-        db._log.record_pack(uploaded.pack, uploaded.footer)
+        replica = db._replica
+        kb = replica.encode_key("b")
+        ts, raw = replica.cached("b")
+        uploaded = replica.remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
+        replica.log.record_pack(uploaded.pack, uploaded.footer)
     with ebooklet.open(make_conn(), tmp_path / "admin.blt", "r", value_serializer="pickle") as admin:
         assert admin.vacuum().packs_removed == 1
     push(conn, path)
@@ -764,8 +765,8 @@ def test_check_verifies_without_changing_anything(three_commits: Path, conn: Any
     client = s3_server.client()
     before = objects(s3_server, db_key)
     with ebooklet.open(conn, three_commits) as db:
-        shard = db_key + fmt.shard_name_at(db._remote.manifest, 0)
-        entry = db._remote.entry(b"b")  # a live value
+        shard = db_key + fmt.shard_name_at(db._replica.remote.manifest, 0)
+        entry = db._replica.remote.entry(b"b")  # a live value
     pack = db_key + fmt.pack_name(entry.pack)
     corrupt = bytearray(before[pack])
     corrupt[entry.offset] ^= 0xFF

@@ -285,7 +285,7 @@ def test_a_write_in_the_items_loop_wins_over_the_download_of_a_later_key(
     """A key written or deleted in the loop before items() reaches it keeps the loop's
     edit: its remote value, downloaded afterwards, neither replaces the edit in the local
     file nor is yielded."""
-    monkeypatch.setattr(ebooklet.ebooklet, "_CHUNK_BYTES", 1)  # one download per value
+    monkeypatch.setattr(ebooklet.reads, "_CHUNK_BYTES", 1)  # one download per value
     data = small_values(20)
     push_new(conn, tmp_path / "w.blt", data)
     with open_db(make_conn(), tmp_path / "r.blt", "w") as db:
@@ -335,16 +335,17 @@ def test_a_push_reuses_the_packs_an_interrupted_push_uploaded(
     with open_db(conn, path, "w") as db:
         db.update(data)
         # what a push killed between its pack uploads and its commit leaves behind
-        stored = list(db._stored_values([db._key(k) for k in data]))
+        replica = db._replica
+        stored = list(replica.stored_values([replica.encode_key(k) for k in data]))
         for half in (stored[:150], stored[150:]):
-            done = db._remote.upload_pack([(kb, raw, fmt.md5(raw), ts) for kb, ts, raw in half])
-            db._log.record_pack(done.pack, done.footer)
+            done = replica.remote.upload_pack([(kb, raw, fmt.md5(raw), ts) for kb, ts, raw in half])
+            replica.log.record_pack(done.pack, done.footer)
     with open_db(conn, path, "w") as db:
-        assert len(db._log.uploads) == 300
+        assert len(db._replica.log.uploads) == 300
         result = db.changes().push()
         assert result.keys_pushed == 300
         assert result.bytes_uploaded == 0
-        assert db._log.uploads == {}
+        assert db._replica.log.uploads == {}
     with open_db(make_conn(), tmp_path / "r.blt") as db:
         assert dict(db.items()) == {"first": b"1", **data}
 

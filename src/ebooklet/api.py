@@ -16,6 +16,7 @@ from .connection import S3Connection, connection_from
 from .ebooklet import EBooklet
 from .maintenance import CheckResult, check_commit_arg
 from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
+from .replica import Replica
 
 
 def open(
@@ -96,10 +97,12 @@ def open(
             raise ValueError(f"A remote connection group has {GROUP_KEY_SERIALIZER!r} keys; drop key_serializer.")
         # Passed explicitly: a group whose manifest records anything else is refused.
         value_serializer, key_serializer = GROUP_SERIALIZER, GROUP_KEY_SERIALIZER
-    db = EBooklet._open(
-        remote, file_path, flag, value_serializer, key_serializer,
-        n_buckets, buffer_size, lock_timeout, timeout, commit, trust_serializers, remote_timeout,
+    replica = Replica(
+        remote, file_path, flag, value_serializer, key_serializer, n_buckets, buffer_size,
+        lock_timeout, timeout, trust_serializers, remote_timeout,
+        pin=None if commit is None else lambda opened: maintenance.pin_commit(opened, commit),
     )
+    db = EBooklet(replica)
     return RemoteConnGroup(db) if remote_conn_group else db
 
 

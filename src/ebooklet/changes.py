@@ -13,9 +13,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from . import format as fmt
+from . import remote as remote_module
 from ._booklet_io import n_buckets
 from .errors import (
     CommitRetryError,
@@ -27,10 +28,9 @@ from .errors import (
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
-from .remote import LARGE_IN_FLIGHT, PACK_SIZE, PART_SIZE, PackUpload
-
-if TYPE_CHECKING:
-    from .ebooklet import EBooklet
+from .reads import Reads
+from .remote import PackUpload
+from .replica import Replica
 
 MAX_COMMIT_ATTEMPTS = 8
 
@@ -104,7 +104,7 @@ class _LargeUploads:
         self._duplicates = duplicates
         self._finished = finished
         self._claim = threading.Lock()
-        self._pool = ThreadPoolExecutor(LARGE_IN_FLIGHT // PART_SIZE, "ebooklet-large")
+        self._pool = ThreadPoolExecutor(remote_module.LARGE_IN_FLIGHT // remote_module.PART_SIZE, "ebooklet-large")
         self._pending: deque[tuple[int, Future]] = deque()
         self._held = 0
         self._uploaded = 0
@@ -112,7 +112,7 @@ class _LargeUploads:
     def add(self, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
         """Upload ``raw``, whose md5 must be ``expected``, once fewer bytes are in flight
         (waits for the oldest uploads)."""
-        while self._pending and self._held + len(raw) > LARGE_IN_FLIGHT:
+        while self._pending and self._held + len(raw) > remote_module.LARGE_IN_FLIGHT:
             self._collect()
         self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw, expected)))
         self._held += len(raw)
@@ -163,57 +163,58 @@ class Changes:
     Obtained from :meth:`EBooklet.changes`.
     """
 
-    def __init__(self, db: EBooklet):
-        self._db = db
+    def __init__(self, replica: Replica, reads: Reads):
+        self._replica = replica
+        self._reads = reads
         self._packs_checked: dict[bytes, bool] = {}
 
     # ------------------------------------------------------------ inspecting
 
     def _remote_entries(self, keys: Iterable[bytes]) -> dict[bytes, Entry | None]:
-        db = self._db
-        if db._log.replace:
+        replica = self._replica
+        if replica.log.replace:
             return dict.fromkeys(keys)
-        return db._remote.entries(keys)
+        return replica.remote.entries(keys)
 
     def _refresh(self) -> None:
-        db = self._db
-        if db._conn is None:
+        replica = self._replica
+        if replica.conn is None:
             raise OfflineError(
-                f"{db.path} has no remote; reopen it with an S3Connection to sync."
+                f"{replica.path} has no remote; reopen it with an S3Connection to sync."
             )
-        db._refresh()
+        replica.refresh()
 
     def iter_changes(self) -> Iterator[Change]:
         """Every local edit, conflict, and remote change to a locally cached value.
 
         Refreshes the remote manifest first (offline: local edits only).
         """
-        db = self._db
+        replica = self._replica
         try:
             self._refresh()
             online = True
         except OfflineError:
             online = False
-        edits = dict(db._log.edits)
+        edits = dict(replica.log.edits)
         remote = self._remote_entries(edits) if online else dict.fromkeys(edits, REMOTE_UNKNOWN)
-        replacing = db._log.replace
+        replacing = replica.log.replace
         for kb, edit in edits.items():
             entry = remote[kb]
             state = three_way(edit, entry, self._edit_ts(kb, edit), replacing)
             if state.listed:
                 r = remote_md5(edit, entry, replacing)
-                yield Change(state.value, db._decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
+                yield Change(state.value, replica.decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
         if online and not replacing:
             for kb, state, entry in self._stale_cache():
-                yield Change(state.value, db._decode_key(kb), None, _hex(entry and entry.md5), None)
+                yield Change(state.value, replica.decode_key(kb), None, _hex(entry and entry.md5), None)
 
     def _stale_cache(self) -> Iterator[tuple[bytes, State, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
-        db = self._db
-        cached = [(kb, ts) for kb, ts in db._scan(include_value=False) if kb not in db._log.edits]
-        remote = db._remote.entries(kb for kb, _ in cached)
+        replica = self._replica
+        cached = [(kb, ts) for kb, ts in replica.scan(include_value=False) if kb not in replica.log.edits]
+        remote = replica.remote.entries(kb for kb, _ in cached)
         for kb, ts in cached:
-            state = three_way(None, remote[kb], ts, db._log.replace)
+            state = three_way(None, remote[kb], ts, replica.log.replace)
             if state.listed:
                 yield kb, state, remote[kb]
 
@@ -226,47 +227,40 @@ class Changes:
         and drop those it deleted. With ``keys``: download those keys. Keys with
         local edits keep them unless ``force=True``, which discards the edits.
         """
-        db = self._db
-        db._check_open()
-        db._check_local_writable("pull")
+        replica = self._replica
+        replica.check_open()
+        replica.check_local_writable("pull")
         self._refresh()
         if force:
             self.discard(keys)
         if keys is not None:
-            return db.load_items(keys)
-        if db._log.replace:
+            return self._reads.load_items(keys)
+        if replica.log.replace:
             return 0
         stale = list(self._stale_cache())
         gone = [kb for kb, state, _ in stale if state is State.REMOTE_DELETED]
-        with db._rlock:
-            for kb in gone:
-                key = db._decode_key(kb)
-                if key in db._data:
-                    del db._data[key]
-        changed = [db._decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
-        return db.load_items(changed) if changed else 0
+        replica.drop_values(gone)
+        changed = [replica.decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
+        return self._reads.load_items(changed) if changed else 0
 
     def discard(self, keys: Iterable[Any] | None = None) -> int:
         """Drop local edits (of ``keys``, or all); those keys read the remote again.
 
         Returns how many edits were dropped.
         """
-        db = self._db
-        db._check_writable()
-        with db._rlock:
+        replica = self._replica
+        replica.check_writable()
+        with replica.mutex:
             if keys is None:
-                kbs = list(db._log.edits)
-                if db._log.replace:
-                    db._log.set_replace(False)
-                if db._log.metadata_dirty:
-                    db._log.set_metadata_dirty(False)
+                kbs = list(replica.log.edits)
+                if replica.log.replace:
+                    replica.log.set_replace(False)
+                if replica.log.metadata_dirty:
+                    replica.log.set_metadata_dirty(False)
             else:
-                kbs = [kb for kb in (db._key(k) for k in keys) if kb in db._log.edits]
-            db._log.mark_clean(kbs)
-            for kb in kbs:
-                key = db._decode_key(kb)
-                if key in db._data:
-                    del db._data[key]
+                kbs = [kb for kb in (replica.encode_key(k) for k in keys) if kb in replica.log.edits]
+            replica.log.mark_clean(kbs)
+            replica.drop_values(kbs)
             return len(kbs)
 
     # ------------------------------------------------------------ push
@@ -297,27 +291,27 @@ class Changes:
             ValueError: ``keys`` given while the copy replaces a remote that holds keys
                 or metadata.
         """
-        db = self._db
-        db._check_writable()
-        conn = db._conn
+        replica = self._replica
+        replica.check_writable()
+        conn = replica.conn
         if conn is None or not conn.writable:
             raise ReadOnlyError(
-                f"{db.path} has no writable remote; reopen it with an S3Connection to push."
+                f"{replica.path} has no writable remote; reopen it with an S3Connection to push."
             )
-        selected = None if keys is None else {db._key(k) for k in keys}
+        selected = None if keys is None else {replica.encode_key(k) for k in keys}
         before = Counter(conn.request_counts)
         result = PushResult()
-        with db._rlock:
-            db.sync()
-            lock = db._ensure_lock()
+        with replica.mutex:
+            replica.sync()
+            lock = replica.ensure_lock()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
-                if selected is not None and db._log.replace:
+                if selected is not None and replica.log.replace:
                     self._check_partial_replace()
                 plan = self._plan(selected, force)
                 self._settle(plan.settled)
-                metadata = db._log.metadata_dirty and selected is None
-                if not (plan.sets or plan.deletes or metadata or db._log.replace):
+                metadata = replica.log.metadata_dirty and selected is None
+                if not (plan.sets or plan.deletes or metadata or replica.log.replace):
                     break
                 try:
                     self._commit(plan, metadata, message, result)
@@ -337,12 +331,12 @@ class Changes:
         ``clear()`` not pushed yet) commits those keys alone in place of the remote: fine
         when the remote holds nothing (absent, or no key and no metadata), refused
         (``ValueError``) when that would delete what it holds."""
-        db = self._db
-        manifest = db._remote.manifest
+        replica = self._replica
+        manifest = replica.remote.manifest
         if manifest is None or (manifest["n_keys"] == 0 and manifest.get("metadata") is None):
             return
         raise ValueError(
-            f"{db.path} replaces its remote at the next push (it was opened with flag 'n' or "
+            f"{replica.path} replaces its remote at the next push (it was opened with flag 'n' or "
             f"cleared), and the remote holds {manifest['n_keys']} key(s): pushing only some "
             "keys would delete every remote key this copy does not hold while the rest of "
             "your edits stay unpushed. Push all keys with changes().push() to replace the "
@@ -351,15 +345,15 @@ class Changes:
         )
 
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
-        db = self._db
-        edits = {kb: e for kb, e in db._log.edits.items() if selected is None or kb in selected}
+        replica = self._replica
+        edits = {kb: e for kb, e in replica.log.edits.items() if selected is None or kb in selected}
         remote = self._remote_entries(edits)
         sets: dict[bytes, bytes] = {}
         deletes: set[bytes] = set()
         settled, conflicts = [], []
         for kb, edit in edits.items():
             entry = remote[kb]
-            state = three_way(edit, entry, self._edit_ts(kb, edit), db._log.replace)
+            state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
             if state is State.SETTLED:
                 settled.append((kb, entry))
             elif state is State.CONFLICT and not force:
@@ -369,7 +363,7 @@ class Changes:
             else:
                 sets[kb] = edit.md5
         if conflicts:
-            raise ConflictError([db._decode_key(kb) for kb in conflicts])
+            raise ConflictError([replica.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
 
     def _edit_ts(self, kb: bytes, edit: Edit) -> int | None:
@@ -377,34 +371,29 @@ class Changes:
         (``None`` for any other edit, which the rule compares by md5 alone)."""
         if not edit.retimed:
             return None
-        return self._db._data.get_timestamp(self._db._decode_key(kb))
+        return self._replica.local_timestamp(kb)
 
     def _settle(self, settled: list[tuple[bytes, Entry | None]]) -> None:
         """Forget edits equal to the remote; the local copy takes the remote timestamp."""
-        db = self._db
-        for kb, entry in settled:
-            key = db._decode_key(kb)
-            if entry is not None and key in db._data:
-                db._data.set_timestamp(key, entry.timestamp)
-        db._log.mark_clean(kb for kb, _ in settled)
+        self._replica.settle(settled)
 
     def _commit(self, plan: _Plan, metadata: bool, message: str | None, result: PushResult) -> None:
-        db = self._db
-        remote = db._remote
-        head = None if db._log.replace else remote.manifest
+        replica = self._replica
+        remote = replica.remote
+        head = None if replica.log.replace else remote.manifest
         new_entries, uploaded = self._upload_values(plan.sets, head)
         commit_id = fmt.new_commit_id()
         shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
         content = {
-            "uuid": db.uuid,
-            "key_serializer": db._ks_name,
-            "value_serializer": db._vs_name,
-            "n_buckets": n_buckets(db._data),
+            "uuid": replica.uuid,
+            "key_serializer": replica.key_serializer_name,
+            "value_serializer": replica.value_serializer_name,
+            "n_buckets": n_buckets(replica.data),
             "n_shards": n_shards,
             "shards": shards,
             "n_keys": n_keys,
             "n_bytes": n_bytes,
-            "metadata": db._data.get_metadata() if metadata else (head or {}).get("metadata"),
+            "metadata": replica.data.get_metadata() if metadata else (head or {}).get("metadata"),
             "message": message,
             "changed_keys": len(plan.sets) + len(plan.deletes),
         }
@@ -425,8 +414,8 @@ class Changes:
         background, at most ``threads`` packs at once; large ones too, see
         :class:`_LargeUploads`.
         """
-        db = self._db
-        remote, conn = db._remote, db._conn
+        replica = self._replica
+        remote, conn = replica.remote, replica.conn
         known = self._known_locations(head)
         entries: dict[bytes, Entry] = {}
         duplicates: list[tuple[bytes, bytes, int]] = []
@@ -437,7 +426,7 @@ class Changes:
         def finished(done: PackUpload) -> None:
             for kb, entry in done.located:
                 entries[kb] = known[entry.md5] = entry
-            db._log.record_pack(done.pack, done.footer)
+            replica.log.record_pack(done.pack, done.footer)
 
         def send_pack() -> None:
             nonlocal pack, pack_size
@@ -447,21 +436,21 @@ class Changes:
             while len(in_flight) > conn.threads:
                 finished(in_flight.pop(0).result())
 
-        large = _LargeUploads(remote, known, duplicates, finished, lambda kb: db._damaged_edit(kb, True))
+        large = _LargeUploads(remote, known, duplicates, finished, lambda kb: replica.damaged_edit(kb, True))
         # Every value must be the one journaled with its edit: a value missing from the
         # data file or another one there (a crash before it was written, or damage) fails
         # the push before its commit, naming the key.
         missing = set(sets)
         try:
-            for kb, ts, raw in db._stored_values(sets):
+            for kb, ts, raw in replica.stored_values(sets):
                 missing.discard(kb)
-                if len(raw) > PART_SIZE:
+                if len(raw) > remote_module.PART_SIZE:
                     large.add(kb, ts, raw, sets[kb])
                     del raw  # the upload holds it as long as needed
                     continue
                 m = fmt.md5(raw)
                 if m != sets[kb]:
-                    raise db._damaged_edit(kb, True)
+                    raise replica.damaged_edit(kb, True)
                 if m in known:
                     duplicates.append((kb, m, ts))
                     continue
@@ -469,10 +458,10 @@ class Changes:
                 uploaded += len(raw)
                 pack.append((kb, raw, m, ts))
                 pack_size += len(raw)
-                if pack_size >= PACK_SIZE:
+                if pack_size >= remote_module.PACK_SIZE:
                     send_pack()
             if missing:
-                raise db._damaged_edit(min(missing), False)
+                raise replica.damaged_edit(min(missing), False)
         except BaseException:
             large.cancel()
             raise
@@ -487,14 +476,14 @@ class Changes:
 
     def _known_locations(self, head: dict | None) -> dict[bytes, Entry | None]:
         """md5 -> location of values already remote: journaled uploads and loaded shards."""
-        db = self._db
+        replica = self._replica
         known: dict[bytes, Entry | None] = {}
         if head is not None:
             for _, name in fmt.iter_shard_names(head):
-                shard = db._remote.local_shard(name)[0]
+                shard = replica.remote.local_shard(name)[0]
                 for entry in (shard or {}).values():
                     known[entry.md5] = entry
-        uploads = dict(db._log.uploads)
+        uploads = dict(replica.log.uploads)
         alive = self._existing_packs({up.pack for up in uploads.values()})
         for m, up in uploads.items():
             if up.pack in alive:  # vacuum() deletes the packs of pushes that never committed
@@ -504,7 +493,7 @@ class Changes:
     def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
         """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
         checked = self._packs_checked
-        conn = self._db._conn
+        conn = self._replica.conn
 
         def exists(pack: bytes) -> bool:
             try:
@@ -521,8 +510,8 @@ class Changes:
         self, head: dict | None, new_entries: dict[bytes, Entry], deletes: set[bytes], commit_id: str
     ) -> tuple[list[str | None], int, int, int]:
         """Upload the touched index shards; returns the manifest's shard list and counts."""
-        db = self._db
-        remote = db._remote
+        replica = self._replica
+        remote = replica.remote
         old_n = head["n_shards"] if head else 1
         old_keys = head["n_keys"] if head else 0
         n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), fmt.KEYS_PER_SHARD))
@@ -546,25 +535,23 @@ class Changes:
             remote.upload_shard(commit_id, i, contents[i])
             return i, commit_id
 
-        for i, written in db._conn.workers.map(upload, sorted(contents)):
+        for i, written in replica.conn.workers.map(upload, sorted(contents)):
             shards[i] = written
         n_keys, n_bytes = self._counts(head, contents, shards)
         return shards, n_shards, n_keys, n_bytes
 
     def _counts(self, head: dict | None, contents: dict[int, dict], shards: list) -> tuple[int, int]:
         """Key and byte counts of the new commit (touched shards recounted exactly)."""
-        db = self._db
+        replica = self._replica
         if head is None or len(shards) != head["n_shards"]:
             entries = [e for c in contents.values() for e in c.values()]
             return len(entries), sum(e.length for e in entries)
         n_keys, n_bytes = head["n_keys"], head["n_bytes"]
         for i, content in contents.items():
-            old = db._remote.shard(fmt.shard_name_at(head, i))
+            old = replica.remote.shard(fmt.shard_name_at(head, i))
             n_keys += len(content) - len(old)
             n_bytes += sum(e.length for e in content.values()) - sum(e.length for e in old.values())
         return n_keys, n_bytes
 
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:
-        db = self._db
-        db._log.pushed([*plan.sets, *plan.deletes], metadata)
-        db._meta.save(uuid=db.uuid, conditional_writes=db._conn.conditional_writes())
+        self._replica.record_push([*plan.sets, *plan.deletes], metadata)

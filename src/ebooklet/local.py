@@ -601,6 +601,13 @@ class ChangeLog:
             self._packs.clear()
             return self._uploads
 
+    def forget_uploads(self, md5s: Iterable[bytes]) -> None:
+        """Forget the journaled uploads of ``md5s`` (their pack is gone), in one rewrite."""
+        with self._lock:
+            for m in md5s:
+                self._uploads.pop(m, None)
+            self.compact()
+
     def record_pack(self, pack: bytes, footer: bytes) -> None:
         """Remember a pack uploaded by a push that may not commit, so that the next
         attempt reuses its values: one record, the pack id and the pack's footer

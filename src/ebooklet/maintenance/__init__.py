@@ -17,7 +17,7 @@ below are the package's interface; ``history`` and ``vacuum`` here are the
 functions, not the modules of the same name.
 """
 
-from .check import CheckResult, check_remote
+from .check import CheckResult, check_remote, remote_hash
 from .copying import CopyResult, DeleteResult, copy_remote, delete_remote, same_store
 from .history import (
     Commit,
@@ -31,7 +31,7 @@ from .history import (
     iter_chain,
     pin_commit,
 )
-from .shards import MemoryMirror, PinnedMirror
+from .shards import MemoryMirror
 from .vacuum import DEFAULT_REWRITE_BELOW, VacuumResult, vacuum
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "DeleteResult",
     "KeyDiff",
     "MemoryMirror",
-    "PinnedMirror",
     "VacuumResult",
     "check_commit_arg",
     "check_remote",
@@ -55,6 +54,7 @@ __all__ = [
     "history",
     "iter_chain",
     "pin_commit",
+    "remote_hash",
     "same_store",
     "vacuum",
 ]

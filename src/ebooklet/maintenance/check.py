@@ -8,9 +8,10 @@ from typing import Any
 
 from .. import format as fmt
 from ..connection import S3Connection
-from ..errors import FormatVersionError, IntegrityError, RemoteNotFoundError
+from ..errors import FormatVersionError, IntegrityError, ReadOnlyError, RemoteNotFoundError
 from ..format import Entry
-from ..remote import RemoteIndex, plan_ranges
+from ..remote import RemoteIndex, plan_ranges, read_pack_footer
+from ..replica import Replica
 from .history import iter_chain
 from .shards import MemoryMirror
 
@@ -157,3 +158,24 @@ def _verify_values(conn: S3Connection, wanted: list[tuple[bytes, Entry]]) -> lis
         return bad
 
     return [problem for problems in conn.workers.map(verify, ranges) for problem in problems]
+
+
+def remote_hash(replica: Replica) -> dict[Any, tuple[str, int]]:
+    """The remote index rebuilt from the footers of every pack of ``replica``'s remote:
+    ``key -> (md5 hex, timestamp)``, the newest timestamp winning (see
+    :meth:`EBooklet.get_remote_hash`).
+
+    Raises:
+        ReadOnlyError: the connection cannot list the bucket (none, or a public URL).
+    """
+    replica.check_open()
+    conn = replica.conn
+    if conn is None or not conn.writable:
+        raise ReadOnlyError("get_remote_hash lists the bucket: it needs an S3Connection with credentials.")
+    found: dict[bytes, tuple[bytes, int]] = {}
+    packs = [name for name, _ in conn.list(fmt.PREFIX + "pack/") if fmt.is_own_name(name)]
+    for items, _, _ in conn.workers.map(lambda name: read_pack_footer(conn, name), packs):
+        for item in items:
+            if item.key not in found or found[item.key][1] < item.timestamp:
+                found[item.key] = (item.md5, item.timestamp)
+    return {replica.decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}

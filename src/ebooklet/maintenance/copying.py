@@ -7,7 +7,7 @@ import uuid as uuid_mod
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import format as fmt
 from .. import remote
@@ -21,13 +21,11 @@ from ..errors import (
 )
 from ..lock import RemoteLock
 from ..remote import RemoteIndex, read_pack_footer
+from ..replica import Replica
 from ..store import ObjectVersion
 from . import versioning
 from .history import db_head, writable_conn
 from .shards import MemoryMirror
-
-if TYPE_CHECKING:
-    from ..ebooklet import EBooklet
 
 
 @dataclass
@@ -46,7 +44,7 @@ class DeleteResult:
     bytes: int = 0
 
 
-def delete_remote(db: EBooklet) -> DeleteResult:
+def delete_remote(replica: Replica) -> DeleteResult:
     """Delete the remote database ``D``: the manifest and every ``D.ebk/`` object.
 
     Takes the write lock first. In a versioned bucket every version is deleted
@@ -56,10 +54,10 @@ def delete_remote(db: EBooklet) -> DeleteResult:
     :meth:`EBooklet.delete_remote`): the database object goes on working offline
     from them, and a push with a connection recreates the remote.
     """
-    conn = writable_conn(db, "delete_remote")
-    lock = db._ensure_lock()
-    db._refresh()  # the cached values kept are those of the newest commit
-    db._hold_local_values()
+    conn = writable_conn(replica, "delete_remote")
+    replica.ensure_lock()
+    replica.refresh()  # the cached values kept are those of the newest commit
+    replica.keep_values_local()
     manifests = versioning.versions(conn, "", exact=True)
     owned = versioning.versions(conn, fmt.PREFIX) if manifests is not None else None
     if manifests is None or owned is None:
@@ -79,12 +77,11 @@ def delete_remote(db: EBooklet) -> DeleteResult:
     remove([v for v in manifests if not v.is_latest])
     remove([v for v in manifests if v.is_latest])
     remove([v for v in owned if v.suffix != fmt.LOCK_NAME])
-    lock.release()
-    db._lock = None
+    replica.release_lock()
     if versioning.is_versioned(owned) or versioning.is_versioned(manifests):
         remove(versioning.versions(conn, fmt.LOCK_NAME, exact=True) or [])
     result.objects = len(keys)
-    db._forget_deleted_remote()
+    replica.detach()
     return result
 
 
@@ -137,7 +134,7 @@ def _check_target(source: S3Connection, target: Any) -> S3Connection:
 
 
 def copy_remote(
-    db: EBooklet,
+    replica: Replica,
     target: S3Connection,
     overwrite: bool = False,
     server_side: bool | None = None,
@@ -147,8 +144,8 @@ def copy_remote(
 
     See :meth:`EBooklet.copy_remote`.
     """
-    head = db_head(db)
-    source = db._conn
+    head = db_head(replica)
+    source = replica.conn
     target = _check_target(source, target)
     if head is None:
         raise RemoteNotFoundError(f"{source!r} has nothing committed to copy; push first.")
@@ -171,7 +168,7 @@ def copy_remote(
                 "pass overwrite=True to replace it (its history stays until vacuum)."
             )
         names = [name for _, name in fmt.iter_shard_names(head)]
-        packs = sorted({fmt.pack_name(e.pack) for _, e in db._remote.iter_entries(head)})
+        packs = sorted({fmt.pack_name(e.pack) for _, e in replica.remote.iter_entries(head)})
         result = CopyResult("", 0, server_side)
         sizes = dict(source.list(fmt.PREFIX)) if source.writable else None
         existing = dict(target.list(fmt.PREFIX))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from .. import format as fmt
 from ..connection import S3Connection
@@ -23,10 +23,7 @@ from ..errors import (
 )
 from ..format import Entry
 from ..remote import RemoteIndex
-from .shards import PinnedMirror
-
-if TYPE_CHECKING:
-    from ..ebooklet import EBooklet
+from ..replica import Replica
 
 
 @dataclass(frozen=True)
@@ -175,44 +172,43 @@ def find_commit(conn: S3Connection, head: dict | None, commit: int | str) -> dic
     )
 
 
-def pin_commit(db: EBooklet, commit: int | str) -> None:
+def pin_commit(replica: Replica, commit: int | str) -> None:
     """Make an opened read-only database show commit ``commit`` (``open(..., commit=)``).
 
     The pinned manifest lives in memory only: the local mirror's head is left alone.
     """
-    if db._conn is None:
+    if replica.conn is None:
         raise ValueError("commit= needs a remote (an S3Connection or a public URL).")
-    if db.offline:
-        raise OfflineError(f"{db._conn!r} cannot be reached: a past commit can only be opened online.")
-    if db._log.edits or db._log.replace or db._log.metadata_dirty:
+    if replica.offline:
+        raise OfflineError(f"{replica.conn!r} cannot be reached: a past commit can only be opened online.")
+    log = replica.log
+    if log.edits or log.replace or log.metadata_dirty:
         raise EBookletError(
-            f"{db.path} has unpushed edits, which would hide the snapshot's values; "
+            f"{replica.path} has unpushed edits, which would hide the snapshot's values; "
             "open the snapshot with another file path."
         )
-    manifest = find_commit(db._conn, db._remote.manifest, commit)
-    db._pinned = manifest
-    db._remote = RemoteIndex(db._conn, PinnedMirror(manifest, db._mirror))
+    replica.pin(find_commit(replica.conn, replica.remote.manifest, commit))
 
 
-def db_head(db: EBooklet) -> dict | None:
+def db_head(replica: Replica) -> dict | None:
     """The newest head manifest of a database's remote (or its pinned snapshot)."""
-    db._check_open()
-    if db._conn is None:
-        raise OfflineError(f"{db.path} has no remote; reopen it with an S3Connection or URL.")
-    db._refresh()
-    return db._remote.manifest
+    replica.check_open()
+    if replica.conn is None:
+        raise OfflineError(f"{replica.path} has no remote; reopen it with an S3Connection or URL.")
+    replica.refresh()
+    return replica.remote.manifest
 
 
-def writable_conn(db: EBooklet, what: str) -> S3Connection:
+def writable_conn(replica: Replica, what: str) -> S3Connection:
     """The connection of a database, for an operation that writes remotely.
 
     The remote needs credentials; the local flag does not matter (``'r'`` only
     protects the local file), nor may the database be a past snapshot.
     """
-    db._check_open()
-    if db._pinned is not None:
-        raise ReadOnlyError(f"{db.path} is a snapshot of commit {db._pinned['seq']}; {what} needs the head.")
-    conn = db._conn
+    replica.check_open()
+    if replica.pinned is not None:
+        raise ReadOnlyError(f"{replica.path} is a snapshot of commit {replica.pinned['seq']}; {what} needs the head.")
+    conn = replica.conn
     if conn is not None and not conn.writable:
         raise ReadOnlyError(
             f"{what} cannot work through the public URL {conn.db_url}, which is read-only: "
@@ -222,9 +218,9 @@ def writable_conn(db: EBooklet, what: str) -> S3Connection:
     if conn is None:
         raise ReadOnlyError(
             f"{what} needs a database opened with an S3Connection with credentials; "
-            f"{db.path} was opened without a remote."
+            f"{replica.path} was opened without a remote."
         )
-    if db.offline:
+    if replica.offline:
         raise OfflineError(f"{conn!r} cannot be reached; {what} needs the remote.")
     return conn
 
@@ -271,14 +267,14 @@ def diff_manifests(index: RemoteIndex, a: dict, b: dict) -> Iterator[tuple[str, 
             yield "modified", key, old, new
 
 
-def db_diff(db: EBooklet, seq_a: int | str, seq_b: int | str | None = None) -> list[KeyDiff]:
+def db_diff(replica: Replica, seq_a: int | str, seq_b: int | str | None = None) -> list[KeyDiff]:
     """Keys whose values differ between commits ``seq_a`` and ``seq_b`` (default: the head)."""
-    head = db_head(db)
-    a = find_commit(db._conn, head, seq_a)
-    b = head if seq_b is None else find_commit(db._conn, head, seq_b)
+    head = db_head(replica)
+    a = find_commit(replica.conn, head, seq_a)
+    b = head if seq_b is None else find_commit(replica.conn, head, seq_b)
     return [
-        KeyDiff(kind, db._decode_key(key), _hex(old), _hex(new))
-        for kind, key, old, new in diff_manifests(db._remote, a, b)
+        KeyDiff(kind, replica.decode_key(key), _hex(old), _hex(new))
+        for kind, key, old, new in diff_manifests(replica.remote, a, b)
     ]
 
 

@@ -4,7 +4,6 @@ operations read index shards through."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 
 class MemoryMirror:
@@ -30,24 +29,3 @@ class MemoryMirror:
         for name in names:
             self._shards.pop(name, None)
 
-
-class PinnedMirror(MemoryMirror):
-    """The mirror of a snapshot: the pinned manifest in memory, shards through the real mirror.
-
-    Index shards are immutable and named by the commit that wrote them, so the
-    local ``P.remote_index`` can share them; its ``head`` is never changed.
-    """
-
-    def __init__(self, manifest: dict, base: Any):
-        super().__init__()
-        self._manifest = (manifest, None)
-        self._base = base
-
-    def get_shard(self, name: str) -> bytes | None:
-        return self._base.get_shard(name)
-
-    def set_shard(self, name: str, data: bytes) -> None:
-        self._base.set_shard(name, data)
-
-    def drop_shards(self, names: Iterable[str]) -> None:
-        pass

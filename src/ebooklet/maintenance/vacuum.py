@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from .. import format as fmt
 from .. import remote
@@ -17,11 +17,9 @@ from ..connection import S3Connection
 from ..errors import IntegrityError, PreconditionFailed, RemoteNotFoundError, VacuumConflictError
 from ..format import Entry
 from ..remote import RemoteIndex, read_pack_footer
+from ..replica import Replica
 from . import versioning
 from .history import db_head, iter_chain, writable_conn
-
-if TYPE_CHECKING:
-    from ..ebooklet import EBooklet
 
 DEFAULT_REWRITE_BELOW = 0.5
 """``vacuum`` rewrites a pack when its live bytes fall below this fraction of its size."""
@@ -127,7 +125,7 @@ def _live_values(index: RemoteIndex, kept: list[dict]) -> dict[bytes, dict[tuple
 
 
 def vacuum(
-    db: EBooklet,
+    replica: Replica,
     keep: int | None = None,
     older_than: Any = None,
     rewrite_below: float = DEFAULT_REWRITE_BELOW,
@@ -142,9 +140,9 @@ def vacuum(
     cutoff = _cutoff(older_than)
     if not isinstance(rewrite_below, (int, float)) or isinstance(rewrite_below, bool) or not 0 <= rewrite_below <= 1:
         raise ValueError(f"rewrite_below must be a fraction between 0 and 1, not {rewrite_below!r}.")
-    conn = writable_conn(db, "vacuum")
-    lock = db._ensure_lock()
-    head = db_head(db)
+    conn = writable_conn(replica, "vacuum")
+    lock = replica.ensure_lock()
+    head = db_head(replica)
     if head is None:
         raise RemoteNotFoundError(f"{conn!r} has nothing committed to vacuum.")
     listing = dict(conn.list(fmt.PREFIX))
@@ -155,7 +153,7 @@ def vacuum(
     result = VacuumResult(commits_removed=[m["seq"] for m in removed])
 
     # what the kept commits reference
-    index = db._remote
+    index = replica.remote
     index.load_shards(name for m in kept for _, name in fmt.iter_shard_names(m))
     live = _live_values(index, kept)
     missing = [p.hex() for p in live if fmt.pack_name(p) not in listing]
@@ -188,7 +186,7 @@ def vacuum(
     lock.ensure()
     _delete_owned(conn, doomed, listing, keep_names, result)
     result.commits_kept = [m["seq"] for m in kept]
-    _forget_deleted_uploads(db, {n for n in doomed if n.startswith(fmt.PREFIX + "pack/")})
+    _forget_deleted_uploads(replica, {n for n in doomed if n.startswith(fmt.PREFIX + "pack/")})
     return result
 
 
@@ -356,11 +354,9 @@ def _delete_owned(
     result.bytes_removed = sum(size for _, _, size in items)
 
 
-def _forget_deleted_uploads(db: EBooklet, deleted_packs: set[str]) -> None:
+def _forget_deleted_uploads(replica: Replica, deleted_packs: set[str]) -> None:
     """Drop journaled uploads (of a failed push) whose pack vacuum deleted."""
-    log = db._log
+    log = replica.log
     stale = [m for m, up in log.uploads.items() if fmt.pack_name(up.pack) in deleted_packs]
     if stale:
-        for m in stale:
-            del log.uploads[m]
-        log.compact()
+        log.forget_uploads(stale)
