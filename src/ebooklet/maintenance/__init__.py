@@ -1,7 +1,7 @@
 """Managing remote databases: history, snapshots, diff, delete, copy, vacuum and check.
 
 A database at object key ``D`` owns ``D`` (its manifest) and the objects under
-``D.ebk/`` (see ``DESIGN.md``); nothing here ever reads or writes another key,
+``D.ebk/`` (see docs/format.md); nothing here ever reads or writes another key,
 so sibling keys such as ``D2`` or ``D.old`` are never touched.
 
 History is a chain: each commit's manifest names its parent ``{seq, commit_id}``
