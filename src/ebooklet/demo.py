@@ -2,7 +2,7 @@
 
 Run it with::
 
-    pip install "ebooklet[demo]"
+    pip install "ebooklet-s3[demo]"
     python -m ebooklet.demo            # --keys N, --keep, --serializer NAME
 
 It starts a throw-away ``moto_server`` (:class:`ebooklet.server.LocalS3Server`)
