@@ -6,13 +6,15 @@ name read from it is used only when the serializer can neither run code nor blow
 in memory (:data:`SAFE`), or when the caller allowed it: by passing the same
 serializer to :func:`ebooklet.open`, or with ``trust_serializers``. This module owns
 that rule (:func:`choose`), the mapping of names to serializer classes
-(:func:`resolve`), and the bounded forms of booklet's zstd serializers
+(:func:`resolve`, which also refuses a serializer whose package is not installed, naming
+the extra that installs it), and the bounded forms of booklet's zstd serializers
 (:func:`inflate`, :data:`INFLATE_LIMIT`). It reads no file and talks to no remote;
 see ``docs/security.md`` for the whole trust model.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,6 +70,27 @@ _INFLATED = {
 }
 """booklet's zstd serializers: each is the serializer named here over one zstd frame.
 (``pd_zstd`` and ``gpd_zstd`` compress inside the Feather format, out of our reach.)"""
+
+
+DISTRIBUTION = "ebooklet-s3"
+"""The name this package is installed by (``pip install ebooklet-s3``; it is imported as
+``ebooklet``). Its extras install the packages of the optional serializers."""
+
+_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "zstd": ("zstd", ("zstandard",)),
+    "pickle_zstd": ("zstd", ("zstandard",)),
+    "orjson_zstd": ("zstd", ("zstandard",)),
+    "msgpack": ("msgpack", ("msgpack",)),
+    "msgpack_zstd": ("msgpack,zstd", ("msgpack", "zstandard")),
+    **{f"numpy_int{n}": ("numpy", ("numpy",)) for n in (1, 2, 4, 8)},
+    **{f"numpy_int{n}_zstd": ("numpy,zstd", ("numpy", "zstandard")) for n in (2, 4, 8)},
+    "pd_zstd": ("pandas", ("pandas", "pyarrow")),
+    "gpd_zstd": ("geopandas", ("geopandas", "pyarrow")),
+    "wkb": ("shapely", ("shapely",)),
+    "wkb_zstd": ("shapely,zstd", ("shapely", "zstandard")),
+}
+"""booklet's serializers that need packages ebooklet does not depend on:
+``{name: (the extras that install them, the modules they import)}``."""
 
 
 class _Unset:
@@ -158,6 +181,7 @@ def resolve(name_or_class: Any, field: str) -> tuple[Any, str | None]:
     Raises:
         ValueError: an unknown name.
         TypeError: neither a name nor a serializer class.
+        SerializationError: a package the named serializer needs is not installed.
     """
     if isinstance(name_or_class, str) or name_or_class is None:
         if name_or_class not in bk_serializers.serial_dict:
@@ -166,11 +190,38 @@ def resolve(name_or_class: Any, field: str) -> tuple[Any, str | None]:
                 f"{sorted(str(k) for k in booklet.available_serializers)} or a class with "
                 "dumps/loads."
             )
+        _check_installed(name_or_class, field)
         cls = _BOUNDED.get(name_or_class) or bk_serializers.serial_dict[name_or_class]
         return cls, name_or_class
     if hasattr(name_or_class, "dumps") and hasattr(name_or_class, "loads"):
         return name_or_class, None
     raise TypeError(f"{field} must be a serializer name or a class with dumps and loads methods.")
+
+
+def _check_installed(name: str | None, field: str) -> None:
+    """Refuse serializer ``name`` when a package it needs cannot be imported, naming the
+    extra to install (booklet would accept it and fail at the first value).
+
+    Raises:
+        SerializationError: a package is missing.
+    """
+    if name not in _NEEDS:
+        return
+    extras, modules = _NEEDS[name]
+    missing = [module for module in modules if not _importable(module)]
+    if missing:
+        raise SerializationError(
+            f"{field} {name!r} needs {' and '.join(missing)}, which cannot be imported here: "
+            f'install it with  pip install "{DISTRIBUTION}[{extras}]"'
+        )
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def booklet_spec(cls: Any) -> Any:

@@ -2,7 +2,7 @@
 
 :class:`LocalS3Server` runs `moto <https://github.com/getmoto/moto>`_'s
 ``moto_server`` (installed by the ``server``, ``demo`` and ``test`` extras:
-``pip install "ebooklet[server]"``) as a separate process on a free loopback
+``pip install "ebooklet-s3[server]"``) as a separate process on a free loopback
 port, so that ebooklet talks to it over real HTTP exactly as it would to AWS,
 Cloudflare R2, MinIO or any other S3-compatible store::
 
@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from . import serializers
 
 __all__ = ["LocalS3Server", "find_free_port", "moto_server_command"]
 
@@ -90,7 +92,7 @@ def moto_server_command() -> list[str]:
     if found:
         return [found]
     raise RuntimeError(
-        "moto_server was not found: install it with  pip install 'ebooklet[server]'  "
+        f"moto_server was not found: install it with  pip install '{serializers.DISTRIBUTION}[server]'  "
         "(or  pip install 'moto[server]')"
     )
 
