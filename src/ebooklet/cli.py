@@ -105,6 +105,8 @@ ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 """Environment variables read, in order, when ``--endpoint`` is not given."""
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 """Environment variables read, in order, when ``--region`` is not given."""
+DEBUG_LOGGERS = ("ebooklet", "urllib3")
+"""The loggers ``--debug`` turns to DEBUG: ebooklet's own and its requests (urllib3's)."""
 LOCAL_NAME = "db.blt"
 """The file name of a default local copy, in its target's directory."""
 
@@ -261,17 +263,22 @@ def opened(args: argparse.Namespace, flag: str = "r", **kw: Any) -> Iterator[Any
     ``--offline`` was given (exit code 6)."""
     target = target_of(args)
     path = local_path(args, target)
-    db = ebooklet.open(
-        connection(args, target), path, flag,
-        trust_serializers=bool(args.trust_serializers), remote_timeout=args.timeout,
-        lock_timeout=getattr(args, "lock_timeout", 0.0), **kw,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        db = ebooklet.open(
+            connection(args, target), path, flag,
+            trust_serializers=bool(args.trust_serializers), remote_timeout=args.timeout,
+            lock_timeout=getattr(args, "lock_timeout", 0.0), **kw,
+        )
     try:
         if db.offline and not args.offline:
+            causes = " ".join(str(w.message) for w in caught if w.category is ebooklet.OfflineWarning)
             raise ebooklet.OfflineError(
-                f"{target.identity} cannot be reached; pass --offline to work from the "
-                f"local copy {path}."
+                f"{target.identity} cannot be reached ({causes}); pass --offline to work "
+                f"from the local copy {path}."
             )
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         yield db
     finally:
         db.close()
@@ -753,12 +760,25 @@ def _show_warning(message: Any, category: type[Warning], *rest: Any, **kw: Any) 
     print(f"ebooklet: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; KEYs of ``push``/``pull`` may come after options too (argparse
+    gives an optional list of positionals only the words right after TARGET)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "keys") and not any(e.startswith("-") for e in extras):
+        args.keys = [*args.keys, *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="ebooklet: %(levelname)s: %(name)s: %(message)s")
+    args = parse(parser, argv)
+    logging.basicConfig(format="ebooklet: %(levelname)s: %(name)s: %(message)s")
+    if args.debug:
+        for name in DEBUG_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
     warnings.showwarning = _show_warning
     try:
         return args.func(args)
