@@ -255,6 +255,18 @@ def test_vacuum_and_copy(
 # --------------------------------------------------------------------------- bad input
 
 
+def test_untrusted_serializer_needs_the_flag(
+    script: Runner, conn: Any, db_key: str, tmp_path: Path
+) -> None:
+    with ebooklet.open(conn, tmp_path / "w", "n", value_serializer="pickle") as db:
+        db["s"] = {1, 2}
+        db.changes().push()
+    target = script.s3(db_key)
+    proc = script("get", *target, "s", code=cli.EXIT_SERIALIZER)
+    assert b"--trust-serializers" in proc.stderr
+    assert lines(script("get", *target, "s", "--trust-serializers")) == ["{1, 2}"]
+
+
 def test_bad_targets_and_missing_things(
     script: Runner, conn: Any, db_key: str, public_url: str, tmp_path: Path
 ) -> None:

@@ -109,6 +109,8 @@ DEBUG_LOGGERS = ("ebooklet", "urllib3")
 """The loggers ``--debug`` turns to DEBUG: ebooklet's own and its requests (urllib3's)."""
 LOCAL_NAME = "db.blt"
 """The file name of a default local copy, in its target's directory."""
+OFFLINE_PREFIX = "Working offline from local files: "
+"""Dropped from the library's ``OfflineWarning`` when the command refuses to work offline."""
 
 EPILOG = """\
 targets:
@@ -272,7 +274,10 @@ def opened(args: argparse.Namespace, flag: str = "r", **kw: Any) -> Iterator[Any
         )
     try:
         if db.offline and not args.offline:
-            causes = " ".join(str(w.message) for w in caught if w.category is ebooklet.OfflineWarning)
+            causes = " ".join(
+                str(w.message).removeprefix(OFFLINE_PREFIX)
+                for w in caught if w.category is ebooklet.OfflineWarning
+            )
             raise ebooklet.OfflineError(
                 f"{target.identity} cannot be reached ({causes}); pass --offline to work "
                 f"from the local copy {path}."
