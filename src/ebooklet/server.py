@@ -21,7 +21,8 @@ Everything lives in the server's memory: stopping it loses every bucket.
 
 This module uses only the standard library (and boto3, imported lazily by
 :meth:`LocalS3Server.create_bucket` and :meth:`LocalS3Server.client`); it imports
-no other ebooklet module.
+no other ebooklet module. ``python -m ebooklet.server`` runs ``ebooklet serve`` (see
+:mod:`ebooklet.cli`): a server in the foreground until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -456,3 +457,9 @@ class LocalS3Server:
     def reset_request_counts(self) -> None:
         """Start counting requests afresh from now."""
         self._count_offset = self.log_path.stat().st_size
+
+
+if __name__ == "__main__":  # python -m ebooklet.server: the same as ``ebooklet serve``
+    from ebooklet.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
