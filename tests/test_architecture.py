@@ -32,6 +32,9 @@ LAYERS = [
 ]
 """Each module's layer, lowest first: a module imports only from its layer and below."""
 
+NAMEDTUPLE_API = {"_asdict", "_replace", "_fields", "_make", "_field_defaults"}
+"""Named tuples' public methods, underscored so as not to clash with field names."""
+
 OWN_PRIVATE_LAYOUT = {"_booklet_io"}
 """The modules allowed to read private members of objects from outside the package
 (booklet's layout)."""
@@ -89,7 +92,7 @@ def _reach_ins(modules: dict[str, ast.Module]) -> list[str]:
                 ]
             if not (isinstance(node, ast.Attribute) and _private(node.attr)):
                 continue
-            if _on_self(node) or node.attr in defined[name]:
+            if _on_self(node) or node.attr in defined[name] or node.attr in NAMEDTUPLE_API:
                 continue
             if node.attr not in in_package and name in OWN_PRIVATE_LAYOUT:
                 continue
