@@ -809,8 +809,12 @@ def run_step(
 ) -> dict:
     """Run one step in a subprocess (``python``, default this one), answering its
     request-count questions (and byte counts when a ``proxy`` relays its traffic)."""
+    env = None
+    if python is not None:  # another venv: our PYTHONPATH (src/) must not shadow its ebooklet
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
         [python or sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -1076,6 +1080,9 @@ def evaluate_previous(steps: dict, sizes: dict) -> list[dict]:
     """Ours against ebooklet 0.11.1 on the same data and server. Set and get are
     compared by CPU time per value (both CPU-bound; wall time is in the JSON)."""
     e, p = steps["ebooklet"]["phases"], steps["previous"]["phases"]
+    measured = steps["previous"]["metrics"]["version"]
+    if measured != PREVIOUS_VERSION:
+        raise RuntimeError(f"the previous side ran ebooklet {measured}, not {PREVIOUS_VERSION}")
     ref = f"ebooklet {PREVIOUS_VERSION}"
     rows = []
     for phase in ("set", "get"):
@@ -1393,11 +1400,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         if name == "scale":
             results[name] = run_scale(args, sizes)
+        else:
+            results[name] = merge_runs([run_workload(name, args, sizes)
+                                        for _ in range(args.repeat)])
+        # Kept as it comes, so that a failure later loses no finished workload.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"partial": True, "sizes": sizes, "workloads": results}) + "\n")
+        if name == "scale":
             rows.extend(evaluate_scale(results[name]))
-            continue
-        runs = [run_workload(name, args, sizes) for _ in range(args.repeat)]
-        results[name] = merge_runs(runs)
-        rows.extend(evaluate(name, results[name], {**sizes, "threads": args.threads}))
+        else:
+            rows.extend(evaluate(name, results[name], {**sizes, "threads": args.threads}))
     command = "python benchmarks/run.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
