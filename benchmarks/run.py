@@ -9,7 +9,7 @@ Every workload gets its own ``moto_server`` (:class:`ebooklet.server.LocalS3Serv
 a separate process on loopback; moto keeps everything in memory, so a fresh one per
 workload keeps them independent). Each step of a workload (setup, the ebooklet side,
 the boto3 side) runs in a fresh Python subprocess, which reports its peak RSS
-(``resource.getrusage``). HTTP requests are counted per phase from the server's
+(Linux ``VmHWM``, else ``resource.getrusage``). HTTP requests are counted per phase from the server's
 access log: before and after every timed phase the child asks this process, over a
 pipe, for the server's ``request_counts()`` since the previous question, so setup
 and bookkeeping requests never leak into a phase.
@@ -707,7 +707,13 @@ WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
 
 
 def _peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes."""
+    """This process's peak resident set size so far, in bytes.
+
+    On Linux from ``VmHWM``: ``ru_maxrss`` survives ``fork`` and ``exec``, so a child
+    would report at least the runner's own RSS at the time it was started."""
+    peak = _vm_hwm(os.getpid())
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -890,7 +896,7 @@ def run_workload(name: str, args: argparse.Namespace, sizes: dict) -> dict:
     return {"steps": steps, "seconds": time.perf_counter() - started}
 
 
-def _server_peak_rss(pid: int | None) -> int | None:
+def _vm_hwm(pid: int | None) -> int | None:
     """Peak RSS of process ``pid`` in bytes (Linux ``VmHWM``), else None."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -923,7 +929,7 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
                         steps[step] = run_step(server, spec, args.step_timeout, proxy)
                 finally:
                     proxy.close()
-                server_rss = _server_peak_rss(server.pid)
+                server_rss = _vm_hwm(server.pid)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         seconds = time.perf_counter() - started
