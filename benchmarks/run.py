@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import cProfile
 import datetime as dt
+import gc
 import importlib.util
 import json
 import math
@@ -294,6 +295,7 @@ def cold_read_ebooklet(ctx: Ctx) -> None:
     ):
         db.load_items()
         ph["bytes"] = sum(len(v) for _, v in db.items())
+    del db  # freed here, not inside the next phase when the name is rebound
     with ctx.phase("warm_reopen"):
         db = ebooklet.open(ctx.conn(), ctx.path("all.blt"), "r")
     ok = db[wanted[0]] is not None
@@ -672,6 +674,8 @@ def previous_side(ctx: Ctx) -> None:
             db.changes().push()
     finally:
         db.close()
+    del db  # freed here, not inside the next phase when the name is rebound
+    gc.collect()
     conn = ctx.conn()
     with ctx.phase("warm_reopen"):
         db = ebooklet.open_ebooklet(conn, path, "r")
