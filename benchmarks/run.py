@@ -534,6 +534,21 @@ def scale_initial_push(ctx: Ctx) -> None:
         db.close()
 
 
+def scale_boto3_push(ctx: Ctx) -> None:
+    """The initial push's reference: plain boto3 PUTting as many bytes in as many objects
+    as the push sent PUTs, on the same number of threads."""
+    n_objects, total = ctx.spec["push_puts"], ctx.spec["push_bytes"]
+    blob = random.Random(15).randbytes(-(-total // n_objects))
+    client = ctx.client()
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=BUCKET, Key=f"boto3/pack{i}", Body=blob)
+
+    with ctx.phase("boto3_push") as ph:
+        ctx.pool_map(put, list(range(n_objects)))
+        ph["bytes"] = n_objects * len(blob)
+
+
 def scale_warm_reopen(ctx: Ctx) -> None:
     import ebooklet
 
@@ -629,6 +644,7 @@ def scale_update(ctx: Ctx) -> None:
 SCALE_STEPS: dict[str, Callable[[Ctx], None]] = {
     "write": scale_write,
     "initial_push": scale_initial_push,
+    "boto3_push": scale_boto3_push,
     "warm_reopen": scale_warm_reopen,
     "cold_read": scale_cold_read,
     "cold_len": scale_cold_len,
@@ -928,9 +944,15 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
                 server.create_bucket(BUCKET, public=True)
                 proxy = CountingProxy(server.port)
                 try:
+                    extra: dict[str, int] = {}
                     for step in SCALE_STEPS:
-                        spec = _spec("scale", step, args, sizes, proxy.endpoint_url, workdir, n=n)
+                        spec = _spec("scale", step, args, sizes, proxy.endpoint_url, workdir,
+                                     n=n, **extra)
                         steps[step] = run_step(server, spec, args.step_timeout, proxy)
+                        if step == "initial_push":  # what the boto3 reference uploads
+                            push = steps[step]["phases"]["initial_push"]
+                            extra = {"push_puts": push["requests"].get("PUT", 1),
+                                     "push_bytes": push["bytes_uploaded"]}
                 finally:
                     proxy.close()
                 server_rss = _vm_hwm(server.pid)
@@ -1113,7 +1135,8 @@ def evaluate_previous(steps: dict, sizes: dict) -> list[dict]:
 # The scale table: (label, step, phase, kind, target, check(values, growth)).
 # kind: s (seconds), us_key (µs per key), rss (the step's peak RSS, MiB), req, up/down
 # (KiB through the proxy, headers included), beyond (KiB down beyond the value read),
-# server_rss (moto's peak RSS at the end of the size, MiB), metric_s (a step's metric, s).
+# server_rss (moto's peak RSS at the end of the size, MiB), metric_s (a step's metric, s),
+# boto3_share (boto3's time for the initial push's bytes and objects over ours).
 _Check = Callable[[list[float], float], bool] | None
 SCALE_METRICS: list[tuple[str, str, str, str, str, _Check]] = [
     ("local write loop", "write", "write_loop", "us_key", "flat (≤ 1.5×)",
@@ -1123,6 +1146,8 @@ SCALE_METRICS: list[tuple[str, str, str, str, str, _Check]] = [
     ("initial push", "initial_push", "initial_push", "s", "", None),
     ("initial push, peak RSS", "initial_push", "", "rss", "≤ 256 MiB",
      lambda v, g: max(v) <= 256),
+    ("initial push, throughput against boto3's", "boto3_push", "", "boto3_share", "≥ 50 %",
+     lambda v, g: min(v) >= 0.5),
     ("initial push, requests", "initial_push", "initial_push", "req", "", None),
     ("initial push, up", "initial_push", "initial_push", "up", "", None),
     ("warm reopen", "warm_reopen", "warm_reopen", "s", "", None),
@@ -1159,14 +1184,20 @@ SCALE_METRICS: list[tuple[str, str, str, str, str, _Check]] = [
     ("moto server, peak RSS", "", "", "server_rss", "", None),
 ]
 _SCALE_UNITS = {"s": "s", "us_key": "µs/key", "rss": "MiB", "req": "req", "up": "KiB",
-                "down": "KiB", "beyond": "KiB", "server_rss": "MiB", "metric_s": "s"}
+                "down": "KiB", "beyond": "KiB", "server_rss": "MiB", "metric_s": "s",
+                "boto3_share": "×"}
 
 
 def scale_measure(res: dict, step: str, phase: str, kind: str) -> float | None:
     """One measurement of one size's result (see :data:`SCALE_METRICS`)."""
     if kind == "server_rss":
         return res["server_peak_rss"] / MiB if res.get("server_peak_rss") else None
+    if step not in res["steps"]:
+        return None  # a result from before the step existed
     st = res["steps"][step]
+    if kind == "boto3_share":  # boto3's time over ours for the same bytes and objects
+        ours = res["steps"]["initial_push"]["phases"]["initial_push"]["seconds"]
+        return st["phases"]["boto3_push"]["seconds"] / ours
     if kind == "rss":
         return st["peak_rss"] / MiB
     if kind == "metric_s":
@@ -1302,6 +1333,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.0f}"
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "×":
+        return f"{value:.0%}"
     return f"{value:.1f} {unit}"
 
 

@@ -19,7 +19,7 @@ import pytest
 
 RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local"}
-SCALE_STEPS = {"write", "initial_push", "warm_reopen", "cold_read", "cold_len", "push_one",
+SCALE_STEPS = {"write", "initial_push", "boto3_push", "warm_reopen", "cold_read", "cold_len", "push_one",
                "push_pct", "local_get", "update"}
 
 pytestmark = pytest.mark.skipif(
@@ -119,6 +119,9 @@ def test_scale_measures_every_phase_at_every_size(report: dict) -> None:
         assert steps["write"]["phases"]["write_loop"]["requests"] == {}  # local only
         push = steps["initial_push"]["phases"]["initial_push"]
         assert push["keys"] == n and push["net_up"] > n * report["sizes"]["scale_size"]
+        boto3 = steps["boto3_push"]["phases"]["boto3_push"]
+        assert boto3["requests"] == {"PUT": push["requests"]["PUT"]}
+        assert boto3["bytes"] >= push["bytes_uploaded"]
         assert steps["warm_reopen"]["phases"]["warm_reopen"]["statuses"] == {"GET 304": 1}
         read = steps["cold_read"]["phases"]["cold_read_one"]
         assert read["value_bytes"] == report["sizes"]["scale_size"]
