@@ -9,7 +9,7 @@ Every workload gets its own ``moto_server`` (:class:`ebooklet.server.LocalS3Serv
 a separate process on loopback; moto keeps everything in memory, so a fresh one per
 workload keeps them independent). Each step of a workload (setup, the ebooklet side,
 the boto3 side) runs in a fresh Python subprocess, which reports its peak RSS
-(``resource.getrusage``). HTTP requests are counted per phase from the server's
+(Linux ``VmHWM``, else ``resource.getrusage``). HTTP requests are counted per phase from the server's
 access log: before and after every timed phase the child asks this process, over a
 pipe, for the server's ``request_counts()`` since the previous question, so setup
 and bookkeeping requests never leak into a phase.
@@ -29,13 +29,16 @@ import argparse
 import contextlib
 import cProfile
 import datetime as dt
+import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,14 +65,20 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         small_n=20_000, small_size=1024, random_keys=200, change_fraction=0.01,
         large_n=8, large_size=32 * MiB, local_n=100_000, local_size=100,
+        scale_sizes=[10_000, 100_000, 1_000_000], scale_size=100, scale_update_n=100_000,
+        scale_get_n=100_000, previous_n=100_000, previous_size=100,
     ),
     "quick": dict(
         small_n=5_000, small_size=1024, random_keys=200, change_fraction=0.01,
         large_n=4, large_size=16 * MiB, local_n=30_000, local_size=100,
+        scale_sizes=[10_000, 100_000], scale_size=100, scale_update_n=100_000,
+        scale_get_n=100_000, previous_n=100_000, previous_size=100,
     ),
     "tiny": dict(
         small_n=300, small_size=1024, random_keys=20, change_fraction=0.05,
         large_n=2, large_size=1 * MiB, local_n=2_000, local_size=100,
+        scale_sizes=[500, 2_000], scale_size=100, scale_update_n=1_000,
+        scale_get_n=1_000, previous_n=2_000, previous_size=100,
     ),
 }
 
@@ -89,6 +98,7 @@ class Ctx:
         self.endpoint: str = spec["endpoint"]
         self.workdir = Path(spec["workdir"])
         self.profile_dir = Path(spec["profile_dir"]) if spec.get("profile_dir") else None
+        self.db_key: str = spec.get("db_key", DB_KEY)
         self.name = f"{spec['workload']}.{spec['step']}"
         self.phases: dict[str, dict] = {}
         self.metrics: dict[str, Any] = {}
@@ -126,7 +136,7 @@ class Ctx:
                 self.profile_dir.mkdir(parents=True, exist_ok=True)
                 profiler.dump_stats(str(self.profile_dir / f"{self.name}.{name}.prof"))
             counts = self._server_counts()
-            record.update(seconds=seconds, **counts)
+            record.update(seconds=seconds, peak_rss_after=_peak_rss(), **counts)
             if name not in self.phases or seconds < self.phases[name]["seconds"]:
                 self.phases[name] = record
 
@@ -137,7 +147,7 @@ class Ctx:
 
         kw.setdefault("threads", self.threads)
         return ebooklet.S3Connection(
-            "testing", "testing", DB_KEY, BUCKET, endpoint_url=self.endpoint, **kw
+            "testing", "testing", self.db_key, BUCKET, endpoint_url=self.endpoint, **kw
         )
 
     def client(self) -> Any:
@@ -285,6 +295,7 @@ def cold_read_ebooklet(ctx: Ctx) -> None:
     ):
         db.load_items()
         ph["bytes"] = sum(len(v) for _, v in db.items())
+    del db  # freed here, not inside the next phase when the name is rebound
     with ctx.phase("warm_reopen"):
         db = ebooklet.open(ctx.conn(), ctx.path("all.blt"), "r")
     ok = db[wanted[0]] is not None
@@ -448,6 +459,253 @@ def local_booklet(ctx: Ctx) -> None:
         _local_phases(ctx, db)
 
 
+# ---------------------------------------------------------------- scale
+
+# The scale workload: one database of N keys with 100 B values, each phase in a fresh
+# process (so that its peak RSS is its own), in this order on one server per N.
+
+_SCALE_BLOB = random.Random(7).randbytes(8192)
+
+
+def scale_key(i: int) -> str:
+    return f"key{i:09d}"
+
+
+def scale_value(i: int, size: int, salt: int = 0) -> bytes:
+    """A value unique to ``(i, salt)`` (no two alike, so none is deduplicated), made
+    in well under a microsecond."""
+    head = (i * 4 + salt).to_bytes(8, "little")
+    start = (i * 61 + salt * 17) % (len(_SCALE_BLOB) - size)
+    return head + _SCALE_BLOB[start:start + size - 8]
+
+
+def _scale_sample(ctx: Ctx, k: int, seed: int) -> list[int]:
+    n = ctx.spec["n"]
+    return random.Random(seed).sample(range(n), min(k, n))
+
+
+def _local_files_bytes(path: str) -> int:
+    """Bytes of a local database: its booklet file and the files beside it."""
+    base = Path(path)
+    return sum(p.stat().st_size for p in base.parent.glob(base.name + "*") if p.is_file())
+
+
+def _scale_conn(ctx: Ctx) -> Any:
+    """The step's S3 connection, made before any timed phase: the first one in a process
+    imports botocore's credential chain (its time is kept as a metric)."""
+    start = time.perf_counter()
+    conn = ctx.conn()
+    ctx.metrics.setdefault("first_connection_s", time.perf_counter() - start)
+    return conn
+
+
+def scale_write(ctx: Ctx) -> None:
+    """Local write loop of N keys into a new file (with the remote), then close()."""
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    n, size = ctx.spec["n"], ctx.sizes["scale_size"]
+    start = time.perf_counter()
+    for i in range(n):  # what the loop costs without the database
+        scale_key(i), scale_value(i, size)
+    ctx.metrics["loop_overhead_us"] = (time.perf_counter() - start) / n * 1e6
+    db = ebooklet.open(conn, ctx.path("writer.blt"), "n")
+    with ctx.phase("write_loop") as ph:
+        for i in range(n):
+            db[scale_key(i)] = scale_value(i, size)
+        ph["keys"] = n
+    with ctx.phase("close"):
+        db.close()
+    ctx.metrics["local_file_bytes"] = _local_files_bytes(ctx.path("writer.blt"))
+
+
+def scale_initial_push(ctx: Ctx) -> None:
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    with ctx.phase("open_w"):
+        db = ebooklet.open(conn, ctx.path("writer.blt"), "w")
+    try:
+        with ctx.phase("initial_push") as ph:
+            result = db.changes().push()
+            ph["keys"] = result.keys_pushed
+            ph["bytes_uploaded"] = result.bytes_uploaded
+    finally:
+        db.close()
+
+
+def scale_boto3_push(ctx: Ctx) -> None:
+    """The initial push's reference: plain boto3 PUTting as many bytes in as many objects
+    as the push sent PUTs, on the same number of threads."""
+    n_objects, total = ctx.spec["push_puts"], ctx.spec["push_bytes"]
+    blob = random.Random(15).randbytes(-(-total // n_objects))
+    client = ctx.client()
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=BUCKET, Key=f"boto3/pack{i}", Body=blob)
+
+    with ctx.phase("boto3_push") as ph:
+        ctx.pool_map(put, list(range(n_objects)))
+        ph["bytes"] = n_objects * len(blob)
+
+
+def scale_warm_reopen(ctx: Ctx) -> None:
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    with ctx.phase("warm_reopen"):
+        db = ebooklet.open(conn, ctx.path("writer.blt"), "r")
+    db.close()
+
+
+def scale_cold_read(ctx: Ctx) -> None:
+    """Open into a fresh local file, then read one key."""
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    key = scale_key(_scale_sample(ctx, 1, seed=11)[0])
+    with ctx.phase("cold_open"):
+        db = ebooklet.open(conn, ctx.path("cold.blt"), "r")
+    try:
+        ctx.metrics["cold_file_bytes_after_open"] = _local_files_bytes(ctx.path("cold.blt"))
+        with ctx.phase("cold_read_one") as ph:
+            ph["value_bytes"] = len(db[key])
+    finally:
+        db.close()
+
+
+def scale_cold_len(ctx: Ctx) -> None:
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    with ctx.phase("cold_len") as ph:  # from nothing to the count: open included
+        db = ebooklet.open(conn, ctx.path("cold-len.blt"), "r")
+        ph["len"] = len(db)
+    db.close()
+    ctx.metrics["len_ok"] = ph["len"] == ctx.spec["n"]
+
+
+def _scale_push_changes(ctx: Ctx, indexes: list[int], salt: int, name: str) -> None:
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    size = ctx.sizes["scale_size"]
+    with ctx.phase("open_w"):
+        db = ebooklet.open(conn, ctx.path("writer.blt"), "w")
+    try:
+        for i in indexes:
+            db[scale_key(i)] = scale_value(i, size, salt)
+        with ctx.phase(name) as ph:
+            result = db.changes().push()
+            ph["keys"] = result.keys_pushed
+            ph["bytes_uploaded"] = result.bytes_uploaded
+    finally:
+        db.close()
+
+
+def scale_push_one(ctx: Ctx) -> None:
+    _scale_push_changes(ctx, [ctx.spec["n"] // 2], 1, "push_one")
+
+
+def scale_push_pct(ctx: Ctx) -> None:
+    _scale_push_changes(ctx, _scale_sample(ctx, max(1, ctx.spec["n"] // 100), 12), 2,
+                        "push_pct")
+
+
+def scale_local_get(ctx: Ctx) -> None:
+    """Random reads of the writer's own (pushed) values in its warm local file."""
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    keys = [scale_key(i) for i in _scale_sample(ctx, ctx.sizes["scale_get_n"], 13)]
+    with ebooklet.open(conn, ctx.path("writer.blt"), "r") as db:
+        for _ in range(LOCAL_READ_PASSES):
+            with ctx.phase("local_get") as ph:
+                for key in keys:
+                    db[key]
+                ph["keys"] = len(keys)
+
+
+def scale_update(ctx: Ctx) -> None:
+    """``update()`` of changed values for 100k (or N) of the keys, then close()."""
+    import ebooklet
+
+    conn = _scale_conn(ctx)
+    size = ctx.sizes["scale_size"]
+    indexes = _scale_sample(ctx, ctx.sizes["scale_update_n"], 14)
+    db = ebooklet.open(conn, ctx.path("writer.blt"), "w")
+    with ctx.phase("update") as ph:
+        db.update((scale_key(i), scale_value(i, size, 3)) for i in indexes)
+        ph["keys"] = len(indexes)
+    with ctx.phase("update_close"):
+        db.close()
+
+
+SCALE_STEPS: dict[str, Callable[[Ctx], None]] = {
+    "write": scale_write,
+    "initial_push": scale_initial_push,
+    "boto3_push": scale_boto3_push,
+    "warm_reopen": scale_warm_reopen,
+    "cold_read": scale_cold_read,
+    "cold_len": scale_cold_len,
+    "push_one": scale_push_one,
+    "push_pct": scale_push_pct,
+    "local_get": scale_local_get,
+    "update": scale_update,
+}
+
+
+# ---------------------------------------------------------------- previous generation
+
+# The same code runs in ebooklet 0.11.1's venv (its S3Connection takes the same leading
+# arguments, and it names open() open_ebooklet(), which we keep as an alias). 0.11.1
+# has no local-only mode: both sides open with a remote, each under its own db key.
+
+
+def previous_side(ctx: Ctx) -> None:
+    """Local set and get of 100,000 values of 100 B in random order, then a push
+    (not compared) and a warm reopen."""
+    import ebooklet
+
+    s = ctx.sizes
+    items = small_items(s["previous_n"], s["previous_size"], seed=8)
+    random.Random(9).shuffle(items)
+    order = [k for k, _ in items]
+    random.Random(10).shuffle(order)
+    path = ctx.path(f"{ctx.spec['step']}.blt")
+    db = ebooklet.open_ebooklet(ctx.conn(), path, "n")
+    try:
+        with ctx.phase("set") as ph:
+            for key, value in items:
+                db[key] = value
+            ph["keys"] = len(items)
+        with ctx.phase("sync"):
+            db.sync()
+        for _ in range(LOCAL_READ_PASSES):
+            with ctx.phase("get") as ph:
+                for key in order:
+                    db[key]
+                ph["keys"] = len(order)
+        with ctx.phase("push"):
+            db.changes().push()
+    finally:
+        db.close()
+    del db  # freed here, not inside the next phase when the name is rebound
+    gc.collect()
+    conn = ctx.conn()
+    with ctx.phase("warm_reopen"):
+        db = ebooklet.open_ebooklet(conn, path, "r")
+    db.close()
+    ctx.metrics["version"] = getattr(ebooklet, "__version__", None)
+
+
+PREVIOUS_VERSION = "0.11.1"
+PREVIOUS_STEPS: dict[str, Callable[[Ctx], None]] = {
+    "ebooklet": previous_side,
+    "previous": previous_side,
+}
+
+
 # workload -> steps, in order; each step is a function above, in its own process.
 WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
     "small_push": {"ebooklet": small_push_ebooklet, "boto3": small_push_boto3},
@@ -463,7 +721,21 @@ WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
     },
     "large": {"ebooklet": large_ebooklet, "boto3": large_boto3},
     "local": {"ebooklet": local_ebooklet, "booklet": local_booklet},
+    "scale": SCALE_STEPS,
+    "previous": PREVIOUS_STEPS,
 }
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes.
+
+    On Linux from ``VmHWM``: ``ru_maxrss`` survives ``fork`` and ``exec``, so a child
+    would report at least the runner's own RSS at the time it was started."""
+    peak = _vm_hwm(os.getpid())
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def child_main(spec_json: str) -> int:
@@ -473,9 +745,7 @@ def child_main(spec_json: str) -> int:
     os.dup2(2, 1)
     ctx = Ctx(spec, sys.stdin, proto_out)
     WORKLOADS[spec["workload"]][spec["step"]](ctx)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
-    result = {"phases": ctx.phases, "metrics": ctx.metrics, "peak_rss": peak_bytes}
+    result = {"phases": ctx.phases, "metrics": ctx.metrics, "peak_rss": _peak_rss()}
     proto_out.write("@result " + json.dumps(result) + "\n")
     proto_out.flush()
     return 0
@@ -496,10 +766,81 @@ def _process_cpu(pid: int | None) -> float | None:
         return None
 
 
-def run_step(server: Any, spec: dict, timeout: float) -> dict:
-    """Run one step in a subprocess, answering its request-count questions."""
+class CountingProxy:
+    """A TCP relay on loopback in front of the server that counts the bytes each way.
+
+    moto logs no response sizes, so the scale workload talks to the server through
+    this relay (one thread pair per connection; moto closes every connection after
+    one request). Bytes are counted as they are relayed, HTTP headers included.
+    """
+
+    def __init__(self, upstream_port: int, host: str = "127.0.0.1"):
+        self._upstream = (host, upstream_port)
+        self._lock = threading.Lock()
+        self.down = 0  # server -> client
+        self.up = 0  # client -> server
+        self._listener = socket.create_server((host, 0), backlog=256)
+        self.endpoint_url = f"http://{host}:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self._upstream)
+        except OSError:
+            client.close()
+            return
+        up = threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True)
+        up.start()
+        self._pump(upstream, client, True)
+        up.join()
+        client.close()
+        upstream.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        try:
+            while data := src.recv(1 << 17):
+                with self._lock:  # counted before it is sent: a reply read is a reply counted
+                    if down:
+                        self.down += len(data)
+                    else:
+                        self.up += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def take(self) -> tuple[int, int]:
+        """``(bytes down, bytes up)`` since the previous call."""
+        with self._lock:
+            counts = (self.down, self.up)
+            self.down = self.up = 0
+        return counts
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def run_step(
+    server: Any, spec: dict, timeout: float, proxy: CountingProxy | None = None,
+    python: str | None = None,
+) -> dict:
+    """Run one step in a subprocess (``python``, default this one), answering its
+    request-count questions (and byte counts when a ``proxy`` relays its traffic)."""
+    env = None
+    if python is not None:  # another venv: our PYTHONPATH (src/) must not shadow its ebooklet
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        [python or sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -521,6 +862,8 @@ def run_step(server: Any, spec: dict, timeout: float) -> dict:
                     "statuses": dict(Counter(f"{m} {status}" for m, _, status in requests)),
                     "server_cpu": server_cpu - cpu if None not in (cpu, server_cpu) else None,
                 }
+                if proxy is not None:
+                    answer["net_down"], answer["net_up"] = proxy.take()
                 proc.stdin.write(json.dumps(answer) + "\n")
                 proc.stdin.flush()
             elif line.startswith("@result "):
@@ -537,6 +880,20 @@ def run_step(server: Any, spec: dict, timeout: float) -> dict:
     return result
 
 
+def _spec(name: str, step: str, args: argparse.Namespace, sizes: dict, endpoint: str,
+          workdir: str, **extra: Any) -> dict:
+    return {
+        "workload": name,
+        "step": step,
+        "sizes": sizes,
+        "threads": args.threads,
+        "endpoint": endpoint,
+        "workdir": workdir,
+        "profile_dir": str(args.profile) if args.profile else None,
+        **extra,
+    }
+
+
 def run_workload(name: str, args: argparse.Namespace, sizes: dict) -> dict:
     from ebooklet.server import LocalS3Server
 
@@ -547,19 +904,65 @@ def run_workload(name: str, args: argparse.Namespace, sizes: dict) -> dict:
         with LocalS3Server() as server:
             server.create_bucket(BUCKET, public=True)
             for step in WORKLOADS[name]:
-                spec = {
-                    "workload": name,
-                    "step": step,
-                    "sizes": sizes,
-                    "threads": args.threads,
-                    "endpoint": server.endpoint_url,
-                    "workdir": workdir,
-                    "profile_dir": str(args.profile) if args.profile else None,
-                }
-                steps[step] = run_step(server, spec, args.step_timeout)
+                extra: dict[str, Any] = {}
+                python = None
+                if name == "previous":  # each side under its own key, 0.11.1 in its venv
+                    extra["db_key"] = f"bench/{step}"
+                    python = str(args.previous_python) if step == "previous" else None
+                spec = _spec(name, step, args, sizes, server.endpoint_url, workdir, **extra)
+                steps[step] = run_step(server, spec, args.step_timeout, python=python)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"steps": steps, "seconds": time.perf_counter() - started}
+
+
+def _vm_hwm(pid: int | None) -> int | None:
+    """Peak RSS of process ``pid`` in bytes (Linux ``VmHWM``), else None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
+    """The scale workload: every step of :data:`SCALE_STEPS` at each size, on a fresh
+    server per size, through a :class:`CountingProxy`. Runs once (``--repeat`` is not
+    applied: the large sizes are too long to repeat)."""
+    from ebooklet.server import LocalS3Server
+
+    by_n: dict[str, dict] = {}
+    for n in sizes["scale_sizes"]:
+        started = time.perf_counter()
+        workdir = tempfile.mkdtemp(prefix=f"ebooklet-bench-scale-{n}-")
+        steps: dict[str, dict] = {}
+        try:
+            with LocalS3Server() as server:
+                server.create_bucket(BUCKET, public=True)
+                proxy = CountingProxy(server.port)
+                try:
+                    extra: dict[str, int] = {}
+                    for step in SCALE_STEPS:
+                        spec = _spec("scale", step, args, sizes, proxy.endpoint_url, workdir,
+                                     n=n, **extra)
+                        steps[step] = run_step(server, spec, args.step_timeout, proxy)
+                        if step == "initial_push":  # what the boto3 reference uploads
+                            push = steps[step]["phases"]["initial_push"]
+                            extra = {"push_puts": push["requests"].get("PUT", 1),
+                                     "push_bytes": push["bytes_uploaded"]}
+                finally:
+                    proxy.close()
+                server_rss = _vm_hwm(server.pid)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        by_n[str(n)] = {"steps": steps, "seconds": seconds, "server_peak_rss": server_rss}
+        print(f"  scale {n:,} keys: {seconds:.0f} s", file=sys.stderr, flush=True)
+    return {"by_n": by_n, "sizes": sizes["scale_sizes"],
+            "seconds": sum(r["seconds"] for r in by_n.values())}
 
 
 def merge_runs(runs: list[dict]) -> dict:
@@ -698,9 +1101,226 @@ def evaluate(name: str, res: dict, sizes: dict) -> list[dict]:
             rows.append(_row(f"{phase} {n} values (CPU time)", "s", e[phase]["client_cpu_min"],
                              b[phase]["client_cpu_min"], "raw booklet",
                              f"≤ {limit}×" if limit else "", ratio <= limit if limit else None))
+    elif name == "previous":
+        rows = evaluate_previous(steps, sizes)
     for row in rows:
         row["workload"] = name
     return rows
+
+
+def evaluate_previous(steps: dict, sizes: dict) -> list[dict]:
+    """Ours against ebooklet 0.11.1 on the same data and server. Set and get are
+    compared by CPU time per value (both CPU-bound; wall time is in the JSON)."""
+    e, p = steps["ebooklet"]["phases"], steps["previous"]["phases"]
+    measured = steps["previous"]["metrics"]["version"]
+    if measured != PREVIOUS_VERSION:
+        raise RuntimeError(f"the previous side ran ebooklet {measured}, not {PREVIOUS_VERSION}")
+    ref = f"ebooklet {PREVIOUS_VERSION}"
+    rows = []
+    for phase in ("set", "get"):
+        ours, theirs = (x[phase]["client_cpu"] / x[phase]["keys"] for x in (e, p))
+        rows.append(_row(f"local {phase} per value (CPU time)", "µs", ours * 1e6,
+                         theirs * 1e6, ref, "≤ 1×", ours <= theirs))
+        ours, theirs = (x[phase]["seconds"] / x[phase]["keys"] for x in (e, p))
+        rows.append(_row(f"local {phase} per value (wall time)", "µs", ours * 1e6,
+                         theirs * 1e6, ref))
+    ours, theirs = e["warm_reopen"]["seconds"], p["warm_reopen"]["seconds"]
+    rows.append(_row("warm reopen", "s", ours, theirs, ref, "≤ 1×", ours <= theirs))
+    rows.append(_row("warm reopen requests", "req", _total(e["warm_reopen"]),
+                     _total(p["warm_reopen"]), ref, "exactly 1",
+                     _total(e["warm_reopen"]) == 1, ratio=None))
+    return rows
+
+
+# The scale table: (label, step, phase, kind, target, check(values, growth)).
+# kind: s (seconds), us_key (µs per key), rss (the step's peak RSS, MiB), req, up/down
+# (KiB through the proxy, headers included), beyond (KiB down beyond the value read),
+# server_rss (moto's peak RSS at the end of the size, MiB), metric_s (a step's metric, s),
+# boto3_share (boto3's time for the initial push's bytes and objects over ours).
+_Check = Callable[[list[float], float], bool] | None
+SCALE_METRICS: list[tuple[str, str, str, str, str, _Check]] = [
+    ("local write loop", "write", "write_loop", "us_key", "flat (≤ 1.5×)",
+     lambda v, g: g <= 1.5),
+    ("close() after the write loop", "write", "close", "s", "≤ 1 s", lambda v, g: max(v) <= 1),
+    ("local write, peak RSS", "write", "", "rss", "", None),
+    ("initial push", "initial_push", "initial_push", "s", "", None),
+    ("initial push, peak RSS", "initial_push", "", "rss", "≤ 256 MiB",
+     lambda v, g: max(v) <= 256),
+    ("initial push, throughput against boto3's", "boto3_push", "", "boto3_share", "≥ 50 %",
+     lambda v, g: min(v) >= 0.5),
+    ("initial push, requests", "initial_push", "initial_push", "req", "", None),
+    ("initial push, up", "initial_push", "initial_push", "up", "", None),
+    ("warm reopen", "warm_reopen", "warm_reopen", "s", "", None),
+    ("warm reopen, requests", "warm_reopen", "warm_reopen", "req", "exactly 1",
+     lambda v, g: all(x == 1 for x in v)),
+    ("cold open", "cold_read", "cold_open", "s", "≤ 20 ms, flat (≤ 1.5×)",
+     lambda v, g: max(v) <= 0.02 and g <= 1.5),
+    ("cold open, down", "cold_read", "cold_open", "down", "", None),
+    ("first S3Connection of a process (before cold open)", "cold_read", "first_connection_s",
+     "metric_s", "", None),
+    ("cold read of 1 key (after open)", "cold_read", "cold_read_one", "s", "", None),
+    ("cold read of 1 key, down beyond the value", "cold_read", "cold_read_one", "beyond",
+     "≤ 64 KiB", lambda v, g: max(v) <= 64),
+    ("cold read of 1 key, requests", "cold_read", "cold_read_one", "req", "", None),
+    ("cold read, peak RSS", "cold_read", "", "rss", "", None),
+    ("cold open + len()", "cold_len", "cold_len", "s", "", None),
+    ("cold len(), down", "cold_len", "cold_len", "down", "", None),
+    ("open 'w' of the writer", "push_one", "open_w", "s", "", None),
+    ("push of 1 changed key", "push_one", "push_one", "s", "≤ 1.5×", lambda v, g: g <= 1.5),
+    ("push of 1 changed key, peak RSS", "push_one", "", "rss", "≤ 128 MiB and ≤ 1.5×",
+     lambda v, g: max(v) <= 128 and g <= 1.5),
+    ("push of 1 changed key, requests", "push_one", "push_one", "req", "≤ 8",
+     lambda v, g: max(v) <= 8),
+    ("push of 1 changed key, up", "push_one", "push_one", "up", "", None),
+    ("push of 1 % changed", "push_pct", "push_pct", "s", "", None),
+    ("push of 1 % changed, peak RSS", "push_pct", "", "rss", "", None),
+    ("push of 1 % changed, requests", "push_pct", "push_pct", "req", "", None),
+    ("push of 1 % changed, up", "push_pct", "push_pct", "up", "", None),
+    ("update() of 100k (or N)", "update", "update", "us_key", "", None),
+    ("close() after update()", "update", "update_close", "s", "≤ 1 s", lambda v, g: max(v) <= 1),
+    ("update(), peak RSS", "update", "", "rss", "", None),
+    ("local get (random, warm file)", "local_get", "local_get", "us_key", "", None),
+    ("local get, requests", "local_get", "local_get", "req", "", None),
+    ("moto server, peak RSS", "", "", "server_rss", "", None),
+]
+_SCALE_UNITS = {"s": "s", "us_key": "µs/key", "rss": "MiB", "req": "req", "up": "KiB",
+                "down": "KiB", "beyond": "KiB", "server_rss": "MiB", "metric_s": "s",
+                "boto3_share": "×"}
+
+
+def scale_measure(res: dict, step: str, phase: str, kind: str) -> float | None:
+    """One measurement of one size's result (see :data:`SCALE_METRICS`)."""
+    if kind == "server_rss":
+        return res["server_peak_rss"] / MiB if res.get("server_peak_rss") else None
+    if step not in res["steps"]:
+        return None  # a result from before the step existed
+    st = res["steps"][step]
+    if kind == "boto3_share":  # boto3's time over ours for the same bytes and objects
+        ours = res["steps"]["initial_push"]["phases"]["initial_push"]["seconds"]
+        return st["phases"]["boto3_push"]["seconds"] / ours
+    if kind == "rss":
+        return st["peak_rss"] / MiB
+    if kind == "metric_s":
+        return st["metrics"][phase]
+    ph = st["phases"][phase]
+    if kind == "s":
+        return ph["seconds"]
+    if kind == "us_key":
+        return ph["seconds"] / ph["keys"] * 1e6
+    if kind == "req":
+        return _total(ph)
+    if kind == "up":
+        return ph["net_up"] / 1024
+    if kind == "down":
+        return ph["net_down"] / 1024
+    return (ph["net_down"] - ph["value_bytes"]) / 1024  # beyond
+
+
+def scale_series(result: dict) -> list[dict]:
+    """Each scale metric across the sizes: values, growth (largest N over smallest),
+    target and whether it is met."""
+    ns = result["sizes"]
+    out = []
+    for label, step, phase, kind, target, check in SCALE_METRICS:
+        values = [scale_measure(result["by_n"][str(n)], step, phase, kind) for n in ns]
+        if None in values:
+            continue
+        growth = values[-1] / values[0] if values[0] else None
+        met = None
+        if check is not None:
+            met = bool(check(values, growth if growth is not None else math.inf))
+        out.append({"metric": label, "kind": kind, "unit": _SCALE_UNITS[kind],
+                    "values": values, "growth": growth, "target": target, "met": met})
+    return out
+
+
+def _human_n(n: int) -> str:
+    for div, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if n >= div and n % div == 0:
+            return f"{n // div}{suffix}"
+    return str(n)
+
+
+def evaluate_scale(result: dict) -> list[dict]:
+    """The main table's rows: each metric at the largest N against the smallest."""
+    ns = result["sizes"]
+    rows = []
+    for ser in scale_series(result):
+        rows.append(_row(f"{ser['metric']}, {_human_n(ns[-1])}", ser["unit"],
+                         ser["values"][-1], ser["values"][0], f"at {_human_n(ns[0])}",
+                         ser["target"], ser["met"], ratio=ser["growth"]))
+        rows[-1]["workload"] = "scale"
+    return rows
+
+
+def format_scale_table(result: dict) -> str:
+    """A markdown table: one row per metric, one column per N, the growth."""
+    ns = result["sizes"]
+    header = ["metric", *(f"{_human_n(n)} keys" for n in ns),
+              f"{_human_n(ns[-1])}/{_human_n(ns[0])}", "target", "met"]
+    lines = [header]
+    for ser in scale_series(result):
+        growth = f"{ser['growth']:.2f}×" if ser["growth"] is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[ser["met"]]
+        lines.append([ser["metric"], *(_fmt(v, ser["unit"]) for v in ser["values"]), growth,
+                      ser["target"], met])
+    return _markdown(lines)
+
+
+# Time series on the plot's left panel: (label, step, phase, kind).
+_PLOT_TIMES = [
+    ("initial push", "initial_push", "initial_push", "s"),
+    ("push of 1 key", "push_one", "push_one", "s"),
+    ("push of 1 %", "push_pct", "push_pct", "s"),
+    ("open 'w'", "push_one", "open_w", "s"),
+    ("close() after writes", "write", "close", "s"),
+    ("cold open", "cold_read", "cold_open", "s"),
+    ("cold read of 1 key", "cold_read", "cold_read_one", "s"),
+    ("cold open + len()", "cold_len", "cold_len", "s"),
+    ("warm reopen", "warm_reopen", "warm_reopen", "s"),
+]
+
+
+def write_scale_plot(result: dict, path: Path) -> str:
+    """A log-log PNG of time and peak RSS against N; a message saying what was done."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    ns = result["sizes"]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 5.5))
+    for label, step, phase, kind in _PLOT_TIMES:
+        left.plot(ns, [scale_measure(result["by_n"][str(n)], step, phase, kind) for n in ns],
+                  marker="o", label=label)
+    for label, step, phase, kind, *_ in SCALE_METRICS:
+        if kind == "us_key":
+            middle.plot(ns, [scale_measure(result["by_n"][str(n)], step, phase, kind)
+                             for n in ns], marker="o", label=label)
+    for label, step, _, kind, *_ in SCALE_METRICS:
+        if kind == "rss":
+            right.plot(ns, [scale_measure(result["by_n"][str(n)], step, "", "rss") for n in ns],
+                       marker="o", label=label.removesuffix(", peak RSS"))
+    server = [scale_measure(result["by_n"][str(n)], "", "", "server_rss") for n in ns]
+    if None not in server:
+        right.plot(ns, server, marker="s", linestyle="--", label="moto server")
+    right.axhline(128, color="grey", linewidth=0.8, linestyle=":")
+    right.axhline(256, color="grey", linewidth=0.8, linestyle=":")
+    for ax, title, unit in ((left, "time", "seconds"), (middle, "per key", "µs per key"),
+                            (right, "peak RSS", "MiB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("keys (100 B values)")
+        ax.set_ylabel(unit)
+        ax.set_title(f"ebooklet scale: {title} against N")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot in {path}"
 
 
 # ---------------------------------------------------------------- output
@@ -713,6 +1333,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.0f}"
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "×":
+        return f"{value:.0%}"
     return f"{value:.1f} {unit}"
 
 
@@ -727,6 +1349,11 @@ def format_table(rows: list[dict]) -> str:
         ratio = f"{r['ratio']:.2f}×" if r["ratio"] is not None else ""
         lines.append([r["workload"], r["metric"], _fmt(r["ebooklet"], r["unit"]), ref, ratio,
                       r["target"], met])
+    return _markdown(lines)
+
+
+def _markdown(lines: list[list[str]]) -> str:
+    header = lines[0]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
@@ -734,6 +1361,31 @@ def format_table(rows: list[dict]) -> str:
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+DEFAULT_PREVIOUS_VENV = Path("~/.cache/ebooklet-bench") / f"venv-{PREVIOUS_VERSION}"
+
+
+def previous_venv_path(given: Path | None) -> Path:
+    """The venv of the previous generation: ``given``, else $EBOOKLET_BENCH_PREVIOUS_VENV,
+    else :data:`DEFAULT_PREVIOUS_VENV`."""
+    default = os.environ.get("EBOOKLET_BENCH_PREVIOUS_VENV", str(DEFAULT_PREVIOUS_VENV))
+    return (given or Path(default)).expanduser()
+
+
+def previous_python(given: Path | None) -> Path | None:
+    """The Python of the venv holding ebooklet 0.11.1. A venv named by ``--previous-venv``
+    is created when missing (``python -m venv``, then ``pip install``: needs the package
+    index); the default one is only used if it exists (None when it does not)."""
+    venv = previous_venv_path(given)
+    python = venv / "bin" / "python"
+    if python.exists() or given is None:
+        return python if python.exists() else None
+    print(f"creating {venv} with ebooklet {PREVIOUS_VERSION} ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"ebooklet=={PREVIOUS_VERSION}"],
+                   check=True)
+    return python
 
 
 def default_out() -> Path:
@@ -751,6 +1403,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file, or a directory for <date>.json")
     parser.add_argument("--profile", type=Path, help="write cProfile files here")
     parser.add_argument("--step-timeout", type=float, default=900.0, help="seconds per step")
+    parser.add_argument("--scale-sizes", help="comma-separated key counts of the scale workload, "
+                        "e.g. 10000,100000,1000000 (default: the mode's)")
+    parser.add_argument("--previous-venv", type=Path,
+                        help=f"venv with ebooklet {PREVIOUS_VERSION}, created if missing "
+                        f"(default: {DEFAULT_PREVIOUS_VENV}, used only if it exists)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -758,6 +1415,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     sizes = dict(SIZES[mode])
+    if args.scale_sizes:
+        sizes["scale_sizes"] = sorted(int(n) for n in args.scale_sizes.split(","))
     names = list(WORKLOADS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
@@ -771,11 +1430,29 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {}
     rows: list[dict] = []
+    skipped: dict[str, str] = {}
+    messages: list[str] = []
     for name in names:
+        if name == "previous":
+            args.previous_python = previous_python(args.previous_venv)
+            if args.previous_python is None:
+                skipped[name] = (f"no venv with ebooklet {PREVIOUS_VERSION} at "
+                                 f"{previous_venv_path(None)}; --previous-venv PATH creates one")
+                print(f"skipping previous: {skipped[name]}", file=sys.stderr, flush=True)
+                continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        runs = [run_workload(name, args, sizes) for _ in range(args.repeat)]
-        results[name] = merge_runs(runs)
-        rows.extend(evaluate(name, results[name], {**sizes, "threads": args.threads}))
+        if name == "scale":
+            results[name] = run_scale(args, sizes)
+        else:
+            results[name] = merge_runs([run_workload(name, args, sizes)
+                                        for _ in range(args.repeat)])
+        # Kept as it comes, so that a failure later loses no finished workload.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"partial": True, "sizes": sizes, "workloads": results}) + "\n")
+        if name == "scale":
+            rows.extend(evaluate_scale(results[name]))
+        else:
+            rows.extend(evaluate(name, results[name], {**sizes, "threads": args.threads}))
     command = "python benchmarks/run.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -792,13 +1469,24 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "ebooklet": getattr(ebooklet, "__version__", None),
+            "ebooklet_path": str(Path(ebooklet.__file__).parent),
         },
         "rows": rows,
         "workloads": results,
+        "skipped": skipped,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "scale" in results:
+        report["scale_table"] = format_scale_table(results["scale"])
+        messages.append(write_scale_plot(results["scale"], out.with_name(out.stem + "-scale.png")))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(rows))
+    if "scale" in results:
+        print("\nscale (" + ", ".join(
+            f"{_human_n(int(n))}: {r['seconds']:.0f} s" for n, r in results["scale"]["by_n"].items()
+        ) + ")\n" + report["scale_table"])
+    for message in messages:
+        print(message)
     met = [r["met"] for r in rows if r["met"] is not None]
     print(f"\n{sum(met)}/{len(met)} targets met; {report['seconds']:.0f} s; results in {out}")
     return 0
