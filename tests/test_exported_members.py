@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
+import typing
+from pathlib import Path
+
+import pytest
 
 import ebooklet
 from ebooklet import errors
@@ -51,3 +56,20 @@ def test_every_exception_is_exported_or_internal() -> None:
         assert ("internal" in line) == (name in INTERNAL_ERRORS), line
     for name in classes - INTERNAL_ERRORS:
         assert getattr(ebooklet, name) is getattr(errors, name)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is new in 3.11")
+def test_type_checkers_see_what_open_returns() -> None:
+    """``open()`` is typed as returning an EBooklet, or a RemoteConnGroup with
+    ``remote_conn_group=True``, not ``Any``; the wheel says it is typed (``py.typed``)."""
+    returns = {
+        inspect.signature(f).parameters["remote_conn_group"].annotation: inspect.signature(f).return_annotation
+        for f in typing.get_overloads(ebooklet.open)
+    }
+    assert returns == {
+        "Literal[False]": "EBooklet",
+        "Literal[True]": "RemoteConnGroup",
+        "bool": "EBooklet | RemoteConnGroup",
+    }
+    assert inspect.signature(ebooklet.open_rcg).return_annotation == "RemoteConnGroup"
+    assert (Path(ebooklet.__file__).parent / "py.typed").is_file()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Literal, overload
 
 from . import lock, maintenance, serializers
 from .connection import S3Connection, connection_from
@@ -17,6 +17,61 @@ from .ebooklet import EBooklet
 from .maintenance import CheckResult, check_commit_arg
 from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
 from .replica import Replica
+
+
+@overload
+def open(
+    remote: S3Connection | str | None,
+    file_path: str | os.PathLike,
+    flag: str = "r",
+    value_serializer: Any = serializers.UNSET,
+    key_serializer: Any = serializers.UNSET,
+    n_buckets: int = 12007,
+    buffer_size: int = 2**22,
+    lock_timeout: float = 0.0,
+    timeout: float | None = None,
+    commit: int | str | None = None,
+    remote_conn_group: Literal[False] = False,
+    trust_serializers: bool | str | Collection[str] = False,
+    remote_timeout: float | None = None,
+) -> EBooklet: ...
+
+
+@overload
+def open(
+    remote: S3Connection | str | None,
+    file_path: str | os.PathLike,
+    flag: str = "r",
+    value_serializer: Any = serializers.UNSET,
+    key_serializer: Any = serializers.UNSET,
+    n_buckets: int = 12007,
+    buffer_size: int = 2**22,
+    lock_timeout: float = 0.0,
+    timeout: float | None = None,
+    commit: int | str | None = None,
+    *,
+    remote_conn_group: Literal[True],
+    trust_serializers: bool | str | Collection[str] = False,
+    remote_timeout: float | None = None,
+) -> RemoteConnGroup: ...
+
+
+@overload
+def open(
+    remote: S3Connection | str | None,
+    file_path: str | os.PathLike,
+    flag: str = "r",
+    value_serializer: Any = serializers.UNSET,
+    key_serializer: Any = serializers.UNSET,
+    n_buckets: int = 12007,
+    buffer_size: int = 2**22,
+    lock_timeout: float = 0.0,
+    timeout: float | None = None,
+    commit: int | str | None = None,
+    remote_conn_group: bool = False,
+    trust_serializers: bool | str | Collection[str] = False,
+    remote_timeout: float | None = None,
+) -> EBooklet | RemoteConnGroup: ...
 
 
 def open(
@@ -33,7 +88,7 @@ def open(
     remote_conn_group: bool = False,
     trust_serializers: bool | str | Collection[str] = False,
     remote_timeout: float | None = None,
-) -> Any:
+) -> EBooklet | RemoteConnGroup:
     """Open a database kept in ``file_path`` and synced with ``remote``.
 
     Args:
@@ -43,13 +98,15 @@ def open(
             and ``.ebk.json`` files are kept beside it.
         flag: ``'r'`` read-only, ``'w'`` read-write existing, ``'c'`` create if
             missing, ``'n'`` new and empty (the next push replaces the remote).
-        value_serializer, key_serializer: booklet serializer names or classes
-            with ``dumps``/``loads``. A new database records them (defaults:
-            ``None``, bytes values, and ``"str"`` keys). An existing database uses
-            those it records: leave them out, or pass the same ones (anything else
-            raises ``SerializationError``). Passing one also allows it when it can
-            run code or inflate (``pickle``, ``*zstd``...): see ``trust_serializers``.
-        n_buckets, buffer_size: booklet parameters of the local file.
+        value_serializer: a booklet serializer name or a class with
+            ``dumps``/``loads``. A new database records it (default ``None``: bytes
+            values). An existing database uses the one it records: leave it out, or
+            pass the same one (anything else raises ``SerializationError``). Passing
+            one also allows it when it can run code or inflate (``pickle``,
+            ``*zstd``...): see ``trust_serializers``.
+        key_serializer: the same for keys (default ``"str"``).
+        n_buckets: booklet's initial index size for the local file.
+        buffer_size: booklet's write buffer of the local file, in bytes.
         lock_timeout: seconds to wait for another writer's remote lock.
         timeout: seconds to wait for another process's local file lock
             (``None``: wait). It is not about the remote: see ``remote_timeout``.
@@ -106,7 +163,9 @@ def open(
     return RemoteConnGroup(db) if remote_conn_group else db
 
 
-def open_rcg(remote: S3Connection | str | None, file_path: str | os.PathLike, flag: str = "r", **kw: Any) -> Any:
+def open_rcg(
+    remote: S3Connection | str | None, file_path: str | os.PathLike, flag: str = "r", **kw: Any
+) -> RemoteConnGroup:
     """Open a remote connection group: ``open(..., remote_conn_group=True)``."""
     return open(remote, file_path, flag, remote_conn_group=True, **kw)
 
