@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ebooklet"
 
 LAYERS = [
     {"errors"},
-    {"format", "serializers", "_sigv4"},
+    {"format", "serializers", "_sigv4", "display"},
     {"store", "workers"},
     {"connection"},
     {"_booklet_io", "local", "lock", "remote"},

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from . import display
 from . import format as fmt
 from . import remote as remote_module
 from ._booklet_io import n_buckets
@@ -65,6 +66,16 @@ class PushResult:
     def committed(self) -> bool:
         """True when the push made a new commit."""
         return self.commit_id is not None
+
+    def _repr_html_(self) -> str:
+        title = f"Pushed: commit {self.seq}" if self.committed else "Push: nothing to commit"
+        return display.fields(title, [
+            ("keys pushed", self.keys_pushed),
+            ("keys deleted", self.keys_deleted),
+            ("bytes uploaded", self.bytes_uploaded),
+            ("requests", sum(self.requests.values())),
+            ("commit id", self.commit_id),
+        ])
 
 
 def _hex(m: bytes | None) -> str | None:
@@ -167,6 +178,15 @@ class Changes:
         self._replica = replica
         self._reads = reads
         self._packs_checked: dict[bytes, bool] = {}
+
+    def __repr__(self) -> str:
+        return f"<Changes of {str(self._replica.path)!r}: call iter_changes() to list them>"
+
+    def _repr_html_(self) -> str:
+        """The changes as a table (lists them: refreshes the manifest when online)."""
+        rows = ((c.kind, repr(c.key), c.local_md5, c.remote_md5) for c in self.iter_changes())
+        title = f"Changes of {self._replica.path}"
+        return display.table(title, ("kind", "key", "local md5", "remote md5"), rows)
 
     # ------------------------------------------------------------ inspecting
 

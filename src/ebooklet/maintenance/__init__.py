@@ -21,6 +21,7 @@ from .check import CheckResult, check_remote, remote_hash
 from .copying import CopyResult, DeleteResult, copy_remote, delete_remote, same_store
 from .history import (
     Commit,
+    History,
     KeyDiff,
     check_commit_arg,
     db_diff,
@@ -40,6 +41,7 @@ __all__ = [
     "Commit",
     "CopyResult",
     "DeleteResult",
+    "History",
     "KeyDiff",
     "MemoryMirror",
     "VacuumResult",

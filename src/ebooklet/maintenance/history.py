@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from .. import display
 from .. import format as fmt
 from ..connection import S3Connection
 from ..errors import (
@@ -126,11 +127,22 @@ def iter_chain(
         ref = manifest.get("parent")
 
 
-def history(conn: S3Connection, head: dict | None, limit: int | None = None) -> list[Commit]:
+def history(conn: S3Connection, head: dict | None, limit: int | None = None) -> History:
     """The commits of the chain ending at ``head``, newest first."""
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, not {limit!r}.")
-    return [Commit.from_manifest(m) for m in iter_chain(conn, head, limit)]
+    return History(Commit.from_manifest(m) for m in iter_chain(conn, head, limit))
+
+
+class History(list):
+    """A list of :class:`Commit`, newest first, shown as a table in notebooks."""
+
+    def _repr_html_(self) -> str:
+        rows = (
+            (c.seq, c.time.strftime("%Y-%m-%d %H:%M:%S UTC"), c.changed_keys, c.n_keys, c.n_bytes, c.message)
+            for c in self
+        )
+        return display.table("History", ("seq", "time", "changed keys", "keys", "bytes", "message"), rows)
 
 
 def check_commit_arg(commit: Any) -> None:
