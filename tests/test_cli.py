@@ -204,6 +204,10 @@ def test_status_push_pull(script: Runner, conn: Any, db_key: str, tmp_path: Path
     assert lines(script("pull", *target)) == ["downloaded 1 value(s)"]  # b changed remotely
     assert script("get", *target, "b").stdout == b"edited\n"
     assert lines(script("pull", *target, "--all")) == ["downloaded 2 value(s)"]
+    reverted = lines(script("revert", *target, "--path", mine, "2"))
+    assert reverted[0].startswith("restored 2 key(s), deleted 1") and "commit 4" in reverted[0]
+    assert script("get", *target, "b").stdout == b"text\n"
+    assert lines(script("log", *target, "-n", "1"))[0].endswith("\trevert to 2")
 
 
 def test_conflict_then_force(script: Runner, conn: Any, db_key: str, tmp_path: Path) -> None:

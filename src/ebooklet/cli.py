@@ -470,6 +470,18 @@ def cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_revert(args: argparse.Namespace) -> int:
+    """Restore a past commit's state as a new commit."""
+    with opened(args, "w") as db:
+        result = db.revert(commit_arg(args.commit), message=args.message)
+    if not result.committed:
+        print(f"the newest commit already is the state of {args.commit}", file=sys.stderr)
+        return EXIT_OK
+    print(f"restored {result.keys_pushed} key(s), deleted {result.keys_deleted}: "
+          f"commit {result.seq} ({result.commit_id})")
+    return EXIT_OK
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     """Bring remote changes into the local copy."""
     with opened(args) as db:
@@ -673,6 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("keys", metavar="KEY", nargs="*", help="push only these keys")
     p.add_argument("--force", action="store_true", help="keep the local values of conflicts")
     p.add_argument("-m", "--message", help="the commit message")
+
+    p = add("revert", cmd_revert, [writer], "restore the state of commit SEQ as a new commit",
+            json_output=False)
+    p.add_argument("commit", metavar="SEQ", help="a commit: its seq or commit id")
+    p.add_argument("-m", "--message", help="the commit message (default 'revert to SEQ')")
 
     p = add("pull", cmd_pull, [local], "download the remote's changes to the cached values "
             "(or the KEYs given)", json_output=False)

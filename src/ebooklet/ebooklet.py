@@ -14,7 +14,7 @@ import booklet
 
 from . import format as fmt
 from . import maintenance
-from .changes import Changes
+from .changes import Changes, PushResult
 from .connection import S3Connection
 from .reads import Reads
 from .replica import OPEN_WAIT as OPEN_WAIT
@@ -310,6 +310,26 @@ class EBooklet(MutableMapping):
         shards that differ are read; no value is downloaded.
         """
         return maintenance.db_diff(self._replica, seq_a, seq_b)
+
+    def revert(self, commit: int | str, message: str | None = None) -> PushResult:
+        """Restore the database to the state of a past ``commit`` (a seq or a commit id)
+        as a new commit: every key whose value differs between the head and that commit
+        (and the user metadata) gets its value of then back, or is deleted; history
+        keeps every commit in between. Downloads only the values that differ.
+
+        Returns the push's :class:`PushResult` (``committed`` false when the head
+        already is that state).
+
+        Raises:
+            EBookletError: the local copy has unpushed edits (push or discard them first).
+            ReadOnlyError: flag ``'r'``, a public URL, a snapshot, or no remote.
+            OfflineError: the remote cannot be reached.
+            RemoteNotFoundError: no such commit (never made, or removed by vacuum).
+            ConflictError: another writer committed a change to one of those keys
+                meanwhile (the restored values stay pending: push or discard them).
+        """
+        maintenance.stage_revert(self._replica, commit)
+        return self.changes().push(message=message if message is not None else f"revert to {commit}")
 
     def delete_remote(self) -> Any:
         """Delete the remote database: its manifest and every ``D.ebk/`` object, nothing else.

@@ -31,6 +31,7 @@ from .history import (
     history,
     iter_chain,
     pin_commit,
+    stage_revert,
 )
 from .shards import MemoryMirror
 from .vacuum import DEFAULT_REWRITE_BELOW, VacuumResult, vacuum
@@ -58,5 +59,6 @@ __all__ = [
     "pin_commit",
     "remote_hash",
     "same_store",
+    "stage_revert",
     "vacuum",
 ]

@@ -279,6 +279,45 @@ def diff_manifests(index: RemoteIndex, a: dict, b: dict) -> Iterator[tuple[str, 
             yield "modified", key, old, new
 
 
+REVERT_BATCH = 1000
+"""A revert downloads the values it restores this many at a time."""
+
+
+def stage_revert(replica: Replica, commit: int | str) -> int:
+    """Make the local copy hold the state of ``commit`` as pending edits: each key whose
+    value differs between the head and ``commit`` is set to its value then (with its
+    timestamp then) or deleted, and so is the user metadata. Returns how many keys.
+
+    Raises:
+        EBookletError: the local copy has unpushed edits (push or discard them first).
+        ReadOnlyError, OfflineError: as :func:`writable_conn`; flag ``'r'``.
+        RemoteNotFoundError: no such commit (never made, or removed by vacuum).
+    """
+    replica.check_writable()
+    writable_conn(replica, "revert")
+    log = replica.log
+    if log.edits or log.replace or log.metadata_dirty:
+        raise EBookletError(
+            f"{replica.path} has unpushed edits: push or discard them before reverting, so "
+            "that the revert does not mix with them."
+        )
+    head = db_head(replica)
+    old = find_commit(replica.conn, head, commit)
+    restore: list[tuple[bytes, Entry]] = []
+    for kind, kb, _, then in diff_manifests(replica.remote, head, old):
+        if kind == "deleted":
+            replica.delete_value(replica.decode_key(kb), kb)
+        else:
+            restore.append((kb, then))
+    for start in range(0, len(restore), REVERT_BATCH):
+        for kb, entry, raw in replica.remote.fetch_values(restore[start : start + REVERT_BATCH]):
+            raw = bytes(raw)
+            replica.set_value(replica.decode_key(kb), kb, raw, entry.md5, entry.timestamp)
+    if old.get("metadata") != head.get("metadata"):
+        replica.set_metadata(old.get("metadata"))
+    return len(restore) + sum(1 for edit in log.edits.values() if edit.md5 is None)
+
+
 def db_diff(replica: Replica, seq_a: int | str, seq_b: int | str | None = None) -> list[KeyDiff]:
     """Keys whose values differ between commits ``seq_a`` and ``seq_b`` (default: the head)."""
     head = db_head(replica)
