@@ -1,6 +1,6 @@
 """ebooklet: a dict-like key/value database in a local file, synced with S3."""
 
-from .api import break_lock, check, open, open_rcg
+from .api import break_lock, check, delete_local, open, open_rcg
 from .changes import Change, Changes, PushResult
 from .connection import S3Connection
 from .ebooklet import EBooklet
@@ -63,6 +63,7 @@ __all__ = [
     "VacuumConflictError",
     "break_lock",
     "check",
+    "delete_local",
     "open",
     "open_ebooklet",
     "open_rcg",

@@ -11,9 +11,13 @@ import os
 from collections.abc import Collection
 from typing import Any, Literal, overload
 
+import booklet
+
 from . import lock, maintenance, serializers
 from .connection import S3Connection, connection_from
 from .ebooklet import EBooklet
+from .errors import EBookletError
+from .local import local_paths
 from .maintenance import CheckResult, check_commit_arg
 from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
 from .replica import Replica
@@ -202,3 +206,41 @@ def break_lock(conn: S3Connection) -> dict | None:
     if not conn.writable:
         raise ValueError("break_lock needs a writable S3Connection (bucket, db_key, credentials).")
     return lock.break_lock(conn)
+
+
+def delete_local(file_path: str | os.PathLike, force: bool = False) -> list[str]:
+    """Delete the local files of a database: ``file_path`` and the ``.local_hash``,
+    ``.remote_index`` and ``.ebk.json`` files beside it. The remote is not touched:
+    what was pushed stays there, and opening the path again downloads it afresh.
+
+    Args:
+        file_path: the path given to :func:`open`.
+        force: delete even when the files hold unpushed edits (they are lost).
+
+    Returns the paths deleted (none when there were no files).
+
+    Raises:
+        EBookletError: the files hold unpushed edits and ``force`` is false, or
+            another process has the database open.
+    """
+    paths = local_paths(file_path)
+    if not any(p.exists() for p in paths):
+        return []
+    try:
+        with open(None, file_path, "r", timeout=0) as db:
+            pending = sum(1 for c in db.changes().iter_changes())
+    except booklet.LockTimeoutError:
+        raise EBookletError(
+            f"{file_path} is open in another process; close it there, then delete it."
+        ) from None
+    if pending and not force:
+        raise EBookletError(
+            f"{file_path} holds {pending} unpushed edit(s); push them first, or pass "
+            "force=True to lose them."
+        )
+    deleted = []
+    for path in paths:
+        if path.exists():
+            path.unlink()
+            deleted.append(str(path))
+    return deleted
