@@ -15,6 +15,7 @@ signing here rather than through botocore's per-request objects saves another
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ from .store import (
     Precondition,
 )
 from .workers import Workers
+
+logger = logging.getLogger("ebooklet.http")
 
 _S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -395,21 +398,26 @@ class S3Connection:
             left = self.timeout if end is None else end - time.monotonic()
             timeout = self._timeouts(min(self.timeout, max(left, _MIN_TRY)))
             pause = backoff
+            began = time.monotonic()
             try:
                 response = client.request(
                     method, url, headers=headers, body=body, redirect=False, retries=False,
                     timeout=timeout, preload_content=False, decode_content=False,
                 )
-            except urllib3.exceptions.HTTPError:
+            except urllib3.exceptions.HTTPError as exc:
                 if not _may_retry(retries, pause, end):
                     raise
+                failure = f"{type(exc).__name__}: {exc}"
             else:
+                _log_answer(method, url, body, response, began)
                 if response.status not in _RETRY_STATUSES:
                     return response
                 pause = max(pause, _retry_after(response.headers))
                 if not _may_retry(retries, pause, end):
                     return response
                 Reply(response, url, end, None).error_answer()
+                failure = f"status {response.status}"
+            logger.info("retrying %s %s in %.2f s after %s", method, urlsplit(url).path, pause, failure)
             time.sleep(pause)
             backoff *= 2
             retries -= 1
@@ -1053,6 +1061,18 @@ class _Concatenated:
                 return view[start:end]
             start -= view.nbytes
         return memoryview(b"")
+
+
+def _log_answer(method: str, url: str, body: Any, response: Any, began: float) -> None:
+    """One DEBUG line per answer: method, object path, status, bytes each way, time.
+    Never headers or query strings (they may carry credentials)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        sent = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+        logger.debug(
+            "%s %s -> %d (%d B up, %s B down, %.1f ms)", method, urlsplit(url).path,
+            response.status, sent, response.headers.get("Content-Length", "?"),
+            (time.monotonic() - began) * 1000,
+        )
 
 
 def _may_retry(retries: int, pause: float, end: float | None) -> bool:
