@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ebooklet"
 LAYERS = [
     {"errors"},
     {"format", "serializers", "_sigv4", "display"},
-    {"store", "workers"},
+    {"store", "workers", "progress"},
     {"connection"},
     {"_booklet_io", "local", "lock", "remote"},
     {"replica", "reads"},
