@@ -59,7 +59,8 @@ class Replica:
     Opening it (``Replica(remote, file_path, flag, ...)``, as :func:`ebooklet.open` does)
     reads the remote manifest, reconciles the local files and takes the remote write lock
     when writable. Fixed for its life: ``path``, ``flag``, ``writable``, ``local_writable``,
-    ``log`` (the :class:`ChangeLog`), ``data`` (the booklet data file) and ``codec``.
+    ``log`` (the :class:`ChangeLog`), ``data`` (the booklet data file) and ``codec`` (the
+    :class:`Codec`: encoding and decoding keys and values; an attribute, for the hot path).
 
     Args:
         remote: an :class:`S3Connection`, a public URL, or ``None``.
@@ -148,7 +149,7 @@ class Replica:
             self._take_remote_lock(lock_timeout)
             if fresh:
                 self._start_afresh(data_path, log_path)
-            self._codec = Codec.choose(
+            self.codec = Codec.choose(
                 self.path, key_serializer, value_serializer, trust_serializers,
                 fresh=fresh,
                 manifest=None if fresh or self._log.replace else self._remote.manifest,
@@ -159,7 +160,7 @@ class Replica:
             # grows its index as keys arrive).
             kept = local_exists and data_path.exists()  # not dropped for a foreign remote
             self._data = _open_data(
-                data_path, self._codec, n_buckets, buffer_size, timeout, self._local_writable
+                data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable
             )
             self._data_path = data_path
             if not local_exists and flag != "n":
@@ -167,13 +168,13 @@ class Replica:
             self._closed = False
             if kept:
                 self._outside.reconcile_at_open(
-                    self._data, data_path, self._log, self._remote, self._codec, self.offline, cached_from
+                    self._data, data_path, self._log, self._remote, self.codec, self.offline, cached_from
                 )
             self._meta.data.setdefault("uuid", uuid.uuid4().hex)
             self._meta.data.update(
                 remote=conn.public_params() if conn else self._meta.data.get("remote"),
-                key_serializer=self._codec.key_serializer_name,
-                value_serializer=self._codec.value_serializer_name,
+                key_serializer=self.codec.key_serializer_name,
+                value_serializer=self.codec.value_serializer_name,
                 n_buckets=n_buckets,
             )
             self._record_data_state(closed=False, always=True)
@@ -423,14 +424,14 @@ class Replica:
             except ScanInterrupted:
                 pass
         for kb in sorted(todo):
-            cached = self.cached(self._codec.decode_key(kb))
+            cached = self.cached(self.codec.decode_key(kb))
             if cached is not None:
                 yield kb, *cached
 
     def damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
         false) or is not the value that was journaled."""
-        key = self._codec.decode_key(kb)
+        key = self.codec.decode_key(kb)
         what = "holds another value than the one" if present else "lacks the value"
         return IntegrityError(
             f"{self.path} {what} last set locally for key {key!r:.80} (not pushed yet): the "
@@ -495,7 +496,7 @@ class Replica:
         """Drop the local values of ``kbs`` from the data file (journaling nothing)."""
         with self._rlock:
             for kb in kbs:
-                key = self._codec.decode_key(kb)
+                key = self.codec.decode_key(kb)
                 if key in self._data:
                     del self._data[key]
 
@@ -525,13 +526,13 @@ class Replica:
 
     def local_timestamp(self, kb: bytes) -> int | None:
         """The timestamp of the local value of ``kb`` (``None``: none)."""
-        return self._data.get_timestamp(self._codec.decode_key(kb))
+        return self._data.get_timestamp(self.codec.decode_key(kb))
 
     def settle(self, settled: list[tuple[bytes, Any]]) -> None:
         """Forget the edits of ``settled`` ``(encoded key, remote entry or None)``, equal
         to the remote's; the local copies take the remote timestamps."""
         for kb, entry in settled:
-            key = self._codec.decode_key(kb)
+            key = self.codec.decode_key(kb)
             if entry is not None and key in self._data:
                 self._data.set_timestamp(key, entry.timestamp)
         self._log.mark_clean(kb for kb, _ in settled)
@@ -612,11 +613,6 @@ class Replica:
         return self._pinned
 
     @property
-    def codec(self) -> Codec:
-        """The key and value serializers, encoding and decoding with them."""
-        return self._codec
-
-    @property
     def uuid(self) -> str:
         """The database's uuid (shared by every copy of it)."""
         return self._meta.data["uuid"]
@@ -663,7 +659,7 @@ class Replica:
             self._log.record_edits(current)
             for kb, m in cached:
                 if not (remote.get(kb) and remote[kb].md5 == m):
-                    del self._data[self._codec.decode_key(kb)]
+                    del self._data[self.codec.decode_key(kb)]
             manifest = self._remote.manifest
             if manifest is not None and not self._log.replace and not self._log.metadata_dirty:
                 self._log.set_metadata_dirty(True)
@@ -682,7 +678,7 @@ class Replica:
             self._remote.adopt(None, None)
             self._log.compact()
             self._conn = None
-            self._codec.source = str(self.path)
+            self.codec.source = str(self.path)
             self._remote.conn = None
             self._offline = True
 
