@@ -14,7 +14,7 @@ LAYERS = [
     {"store", "workers", "progress"},
     {"connection"},
     {"_booklet_io", "local", "lock", "remote"},
-    {"replica", "reads"},
+    {"replica", "reads", "codec", "outside"},
     {
         "changes",
         "maintenance",

@@ -694,7 +694,7 @@ def test_copies_opened_before_a_vacuum_read_the_values_it_moved(
     assert ebooklet.check(conn).ok
     with ebooklet.open(reader(), tmp_path / "late.blt", value_serializer="pickle") as late:
         assert late["k5"] == "new 5"
-        pack = fmt.pack_name(late._replica.remote.entry(late._replica.encode_key("k1")).pack)
+        pack = fmt.pack_name(late._replica.remote.entry(late._replica.codec.encode_key("k1")).pack)
         s3_server.client().delete_object(Bucket=s3_server.bucket, Key=db_key + pack)
         with pytest.raises(RemoteNotFoundError):
             late["k1"]
@@ -738,7 +738,7 @@ def test_push_after_another_client_vacuumed_its_uploads_away(conn: Any, make_con
         db["b"] = "the value"
         # the state a push interrupted between its uploads and its commit leaves behind
         replica = db._replica
-        kb = replica.encode_key("b")
+        kb = replica.codec.encode_key("b")
         ts, raw = replica.cached("b")
         uploaded = replica.remote.upload_pack([(kb, raw, fmt.md5(raw), ts)])
         replica.log.record_pack(uploaded.pack, uploaded.footer)

@@ -336,7 +336,7 @@ def test_a_push_reuses_the_packs_an_interrupted_push_uploaded(
         db.update(data)
         # what a push killed between its pack uploads and its commit leaves behind
         replica = db._replica
-        stored = list(replica.stored_values([replica.encode_key(k) for k in data]))
+        stored = list(replica.stored_values([replica.codec.encode_key(k) for k in data]))
         for half in (stored[:150], stored[150:]):
             done = replica.remote.upload_pack([(kb, raw, fmt.md5(raw), ts) for kb, ts, raw in half])
             replica.log.record_pack(done.pack, done.footer)

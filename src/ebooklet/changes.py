@@ -223,10 +223,10 @@ class Changes:
             state = three_way(edit, entry, self._edit_ts(kb, edit), replacing)
             if state.listed:
                 r = remote_md5(edit, entry, replacing)
-                yield Change(state.value, replica.decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
+                yield Change(state.value, replica.codec.decode_key(kb), _hex(edit.md5), _hex(r), _hex(edit.base))
         if online and not replacing:
             for kb, state, entry in self._stale_cache():
-                yield Change(state.value, replica.decode_key(kb), None, _hex(entry and entry.md5), None)
+                yield Change(state.value, replica.codec.decode_key(kb), None, _hex(entry and entry.md5), None)
 
     def _stale_cache(self) -> Iterator[tuple[bytes, State, Entry | None]]:
         """Cached values (not edited) that the remote changed or deleted."""
@@ -260,7 +260,7 @@ class Changes:
         stale = list(self._stale_cache())
         gone = [kb for kb, state, _ in stale if state is State.REMOTE_DELETED]
         replica.drop_values(gone)
-        changed = [replica.decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
+        changed = [replica.codec.decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
         return self._reads.load_items(changed) if changed else 0
 
     def discard(self, keys: Iterable[Any] | None = None) -> int:
@@ -278,7 +278,7 @@ class Changes:
                 if replica.log.metadata_dirty:
                     replica.log.set_metadata_dirty(False)
             else:
-                kbs = [kb for kb in (replica.encode_key(k) for k in keys) if kb in replica.log.edits]
+                kbs = [kb for kb in (replica.codec.encode_key(k) for k in keys) if kb in replica.log.edits]
             replica.log.mark_clean(kbs)
             replica.drop_values(kbs)
             return len(kbs)
@@ -318,7 +318,7 @@ class Changes:
             raise ReadOnlyError(
                 f"{replica.path} has no writable remote; reopen it with an S3Connection to push."
             )
-        selected = None if keys is None else {replica.encode_key(k) for k in keys}
+        selected = None if keys is None else {replica.codec.encode_key(k) for k in keys}
         before = Counter(conn.request_counts)
         result = PushResult()
         with replica.mutex:
@@ -383,7 +383,7 @@ class Changes:
             else:
                 sets[kb] = edit.md5
         if conflicts:
-            raise ConflictError([replica.decode_key(kb) for kb in conflicts])
+            raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
 
     def _edit_ts(self, kb: bytes, edit: Edit) -> int | None:
@@ -406,8 +406,8 @@ class Changes:
         shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
         content = {
             "uuid": replica.uuid,
-            "key_serializer": replica.key_serializer_name,
-            "value_serializer": replica.value_serializer_name,
+            "key_serializer": replica.codec.key_serializer_name,
+            "value_serializer": replica.codec.value_serializer_name,
             "n_buckets": n_buckets(replica.data),
             "n_shards": n_shards,
             "shards": shards,

@@ -116,8 +116,8 @@ class EBooklet(MutableMapping):
         """Set ``key`` to ``value`` locally, with an optional timestamp (µs, ISO str or datetime)."""
         replica = self._replica
         replica.check_writable()
-        kb = replica.encode_key(key)
-        raw = replica.encode_value(value)
+        kb = replica.codec.encode_key(key)
+        raw = replica.codec.encode_value(value)
         _check_sizes(key, kb, raw)
         replica.set_value(key, kb, raw, fmt.md5(raw), _timestamp(timestamp))
 
@@ -129,7 +129,7 @@ class EBooklet(MutableMapping):
         replica = self._replica
         replica.check_writable()
         pairs = dict(*args, **kwargs)
-        encoded = [(key, replica.encode_key(key), replica.encode_value(value)) for key, value in pairs.items()]
+        encoded = [(key, replica.codec.encode_key(key), replica.codec.encode_value(value)) for key, value in pairs.items()]
         for key, kb, raw in encoded:  # all or nothing: nothing is journaled before this
             _check_sizes(key, kb, raw)
         replica.set_values([(kb, raw, fmt.md5(raw)) for _, kb, raw in encoded])
@@ -137,7 +137,7 @@ class EBooklet(MutableMapping):
     def __delitem__(self, key: Any) -> None:
         replica = self._replica
         replica.check_writable()
-        kb = replica.encode_key(key)
+        kb = replica.codec.encode_key(key)
         with replica.mutex:
             if not self._reads.contains(key):
                 raise KeyError(key)
@@ -172,7 +172,7 @@ class EBooklet(MutableMapping):
         if found is None:
             raise KeyError(key)
         raw = found[1]
-        replica.set_value(key, replica.encode_key(key), raw, fmt.md5(raw), timestamp, retimed=True)
+        replica.set_value(key, replica.codec.encode_key(key), raw, fmt.md5(raw), timestamp, retimed=True)
 
     def set_metadata(self, data: Any) -> None:
         """Set the database's user metadata (any JSON-serializable object); pushed with the data."""

@@ -41,7 +41,7 @@ class Reads:
         self._replica = replica
         self._log = replica.log  # both fixed for the replica's life: read on the hot path
         self._data = replica.data
-        self._encode_key = replica.encode_key
+        self._encode_key = replica.codec.encode_key
         self._warned_unchecked = False  # see _unchecked_copy
 
     def _remote_entry(self, kb: bytes) -> Any:
@@ -120,9 +120,9 @@ class Reads:
             return self._data.get(key, default)
         local = self._local_only(kb)
         if local is not None:
-            return self._replica.decode_value(self._edited(key, kb)[1]) if local else default
+            return self._replica.codec.decode_value(self._edited(key, kb)[1]) if local else default
         found = self._remote_raw(key, kb)
-        return default if found is None else self._replica.decode_value(found[1])
+        return default if found is None else self._replica.codec.decode_value(found[1])
 
     def _remote_raw(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key with no local edit: the cached copy
@@ -171,7 +171,7 @@ class Reads:
         """The error for a cached copy of a remote value that fails its md5 (it has the
         remote entry's timestamp) when the remote cannot be reached to fetch it again."""
         return IntegrityError(
-            f"The copy of key {self._replica.decode_key(kb)!r:.80} cached in {self._replica.path} is damaged (it "
+            f"The copy of key {self._replica.codec.decode_key(kb)!r:.80} cached in {self._replica.path} is damaged (it "
             f"does not match the md5 of the remote index), and the remote cannot be reached "
             f"to fetch it again ({exc}). Reconnect and read it again: it is then downloaded."
         )
@@ -262,7 +262,7 @@ class Reads:
         """Every key (see :meth:`key_bytes`)."""
         self._replica.check_open()
         for kb in self.key_bytes():
-            yield self._replica.decode_key(kb)
+            yield self._replica.codec.decode_key(kb)
 
     def items(self, keys: Iterable[Any] | None = None) -> Iterator[tuple[Any, Any]]:
         """``(key, value)`` pairs, downloading missing values in coalesced batches.
@@ -304,12 +304,12 @@ class Reads:
                     if edit.md5 != self._log.checked.get(kb) and edit.md5 != fmt.md5(raw):
                         yield from self._decoded([kb], {})  # checked again: raises if damaged
                     else:
-                        yield self._replica.decode_key(kb), self._replica.decode_value(raw)
+                        yield self._replica.codec.decode_key(kb), self._replica.codec.decode_value(raw)
                     continue
                 entry = remote.get(kb)
                 if entry is not None and _is_copy(ts, raw, entry):
                     done.add(kb)
-                    yield self._replica.decode_key(kb), self._replica.decode_value(raw)
+                    yield self._replica.codec.decode_key(kb), self._replica.codec.decode_value(raw)
             interrupted = False
         except ScanInterrupted:  # the loop's body wrote to the database: finish key by key
             interrupted = True
@@ -337,13 +337,13 @@ class Reads:
         one; a key edited since ``fetched`` was downloaded is read locally."""
         edits = self._log.edits
         for kb in kbs:
-            key = self._replica.decode_key(kb)
+            key = self._replica.codec.decode_key(kb)
             raw = fetched.get(kb) if kb not in edits else None
             if raw is None:
                 found = self.lookup(key)
                 raw = found[1] if found is not None else None
             if raw is not None:
-                yield key, self._replica.decode_value(raw)
+                yield key, self._replica.codec.decode_value(raw)
 
     def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
         yield from self._decoded([self._encode_key(key) for key in keys], self._load(keys))
@@ -445,7 +445,7 @@ class Reads:
         found = self.lookup(key)
         if found is None:
             return default
-        return (found[0], self._replica.decode_value(found[1])) if include_value else found[0]
+        return (found[0], self._replica.codec.decode_value(found[1])) if include_value else found[0]
 
 
 def _is_copy(timestamp: int, raw: bytes | memoryview, entry: Entry) -> bool:

@@ -1,10 +1,11 @@
 """`Replica`: one open local copy of one remote database.
 
 A replica owns the local files (the data file, :class:`ChangeLog`, :class:`IndexMirror`,
-:class:`LocalMeta`), the view of the remote (:class:`RemoteIndex`), the codec (the key and
-value serializers), the mutex and the remote write lock. It opens them (reconciling what
-was written to the data file outside ebooklet), keeps the remote view fresh, pins a
-snapshot, detaches from a deleted remote, and closes them. The read path
+:class:`LocalMeta`), the view of the remote (:class:`RemoteIndex`), the :class:`Codec` (the
+key and value serializers, :mod:`.codec`), the mutex and the remote write lock. It opens
+them (reconciling what was written to the data file outside ebooklet, with
+:class:`OutsideWrites`), keeps the remote view fresh, pins a snapshot, detaches from a
+deleted remote, and closes them. The read path
 (:mod:`.reads`), :class:`EBooklet`, :class:`Changes` and the maintenance functions use it
 through its public methods and attributes only.
 """
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import booklet
-from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
-from ._booklet_io import append_records, data_changed_from, data_state, deleted_last, scan
+from ._booklet_io import append_records, scan
+from .codec import Codec
 from .connection import S3Connection, check_seconds, connection_from
 from .errors import (
     EBookletError,
@@ -36,27 +37,17 @@ from .errors import (
     ReadOnlyError,
     RemoteNotFoundError,
     ScanInterrupted,
-    SerializationError,
 )
-from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, found_edit, local_paths, new_base
+from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths, new_base
 from .lock import RemoteLock
+from .outside import OutsideWrites
 from .remote import RemoteIndex
 
 logger = logging.getLogger("ebooklet")
 
 FLAGS = ("r", "w", "c", "n")
-_HEADER_SERIALIZERS = {"value_serializer": slice(29, 31), "key_serializer": slice(31, 33)}
-"""Where a booklet file's header records its serializers' codes (2 bytes little-endian each)."""
-_HEADER_END = 33
-_PLAIN_KEYS = frozenset({str, bytes, int})
-"""Types of decoded keys known to be hashable: any other is hashed once to check it."""
 LARGE_VALUE = 4 << 20
 """A value longer than this goes into the data file without booklet's copies of it."""
-_LOCATION = ("bucket", "db_key", "endpoint_url", "db_url")
-"""The fields of ``S3Connection.public_params()`` that say which remote it is."""
-NEW_KEY_SERIALIZER = "str"
-NEW_VALUE_SERIALIZER = None
-"""The serializers of a new database when open() is given none (bytes values)."""
 OPEN_WAIT = 5.0
 """Seconds :func:`open` waits at most for the remote's manifest, all tries together,
 before it works offline from the local files (``remote_timeout`` changes it)."""
@@ -68,7 +59,8 @@ class Replica:
     Opening it (``Replica(remote, file_path, flag, ...)``, as :func:`ebooklet.open` does)
     reads the remote manifest, reconciles the local files and takes the remote write lock
     when writable. Fixed for its life: ``path``, ``flag``, ``writable``, ``local_writable``,
-    ``log`` (the :class:`ChangeLog`) and ``data`` (the booklet data file).
+    ``log`` (the :class:`ChangeLog`), ``data`` (the booklet data file) and ``codec`` (the
+    :class:`Codec`: encoding and decoding keys and values; an attribute, for the hot path).
 
     Args:
         remote: an :class:`S3Connection`, a public URL, or ``None``.
@@ -121,8 +113,6 @@ class Replica:
         self._closed = True
         self._lock: RemoteLock | None = None
         self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
-        self._found_unsaved = False  # edits found in the data file that only memory holds
-        self._recorded: dict | None = None  # the data file's state the last session recorded
         # False: flag 'r' on local files that cannot be written (a read-only file
         # system): nothing is written, values fetched are returned without being cached
         self._local_writable = _local_files_writable(self.path, flag)
@@ -134,23 +124,23 @@ class Replica:
         try:
             fresh = flag == "n"  # a damaged journal or metadata is replaced, not read
             self._meta = LocalMeta(meta_path, damaged_ok=fresh)
-            self._recorded = self._meta.data_state  # see _record_data_state
-            closed = self._recorded is not None and self._recorded["closed"]
+            self._outside = OutsideWrites(self.path, self._meta, self.writable, self._local_writable)
+            closed = self._outside.closed_cleanly
             try:
                 self._log = ChangeLog(
                     log_path, self._local_writable, damaged_ok=fresh, expect_closed=closed and not fresh
                 )
             except IntegrityError:
-                self._mark_session_open()  # said once: the next open starts a new journal
+                self._outside.mark_session_open()  # said once: the next open starts a new journal
                 raise
             if not fresh:
-                self._mark_session_open()
+                self._outside.mark_session_open()
             local_exists = data_path.exists() and not fresh
             if not fresh:
                 self._check_same_remote(conn)
-            # Values cached in the data file came from this manifest (see _record_data_state).
+            # Values cached in the data file came from this manifest (see OutsideWrites).
             cached_from = self._remote.manifest
-            self._written_outside = local_exists and _stat_changed(data_path, self._recorded)
+            self._written_outside = local_exists and self._outside.stat_changed(data_path)
             self._refresh_at_open(flag, local_exists, _open_wait(conn, remote_timeout))
             if pin is not None:
                 pin(self)
@@ -159,31 +149,40 @@ class Replica:
             self._take_remote_lock(lock_timeout)
             if fresh:
                 self._start_afresh(data_path, log_path)
-            self._init_serializers(key_serializer, value_serializer, trust_serializers)
+            self.codec = Codec.choose(
+                self.path, key_serializer, value_serializer, trust_serializers,
+                fresh=fresh,
+                manifest=None if fresh or self._log.replace else self._remote.manifest,
+                meta=self._meta, conn=conn,
+            )
             # The local index is sized by the caller's n_buckets only, never from the
             # remote's n_keys: a manifest claiming 10**9 keys made a 12 GB file (booklet
             # grows its index as keys arrive).
             kept = local_exists and data_path.exists()  # not dropped for a foreign remote
             self._data = _open_data(
-                data_path, self._ks, self._vs, n_buckets, buffer_size, timeout, self._local_writable
+                data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable
             )
             self._data_path = data_path
             if not local_exists and flag != "n":
                 self._forget_lost_values()
             self._closed = False
             if kept:
-                self._reconcile_at_open(cached_from)
+                self._outside.reconcile_at_open(
+                    self._data, data_path, self._log, self._remote, self.codec, self.offline, cached_from
+                )
             self._meta.data.setdefault("uuid", uuid.uuid4().hex)
             self._meta.data.update(
                 remote=conn.public_params() if conn else self._meta.data.get("remote"),
-                key_serializer=self._ks_name,
-                value_serializer=self._vs_name,
+                key_serializer=self.codec.key_serializer_name,
+                value_serializer=self.codec.value_serializer_name,
                 n_buckets=n_buckets,
             )
             self._record_data_state(closed=False, always=True)
         except BaseException:
             self._close_files()
-            self._unmark_session_open()
+            outside = getattr(self, "_outside", None)  # None: P.ebk.json could not be read
+            if outside is not None:
+                outside.unmark_session_open(getattr(self, "_log", None))
             raise
 
     def _take_remote_lock(self, lock_timeout: float) -> None:
@@ -196,7 +195,7 @@ class Replica:
 
     def _start_afresh(self, data_path: Path, log_path: Path) -> None:
         """Flag 'n', both locks held: an empty copy that replaces the remote at the next push."""
-        self._mark_session_open()
+        self._outside.mark_session_open()
         self._log.close()
         for path in (data_path, log_path):
             path.unlink(missing_ok=True)
@@ -216,174 +215,10 @@ class Replica:
             )
             self._log.mark_clean(lost)
 
-    # ------------------------------------------------------------ writes made outside ebooklet
-
-    def _reconcile_at_open(self, cached_from: dict | None) -> None:
-        """Find what was written to the data file since ebooklet last recorded its state
-        (with plain booklet, or by a process killed before its journal records reached
-        the disk) and make it pending edits, before anything reads the file.
-
-        ``cached_from``: the head manifest the local mirror held at open, which every
-        value cached since the recorded state came from (see :meth:`_record_data_state`).
-        """
-        recorded = self._recorded
-        clean = recorded is not None and recorded["closed"]
-        current = data_state(self._data, self._data_path)
-        start = data_changed_from(recorded, current)
-        if start is not None:
-            self._find_outside_edits(cached_from, start)
-        if not clean:
-            self._forget_unwritten_edits()
-        elif start is not None:
-            deleted = self._delete_absent_edits(shrunk=current["size"] < recorded["size"])
-            self._warn_cached_deletions(recorded["n_keys"] - len(self._data) - deleted)
-
-    def _find_outside_edits(self, cached_from: dict | None, start: int) -> int:
-        """Make pending edits of the live records at or after ``start`` (0: the whole
-        data file) that hold neither a pending edit's value nor a value of
-        ``cached_from``; returns how many were found."""
-        edits = self._log.edits
-        records = [(kb, ts, fmt.md5(raw)) for kb, ts, raw in scan(self._data, self._data_path, True, start)]
-        entries = self._reference_entries([kb for kb, _, _ in records if kb not in edits], cached_from)
-        found = []
-        for kb, ts, md5_ in records:
-            edit = found_edit(md5_, ts, edits.get(kb), entries.get(kb), whole_file=start == 0)
-            if edit is not None:
-                found.append((kb, *edit))
-        self._note_edits(found)
-        return len(found)
-
-    def _reference_entries(self, kbs: list[bytes], manifest: dict | None) -> dict[bytes, Any]:
-        """The entries of ``kbs`` in ``manifest``, fetching shards when online (those of
-        the head if a vacuum removed ``manifest``'s); offline, :data:`MISSING_SHARD` for
-        a key whose shard is not local."""
-        if not kbs or self._log.replace or manifest is None:
-            return dict.fromkeys(kbs)
-        if not self.offline:
-            for which in (manifest, self._remote.manifest):
-                try:
-                    return self._remote.entries(kbs, which)
-                except RemoteNotFoundError:
-                    continue
-                except OfflineError:
-                    break
-        return {kb: self._remote.entry(kb, fetch=False, manifest=manifest) for kb in kbs}
-
-    def _absent_edits(self) -> list[bytes]:
-        """Keys with a pending value that the data file does not hold."""
-        return [
-            kb for kb, edit in self._log.edits.items()
-            if edit.md5 is not None and self.decode_key(kb) not in self._data
-        ]
-
-    def _delete_absent_edits(self, shrunk: bool) -> int:
-        """After a clean close: a pending value gone from the data file whose last record
-        there is marked deleted was deleted outside ebooklet (booklet's ``del``), which
-        makes it a pending deletion. Returns how many.
-
-        Any other absent value was lost by damage (no record left: the file was cut;
-        its record live but out of booklet's reach: a garbled index), and so is any when
-        the file is shorter than recorded (``shrunk``: cut, or pruned with booklet, which
-        drops the deleted records): the edit stays pending, and reading or pushing the
-        key raises IntegrityError (set it again or discard it), never a silent deletion.
-        """
-        absent = self._absent_edits()
-        if not absent or shrunk:
-            return 0
-        deleted = deleted_last(self._data, self._data_path, absent)
-        self._note_edits([(kb, None, self._log.edits[kb].base) for kb in absent if kb in deleted])
-        return len(deleted)
-
-    def _forget_unwritten_edits(self) -> None:
-        """After a killed session: a pending value the data file does not hold never
-        reached it (journaled first, lost with booklet's write buffer); forget the edit,
-        the key reads the remote again. Flag 'r' leaves the journal as it is."""
-        lost = self._absent_edits()
-        if not lost:
-            return
-        if not self.writable:
-            self._found_unsaved = True  # the next writable open does it
-            return
-        warnings.warn(
-            f"{self.path} was not closed cleanly: {len(lost)} unpushed value(s) never reached "
-            "it; those keys read the remote version again.",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        self._log.mark_clean(lost)
-
-    def _warn_cached_deletions(self, at_least: int) -> None:
-        """Tell that values cached from the remote were deleted outside ebooklet: booklet
-        marks a deletion in place, so which keys cannot be known (only that booklet's key
-        count dropped by more than the pending edits explain)."""
-        if at_least > 0:
-            warnings.warn(
-                f"At least {at_least} value(s) cached from the remote were deleted from "
-                f"{self.path} outside ebooklet. Such deletions cannot be told key by key, so "
-                "they are not pending: those keys read the remote again. Delete keys with "
-                "ebooklet (del db[key]) to delete them remotely.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-
-    def _note_edits(self, edits: list[tuple[bytes, bytes | None, bytes | None]]) -> None:
-        """Journal edits found or resolved; flag 'r' holds them in memory for this session
-        (reads return the local value, downloads do not overwrite it) and leaves the
-        data file's recorded state as it was, so that the next open finds them again."""
-        if not edits:
-            return
-        if self.writable:
-            self._log.record_edits(edits)
-        else:
-            self._log.remember_edits(edits)
-            self._found_unsaved = True
-
-    def _mark_session_open(self) -> None:
-        """Before anything is appended to the journal, make ``P.ebk.json`` stop saying
-        that the last session closed cleanly (the state it recorded stays, for the
-        reconciliation): from here on, a journal that does not end with its close record
-        is one this process was killed writing, not one cut after a clean close (see
-        :class:`ChangeLog`, ``expect_closed``)."""
-        recorded = self._recorded
-        if self._local_writable and recorded is not None and recorded["closed"]:
-            self._meta.save(data_state={**recorded, "closed": False})
-
-    def _unmark_session_open(self) -> None:
-        """An open failed: if the journal ends with its close record again (see
-        :meth:`ChangeLog.close`), ``P.ebk.json`` says again that the last session closed
-        cleanly, as before :meth:`_mark_session_open`."""
-        recorded = self._recorded
-        log = getattr(self, "_log", None)
-        if log is None or not log.ends_closed or not (recorded and recorded["closed"]):
-            return
-        if self._local_writable and self._meta.data.get("data_state") != recorded:
-            self._meta.save(data_state=recorded)
-
     def _record_data_state(self, closed: bool, always: bool = False) -> None:
-        """Record the data file's state (:func:`_booklet_io.data_state`) in ``P.ebk.json``, and
-        whether this session is closing the file, so that the next open reads only what
-        was written after it. Called where every value in the file is a pending edit's
-        or a value of the head manifest held by the local mirror: at open (after the
-        reconciliation), before a new head is adopted, after each write of a snapshot's
-        values, after a prune or a clear, at close. While edits found in the file are held
-        in memory only, the state recorded at open stays, restored as it was at close (see
-        :meth:`_mark_session_open`). ``always``: save ``P.ebk.json`` even if nothing changed."""
-        if not self._local_writable:  # flag 'r' on files that cannot be written
-            return
-        fields = {}
-        state = self._state_to_record(closed)
-        if state is not None and state != self._meta.data.get("data_state"):
-            fields["data_state"] = state
-        if fields or always:
-            self._meta.save(**fields)
-
-    def _state_to_record(self, closed: bool) -> dict | None:
-        """The ``data_state`` for :meth:`_record_data_state`; ``None``: leave it as it is."""
-        if self._closed:
-            return None
-        if self._found_unsaved:
-            return self._recorded if closed else None
-        return {**data_state(self._data, self._data_path), "closed": closed}
+        """Record the data file's state while it is open: :meth:`OutsideWrites.record_data_state`."""
+        if not self._closed:
+            self._outside.record_data_state(self._data, self._data_path, closed, always)
 
     def _check_same_remote(self, conn: S3Connection | None) -> None:
         known = self._meta.data.get("remote")
@@ -468,71 +303,6 @@ class Replica:
         if data_path.exists():
             data_path.unlink()
 
-    def _init_serializers(self, key_serializer: Any, value_serializer: Any, trust_serializers: Any) -> None:
-        """Choose the serializers: the caller's for a new database, else those the
-        database records, as far as :func:`serializers.choose` allows (see docs/security.md).
-
-        The remote manifest is not the caller's: a serializer it names that can run code
-        or inflate is used only when passed to open(), allowed by ``trust_serializers``,
-        or remembered in ``P.ebk.json`` from an open of the same remote that allowed it.
-        ``P.ebk.json`` itself is the user's file: a database with no remote manifest (local
-        only, or about to replace its remote) uses what it records.
-        """
-        trusted = serializers.trusted_names(trust_serializers)
-        manifest = self._remote.manifest
-        replacing = self.flag == "n" or self._log.replace
-        recorded = manifest if manifest is not None and not replacing else self._meta.data
-        header = _header_serializers(local_paths(self.path)[0])
-        if self.flag == "n" or "key_serializer" not in recorded:
-            self._ks, self._ks_name = _unrecorded("key_serializer", key_serializer, header)
-            self._vs, self._vs_name = _unrecorded("value_serializer", value_serializer, header)
-            self._check_header(
-                header, "open()'s arguments",
-                "Leave the serializer arguments out to use the file's own.",
-            )
-            return
-        user_owned = recorded is self._meta.data
-        where = f"{self.path} (its {self._meta.path.name})" if user_owned else repr(self._conn)
-        remembered = {} if user_owned else self._remembered_serializers()
-
-        def choose(field: str, given: Any) -> tuple[Any, str | None]:
-            allowed = True if user_owned or trusted is True else trusted | remembered.get(field, set())
-            return serializers.choose(field, recorded[field], given, allowed, where)
-
-        self._ks, self._ks_name = choose("key_serializer", key_serializer)
-        self._vs, self._vs_name = choose("value_serializer", value_serializer)
-        if user_owned:
-            remedy = (
-                f"If {self._meta.path.name} was edited, restore it, or delete it to use the "
-                "file's own serializers."
-            )
-        else:
-            remedy = (
-                f"Move {self.path} and its {self.path.name}.* files away (whatever was pushed "
-                "is safe remotely): reopening downloads the database again."
-            )
-        self._check_header(header, where, remedy)
-
-    def _check_header(self, header: dict[str, Any] | None, chosen_by: str, remedy: str) -> None:
-        """Refuse serializers (chosen by ``chosen_by``) that differ from those the data
-        file's header records (``None``: no data file); see :func:`serializers.check_header`."""
-        if header is None:
-            return
-        for field, cls in (("key_serializer", self._ks), ("value_serializer", self._vs)):
-            serializers.check_header(field, header[field], cls, str(self.path), chosen_by, remedy)
-
-    def _remembered_serializers(self) -> dict[str, set]:
-        """``{field: {name}}`` that ``P.ebk.json`` records for this very remote (opened
-        without a remote: for the remote it last synced with). It records only serializers
-        this copy was allowed to use (:meth:`_init_serializers` runs before it is saved),
-        so each was the caller's choice once."""
-        known = self._meta.data.get("remote")
-        if self._conn is not None:
-            mine = self._conn.public_params()
-            if not isinstance(known, dict) or any(known.get(f) != mine[f] for f in _LOCATION):
-                return {}
-        return {f: {self._meta.data[f]} for f in ("key_serializer", "value_serializer") if f in self._meta.data}
-
     def refresh(self, wait: float | None = None) -> bool:
         """Adopt the newest remote manifest, first resolving unknown bases of edits.
 
@@ -548,8 +318,8 @@ class Replica:
         unknown = [k for k, e in self._log.edits.items() if e.base == UNKNOWN_MD5]
         if unknown and self._local_writable:  # else resolved by the next writable open
             entries = self._remote.entries(unknown, old_manifest)
-            self._note_edits(
-                [(k, self._log.edits[k].md5, new_base(None, e, False)) for k, e in entries.items()]
+            self._outside.note_edits(
+                self._log, [(k, self._log.edits[k].md5, new_base(None, e, False)) for k, e in entries.items()]
             )
         if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
             self._offline = False
@@ -561,81 +331,6 @@ class Replica:
             self._remote.adopt(manifest, etag)
         self._offline = False
         return True
-
-    # ------------------------------------------------------------ encoding
-
-    def encode_key(self, key: Any) -> bytes:
-        """``key`` encoded by the key serializer.
-
-        Raises:
-            SerializationError: the serializer refuses it or returns no bytes.
-        """
-        try:
-            kb = self._ks.dumps(key)
-        except Exception as exc:
-            raise SerializationError(_bad_key_message(key, self._ks, self._ks_name, exc)) from None
-        if not isinstance(kb, bytes):
-            raise SerializationError(_bad_key_message(key, self._ks, self._ks_name))
-        return kb
-
-    def encode_value(self, value: Any) -> bytes:
-        """``value`` encoded by the value serializer.
-
-        Raises:
-            SerializationError: the serializer refuses it or returns no bytes.
-        """
-        try:
-            raw = self._vs.dumps(value)
-        except Exception as exc:
-            raise SerializationError(
-                f"Value of type {type(value).__name__} cannot be encoded by the value "
-                f"serializer {self._vs_name!r}: {exc}"
-            ) from None
-        if not isinstance(raw, bytes):
-            if self._vs is serializers.BYTES:
-                raise SerializationError(
-                    f"{self.path} stores bytes values (value_serializer=None), and a value of "
-                    f"type {type(value).__name__} is not bytes. Encode it yourself, or choose "
-                    "a serializer when creating the database: ebooklet.open(remote, path, 'n', "
-                    "value_serializer='orjson') for JSON-like data, 'pickle' for any Python "
-                    "object (its readers must then allow pickle)."
-                )
-            raise SerializationError(f"The value serializer returned {type(raw).__name__}, not bytes.")
-        return raw
-
-    def decode_value(self, raw: bytes) -> Any:
-        """The value encoded as ``raw``.
-
-        Raises:
-            SerializationError: the value serializer fails on it.
-        """
-        try:
-            return self._vs.loads(raw)
-        except SerializationError:
-            raise
-        except Exception as exc:
-            raise SerializationError(
-                f"A value of {self.path} cannot be decoded by its value serializer "
-                f"{self._vs_name!r} ({type(exc).__name__}: {exc})."
-            ) from None
-
-    def decode_key(self, kb: bytes) -> Any:
-        """The key encoded as ``kb`` (from the remote index, a pack footer or the local
-        files), decoded by the key serializer.
-
-        Raises:
-            IntegrityError: the serializer fails on ``kb`` (in any way: invalid text,
-                nesting too deep, a number too long...) or decodes it to an unhashable
-                value, which cannot be a key.
-        """
-        try:
-            key = self._ks.loads(kb)
-            if type(key) not in _PLAIN_KEYS:
-                hash(key)
-            return key
-        except Exception as exc:
-            where = self._conn.db_url if self._conn is not None else str(self.path)
-            raise _undecodable_key(kb, self._ks_name, where, exc) from None
 
     # ------------------------------------------------------------ state checks
 
@@ -676,11 +371,11 @@ class Replica:
 
     # ------------------------------------------------------------ the data file
 
-    def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
+    def _store(self, key: Any, kb: bytes, raw: bytes, timestamp: Any = None) -> None:
         """Write an encoded value to the data file; a large one goes straight to the
         file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
-            append_records(self._data, [(self._ks.dumps(key), raw, timestamp)])
+            append_records(self._data, [(kb, raw, timestamp)])
         else:
             self._data.set(key, raw, timestamp=timestamp, encode_value=False)
 
@@ -729,14 +424,14 @@ class Replica:
             except ScanInterrupted:
                 pass
         for kb in sorted(todo):
-            cached = self.cached(self.decode_key(kb))
+            cached = self.cached(self.codec.decode_key(kb))
             if cached is not None:
                 yield kb, *cached
 
     def damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
         false) or is not the value that was journaled."""
-        key = self.decode_key(kb)
+        key = self.codec.decode_key(kb)
         what = "holds another value than the one" if present else "lacks the value"
         return IntegrityError(
             f"{self.path} {what} last set locally for key {key!r:.80} (not pushed yet): the "
@@ -750,7 +445,7 @@ class Replica:
         but none over a local edit made while they downloaded, and none if they came
         from another head manifest than ``head``, the current one (then they are fetched
         again when read: values in the data file must come from the head the local
-        mirror holds, see :meth:`_record_data_state`)."""
+        mirror holds, see :meth:`OutsideWrites.record_data_state`)."""
         with self._rlock:
             if self._log.replace or self._remote.etag != head:
                 return
@@ -778,7 +473,7 @@ class Replica:
         ``kb``) as a local edit; ``retimed``: only its timestamp changed."""
         with self._rlock:
             self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed)
-            self._store(key, raw, timestamp)
+            self._store(key, kb, raw, timestamp)
             if not retimed:
                 self._log.checked[kb] = md5
 
@@ -801,7 +496,7 @@ class Replica:
         """Drop the local values of ``kbs`` from the data file (journaling nothing)."""
         with self._rlock:
             for kb in kbs:
-                key = self.decode_key(kb)
+                key = self.codec.decode_key(kb)
                 if key in self._data:
                     del self._data[key]
 
@@ -831,13 +526,13 @@ class Replica:
 
     def local_timestamp(self, kb: bytes) -> int | None:
         """The timestamp of the local value of ``kb`` (``None``: none)."""
-        return self._data.get_timestamp(self.decode_key(kb))
+        return self._data.get_timestamp(self.codec.decode_key(kb))
 
     def settle(self, settled: list[tuple[bytes, Any]]) -> None:
         """Forget the edits of ``settled`` ``(encoded key, remote entry or None)``, equal
         to the remote's; the local copies take the remote timestamps."""
         for kb, entry in settled:
-            key = self.decode_key(kb)
+            key = self.codec.decode_key(kb)
             if entry is not None and key in self._data:
                 self._data.set_timestamp(key, entry.timestamp)
         self._log.mark_clean(kb for kb, _ in settled)
@@ -852,7 +547,9 @@ class Replica:
         """Make pending edits of the values in the whole data file written outside
         ebooklet (see :meth:`EBooklet.get_local_hash`); returns how many were found."""
         with self._rlock:
-            found = self._find_outside_edits(self._remote.manifest, 0)
+            found = self._outside.find_edits(
+                self._data, self._data_path, self._log, self._remote, self.offline, self._remote.manifest
+            )
             self._log.compact()
             self._record_data_state(closed=False)
             return found
@@ -916,16 +613,6 @@ class Replica:
         return self._pinned
 
     @property
-    def key_serializer_name(self) -> str | None:
-        """The key serializer's name as manifests record it."""
-        return self._ks_name
-
-    @property
-    def value_serializer_name(self) -> str | None:
-        """The value serializer's name as manifests record it."""
-        return self._vs_name
-
-    @property
     def uuid(self) -> str:
         """The database's uuid (shared by every copy of it)."""
         return self._meta.data["uuid"]
@@ -972,7 +659,7 @@ class Replica:
             self._log.record_edits(current)
             for kb, m in cached:
                 if not (remote.get(kb) and remote[kb].md5 == m):
-                    del self._data[self.decode_key(kb)]
+                    del self._data[self.codec.decode_key(kb)]
             manifest = self._remote.manifest
             if manifest is not None and not self._log.replace and not self._log.metadata_dirty:
                 self._log.set_metadata_dirty(True)
@@ -991,6 +678,7 @@ class Replica:
             self._remote.adopt(None, None)
             self._log.compact()
             self._conn = None
+            self.codec.source = str(self.path)
             self._remote.conn = None
             self._offline = True
 
@@ -1043,53 +731,6 @@ class _PinnedMirror:
         pass
 
 
-def _bad_key_message(key: Any, ks: Any, ks_name: str | None, error: Exception | None = None) -> str:
-    """Why ``key`` is not a key of a database with key serializer ``ks`` (which raised
-    ``error``, or returned no bytes), and what to do."""
-    kind = serializers.key_type(ks)
-    named = ks_name is not None or ks is serializers.BYTES  # None names the bytes one too
-    serializer = repr(ks_name) if named else "a custom class"
-    if kind:
-        must = f"are {kind} (key serializer {serializer})"
-    else:
-        why = f"{type(error).__name__}: {error}" if error is not None else "it returned no bytes"
-        must = f"must be what their key serializer, {serializer}, encodes ({why})"
-    return (
-        f"Key {key!r:.60} is of type {type(key).__name__}: keys of this database {must}. "
-        "Convert the key (str(key), for instance), or create the database with another "
-        "key serializer: ebooklet.open(..., 'n', key_serializer='orjson') takes str and "
-        "int keys (see booklet.available_serializers)."
-    )
-
-
-def _undecodable_key(kb: bytes, ks_name: str | None, where: str, exc: Exception) -> EBookletError:
-    """The error for key bytes ``kb`` of database ``where`` that its key serializer fails to
-    decode (``exc``): the serializer cannot run here, or the bytes are not a key of it."""
-    if isinstance(exc, (ImportError, NameError)):
-        return SerializationError(
-            f"The key serializer {ks_name!r} of {where} cannot run here ({exc}): install the "
-            "package it needs (e.g. msgpack, numpy) to read this database."
-        )
-    shown = f"{bytes(kb[:40])!r}{'...' if len(kb) > 40 else ''}"
-    return IntegrityError(
-        f"Key bytes {shown} in the index of {where} cannot be decoded by key serializer "
-        f"{ks_name!r} ({type(exc).__name__}: {str(exc)[:200]}): the database is damaged or "
-        "not written with that serializer. Its keys cannot be listed until whoever writes it "
-        "repairs it; the values of other keys can still be read by key."
-    )
-
-
-def _stat_changed(path: Path, recorded: dict | None) -> bool:
-    """Whether the data file may have been written since its state was ``recorded``
-    (by size, modification time and inode, without opening it)."""
-    if recorded is None:
-        return True
-    stat = os.stat(path)
-    return (stat.st_size, stat.st_mtime_ns, stat.st_ino) != (
-        recorded["size"], recorded["mtime_ns"], recorded["inode"]
-    )
-
-
 def _open_wait(conn: S3Connection | None, remote_timeout: float | None) -> float | None:
     """Seconds the open's manifest GET may take: ``remote_timeout``, else
     :data:`OPEN_WAIT` (or the connection's ``timeout`` when shorter)."""
@@ -1125,48 +766,11 @@ def _local_files_writable(path: Path, flag: str) -> bool:
     return False
 
 
-def _header_serializers(path: Path) -> dict[str, Any] | None:
-    """The serializers the header of the booklet file ``path`` records, as
-    :func:`serializers.header_name` gives them (``None``: no such file, or not a booklet
-    file, which opening it then reports)."""
-    try:
-        with path.open("rb") as file:
-            head = file.read(_HEADER_END)
-    except OSError:
-        return None
-    if len(head) < _HEADER_END or head[: len(bk_utils.uuid_variable_blt)] != bk_utils.uuid_variable_blt:
-        return None
-    where = f"The header of {path}"
-    return {
-        field: serializers.header_name(int.from_bytes(head[at], "little"), field, where)
-        for field, at in _HEADER_SERIALIZERS.items()
-    }
-
-
-def _unrecorded(field: str, given: Any, header: dict[str, Any] | None) -> tuple[Any, str | None]:
-    """The serializer for ``field`` when neither the remote nor ``P.ebk.json`` records one:
-    the caller's, else the data file header's, else the default.
-
-    Raises:
-        SerializationError: the header records a custom class and none was given.
-    """
-    if given is serializers.UNSET:
-        if header is None:
-            given = NEW_KEY_SERIALIZER if field == "key_serializer" else NEW_VALUE_SERIALIZER
-        elif header[field] == serializers.HEADER_CUSTOM:
-            raise SerializationError(
-                f"The data file was written with a custom {field} class (its header records "
-                f"booklet's code 0): pass that class to open() as {field}= to read it."
-            )
-        else:
-            given = header[field]
-    return serializers.resolve(given, field)
-
-
 def _open_data(
-    path: Path, ks: Any, vs: Any, n_buckets: int, buffer_size: int, timeout: float | None,
+    path: Path, codec: Codec, n_buckets: int, buffer_size: int, timeout: float | None,
     writable: bool = True,
 ):
+    ks, vs = codec.key_serializer, codec.value_serializer
     if not path.exists():
         # Create with serializer names, so that the file records booklet's codes and plain
         # booklet.open(path) can read it (a class is recorded as "custom": code 0).

@@ -178,4 +178,4 @@ def remote_hash(replica: Replica) -> dict[Any, tuple[str, int]]:
         for item in items:
             if item.key not in found or found[item.key][1] < item.timestamp:
                 found[item.key] = (item.md5, item.timestamp)
-    return {replica.decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}
+    return {replica.codec.decode_key(k): (m.hex(), ts) for k, (m, ts) in found.items()}

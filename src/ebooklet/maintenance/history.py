@@ -324,7 +324,7 @@ def db_diff(replica: Replica, seq_a: int | str, seq_b: int | str | None = None) 
     a = find_commit(replica.conn, head, seq_a)
     b = head if seq_b is None else find_commit(replica.conn, head, seq_b)
     return [
-        KeyDiff(kind, replica.decode_key(key), _hex(old), _hex(new))
+        KeyDiff(kind, replica.codec.decode_key(key), _hex(old), _hex(new))
         for kind, key, old, new in diff_manifests(replica.remote, a, b)
     ]
 
