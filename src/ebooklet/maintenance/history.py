@@ -306,13 +306,13 @@ def stage_revert(replica: Replica, commit: int | str) -> int:
     restore: list[tuple[bytes, Entry]] = []
     for kind, kb, _, then in diff_manifests(replica.remote, head, old):
         if kind == "deleted":
-            replica.delete_value(replica.decode_key(kb), kb)
+            replica.delete_value(replica.codec.decode_key(kb), kb)
         else:
             restore.append((kb, then))
     for start in range(0, len(restore), REVERT_BATCH):
         for kb, entry, raw in replica.remote.fetch_values(restore[start : start + REVERT_BATCH]):
             raw = bytes(raw)
-            replica.set_value(replica.decode_key(kb), kb, raw, entry.md5, entry.timestamp)
+            replica.set_value(replica.codec.decode_key(kb), kb, raw, entry.md5, entry.timestamp)
     if old.get("metadata") != head.get("metadata"):
         replica.set_metadata(old.get("metadata"))
     return len(restore) + sum(1 for edit in log.edits.values() if edit.md5 is None)
