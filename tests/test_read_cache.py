@@ -93,3 +93,23 @@ def test_clear_hides_the_trusted_values(conn: Any, tmp_path: Path) -> None:
         assert db.get("k1") is None and "k1" not in db
         db.changes().discard()
         assert db["k1"] == "value 1"
+
+
+def test_get_value_reads_what_booklet_reads(tmp_path: Path) -> None:
+    """The data file read by ``pread`` (:func:`ebooklet._booklet_io.get_value`) gives what
+    booklet's ``get`` gives: small and large values, deleted and absent keys, chains of
+    records sharing a bucket, records still in booklet's write buffer."""
+    import booklet
+
+    from ebooklet._booklet_io import get_value
+
+    with booklet.open(tmp_path / "raw.blt", "n", key_serializer="str", value_serializer=None, n_buckets=7) as book:
+        values = {f"k{i}": bytes([i % 256]) * (i * 37 % 2000) for i in range(300)}
+        for key, value in values.items():
+            book[key] = value
+        book.sync()
+        for i in range(0, 300, 7):
+            del book[f"k{i}"]
+        book["buffered"] = b"not synced yet"
+        for key in [*values, "buffered", "absent"]:
+            assert get_value(book, key.encode()) == book.get(key), key

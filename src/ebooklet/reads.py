@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import format as fmt
+from ._booklet_io import get_value
 from .errors import (
     IntegrityError,
     OfflineError,
@@ -29,8 +30,6 @@ _CHUNK = 1000
 _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 
-_ABSENT = object()
-
 
 class Reads:
     """Reads of one :class:`Replica`: values, membership, counts, keys, items, downloads.
@@ -44,6 +43,7 @@ class Reads:
         self._log = replica.log  # both fixed for the replica's life: read on the hot path
         self._data = replica.data
         self._encode_key = replica.encode_key
+        self._decode_value = replica.decode_value
         self._warned_unchecked = False  # see _unchecked_copy
         self._verified: tuple[dict | None, set[bytes]] = (None, set())
         """(head manifest, keys): the keys without a local edit whose cached copy this
@@ -112,8 +112,8 @@ class Reads:
     def get(self, key: Any, default: Any) -> Any:
         """The decoded value of ``key``, or ``default``.
 
-        Two kinds of value are read by booklet's own ``get`` alone (no timestamp, no
-        md5, no index lookup): the hot path of a local database. A local edit whose
+        Two kinds of value are read from the data file alone (no timestamp, no md5, no
+        index lookup; :func:`._booklet_io.get_value`): the hot path of a local database. A local edit whose
         value this process wrote or already checked (see :attr:`ChangeLog.checked`);
         otherwise its md5 is checked against the journal once (:meth:`_edited`): an
         md5 per read would cost 12 % of a local get (benchmarks/README.md). And a key
@@ -129,11 +129,12 @@ class Reads:
         if edit is None:
             head, verified = self._verified
             if kb in verified and head is self._replica.remote.manifest:
-                value = self._data.get(key, _ABSENT)
-                if value is not _ABSENT:
-                    return value
+                raw = get_value(self._data, kb)
+                if raw is not None:
+                    return self._decode_value(raw)
         elif edit.md5 is not None and self._log.checked.get(kb) == edit.md5:
-            return self._data.get(key, default)
+            raw = get_value(self._data, kb)
+            return default if raw is None else self._decode_value(raw)
         local = self._local_only(kb)
         if local is not None:
             return self._replica.decode_value(self._edited(key, kb)[1]) if local else default
