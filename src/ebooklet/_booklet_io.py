@@ -43,6 +43,7 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
 
 #: Read size of :func:`scan`.
 SCAN_BUFFER = 1 << 20
+_READ_AHEAD = 512  # get_value reads this much of a record: a small value comes with its head
 
 #: What identifies a data file's content as ebooklet left it (see :func:`data_state`).
 DATA_STATE_FIELDS = ("size", "mtime_ns", "inode", "n_keys", "index_offset", "first_data")
@@ -194,6 +195,40 @@ def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) 
         )
     )
     return size if appended else 0
+
+
+def get_value(book: Any, kb: bytes) -> bytes | None:
+    """The encoded value of the encoded key ``kb`` in the booklet file ``book`` (``None``:
+    not there), as ``book.get`` reads it, minus the key encoding and value decoding.
+
+    booklet seeks and reads three times a record (about 6 µs a 100 B value); here one
+    ``pread`` reads the bucket and one each record of its chain, the value with it when
+    the value is small (about 3 µs). The writable file is unbuffered, so ``pread`` sees
+    every write; records still in booklet's write buffer are flushed first, as its
+    ``get`` does.
+    """
+    key_hash = blake2s(kb, digest_size=_HASH_LEN).digest()
+    if key_hash in book._buffer_index_set:
+        book.sync()
+    width, ts_len = booklet.utils.n_bytes_file, book._ts_bytes_len
+    with book._thread_lock:
+        fd = book._file.fileno()
+        bucket = book._index_offset + int.from_bytes(key_hash, "little") % book._n_buckets * width
+        block = int.from_bytes(os.pread(fd, width, bucket), "little")
+        while block > 1:
+            record = os.pread(fd, _READ_AHEAD, block)
+            block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(record)
+            if next_block == _DELETED:
+                return None
+            if block_hash == key_hash:
+                start = _RECORD_HEAD.size + ts_len + key_len
+                if start + value_len <= len(record):
+                    return record[start : start + value_len]
+                return os.pread(fd, value_len, block + start)
+            if next_block == _NO_NEXT_BLOCK:
+                return None
+            block = int.from_bytes(next_block, "little")
+    return None
 
 
 def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview, Any]]) -> None:

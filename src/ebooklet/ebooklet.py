@@ -6,9 +6,11 @@ remote view, writes) and to :class:`Reads` (the read path).
 
 from __future__ import annotations
 
+import struct
+import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 import booklet
 
@@ -22,6 +24,15 @@ from .replica import Replica
 
 _ABSENT = object()  # "no such key", told from any value a get may return
 _NOT_OPENED = "Use ebooklet.open(remote, file_path, flag) to open a database."
+
+UPDATE_BATCH = 10_000
+"""``update()`` writes its pairs this many at a time (fewer when they are large, see
+:data:`UPDATE_BATCH_BYTES`): it holds one batch, never all the pairs."""
+UPDATE_BATCH_BYTES = 8 << 20
+UPDATE_SPOOL_BYTES = 8 << 20
+"""``update()`` keeps the encoded pairs in memory up to this many bytes, then in a
+temporary file (see :func:`_spool_pairs`)."""
+_SPOOLED = struct.Struct("<HI16s")  # key length, value length, md5 of the value
 
 
 class EBooklet(MutableMapping):
@@ -125,14 +136,24 @@ class EBooklet(MutableMapping):
         self.set(key, value)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        """Set many keys at once (a mapping, pairs, or keyword arguments)."""
+        """Set many keys at once (a mapping, pairs, or keyword arguments): all of them or,
+        when one cannot be encoded or is too long, none.
+
+        Every pair is encoded and checked first, into a temporary file when they are
+        many, then written :data:`UPDATE_BATCH` at a time: memory holds one batch.
+
+        Raises:
+            SerializationError: a key or value the serializers cannot encode.
+            ValueError: an encoded key or value too long for the local file.
+        """
         replica = self._replica
         replica.check_writable()
-        pairs = dict(*args, **kwargs)
-        encoded = [(key, replica.codec.encode_key(key), replica.codec.encode_value(value)) for key, value in pairs.items()]
-        for key, kb, raw in encoded:  # all or nothing: nothing is journaled before this
-            _check_sizes(key, kb, raw)
-        replica.set_values([(kb, raw, fmt.md5(raw)) for _, kb, raw in encoded])
+        with tempfile.SpooledTemporaryFile(UPDATE_SPOOL_BYTES) as spool:
+            _spool_pairs(replica, _pairs(args, kwargs), spool)  # all or nothing: nothing is journaled before this
+            spool.seek(0)
+            with replica.mutex:
+                for batch in _spooled_batches(spool):
+                    replica.set_values(batch)
 
     def __delitem__(self, key: Any) -> None:
         replica = self._replica
@@ -394,6 +415,67 @@ class EBooklet(MutableMapping):
         ``bytes_reclaimed``).
         """
         return maintenance.vacuum(self._replica, keep, older_than, rewrite_below, purge)
+
+
+def _pairs(args: tuple, kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """The ``(key, value)`` pairs of ``update(*args, **kwargs)``, in ``dict(*args, **kwargs)``'s
+    order and with its errors, without a copy of them."""
+    if len(args) > 1:
+        raise TypeError(f"update expected at most 1 argument, got {len(args)}")
+    if args:
+        source = args[0]
+        if isinstance(source, dict):
+            yield from source.items()
+        elif hasattr(source, "keys"):
+            yield from ((key, source[key]) for key in source.keys())  # noqa: SIM118 - as dict() does
+        else:
+            for i, element in enumerate(source):
+                try:
+                    pair = tuple(element)
+                except TypeError:
+                    raise TypeError(
+                        f"cannot convert dictionary update sequence element #{i} to a sequence"
+                    ) from None
+                if len(pair) != 2:
+                    raise ValueError(
+                        f"dictionary update sequence element #{i} has length {len(pair)}; 2 is required"
+                    )
+                hash(pair[0])  # an unhashable key is refused, as dict() refuses it
+                yield pair
+    yield from kwargs.items()
+
+
+def _spool_pairs(replica: Replica, pairs: Iterable[tuple[Any, Any]], spool: IO[bytes]) -> None:
+    """Encode and check every pair (:func:`_check_sizes`) into ``spool``, as records of
+    :data:`_SPOOLED` then the encoded key and value.
+
+    Raises:
+        SerializationError, ValueError: as :meth:`EBooklet.update`.
+    """
+    write, encode_key, encode_value = spool.write, replica.codec.encode_key, replica.codec.encode_value
+    for key, value in pairs:
+        kb, raw = encode_key(key), encode_value(value)
+        _check_sizes(key, kb, raw)
+        write(_SPOOLED.pack(len(kb), len(raw), fmt.md5(raw)))
+        write(kb)
+        write(raw)
+
+
+def _spooled_batches(spool: IO[bytes]) -> Iterator[list[tuple[bytes, bytes, bytes]]]:
+    """The ``(encoded key, encoded value, md5)`` records :func:`_spool_pairs` wrote, in
+    batches of :data:`UPDATE_BATCH` records or about :data:`UPDATE_BATCH_BYTES`."""
+    read, size = spool.read, _SPOOLED.size
+    batch: list[tuple[bytes, bytes, bytes]] = []
+    n_bytes = 0
+    while head := read(size):
+        key_len, value_len, md5 = _SPOOLED.unpack(head)
+        batch.append((read(key_len), read(value_len), md5))
+        n_bytes += value_len
+        if len(batch) >= UPDATE_BATCH or n_bytes >= UPDATE_BATCH_BYTES:
+            yield batch
+            batch, n_bytes = [], 0
+    if batch:
+        yield batch
 
 
 def _check_sizes(key: Any, kb: bytes, raw: bytes) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import format as fmt
+from ._booklet_io import get_value
 from .errors import (
     IntegrityError,
     OfflineError,
@@ -42,7 +43,11 @@ class Reads:
         self._log = replica.log  # both fixed for the replica's life: read on the hot path
         self._data = replica.data
         self._encode_key = replica.codec.encode_key
+        self._decode_value = replica.codec.decode_value
         self._warned_unchecked = False  # see _unchecked_copy
+        self._verified: tuple[dict | None, set[bytes]] = (None, set())
+        """(head manifest, keys): the keys without a local edit whose cached copy this
+        session checked against that head's index (see :meth:`get`)."""
 
     def _remote_entry(self, kb: bytes) -> Any:
         """The remote entry of a key, :data:`MISSING_SHARD` when unknowable offline."""
@@ -107,26 +112,49 @@ class Reads:
     def get(self, key: Any, default: Any) -> Any:
         """The decoded value of ``key``, or ``default``.
 
-        A local edit whose value this process wrote or already checked (see
-        :attr:`ChangeLog.checked`) is read by booklet's own ``get``, which skips the
-        timestamp: the hot path of a local database. Otherwise its md5 is checked
-        against the journal once (:meth:`_edited`): an md5 per read would cost 12 %
-        of a local get (benchmarks/README.md)."""
+        Two kinds of value are read from the data file alone (no timestamp, no md5, no
+        index lookup; :func:`._booklet_io.get_value`): the hot path of a local database. A local edit whose
+        value this process wrote or already checked (see :attr:`ChangeLog.checked`);
+        otherwise its md5 is checked against the journal once (:meth:`_edited`): an
+        md5 per read would cost 12 % of a local get (benchmarks/README.md). And a key
+        without a local edit whose cached copy this session already checked against
+        the index of the current head (:meth:`_trust`): a new head (a refresh, a push,
+        a vacuum) checks it again; a write makes it a local edit; a discard, a pull or
+        a ``clear()`` that drops the copy sends the read back to the remote (and no
+        other write puts a value there without a new head)."""
         if self._replica.closed:
             self._replica.check_open()
         kb = self._encode_key(key)
         edit = self._log.edits.get(kb)
-        if edit is not None and edit.md5 is not None and self._log.checked.get(kb) == edit.md5:
-            return self._data.get(key, default)
+        if edit is None:
+            head, verified = self._verified
+            if kb in verified and head is self._replica.remote.manifest:
+                raw = get_value(self._data, kb)
+                if raw is not None:
+                    return self._decode_value(raw)
+        elif edit.md5 is not None and self._log.checked.get(kb) == edit.md5:
+            raw = get_value(self._data, kb)
+            return default if raw is None else self._decode_value(raw)
         local = self._local_only(kb)
         if local is not None:
             return self._replica.codec.decode_value(self._edited(key, kb)[1]) if local else default
         found = self._remote_raw(key, kb)
         return default if found is None else self._replica.codec.decode_value(found[1])
 
+    def _trust(self, kb: bytes, head: dict | None) -> None:
+        """Remember that the cached copy of ``kb`` (no local edit) is the value of its
+        entry in ``head``, the manifest its entry was looked up in: :meth:`get` then
+        reads it without checking it again while ``head`` is the current head."""
+        current, verified = self._verified
+        if current is not head:
+            verified = set()
+            self._verified = (head, verified)  # one assignment: threads see a consistent pair
+        verified.add(kb)
+
     def _remote_raw(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key with no local edit: the cached copy
         when it is the remote's current value, else downloaded and cached."""
+        head = self._replica.remote.manifest  # before the lookup: a refresh may follow
         entry = self._remote_entry(kb)
         if entry is None:
             return None
@@ -139,6 +167,7 @@ class Reads:
                 )
             return self._unchecked_copy(cached)
         if cached is not None and _is_copy(cached[0], cached[1], entry):
+            self._trust(kb, head)
             return cached
         try:
             return self._download_one(kb, entry)
