@@ -76,3 +76,25 @@ def test_long_tables_are_cut_and_say_how_many_rows_were_left_out():
     page = display.table("t", ("n", "key"), rows)
     assert len(_Cells(page).rows) == 1 + display.ROWS_SHOWN
     assert "7 more" in page
+
+
+def test_a_database_shows_what_it_is_and_holds(conn, tmp_path, public_url):
+    with ebooklet.open(conn, tmp_path / "a.blt", "n", value_serializer="orjson") as db:
+        db.update({"a": 1, "b": 2})
+        db.changes().push()
+        db["c"] = 3
+        info = db.info()
+        assert (info.commit, info.n_keys, info.pending_edits, info.state) == (1, 3, 1, "online")
+        assert info.value_serializer == "orjson" and info.key_serializer == "str"
+        assert info.write_lock is True and info.uuid == db.uuid
+        assert info.n_bytes == 2 and info.commit_time.tzinfo is not None
+        cells = dict(row[:2] for row in _Cells(db._repr_html_()).rows)
+        assert cells["pending edits"] == "1" and cells["n keys"] == "3"
+        assert cells["write lock"] == "True"
+    assert "closed" in db._repr_html_()
+    with ebooklet.open(public_url, tmp_path / "r.blt", "r") as reader:
+        info = reader.info()
+        assert (info.commit, info.n_keys, info.pending_edits, info.write_lock) == (1, 2, 0, False)
+        assert info.remote == public_url
+    with ebooklet.open(None, tmp_path / "local.blt", "n") as local:
+        assert (local.info().remote, local.info().commit, local.info().n_bytes) == (None, None, None)

@@ -3,7 +3,7 @@
 from .api import break_lock, check, delete_local, open, open_rcg
 from .changes import Change, Changes, PushResult
 from .connection import S3Connection
-from .ebooklet import EBooklet
+from .ebooklet import DatabaseInfo, EBooklet
 from .errors import (
     AuthError,
     CacheDamagedError,
@@ -41,6 +41,7 @@ __all__ = [
     "CommitRetryError",
     "ConflictError",
     "ConsistencyWarning",
+    "DatabaseInfo",
     "DecompressionLimitError",
     "EBooklet",
     "EBookletError",

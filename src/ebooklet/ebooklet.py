@@ -9,13 +9,13 @@ from __future__ import annotations
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
-from datetime import datetime
-from typing import IO, Any
+from datetime import datetime, timezone
+from typing import IO, Any, NamedTuple
 
 import booklet
 
+from . import display, maintenance
 from . import format as fmt
-from . import maintenance
 from .changes import Changes, PushResult
 from .connection import S3Connection
 from .reads import Reads
@@ -33,6 +33,40 @@ UPDATE_SPOOL_BYTES = 8 << 20
 """``update()`` keeps the encoded pairs in memory up to this many bytes, then in a
 temporary file (see :func:`_spool_pairs`)."""
 _SPOOLED = struct.Struct("<HI16s")  # key length, value length, md5 of the value
+
+
+class DatabaseInfo(NamedTuple):
+    """What :meth:`EBooklet.info` says about a database.
+
+    Attributes:
+        path: the local data file.
+        remote: the database's URL (``None``: local only).
+        flag: the flag it was opened with.
+        state: ``"online"``, ``"offline"`` or ``"closed"``.
+        commit: the seq of the head commit held (of the snapshot, for
+            ``open(..., commit=)``); ``None`` before the first push.
+        commit_time: when that commit was made (aware UTC datetime).
+        n_keys: the keys, pending edits included (``len(db)``).
+        n_bytes: the bytes of the values in that commit (``None`` before the first push).
+        pending_edits: keys with unpushed edits, plus 1 for unpushed user metadata.
+        key_serializer, value_serializer: their names (``None``: a custom class).
+        uuid: the database's uuid.
+        write_lock: whether this copy holds the remote write lock now.
+    """
+
+    path: str
+    remote: str | None
+    flag: str
+    state: str
+    commit: int | None
+    commit_time: datetime | None
+    n_keys: int
+    n_bytes: int | None
+    pending_edits: int
+    key_serializer: str | None
+    value_serializer: str | None
+    uuid: str
+    write_lock: bool
 
 
 class EBooklet(MutableMapping):
@@ -298,9 +332,46 @@ class EBooklet(MutableMapping):
             pass
 
     def __repr__(self) -> str:
+        return f"<EBooklet {str(self.path)!r} flag={self.flag!r} {self._state()} remote={self._replica.conn!r}>"
+
+    def _state(self) -> str:
         replica = self._replica
-        state = "closed" if replica.closed else ("offline" if replica.offline else "online")
-        return f"<EBooklet {str(self.path)!r} flag={self.flag!r} {state} remote={replica.conn!r}>"
+        return "closed" if replica.closed else ("offline" if replica.offline else "online")
+
+    def info(self) -> DatabaseInfo:
+        """What this database is and holds, from the manifest held and the local files
+        (no request, except what ``len()`` needs: the index shards of edited keys).
+
+        Raises:
+            EBookletError: the database is closed.
+        """
+        replica = self._replica
+        replica.check_open()
+        conn = replica.conn
+        manifest = replica.pinned or replica.remote.manifest
+        return DatabaseInfo(
+            path=str(self.path),
+            remote=None if conn is None else conn.db_url,
+            flag=self.flag,
+            state=self._state(),
+            commit=None if manifest is None else manifest["seq"],
+            commit_time=None if manifest is None else _datetime(manifest["timestamp"]),
+            n_keys=len(self),
+            n_bytes=None if manifest is None else manifest["n_bytes"],
+            pending_edits=len(replica.log.edits) + replica.log.metadata_dirty,
+            key_serializer=replica.codec.key_serializer_name,
+            value_serializer=replica.codec.value_serializer_name,
+            uuid=replica.uuid,
+            write_lock=replica.holds_lock,
+        )
+
+    def _repr_html_(self) -> str:
+        if self._replica.closed:
+            return display.fields(f"EBooklet {self.path} (closed)", [])
+        info = self.info()
+        return display.fields(f"EBooklet {info.path}", [
+            (name.replace("_", " "), value) for name, value in info._asdict().items() if name != "path"
+        ])
 
     # ------------------------------------------------------------ remote management
     # (thin wrappers: the work is in maintenance/; see docs/history-and-vacuum.md)
@@ -509,4 +580,6 @@ def _timestamp(timestamp: Any) -> int | None:
     return value
 
 
-
+def _datetime(timestamp: int) -> datetime:
+    """A timestamp in µs since the Unix epoch as an aware UTC datetime."""
+    return datetime.fromtimestamp(timestamp / 1_000_000, timezone.utc)

@@ -617,6 +617,11 @@ class Replica:
         """The database's uuid (shared by every copy of it)."""
         return self._meta.data["uuid"]
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this copy holds the remote write lock now."""
+        return self._lock is not None and self._lock.held
+
     # ------------------------------------------------------------ the remote
 
     def ensure_lock(self, timeout: float = 0.0) -> RemoteLock:
