@@ -291,6 +291,7 @@ def _patched(body: bytes, start: int, layout: str, value: int) -> bytes:
 DIRECTORY_HEADER = struct.Struct("<8sII")  # magic, records per page, record count
 PAGE_REF = struct.Struct("<III16s")  # page offset, page length, first key length, page md5
 SHARD_TRAILER = struct.Struct("<I8s")  # directory length, magic
+RECORD_SIZE = 64  # bytes of one record of a shard's page
 
 
 def shard_bytes(
