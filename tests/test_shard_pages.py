@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import booklet
 import pytest
 
 import ebooklet
 from ebooklet import IntegrityError, OfflineError
 from ebooklet import format as fmt
 from ebooklet import remote as remote_mod
+from ebooklet.errors import CacheDamagedError
 from test_hostile_remote import RECORD_SIZE, Bucket, shard_bytes, split_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,3 +244,32 @@ def test_hostile_directory_or_page_is_refused(
     bucket.put(name, original)
     with ebooklet.open(public_url, tmp_path / "r2.blt", "r") as db:
         assert db["key05"] == data["key05"]
+
+
+@pytest.mark.parametrize("piece", ["#dir", "#1"], ids=["directory", "page"])
+def test_damaged_mirrored_piece_is_fetched_again(
+    piece: str, paged: tuple[Bucket, dict], public_url: str, tmp_path: Path
+) -> None:
+    """A shard's directory or page damaged in the local mirror: offline, a typed
+    ``CacheDamagedError``; online, fetched again with a warning, and then read quietly."""
+    _, data = paged
+    path = tmp_path / "r.blt"
+    with ebooklet.open(public_url, path, "r") as db:
+        assert db["key05"] == data["key05"]
+    mirror = str(path) + ".remote_index"
+    with booklet.open(mirror, "w", key_serializer="str", value_serializer=None) as b:
+        name = next(k for k in b if k.endswith(piece))
+        raw = bytearray(b[name])
+        raw[5] ^= 0xFF
+        b[name] = bytes(raw)
+    with ebooklet.open(None, path, "r") as db, pytest.raises(CacheDamagedError, match="remote is not at fault"):
+        db["key05"]
+    with (
+        ebooklet.open(public_url, path, "r") as db,
+        pytest.warns(RuntimeWarning, match="cached index shard .* is damaged"),
+    ):
+        assert db["key05"] == data["key05"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ebooklet.open(None, path, "r") as db:
+            assert db["key05"] == data["key05"]

@@ -244,9 +244,9 @@ class RemoteIndex:
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
 
-        Only the page of the key's shard that would hold it is read: from the shard in
-        memory or in the local mirror, else from the shard's directory and that page, each
-        fetched by one range GET and kept in the mirror (a shard expected small,
+        The key's shard is used whole when it is in memory or in the local mirror; else
+        only the page that would hold the key is read, from the shard's directory and that
+        page, each fetched by one range GET and kept in the mirror (a shard expected small,
         see :data:`WHOLE_SHARD_RECORDS`, or found smaller than :data:`DIRECTORY_READ`,
         comes whole). With ``fetch=False`` only what is local is
         consulted and :data:`MISSING_SHARD` is returned when that is not the key's page.
@@ -269,7 +269,7 @@ class RemoteIndex:
         self, name: str, key: bytes, fetch: bool, small: bool
     ) -> Mapping[bytes, Entry] | None:
         """Records of shard ``name`` that hold ``key``'s if the shard has it: the whole
-        shard when in memory (or when ``small``, expected small: then fetched whole), else
+        shard when local (or when ``small``, expected small: then fetched whole), else
         the key's page (``None``: not local, and not ``fetch``)."""
         whole = _memory(self._lock, self._shards, name)
         if whole is not None:
@@ -280,47 +280,34 @@ class RemoteIndex:
             page = {} if i is None else _memory(self._lock, self._pages, f"{name}#{i}")
             if page is not None:
                 return page
-        raw = self.mirror.get_shard(name)
-        if raw is not None:
-            try:
-                return self._page_in(name, raw, key)
-            except IntegrityError:
-                return self.shard(name) if fetch else self.cached_shard(name)
+        try:
+            whole = self.cached_shard(name)
+        except CacheDamagedError:
+            if not fetch:
+                raise
+            whole = self.shard(name)
+        if whole is not None:
+            return whole
         if directory is None:
             if fetch and small:
                 return self.shard(name)
-            directory, whole_raw = self._directory(name, fetch)
-            if whole_raw is not None:
-                return self._page_in(name, whole_raw, key)
+            directory, whole = self._directory(name, fetch)
             if directory is None:
-                return None
+                return whole
         i = directory.page_of(key)
         return {} if i is None else self._page(name, directory, i, fetch)
-
-    def _page_in(self, name: str, raw: bytes, key: bytes) -> dict[bytes, Entry]:
-        """The page of ``key`` in the whole shard ``raw`` (its directory kept in memory).
-
-        Raises:
-            IntegrityError: the shard's directory or that page is damaged.
-        """
-        directory = fmt.decode_shard_directory(raw, name)
-        _cached(self._lock, self._directories, name, directory, PAGE_CACHE)
-        i = directory.page_of(key)
-        if i is None:
-            return {}
-        ref = directory.pages[i]
-        page = fmt.decode_page(memoryview(raw)[ref.offset : ref.offset + ref.length], directory, i, name)
-        return _cached(self._lock, self._pages, f"{name}#{i}", page, PAGE_CACHE)
 
     def _guard(self, name: str) -> threading.Lock:
         """The lock that makes one thread at a time fetch ``name`` (a shard or a piece)."""
         with self._lock:
             return self._fetching.setdefault(name, threading.Lock())
 
-    def _directory(self, name: str, fetch: bool) -> tuple[fmt.ShardDirectory | None, bytes | None]:
+    def _directory(
+        self, name: str, fetch: bool
+    ) -> tuple[fmt.ShardDirectory | None, dict[bytes, Entry] | None]:
         """``(directory, None)`` of shard ``name`` from the mirror or fetched;
-        ``(None, shard)`` when the whole shard came with it (kept whole in the mirror);
-        ``(None, None)`` when it is not local and not ``fetch``.
+        ``(None, shard)`` when the whole shard came with it (kept as :meth:`shard` keeps
+        it); ``(None, None)`` when it is not local and not ``fetch``.
 
         Raises:
             CacheDamagedError: the mirror's copy is damaged and cannot be fetched again.
@@ -343,7 +330,7 @@ class RemoteIndex:
 
     def _fetch_directory(
         self, name: str, damage: CacheDamagedError | None
-    ) -> tuple[fmt.ShardDirectory | None, bytes | None]:
+    ) -> tuple[fmt.ShardDirectory | None, dict[bytes, Entry] | None]:
         """GET the end of shard ``name``: its directory (a second GET if it is over
         :data:`DIRECTORY_READ`), or the whole shard if that small; see :meth:`_directory`."""
         if damage is not None:
@@ -361,9 +348,9 @@ class RemoteIndex:
                 "the remote is damaged or not an ebooklet database. Run ebooklet.check() on it."
             )
         if len(tail) == size:
-            fmt.decode_shard_directory(tail, name)
+            shard = fmt.decode_shard(tail, name)
             self.mirror.set_shard(name, tail)
-            return None, tail
+            return None, self._remember(name, shard)
         need = fmt.shard_directory_length(tail[-fmt.DIRECTORY_TRAILER_SIZE :], name, size)
         need += fmt.DIRECTORY_TRAILER_SIZE
         if need > len(tail):
