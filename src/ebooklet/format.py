@@ -302,7 +302,10 @@ def shard_directory_length(trailer: bytes, name: str = "index shard", size: int 
         raise IntegrityError(f"{name} is truncated (no trailer); {_DAMAGED}")
     length, magic = _SHARD_TRAILER.unpack(trailer)
     if magic != SHARD_MAGIC:
-        raise IntegrityError(f"{name} is not an ebooklet index shard (bad magic {magic!r}); {_DAMAGED}")
+        raise IntegrityError(
+            f"{name} is truncated or not an ebooklet index shard (its trailer has the magic "
+            f"{magic!r}); {_DAMAGED}"
+        )
     fits = size is None or length + _SHARD_TRAILER.size <= size
     if not (_DIRECTORY_HEADER.size + 16 <= length <= MAX_DIRECTORY_BYTES and fits):
         raise IntegrityError(
