@@ -261,16 +261,15 @@ class RemoteIndex:
         _, name = self.shard_for(key, manifest)
         if name is None:
             return None
-        small = manifest["n_keys"] <= WHOLE_SHARD_RECORDS * manifest["n_shards"]
-        records = self._records_near(name, key, fetch, small)
+        records = self._records_near(name, key, fetch, manifest)
         return MISSING_SHARD if records is None else records.get(key)
 
     def _records_near(
-        self, name: str, key: bytes, fetch: bool, small: bool
+        self, name: str, key: bytes, fetch: bool, manifest: dict
     ) -> Mapping[bytes, Entry] | None:
         """Records of shard ``name`` that hold ``key``'s if the shard has it: the whole
-        shard when local (or when ``small``, expected small: then fetched whole), else
-        the key's page (``None``: not local, and not ``fetch``)."""
+        shard when local (or when ``manifest`` says shards are small: then fetched whole),
+        else the key's page (``None``: not local, and not ``fetch``)."""
         whole = _memory(self._lock, self._shards, name)
         if whole is not None:
             return whole
@@ -289,7 +288,7 @@ class RemoteIndex:
         if whole is not None:
             return whole
         if directory is None:
-            if fetch and small:
+            if fetch and manifest["n_keys"] <= WHOLE_SHARD_RECORDS * manifest["n_shards"]:
                 return self.shard(name)
             directory, whole = self._directory(name, fetch)
             if directory is None:
