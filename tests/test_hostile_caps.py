@@ -33,14 +33,13 @@ import ebooklet
 from ebooklet import IntegrityError, UntrustedEndpointError
 from ebooklet import format as fmt
 from ebooklet.errors import CacheDamagedError, ShardLimitError
-from test_hostile_remote import Bucket
+from test_hostile_remote import Bucket, shard_bytes
 
 RSS_BOUND = 400 << 20
 """Peak resident memory of a child reading one key through the largest index shard a
 reader accepts (measured at about 300 MiB; docs/format.md §10)."""
 BASE = {"a": "alpha", "b": "bravo", "c": "charlie"}
 RECORD = struct.Struct("<16sq16sQQII")
-HEADER = struct.Struct("<8sI")
 
 
 @pytest.fixture
@@ -53,12 +52,11 @@ def remote(conn: Any, boto3_client: Any, s3_server: Any, db_key: str, tmp_path: 
 
 
 def raw_shard(entry: fmt.Entry, keys: list[tuple[int, int]], blob: bytes) -> bytes:
-    """An index shard whose records all point at ``entry``, with keys at ``(offset,
-    length)`` of ``blob`` as given (not necessarily as a writer lays them out)."""
-    records = [HEADER.pack(fmt.SHARD_MAGIC, len(keys))]
-    records += [RECORD.pack(*entry, k_off, k_len) for k_off, k_len in keys]
-    body = b"".join(records) + blob
-    return body + fmt.md5(body)
+    """An index shard of one page whose records all point at ``entry``, with keys at
+    ``(offset, length)`` of ``blob`` as given (not necessarily as a writer lays them out)."""
+    page = b"".join(RECORD.pack(*entry, k_off, k_len) for k_off, k_len in keys) + blob
+    first = blob[keys[0][0] : sum(keys[0])]
+    return shard_bytes([page], [first], max(len(keys), fmt.PAGE_RECORDS), len(keys))
 
 
 def contiguous(keys: list[bytes]) -> tuple[list[tuple[int, int]], bytes]:

@@ -288,7 +288,47 @@ def _patched(body: bytes, start: int, layout: str, value: int) -> bytes:
     return bytes(data) + fmt.md5(data)
 
 
-# shard record fields: offset in the record, struct layout
+DIRECTORY_HEADER = struct.Struct("<8sII")  # magic, records per page, record count
+PAGE_REF = struct.Struct("<III16s")  # page offset, page length, first key length, page md5
+SHARD_TRAILER = struct.Struct("<I8s")  # directory length, magic
+RECORD_SIZE = 64  # bytes of one record of a shard's page
+
+
+def shard_bytes(
+    pages: list[bytes], first_keys: list[bytes], page_records: int, count: int,
+    refs: list[tuple[int, int, bytes]] | None = None,
+) -> bytes:
+    """An index shard of ``pages`` as given (docs/format.md §3), with a directory saying
+    ``page_records`` records per page, ``count`` records and these first keys; ``refs``:
+    each page's ``(offset, length, md5)`` if not where and what the pages are."""
+    if refs is None:
+        offsets = [sum(map(len, pages[:i])) for i in range(len(pages))]
+        refs = [(o, len(p), fmt.md5(p)) for o, p in zip(offsets, pages, strict=True)]
+    directory = DIRECTORY_HEADER.pack(fmt.SHARD_MAGIC, page_records, count)
+    directory += b"".join(
+        PAGE_REF.pack(o, n, len(k), m) for (o, n, m), k in zip(refs, first_keys, strict=True)
+    ) + b"".join(first_keys)
+    directory += fmt.md5(directory)
+    return b"".join(pages) + directory + SHARD_TRAILER.pack(len(directory), fmt.SHARD_MAGIC)
+
+
+def split_shard(shard: bytes) -> tuple[list[bytes], list[bytes], int, int]:
+    """``(pages, first keys, records per page, count)`` of a shard as :func:`shard_bytes`
+    takes them (a shard written by ebooklet)."""
+    length = SHARD_TRAILER.unpack(shard[-SHARD_TRAILER.size :])[0]
+    directory = shard[-SHARD_TRAILER.size - length : -SHARD_TRAILER.size]
+    _, page_records, count = DIRECTORY_HEADER.unpack_from(directory)
+    n_pages = -(-count // page_records)
+    refs = list(PAGE_REF.iter_unpack(directory[DIRECTORY_HEADER.size :][: n_pages * PAGE_REF.size]))
+    pages = [shard[o : o + n] for o, n, _, _ in refs]
+    keys, at = [], DIRECTORY_HEADER.size + n_pages * PAGE_REF.size
+    for _, _, k_len, _ in refs:
+        keys.append(directory[at : at + k_len])
+        at += k_len
+    return pages, keys, page_records, count
+
+
+# shard record fields: offset in the record (of page 0), struct layout
 SHARD_FIELDS = {"count": (-1, "<I"), "timestamp": (16, "<q"), "offset": (40, "<Q"),
                 "length": (48, "<Q"), "key_offset": (56, "<I"), "key_length": (60, "<I")}
 FOOTER_FIELDS = {"count": (-1, "<I"), "timestamp": (16, "<q"), "offset": (24, "<Q"),
@@ -296,10 +336,17 @@ FOOTER_FIELDS = {"count": (-1, "<I"), "timestamp": (16, "<q"), "offset": (24, "<
 
 
 def patch_shard(b: Bucket, field: str, value: int) -> None:
-    """Set ``field`` of the first record (or the record count) of the database's shard."""
+    """Set ``field`` of the first record (or the record count) of the database's shard,
+    its md5s made right again."""
     where, layout = SHARD_FIELDS[field]
-    start = 8 if where < 0 else 12 + where
-    b.put(b.shard_name(), _patched(b.get(b.shard_name()), start, layout, value))
+    pages, keys, page_records, count = split_shard(b.get(b.shard_name()))
+    if where < 0:
+        count = value
+    else:
+        page = bytearray(pages[0])
+        struct.pack_into(layout, page, where, value)
+        pages[0] = bytes(page)
+    b.put(b.shard_name(), shard_bytes(pages, keys, page_records, count))
 
 
 def patch_footer(b: Bucket, field: str, value: int) -> None:
@@ -380,7 +427,8 @@ CASES: dict[str, tuple[Callable[[Bucket], None], str, str]] = {
     "manifest-format-missing": (_without("format"), "read", "IntegrityError"),
     "manifest-version-str": (_fields(version="1"), "read", "IntegrityError"),
     "manifest-version-bool": (_fields(version=True), "read", "IntegrityError"),
-    "manifest-version-newer": (_fields(version=2), "read", "FormatVersionError"),
+    "manifest-version-newer": (_fields(version=fmt.FORMAT_VERSION + 1), "read", "FormatVersionError"),
+    "manifest-version-older": (_fields(version=fmt.FORMAT_VERSION - 1), "read", "IntegrityError"),
     "manifest-n_keys-missing": (_without("n_keys"), "read", "IntegrityError"),
     "manifest-uuid-int": (_fields(uuid=5), "read", "IntegrityError"),
     "manifest-uuid-path": (_fields(uuid=ESCAPE), "read", "IntegrityError"),

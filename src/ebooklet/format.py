@@ -6,6 +6,7 @@ reader and writer. All integers are little-endian.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import struct
@@ -19,12 +20,12 @@ import orjson
 from .errors import FormatVersionError, IntegrityError, ShardLimitError
 
 FORMAT_NAME = "ebooklet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 NO_MD5 = b"\x00" * 16
 """Stands for "no value" wherever an md5 field is required (absent or deleted)."""
 
-SHARD_MAGIC = b"EBKIDX01"
+SHARD_MAGIC = b"EBKIDX02"
 PACK_MAGIC = b"EBKPCK01"
 
 # md5, timestamp, pack id, offset, length, key offset, key length
@@ -32,6 +33,9 @@ _SHARD_RECORD = struct.Struct("<16sq16sQQII")
 # md5, timestamp, offset, length, key offset, key length
 _PACK_RECORD = struct.Struct("<16sqQQII")
 _HEADER = struct.Struct("<8sI")  # magic, record count
+_DIRECTORY_HEADER = struct.Struct("<8sII")  # magic, records per page, record count
+_PAGE_REF = struct.Struct("<III16s")  # page offset, page length, first key length, page md5
+_SHARD_TRAILER = struct.Struct("<I8s")  # directory length, magic
 _PACK_TRAILER = struct.Struct("<Q8s")  # footer length, magic
 
 # ---------------------------------------------------------------- limits of what a reader accepts
@@ -52,8 +56,22 @@ SHARD_KEY_BYTES = 64 << 20
 """Most key bytes a reader accepts in one index shard: keys averaging 1 KiB at
 :data:`MAX_SHARD_RECORDS` (4 KiB at :data:`KEYS_PER_SHARD`). A writer whose shard would
 hold more refuses to push (:func:`encode_shard`)."""
-MAX_SHARD_BYTES = _HEADER.size + MAX_SHARD_RECORDS * _SHARD_RECORD.size + SHARD_KEY_BYTES + 16
-"""Largest index shard a reader downloads (68 MiB: header, records, keys, md5)."""
+PAGE_RECORDS = 256
+"""Records per page of an index shard, as writers cut them (read as ``format.PAGE_RECORDS``
+at each shard written, so that a test may change it): about 20 KiB with short keys, what
+a cold read of one key downloads besides the shard's directory."""
+MAX_DIRECTORY_BYTES = (
+    _DIRECTORY_HEADER.size + (MAX_SHARD_RECORDS // PAGE_RECORDS) * (_PAGE_REF.size + (1 << 16)) + 16
+)
+"""Largest directory of an index shard a reader accepts (16 MiB: 256 pages whose first keys
+are as long as keys can be); a writer's, of pages of :data:`PAGE_RECORDS`, always fits."""
+MAX_SHARD_BYTES = (
+    MAX_SHARD_RECORDS * _SHARD_RECORD.size + SHARD_KEY_BYTES + MAX_DIRECTORY_BYTES
+    + _SHARD_TRAILER.size
+)
+"""Largest index shard a reader downloads (84 MiB: records, keys, directory, trailer)."""
+DIRECTORY_TRAILER_SIZE = _SHARD_TRAILER.size
+"""Bytes of the trailer at the end of an index shard (its directory's length and magic)."""
 MAX_FOOTER_BYTES = 256 << 20
 """Largest pack footer a reader downloads."""
 MAX_LOCK_BYTES = 64 << 10
@@ -186,21 +204,75 @@ def shards_needed(n_keys: int, per_shard: int) -> int:
 # ---------------------------------------------------------------- index shards
 
 
+class PageRef(NamedTuple):
+    """One page of an index shard, as its directory records it."""
+
+    offset: int
+    length: int
+    md5: bytes
+
+
+class ShardDirectory(NamedTuple):
+    """The directory of an index shard: where its pages are and the first key of each.
+
+    Every page but the last holds ``page_records`` records; the last holds the rest.
+    """
+
+    page_records: int
+    count: int
+    pages: list[PageRef]
+    first_keys: list[bytes]
+
+    def page_of(self, key: bytes) -> int | None:
+        """The page where ``key`` is if the shard holds it (``None``: before the first key)."""
+        i = bisect.bisect_right(self.first_keys, key) - 1
+        return i if i >= 0 else None
+
+    def records_in(self, page: int) -> int:
+        """How many records page number ``page`` holds."""
+        return min(self.page_records, self.count - page * self.page_records)
+
+    @property
+    def pages_end(self) -> int:
+        """Where the pages end (and the directory starts) in the shard."""
+        return self.pages[-1].offset + self.pages[-1].length if self.pages else 0
+
+
 def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
-    """Serialize one index shard (``key -> Entry``), keys sorted, md5-terminated.
+    """Serialize one index shard (``key -> Entry``): its records sorted by key in pages of
+    :data:`PAGE_RECORDS`, then the directory of the pages, then the trailer.
 
     Raises:
         ShardLimitError: readers would refuse the shard: over :data:`MAX_SHARD_RECORDS`
             records or :data:`SHARD_KEY_BYTES` of keys (nothing is written).
     """
     _check_shard_limits(len(entries), sum(map(len, entries)))
-    records = bytearray(_HEADER.pack(SHARD_MAGIC, len(entries)))
+    items = sorted(entries.items())
+    per_page = PAGE_RECORDS
+    pages: list[bytes] = []
+    refs = bytearray(_DIRECTORY_HEADER.pack(SHARD_MAGIC, per_page, len(items)))
+    first_keys = bytearray()
+    at = 0
+    for start in range(0, len(items), per_page):
+        page = _encode_page(items[start : start + per_page])
+        first = items[start][0]
+        refs += _PAGE_REF.pack(at, len(page), len(first), md5(page))
+        first_keys += first
+        pages.append(page)
+        at += len(page)
+    directory = bytes(refs + first_keys)
+    directory += md5(directory)
+    return b"".join([*pages, directory, _SHARD_TRAILER.pack(len(directory), SHARD_MAGIC)])
+
+
+def _encode_page(items: list[tuple[bytes, Entry]]) -> bytes:
+    """One page: its records, then its keys back to back."""
+    records = bytearray()
     blob = bytearray()
-    for key, (md5_, timestamp, pack, offset, length) in sorted(entries.items()):
+    for key, (md5_, timestamp, pack, offset, length) in items:
         records += _SHARD_RECORD.pack(md5_, timestamp, pack, offset, length, len(blob), len(key))
         blob += key
-    body = bytes(records + blob)
-    return body + md5(body)
+    return bytes(records + blob)
 
 
 def _check_shard_limits(n_records: int, key_bytes: int) -> None:
@@ -214,40 +286,178 @@ def _check_shard_limits(n_records: int, key_bytes: int) -> None:
         )
 
 
-def decode_shard(data: bytes, name: str = "index shard") -> dict[bytes, Entry]:
-    """Parse and validate an index shard.
+def shard_directory_length(trailer: bytes, name: str = "index shard", size: int | None = None) -> int:
+    """Length of the directory before an index shard's trailer (its last
+    :data:`DIRECTORY_TRAILER_SIZE` bytes).
 
-    At most :data:`MAX_SHARD_BYTES` and :data:`MAX_SHARD_RECORDS` records, whose keys
-    follow each other in the key blob as :func:`encode_shard` writes them (no two records
-    share key bytes), so what is built is bounded by the shard's size (docs/format.md §10).
+    Args:
+        trailer: the shard's trailer.
+        name: the shard, for messages.
+        size: the shard's size, when known: the directory and trailer must fit in it.
 
     Raises:
-        IntegrityError: the shard is over those limits, truncated, corrupted or not an
-            ebooklet shard; or a record is out of range (a key not where the previous one
-            ended, a bad timestamp, a value longer than booklet allows or lying beyond
-            S3's largest object).
+        IntegrityError: no trailer, a bad magic, or a directory length out of range.
     """
-    if len(data) > MAX_SHARD_BYTES:
-        raise IntegrityError(f"{name} is over {MAX_SHARD_BYTES:,} bytes; {_DAMAGED}")
-    view, blob = _checked_table(data, name, SHARD_MAGIC, _SHARD_RECORD.size, "index shard")
-    count = (blob - _HEADER.size) // _SHARD_RECORD.size
+    if len(trailer) != _SHARD_TRAILER.size:
+        raise IntegrityError(f"{name} is truncated (no trailer); {_DAMAGED}")
+    length, magic = _SHARD_TRAILER.unpack(trailer)
+    if magic != SHARD_MAGIC:
+        raise IntegrityError(
+            f"{name} is truncated or not an ebooklet index shard (its trailer has the magic "
+            f"{magic!r}); {_DAMAGED}"
+        )
+    fits = size is None or length + _SHARD_TRAILER.size <= size
+    if not (_DIRECTORY_HEADER.size + 16 <= length <= MAX_DIRECTORY_BYTES and fits):
+        raise IntegrityError(
+            f"{name} claims a directory of {length:,} bytes (the shard holds {size} bytes; "
+            f"directories hold {_DIRECTORY_HEADER.size + 16} to {MAX_DIRECTORY_BYTES:,}); {_DAMAGED}"
+        )
+    return length
+
+
+def decode_directory(
+    data: bytes | memoryview, name: str = "index shard", size: int | None = None
+) -> ShardDirectory:
+    """Parse and validate the directory of an index shard (without the trailer).
+
+    Args:
+        data: the directory bytes, its md5 included.
+        name: the shard, for messages.
+        size: the shard's size, when known: its pages must end where the directory starts.
+
+    Raises:
+        IntegrityError: a checksum mismatch, a bad magic, more pages than its bytes hold,
+            pages that do not follow each other from offset 0 or are too short for their
+            records, first keys out of order, or over :data:`MAX_SHARD_RECORDS` records.
+    """
+    if not _DIRECTORY_HEADER.size + 16 <= len(data) <= MAX_DIRECTORY_BYTES or md5(data[:-16]) != data[-16:]:
+        raise IntegrityError(
+            f"{name}: its directory is truncated or corrupted (checksum mismatch); {_DAMAGED}"
+        )
+    magic, per_page, count = _DIRECTORY_HEADER.unpack_from(data)
+    if magic != SHARD_MAGIC or per_page < 1:
+        raise IntegrityError(
+            f"{name}: its directory is not an ebooklet shard directory (magic {magic!r}, "
+            f"{per_page:,} records per page); {_DAMAGED}"
+        )
     if count > MAX_SHARD_RECORDS:
         raise IntegrityError(
             f"{name} claims {count:,} records, over the {MAX_SHARD_RECORDS:,} of any index "
             f"shard; {_DAMAGED}"
         )
-    out = {}
-    start, keys = _HEADER.size, view[blob:-16]
+    n_pages = -(-count // per_page)
+    blob = _DIRECTORY_HEADER.size + n_pages * _PAGE_REF.size
+    if blob > len(data) - 16:
+        raise IntegrityError(
+            f"{name}: its directory claims {n_pages:,} pages, more than its {len(data):,} "
+            f"bytes can hold; {_DAMAGED}"
+        )
+    view = memoryview(data)
+    keys = view[blob:-16]
+    directory = ShardDirectory(per_page, count, [], [])
+    at = k_at = 0
+    for i, (offset, length, k_len, digest) in enumerate(_PAGE_REF.iter_unpack(view[_DIRECTORY_HEADER.size : blob])):
+        first = bytes(keys[k_at : k_at + k_len])
+        least = directory.records_in(i) * _SHARD_RECORD.size
+        if offset != at or length < least or k_len > KEY_MAX or k_at + k_len > len(keys):
+            raise IntegrityError(
+                f"{name}: its directory puts page {i} at {offset:,}+{length:,} with a first key "
+                f"of {k_len:,} bytes; it must start at {at:,}, where the previous page ended, "
+                f"hold its {least:,} bytes of records and its key within the directory; {_DAMAGED}"
+            )
+        if directory.first_keys and first <= directory.first_keys[-1]:
+            raise IntegrityError(f"{name}: the first keys of its pages are not in order; {_DAMAGED}")
+        directory.pages.append(PageRef(offset, length, digest))
+        directory.first_keys.append(first)
+        at, k_at = offset + length, k_at + k_len
+    if k_at != len(keys):
+        raise IntegrityError(f"{name}: its directory holds bytes no page's key uses; {_DAMAGED}")
+    if size is not None and at + len(data) + _SHARD_TRAILER.size != size:
+        raise IntegrityError(
+            f"{name}: its pages end at {at:,}, not where its directory starts "
+            f"({size - len(data) - _SHARD_TRAILER.size:,}); {_DAMAGED}"
+        )
+    return directory
+
+
+def decode_page(
+    data: bytes | memoryview, directory: ShardDirectory, page: int, name: str = "index shard"
+) -> dict[bytes, Entry]:
+    """Parse and validate page number ``page`` of an index shard whose directory is
+    ``directory``: its md5 and length as the directory says, its records as
+    :func:`decode_shard` checks them, its keys in order from the directory's first key,
+    each below the next page's first key, and back to back to the page's end.
+
+    Raises:
+        IntegrityError: the page does not match its md5, or a record is out of range or
+            out of order.
+    """
+    ref = directory.pages[page]
+    if len(data) != ref.length or md5(data) != ref.md5:
+        raise IntegrityError(
+            f"{name}: page {page} is truncated or corrupted (it does not match the md5 of its "
+            f"directory); {_DAMAGED}"
+        )
+    view = memoryview(data)
+    blob = directory.records_in(page) * _SHARD_RECORD.size
+    keys = view[blob:]
     n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
-    at = 0
-    for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[start:blob]):
+    following = directory.first_keys[page + 1] if page + 1 < len(directory.pages) else None
+    out: dict[bytes, Entry] = {}
+    at, previous = 0, None
+    for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[:blob]):
         if not (
             k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < ts_end
             and length <= value_max and off + length <= object_max
         ):
             _refuse_record(name, ts, off, length, k_off, k_len, n, at)
         at = k_off + k_len
-        out[bytes(keys[k_off:at])] = Entry(md5_, ts, pack, off, length)
+        key = bytes(keys[k_off:at])
+        if key <= previous if previous is not None else key != directory.first_keys[page]:
+            raise IntegrityError(
+                f"{name}: the keys of page {page} are not in order from its first key; {_DAMAGED}"
+            )
+        out[key] = Entry(md5_, ts, pack, off, length)
+        previous = key
+    if at != n or (following is not None and previous is not None and previous >= following):
+        raise IntegrityError(
+            f"{name}: page {page} holds bytes after its last key, or a key at or past the "
+            f"next page's first; {_DAMAGED}"
+        )
+    return out
+
+
+def decode_shard_directory(data: bytes | memoryview, name: str = "index shard") -> ShardDirectory:
+    """The validated directory of a whole index shard ``data`` (see :func:`decode_directory`).
+
+    Raises:
+        IntegrityError: as :func:`shard_directory_length` and :func:`decode_directory`.
+    """
+    if len(data) > MAX_SHARD_BYTES:
+        raise IntegrityError(f"{name} is over {MAX_SHARD_BYTES:,} bytes; {_DAMAGED}")
+    length = shard_directory_length(data[-_SHARD_TRAILER.size :], name, len(data))
+    end = len(data) - _SHARD_TRAILER.size
+    return decode_directory(data[end - length : end], name, len(data))
+
+
+def decode_shard(data: bytes | memoryview, name: str = "index shard") -> dict[bytes, Entry]:
+    """Parse and validate a whole index shard: its directory, then every page.
+
+    At most :data:`MAX_SHARD_BYTES` and :data:`MAX_SHARD_RECORDS` records, whose keys
+    follow each other in each page's key blob as :func:`encode_shard` writes them (no two
+    records share key bytes), so what is built is bounded by the shard's size
+    (docs/format.md §10).
+
+    Raises:
+        IntegrityError: the shard is over those limits, truncated, corrupted or not an
+            ebooklet shard; its directory is inconsistent (see :func:`decode_directory`);
+            or a page is (see :func:`decode_page`).
+    """
+    directory = decode_shard_directory(data, name)
+    view = memoryview(data)
+    out: dict[bytes, Entry] = {}
+    for i, ref in enumerate(directory.pages):
+        out.update(decode_page(view[ref.offset : ref.offset + ref.length], directory, i, name))
     return out
 
 
@@ -543,7 +753,13 @@ def check_manifest(obj: Any, name: str = "manifest") -> dict[str, Any]:
             f"{name} has format version {version!r}, newer than this ebooklet "
             f"understands ({FORMAT_VERSION}); upgrade ebooklet to read it."
         )
-    if not _is_int(version, 1, FORMAT_VERSION):
+    if _is_int(version, 1, FORMAT_VERSION - 1):
+        raise IntegrityError(
+            f"{name} has format version {version}, whose index shards this ebooklet no longer "
+            f"reads (it reads {FORMAT_VERSION}); re-push the data from a local copy with an "
+            "ebooklet of that version."
+        )
+    if not _is_int(version, FORMAT_VERSION, FORMAT_VERSION):
         raise IntegrityError(f"{name} has format version {version!r:.40}, not an int; {_DAMAGED}")
     missing = [f for f in MANIFEST_FIELDS if f not in obj]
     if missing:

@@ -11,7 +11,7 @@ import hashlib
 import threading
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol
 
@@ -46,6 +46,17 @@ RANGE_MAX = 16 << 20
 """A coalesced range GET is cut at about this many bytes."""
 SHARD_CACHE = 256
 """Parsed shards kept in memory (the raw bytes stay in the local mirror)."""
+PAGE_CACHE = 1024
+"""Parsed shard pages (and, apart, shard directories) kept in memory."""
+DIRECTORY_READ = 8 << 10
+"""Bytes read from an index shard's end to get its directory in one GET (a shard of
+16,384 keys of 16 bytes has a directory of about 3 KiB; a shard this small comes whole)."""
+WHOLE_SHARD_RECORDS = 768
+"""A read of one key GETs its whole shard when the manifest's shards hold at most this
+many keys on average (about 60 KiB with short keys: one GET, no more bytes than a
+directory and a page), else the shard's directory and the key's page."""
+DIRECTORY_PIECE = "#dir"
+"""Suffix of the mirror name of a shard's directory (its pages: ``#<page number>``)."""
 
 
 class Mirror(Protocol):
@@ -71,6 +82,8 @@ class RemoteIndex:
         self.mirror = mirror
         self.manifest, self.etag = mirror.get_manifest()
         self._shards: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
+        self._directories: OrderedDict[str, fmt.ShardDirectory] = OrderedDict()
+        self._pages: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
         self._lock = threading.RLock()
         self._fetching: dict[str, threading.Lock] = {}
 
@@ -108,9 +121,23 @@ class RemoteIndex:
             gone = _shard_names(self.manifest) - _shard_names(manifest)
             self.manifest, self.etag = manifest, etag
             self.mirror.set_manifest(manifest, etag)
-            self.mirror.drop_shards(gone)
+            self.mirror.drop_shards([piece for name in gone for piece in self._mirrored_names(name)])
             for name in gone:
                 self._shards.pop(name, None)
+                directory = self._directories.pop(name, None)
+                for i in range(len(directory.pages) if directory else 0):
+                    self._pages.pop(f"{name}#{i}", None)
+
+    def _mirrored_names(self, name: str) -> list[str]:
+        """The mirror names under which shard ``name`` may be kept: whole, its directory,
+        its pages (as many as its mirrored directory says; none if that is damaged)."""
+        names = [name, name + DIRECTORY_PIECE]
+        raw = self.mirror.get_shard(name + DIRECTORY_PIECE)
+        try:
+            pages = len(fmt.decode_directory(raw, name).pages) if raw is not None else 0
+        except IntegrityError:
+            pages = 0
+        return names + [f"{name}#{i}" for i in range(pages)]
 
     def _require_conn(self) -> None:
         if self.conn is None:
@@ -143,13 +170,24 @@ class RemoteIndex:
         try:
             shard = fmt.decode_shard(raw, name)
         except IntegrityError as exc:
-            where = getattr(self.mirror, "path", "the local index cache")
-            raise CacheDamagedError(
-                f"The copy of index shard {name} cached in {where} is damaged "
-                f"({str(exc).split(';')[0]}). The remote is not at fault: reconnect and "
-                "read again to fetch the shard anew, or delete that file (it is only a cache)."
-            ) from None
+            raise self._cache_damaged(name, exc) from None
         return self._remember(name, shard)
+
+    def _cache_damaged(self, name: str, exc: IntegrityError) -> CacheDamagedError:
+        """The error for shard ``name`` (or a piece of it) found damaged in the mirror."""
+        where = getattr(self.mirror, "path", "the local index cache")
+        return CacheDamagedError(
+            f"The copy of index shard {name} cached in {where} is damaged "
+            f"({str(exc).split(';')[0]}). The remote is not at fault: reconnect and "
+            "read again to fetch the shard anew, or delete that file (it is only a cache)."
+        )
+
+    def _warn_damaged(self, name: str) -> None:
+        warnings.warn(
+            f"{getattr(self.mirror, 'path', 'The local index cache')}: the cached index "
+            f"shard {name} is damaged; it is dropped and fetched again from the remote.",
+            RuntimeWarning, stacklevel=4,
+        )
 
     def local_shard(self, name: str) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
         """``(shard, None)`` from memory or the mirror, ``(None, None)`` when not local,
@@ -168,11 +206,7 @@ class RemoteIndex:
             OfflineError: the shard is not local and the remote is out of reach.
         """
         if damage is not None:
-            warnings.warn(
-                f"{getattr(self.mirror, 'path', 'The local index cache')}: the cached index "
-                f"shard {name} is damaged; it is dropped and fetched again from the remote.",
-                RuntimeWarning, stacklevel=3,
-            )
+            self._warn_damaged(name)
         try:
             self._require_conn()
             answer = self.conn.get(name, max_bytes=fmt.MAX_SHARD_BYTES)
@@ -185,11 +219,7 @@ class RemoteIndex:
         return self._remember(name, shard)
 
     def _remember(self, name: str, shard: dict[bytes, Entry]) -> dict[bytes, Entry]:
-        with self._lock:
-            self._shards[name] = shard
-            while len(self._shards) > SHARD_CACHE:
-                self._shards.popitem(last=False)
-        return shard
+        return _cached(self._lock, self._shards, name, shard, SHARD_CACHE)
 
     def shard(self, name: str | None) -> dict[bytes, Entry]:
         """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard."""
@@ -214,8 +244,16 @@ class RemoteIndex:
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
 
-        With ``fetch=False`` only local shards are consulted and
-        :data:`MISSING_SHARD` is returned when the shard is not local.
+        The key's shard is used whole when it is in memory or in the local mirror; else
+        only the page that would hold the key is read, from the shard's directory and that
+        page, each fetched by one range GET and kept in the mirror (a shard expected small,
+        see :data:`WHOLE_SHARD_RECORDS`, or found smaller than :data:`DIRECTORY_READ`,
+        comes whole). With ``fetch=False`` only what is local is
+        consulted and :data:`MISSING_SHARD` is returned when that is not the key's page.
+
+        Raises:
+            IntegrityError: the shard's directory or page is damaged or hostile.
+            CacheDamagedError: the mirror's copy is damaged and cannot be fetched again.
         """
         manifest = manifest if manifest is not None else self.manifest
         if manifest is None:
@@ -223,10 +261,150 @@ class RemoteIndex:
         _, name = self.shard_for(key, manifest)
         if name is None:
             return None
-        shard = self.shard(name) if fetch else self.cached_shard(name)
-        if shard is None:
-            return MISSING_SHARD
-        return shard.get(key)
+        records = self._records_near(name, key, fetch, manifest)
+        return MISSING_SHARD if records is None else records.get(key)
+
+    def _records_near(
+        self, name: str, key: bytes, fetch: bool, manifest: dict
+    ) -> Mapping[bytes, Entry] | None:
+        """Records of shard ``name`` that hold ``key``'s if the shard has it: the whole
+        shard when local (or when ``manifest`` says shards are small: then fetched whole),
+        else the key's page (``None``: not local, and not ``fetch``)."""
+        whole = _memory(self._lock, self._shards, name)
+        if whole is not None:
+            return whole
+        directory = _memory(self._lock, self._directories, name)
+        if directory is not None:
+            i = directory.page_of(key)
+            page = {} if i is None else _memory(self._lock, self._pages, f"{name}#{i}")
+            if page is not None:
+                return page
+        try:
+            whole = self.cached_shard(name)
+        except CacheDamagedError:
+            if not fetch:
+                raise
+            whole = self.shard(name)
+        if whole is not None:
+            return whole
+        if directory is None:
+            if fetch and manifest["n_keys"] <= WHOLE_SHARD_RECORDS * manifest["n_shards"]:
+                return self.shard(name)
+            directory, whole = self._directory(name, fetch)
+            if directory is None:
+                return whole
+        i = directory.page_of(key)
+        return {} if i is None else self._page(name, directory, i, fetch)
+
+    def _guard(self, name: str) -> threading.Lock:
+        """The lock that makes one thread at a time fetch ``name`` (a shard or a piece)."""
+        with self._lock:
+            return self._fetching.setdefault(name, threading.Lock())
+
+    def _directory(
+        self, name: str, fetch: bool
+    ) -> tuple[fmt.ShardDirectory | None, dict[bytes, Entry] | None]:
+        """``(directory, None)`` of shard ``name`` from the mirror or fetched;
+        ``(None, shard)`` when the whole shard came with it (kept as :meth:`shard` keeps
+        it); ``(None, None)`` when it is not local and not ``fetch``.
+
+        Raises:
+            CacheDamagedError: the mirror's copy is damaged and cannot be fetched again.
+        """
+        damage = None
+        piece = self.mirror.get_shard(name + DIRECTORY_PIECE)
+        if piece is not None:
+            try:
+                directory = fmt.decode_directory(piece, name)
+                return _cached(self._lock, self._directories, name, directory, PAGE_CACHE), None
+            except IntegrityError as exc:
+                damage = self._cache_damaged(name, exc)
+        if not fetch:
+            if damage is not None:
+                raise damage
+            return None, None
+        with self._guard(name + DIRECTORY_PIECE):
+            directory = _memory(self._lock, self._directories, name)
+            return (directory, None) if directory is not None else self._fetch_directory(name, damage)
+
+    def _fetch_directory(
+        self, name: str, damage: CacheDamagedError | None
+    ) -> tuple[fmt.ShardDirectory | None, dict[bytes, Entry] | None]:
+        """GET the end of shard ``name``: its directory (a second GET if it is over
+        :data:`DIRECTORY_READ`), or the whole shard if that small; see :meth:`_directory`."""
+        if damage is not None:
+            self._warn_damaged(name)
+        try:
+            self._require_conn()
+            tail, size = self.conn.get_tail(name, DIRECTORY_READ)
+        except OfflineError:
+            if damage is not None:
+                raise damage from None
+            raise
+        if size > fmt.MAX_SHARD_BYTES:
+            raise IntegrityError(
+                f"{name} is {size:,} bytes, over the {fmt.MAX_SHARD_BYTES:,} of any index shard; "
+                "the remote is damaged or not an ebooklet database. Run ebooklet.check() on it."
+            )
+        if len(tail) == size:
+            shard = fmt.decode_shard(tail, name)
+            self.mirror.set_shard(name, tail)
+            return None, self._remember(name, shard)
+        need = fmt.shard_directory_length(tail[-fmt.DIRECTORY_TRAILER_SIZE :], name, size)
+        need += fmt.DIRECTORY_TRAILER_SIZE
+        if need > len(tail):
+            tail = bytes(self.conn.get_range(name, size - need, need))
+        piece = tail[len(tail) - need : len(tail) - fmt.DIRECTORY_TRAILER_SIZE]
+        directory = fmt.decode_directory(piece, name, size)
+        self.mirror.set_shard(name + DIRECTORY_PIECE, piece)
+        return _cached(self._lock, self._directories, name, directory, PAGE_CACHE), None
+
+    def _page(
+        self, name: str, directory: fmt.ShardDirectory, i: int, fetch: bool
+    ) -> dict[bytes, Entry] | None:
+        """Page ``i`` of shard ``name``: from memory, the mirror, or one range GET (kept in
+        the mirror); ``None`` when it is not local and not ``fetch``.
+
+        Raises:
+            IntegrityError: the page fetched is damaged or hostile.
+            CacheDamagedError: the mirror's copy is damaged and cannot be fetched again.
+        """
+        piece = f"{name}#{i}"
+        page = _memory(self._lock, self._pages, piece)
+        if page is not None:
+            return page
+        damage = None
+        raw = self.mirror.get_shard(piece)
+        if raw is not None:
+            try:
+                return _cached(self._lock, self._pages, piece, fmt.decode_page(raw, directory, i, name), PAGE_CACHE)
+            except IntegrityError as exc:
+                damage = self._cache_damaged(name, exc)
+        if not fetch:
+            if damage is not None:
+                raise damage
+            return None
+        with self._guard(piece):
+            page = _memory(self._lock, self._pages, piece)
+            return page if page is not None else self._fetch_page(name, directory, i, damage)
+
+    def _fetch_page(
+        self, name: str, directory: fmt.ShardDirectory, i: int, damage: CacheDamagedError | None
+    ) -> dict[bytes, Entry]:
+        """GET page ``i`` of shard ``name`` by its range, validate it and keep it."""
+        if damage is not None:
+            self._warn_damaged(name)
+        ref = directory.pages[i]
+        try:
+            self._require_conn()
+            data = bytes(self.conn.get_range(name, ref.offset, ref.length))
+        except OfflineError:
+            if damage is not None:
+                raise damage from None
+            raise
+        page = fmt.decode_page(data, directory, i, name)
+        self.mirror.set_shard(f"{name}#{i}", data)
+        return _cached(self._lock, self._pages, f"{name}#{i}", page, PAGE_CACHE)
 
     def entries(self, keys: Iterable[bytes], manifest: dict | None = None) -> dict[bytes, Entry | None]:
         """Remote entries of many keys, fetching their shards in parallel."""
@@ -458,6 +636,25 @@ class RemoteIndex:
         except (RemoteNotFoundError, OfflineError):
             return None, None
         return fmt.decode_manifest(answer.data), answer.etag
+
+
+def _cached(lock: threading.RLock, cache: OrderedDict, name: str, value: Any, most: int) -> Any:
+    """Put ``value`` in the LRU ``cache`` of at most ``most`` items; returns it."""
+    with lock:
+        cache[name] = value
+        cache.move_to_end(name)
+        while len(cache) > most:
+            cache.popitem(last=False)
+    return value
+
+
+def _memory(lock: threading.RLock, cache: OrderedDict, name: str) -> Any:
+    """The item ``name`` of the LRU ``cache`` (``None`` if absent), marked as just used."""
+    with lock:
+        value = cache.get(name)
+        if value is not None:
+            cache.move_to_end(name)
+    return value
 
 
 def _shard_names(manifest: dict | None) -> set[str]:
