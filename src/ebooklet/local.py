@@ -53,6 +53,8 @@ _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 byte
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
+HOLD_SIZE = 1 << 20
+"""Bytes of journal records :meth:`ChangeLog.record_edits` holds in memory at most."""
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET, CLOSED = (
     b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X", b"E"
@@ -437,6 +439,7 @@ class ChangeLog:
         self._records = 0
         self._fd: int | None = None
         self._size = 0  # bytes in the file, so that a short write can be undone
+        self._held = bytearray()  # records not written yet (record_edits(hold=True))
         rewrite = False
         # a journal flag 'n' did not read (and will replace) gets no close record
         self._end_known = not (damaged_ok and self.path.exists())
@@ -538,16 +541,15 @@ class ChangeLog:
         return b"".join((head, key, extra, _CHECK.pack(zlib.crc32(extra, zlib.crc32(key, zlib.crc32(head))))))
 
     def _append(self, blob: bytes) -> None:
-        """Append encoded records with one ``os.write`` (the caller holds the lock); a
-        write the kernel cuts short (a full disk) is undone and raises ``OSError``."""
-        if self._fd is None:
-            raise IntegrityError(f"{self.path} is open read-only.")
-        if self.ends_closed:  # the journal goes on: its close record goes (only the last one)
-            os.ftruncate(self._fd, self._size - _CLOSED_SIZE)
-            self._size -= _CLOSED_SIZE
-            self._records -= 1
-            self.ends_closed = False
-        self._end_known = True
+        """Append the records held back by :meth:`_write` and encoded records ``blob``
+        with one ``os.write`` (the caller holds the lock); a write the kernel cuts short (a
+        full disk) is undone and raises ``OSError``."""
+        self._go_on()
+        if self._held:
+            blob = bytes(self._held) + blob
+            self._held.clear()
+        if not blob:
+            return
         written = os.write(self._fd, blob)
         if written != len(blob):
             os.ftruncate(self._fd, self._size)
@@ -557,10 +559,30 @@ class ChangeLog:
             )
         self._size += written
 
-    def _write(self, records: list[tuple]) -> None:
+    def _go_on(self) -> None:
+        """Before anything is appended: the journal goes on, so its close record goes
+        (there is only ever one, the last record)."""
+        if self._fd is None:
+            raise IntegrityError(f"{self.path} is open read-only.")
+        if self.ends_closed:
+            os.ftruncate(self._fd, self._size - _CLOSED_SIZE)
+            self._size -= _CLOSED_SIZE
+            self._records -= 1
+            self.ends_closed = False
+        self._end_known = True
+
+    def _write(self, records: list[tuple], hold: bool = False) -> None:
+        """Append and apply ``records``; ``hold``: they may wait in memory until
+        :meth:`flush` (at most :data:`HOLD_SIZE` bytes of them)."""
         blob = b"".join(self._encode(*r) for r in records)
         with self._lock:
-            self._append(blob)
+            if hold:
+                self._go_on()
+                self._held += blob
+                if len(self._held) >= HOLD_SIZE:
+                    self._append(b"")
+            else:
+                self._append(blob)
             for r in records:
                 kind, key, md5_, base = r[:4]
                 self._apply(kind, key, md5_ or NO_MD5, base or NO_MD5, r[4] if len(r) > 4 else b"")
@@ -568,13 +590,23 @@ class ChangeLog:
     # ---------------------------------------------------------------- edits
 
     def record_edits(
-        self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]], retimed: bool = False
+        self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]], retimed: bool = False,
+        hold: bool = False,
     ) -> None:
         """Journal local edits ``(key, md5 or None for a deletion, base md5)``.
 
-        ``retimed``: the edits are explicit timestamp changes.
+        Args:
+            retimed: the edits are explicit timestamp changes.
+            hold: the records may wait in memory until :meth:`flush`, which the data file
+                calls before it writes the values they name (see the class docstring).
         """
-        self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits])
+        self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits], hold)
+
+    def flush(self) -> None:
+        """Write the records held in memory (see :meth:`record_edits`), if any."""
+        if self._held:
+            with self._lock:
+                self._append(b"")
 
     def remember_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
         """Hold edits ``(key, md5 or None, base md5)`` in memory only, for this session:
@@ -662,6 +694,7 @@ class ChangeLog:
                 records.append((METADATA, b"", b"\x01" * 16, None))
             blob = _LOG_MAGIC + b"".join(self._encode(*r) for r in records)
             _replace_durably(self.path, blob)
+            self._held.clear()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(blob)
@@ -685,6 +718,7 @@ class ChangeLog:
             try:
                 if self.needs_compaction():
                     self.compact()
+                self.flush()
                 if self._end_known and not self.ends_closed:
                     self._write([(CLOSED, b"", None, None)])
             finally:

@@ -26,7 +26,7 @@ from booklet import utils as bk_utils
 
 from . import format as fmt
 from . import serializers
-from ._booklet_io import append_records, data_changed_from, data_state, deleted_last, scan
+from ._booklet_io import DataFile, append_records, data_changed_from, data_state, deleted_last, scan
 from .connection import S3Connection, check_seconds, connection_from
 from .errors import (
     EBookletError,
@@ -167,6 +167,7 @@ class Replica:
             self._data = _open_data(
                 data_path, self._ks, self._vs, n_buckets, buffer_size, timeout, self._local_writable
             )
+            self._data.before_write = self._log.flush  # the journal reaches the disk first
             self._data_path = data_path
             if not local_exists and flag != "n":
                 self._forget_lost_values()
@@ -676,13 +677,13 @@ class Replica:
 
     # ------------------------------------------------------------ the data file
 
-    def _store(self, key: Any, raw: bytes, timestamp: Any = None) -> None:
-        """Write an encoded value to the data file; a large one goes straight to the
-        file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
+    def _store(self, kb: bytes, raw: bytes, timestamp: Any = None) -> None:
+        """Write an encoded value of the encoded key ``kb`` to the data file; a large one
+        goes straight to the file, without copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
-            append_records(self._data, [(self._ks.dumps(key), raw, timestamp)])
+            append_records(self._data, [(kb, raw, timestamp)])
         else:
-            self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+            self._data.put(kb, raw, timestamp)
 
     def cached(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of ``key`` in the data file, or ``None``.
@@ -777,8 +778,8 @@ class Replica:
         """Journal and store an encoded value ``raw`` (md5 ``md5``) of ``key`` (encoded
         ``kb``) as a local edit; ``retimed``: only its timestamp changed."""
         with self._rlock:
-            self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed)
-            self._store(key, raw, timestamp)
+            self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed, hold=True)
+            self._store(kb, raw, timestamp)
             if not retimed:
                 self._log.checked[kb] = md5
 
@@ -1172,7 +1173,7 @@ def _open_data(
         # booklet.open(path) can read it (a class is recorded as "custom": code 0).
         ks, vs = serializers.booklet_spec(ks), serializers.booklet_spec(vs)
     try:
-        return booklet.open(
+        return DataFile(
             str(path), "c" if writable else "r", key_serializer=ks, value_serializer=vs,
             n_buckets=n_buckets, buffer_size=buffer_size, timeout=timeout,
         )
