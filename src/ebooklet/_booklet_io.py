@@ -232,6 +232,8 @@ def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview,
         book._mutation_count += 1
         file = book._file
         start = file.seek(0, 2)
+        if isinstance(book, DataFile):  # until the records are linked (see DataFile)
+            os.pwrite(file.fileno(), _N_KEYS_CRASH, book._n_keys_pos)
         try:
             links = _write_records(file.fileno(), start, heads)
         except BaseException:
@@ -297,8 +299,11 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
         previous = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
         block = field(previous)
         while block > 1:  # 0 or 1: an empty bucket
-            block_hash = os.pread(fd, hash_len, block)
-            next_block = field(block + hash_len)
+            if block + hash_len in changed:
+                block_hash, next_block = os.pread(fd, hash_len, block), changed[block + hash_len]
+            else:
+                head = os.pread(fd, hash_len + width, block)
+                block_hash, next_block = head[:hash_len], int.from_bytes(head[hash_len:], "little")
             if next_block and block_hash == key_hash:  # the key's old record: replace it
                 changed[block + hash_len] = 0
                 if next_block > 1:
@@ -364,10 +369,11 @@ class DataFile(booklet.VariableLengthValue):
       sequential pass (:meth:`_grow`); booklet would relink at ``close()`` with a seek,
       read and write per record, and walk chains of N / 12,007 records until then.
 
-    A growth is marked in the header by booklet's "not closed cleanly" key count, and
-    an open that finds it relinks the whole index (a kill mid-way leaves chains that
-    may miss keys, never lead to another key's value); the appended array lies inside
-    a deleted record, so that a scan of the file in any state passes over it.
+    A growth, and a write of records until they are linked, is marked in the header by
+    booklet's "not closed cleanly" key count, and an open that finds it relinks the
+    whole index (a kill mid-way leaves records out of reach or chains that miss keys,
+    never one that leads to another key's value); the appended array lies inside a
+    deleted record, so that a scan of the file in any state passes over it.
     """
 
     before_write: Callable[[], None] | None = None
@@ -438,14 +444,16 @@ class DataFile(booklet.VariableLengthValue):
             if self._buffer_data:
                 if self.before_write is not None:
                     self.before_write()
+                self._grow_for(len(self._pending))  # before the records: they link short chains
                 self._flush()
-            self._check_auto_reindex()
+            self._grow_for(0)
 
     def _flush(self) -> None:
         """Write booklet's buffer at the end of the file and link its records (the
         caller holds the lock)."""
         fd = self._file.fileno()
         start = os.fstat(fd).st_size
+        os.pwrite(fd, _N_KEYS_CRASH, self._n_keys_pos)  # until the records are linked
         try:
             _write_all_at(fd, self._buffer_data, start)
         except BaseException:
@@ -460,9 +468,17 @@ class DataFile(booklet.VariableLengthValue):
 
     def _check_auto_reindex(self) -> None:
         """Grow the index (booklet calls this after its writes, holding the lock)."""
-        if self._n_keys > self._n_buckets and not self._defer_reindex:
-            grown = booklet.utils.get_new_n_buckets(self._n_buckets) or 2 * self._n_buckets + 1
-            self._grow(grown)
+        self._grow_for(0)
+
+    def _grow_for(self, new_keys: int) -> None:
+        """Grow the index to booklet's next size (or beyond) if it has fewer buckets than
+        the keys it holds and ``new_keys`` (the caller holds the lock)."""
+        wanted, n_buckets = self._n_keys + new_keys, self._n_buckets
+        if wanted <= n_buckets or self._defer_reindex:
+            return
+        while n_buckets < wanted:
+            n_buckets = booklet.utils.get_new_n_buckets(n_buckets) or 2 * n_buckets + 1
+        self._grow(n_buckets)
 
     def _grow(self, n_buckets: int, dedupe: bool = False) -> None:
         """Link every live record into a new index of ``n_buckets`` appended at the end,

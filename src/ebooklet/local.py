@@ -602,6 +602,19 @@ class ChangeLog:
         """
         self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits], hold)
 
+    def hold_edit(self, key: bytes, md5_: bytes, base: bytes | None, retimed: bool = False) -> None:
+        """Journal one local value edit, as ``record_edits([(key, md5_, base)], retimed,
+        hold=True)`` does, with less work per call (it is on the path of every set)."""
+        blob = self._encode(RETIME if retimed else SET, key, md5_, base)
+        with self._lock:
+            if self.ends_closed or self._fd is None:
+                self._go_on()
+            self._held += blob
+            if len(self._held) >= HOLD_SIZE:
+                self._append(b"")
+            self._records += 1
+            self.edits[key] = Edit(md5_, base, retimed)
+
     def flush(self) -> None:
         """Write the records held in memory (see :meth:`record_edits`), if any."""
         if self._held:

@@ -778,7 +778,7 @@ class Replica:
         """Journal and store an encoded value ``raw`` (md5 ``md5``) of ``key`` (encoded
         ``kb``) as a local edit; ``retimed``: only its timestamp changed."""
         with self._rlock:
-            self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed, hold=True)
+            self._log.hold_edit(kb, md5, self._base(kb), retimed)
             self._store(kb, raw, timestamp)
             if not retimed:
                 self._log.checked[kb] = md5
