@@ -127,3 +127,33 @@ def test_a_process_killed_while_the_index_grows(tmp_path: Path, kill_at: int) ->
     with booklet.open(str(path)) as book:
         assert len(book) == n_keys == sum(1 for _ in book)
         assert book["k10999"] == "v10999" and "k3" not in book
+
+
+HOLDING_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import ebooklet
+    db = ebooklet.open(None, sys.argv[1], "w")
+    db["synced"] = "s"
+    db.sync()
+    db["held"] = "h"  # its journal record and its value wait in memory
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_kill_before_the_buffer_is_written_loses_the_write_and_its_record(tmp_path: Path) -> None:
+    """set() holds the journal record with the value in the data file's buffer: a kill
+    before the buffer is written loses both, as if the write had not been made (no
+    pending edit without its value, no warning); what sync() wrote is pending."""
+    path = tmp_path / "db"
+    ebooklet.open(None, path, "n", key_serializer="str", value_serializer="str").close()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(ebooklet.__file__).parents[1]), *sys.path]))
+    child = subprocess.run([sys.executable, "-c", HOLDING_CHILD, str(path)], capture_output=True, env=env)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-3000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db = ebooklet.open(None, path, "w")
+    with db:
+        assert (db.get("synced"), db.get("held")) == ("s", None)
+        assert [c.key for c in db.changes().iter_changes()] == ["synced"]

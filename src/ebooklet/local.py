@@ -5,8 +5,9 @@ For a user path ``P``:
 - ``P`` — a booklet file with the values: local edits and cached remote values.
 - ``P.local_hash`` — :class:`ChangeLog`, an append-only journal of local edits
   (md5 of the local value, md5 of the remote version it replaced), uploads not
-  yet committed, and flags. Each record is written with one unbuffered
-  ``os.write`` *before* the value goes into ``P``, so a process killed at any
+  yet committed, and flags. Each record is written with an ``os.write``
+  *before* the value goes into ``P`` (the records of ``set()`` wait in memory until
+  ``P`` writes its buffer, which flushes them first), so a process killed at any
   point never hides an edit from the next push.
 - ``P.remote_index`` — :class:`IndexMirror`, a booklet file with the last
   manifest seen and the index shards already fetched.
@@ -397,8 +398,11 @@ class ChangeLog:
 
     The whole state is kept in memory (it is proportional to what was edited
     since the last push); the file is only appended to, and rewritten compactly
-    after a push. Every record carries checksums: only a last record cut short (a
-    write killed midway) is dropped; a journal damaged anywhere else is moved aside
+    after a push. The records of :meth:`hold_edit` wait in memory until :meth:`flush`,
+    which the data file calls before it writes the values they name, or until anything
+    else is appended (they go first), at most :data:`HOLD_SIZE` bytes of them. Every
+    record carries checksums: only a last record cut short (a write killed midway) is
+    dropped; a journal damaged anywhere else is moved aside
     (never deleted) and opening it raises :class:`IntegrityError`. :meth:`close`
     appends a close record, removed again before anything else is appended (so there
     is one at most, the last record): a journal cut anywhere after a clean close, even at
@@ -439,7 +443,7 @@ class ChangeLog:
         self._records = 0
         self._fd: int | None = None
         self._size = 0  # bytes in the file, so that a short write can be undone
-        self._held = bytearray()  # records not written yet (record_edits(hold=True))
+        self._held = bytearray()  # records not written yet (hold_edit)
         rewrite = False
         # a journal flag 'n' did not read (and will replace) gets no close record
         self._end_known = not (damaged_ok and self.path.exists())
@@ -571,18 +575,10 @@ class ChangeLog:
             self.ends_closed = False
         self._end_known = True
 
-    def _write(self, records: list[tuple], hold: bool = False) -> None:
-        """Append and apply ``records``; ``hold``: they may wait in memory until
-        :meth:`flush` (at most :data:`HOLD_SIZE` bytes of them)."""
+    def _write(self, records: list[tuple]) -> None:
         blob = b"".join(self._encode(*r) for r in records)
         with self._lock:
-            if hold:
-                self._go_on()
-                self._held += blob
-                if len(self._held) >= HOLD_SIZE:
-                    self._append(b"")
-            else:
-                self._append(blob)
+            self._append(blob)
             for r in records:
                 kind, key, md5_, base = r[:4]
                 self._apply(kind, key, md5_ or NO_MD5, base or NO_MD5, r[4] if len(r) > 4 else b"")
@@ -590,21 +586,19 @@ class ChangeLog:
     # ---------------------------------------------------------------- edits
 
     def record_edits(
-        self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]], retimed: bool = False,
-        hold: bool = False,
+        self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]], retimed: bool = False
     ) -> None:
         """Journal local edits ``(key, md5 or None for a deletion, base md5)``.
 
-        Args:
-            retimed: the edits are explicit timestamp changes.
-            hold: the records may wait in memory until :meth:`flush`, which the data file
-                calls before it writes the values they name (see the class docstring).
+        ``retimed``: the edits are explicit timestamp changes.
         """
-        self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits], hold)
+        self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits])
 
     def hold_edit(self, key: bytes, md5_: bytes, base: bytes | None, retimed: bool = False) -> None:
-        """Journal one local value edit, as ``record_edits([(key, md5_, base)], retimed,
-        hold=True)`` does, with less work per call (it is on the path of every set)."""
+        """Journal one local value edit, as ``record_edits([(key, md5_, base)], retimed)``
+        does, but the record may wait in memory until :meth:`flush`, which the data file
+        calls before it writes the value (see the class docstring); on the path of every
+        ``set()``."""
         blob = self._encode(RETIME if retimed else SET, key, md5_, base)
         with self._lock:
             if self.ends_closed or self._fd is None:
@@ -616,7 +610,7 @@ class ChangeLog:
             self.edits[key] = Edit(md5_, base, retimed)
 
     def flush(self) -> None:
-        """Write the records held in memory (see :meth:`record_edits`), if any."""
+        """Write the records held in memory (see :meth:`hold_edit`), if any."""
         if self._held:
             with self._lock:
                 self._append(b"")
