@@ -11,6 +11,7 @@ the day a booklet release changes the layout.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -328,6 +329,65 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
     return new_keys
 
 
+def _link_buffer(book: DataFile, start: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """Link the records buffered by :meth:`DataFile.put` (to be written at ``start``)
+    into the index, in order, each at the head of its bucket's chain: their own
+    next-record fields are set in the buffer, and a key already in the chain has its old
+    record marked deleted and taken out of the chain (booklet links at the chain's end;
+    either order finds the one live record of a key). The file is read through an
+    ``mmap`` and not written: returns the number of new keys and the fields to write
+    (the bucket array whole, or its changed slots, and the old records' fields), after
+    the buffer."""
+    fd, buffer = book._file.fileno(), book._buffer_data
+    width, hash_len = booklet.utils.n_bytes_file, _HASH_LEN
+    n_buckets, index_offset = book._n_buckets, book._index_offset
+    whole = len(book._pending) * _BUCKETS_PER_KEY >= n_buckets
+    size = os.fstat(fd).st_size
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
+        buckets = bytearray(mapped[index_offset : index_offset + n_buckets * width]) if whole else None
+        changed: dict[int, int] = {}  # position of a field in the file -> its new value
+
+        def field(pos: int) -> int:
+            if pos >= start:
+                return int.from_bytes(buffer[pos - start : pos - start + width], "little")
+            if pos in changed:
+                return changed[pos]
+            if buckets is not None and index_offset <= pos < index_offset + len(buckets):
+                at = pos - index_offset
+                return int.from_bytes(buckets[at : at + width], "little")
+            return int.from_bytes(mapped[pos : pos + width], "little")
+
+        def set_field(pos: int, value: int) -> None:
+            if pos >= start:
+                buffer[pos - start : pos - start + width] = value.to_bytes(width, "little")
+            elif buckets is not None and index_offset <= pos < index_offset + len(buckets):
+                at = pos - index_offset
+                buckets[at : at + width] = value.to_bytes(width, "little")
+            else:
+                changed[pos] = value
+
+        new_keys = 0
+        for key_hash, at in book._pending:
+            slot = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+            previous, block = slot, field(slot)
+            new_keys += 1
+            while block > 1:  # 0 or 1: the chain ends
+                block_hash = buffer[block - start : block - start + hash_len] if block >= start else mapped[block : block + hash_len]
+                next_block = field(block + hash_len)
+                if next_block and block_hash == key_hash:  # the key's old record
+                    set_field(block + hash_len, 0)
+                    set_field(previous, next_block)
+                    new_keys -= 1
+                    break
+                previous, block = block + hash_len, next_block
+            set_field(start + at + hash_len, field(slot))
+            set_field(slot, start + at)
+    fields = [(pos, value.to_bytes(width, "little")) for pos, value in changed.items()]
+    if buckets is not None:
+        fields.append((index_offset, bytes(buckets)))
+    return new_keys, fields
+
+
 def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
     """Write ``buffers`` one after the other at ``fd``'s position, with one ``writev``
     call unless the kernel writes less (over 2 GiB on Linux) or there are more than
@@ -362,8 +422,8 @@ class DataFile(booklet.VariableLengthValue):
     - :meth:`put` buffers a record from an encoded key in booklet's own write buffer
       (booklet's reads and iterations see it, and flush it first); :meth:`sync` writes
       the buffer with one write, after calling :attr:`before_write` (the journal's
-      flush: a journal record reaches the disk before the value it names), and links it
-      with :func:`_link_records`.
+      flush: a journal record reaches the disk before the value it names), linked
+      beforehand in memory by :func:`_link_buffer` (a new key costs no write of its own).
     - the index grows as keys arrive: when there are more keys than buckets, a bucket
       array of booklet's next size is appended, and every record is relinked in one
       sequential pass (:meth:`_grow`); booklet would relink at ``close()`` with a seek,
@@ -453,17 +513,21 @@ class DataFile(booklet.VariableLengthValue):
         caller holds the lock)."""
         fd = self._file.fileno()
         start = os.fstat(fd).st_size
+        buffer = self._buffer_data
+        new_keys, fields = _link_buffer(self, start)
         os.pwrite(fd, _N_KEYS_CRASH, self._n_keys_pos)  # until the records are linked
         try:
-            _write_all_at(fd, self._buffer_data, start)
+            _write_all_at(fd, buffer, start)
         except BaseException:
             os.ftruncate(fd, start)  # no record may stay in the file unindexed
             raise
-        links = [(key_hash, start + at) for key_hash, at in self._pending]
-        self._buffer_data.clear()
-        self._pending.clear()
-        self._buffer_index_set.clear()
-        self._n_keys += _link_records(self, links)
+        finally:
+            buffer.clear()
+            self._pending.clear()
+            self._buffer_index_set.clear()
+        for position, data in fields:
+            _write_all_at(fd, data, position)
+        self._n_keys += new_keys
         os.pwrite(fd, self._n_keys.to_bytes(4, "little"), self._n_keys_pos)
 
     def _check_auto_reindex(self) -> None:
