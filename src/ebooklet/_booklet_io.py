@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from hashlib import blake2s
 from pathlib import Path
@@ -368,7 +369,12 @@ def _link_buffer(book: DataFile, start: int) -> tuple[int, list[tuple[int, bytes
 
         new_keys = 0
         for key_hash, at in book._pending:
-            slot = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+            bucket = int.from_bytes(key_hash, "little") % n_buckets * width
+            if buckets is not None and buckets[bucket : bucket + width] == _NO_NEXT_BLOCK:
+                buckets[bucket : bucket + width] = (start + at).to_bytes(width, "little")
+                new_keys += 1  # an empty bucket (most, below one key per bucket): no chain
+                continue
+            slot = index_offset + bucket
             previous, block = slot, field(slot)
             new_keys += 1
             while block > 1:  # 0 or 1: the chain ends
@@ -458,17 +464,19 @@ class DataFile(booklet.VariableLengthValue):
         """
         if not self.writable:
             raise ValueError("File is open for read only.")
-        if type(timestamp) is not int:
+        if timestamp is None:
+            timestamp = time.time_ns() // 1000
+        elif type(timestamp) is not int:
             timestamp = booklet.utils.make_timestamp_int(timestamp)
         key_hash = blake2s(key, digest_size=_HASH_LEN).digest()
         head = _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
+        head += timestamp.to_bytes(self._ts_bytes_len, "little")
         with self._thread_lock:
             self._mutation_count += 1
             buffer = self._buffer_data
             self._pending.append((key_hash, len(buffer)))
             self._buffer_index_set.add(key_hash)
             buffer += head
-            buffer += timestamp.to_bytes(self._ts_bytes_len, "little")
             buffer += key
             buffer += value
         if len(buffer) >= self._write_buffer_size:
