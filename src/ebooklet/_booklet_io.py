@@ -408,7 +408,7 @@ def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
 
 
 #: booklet's ``n_keys`` of a file not closed cleanly; :class:`DataFile` writes it while it
-#: relinks the index, so that an open after a kill mid-way rebuilds the index.
+#: relinks the index or links new records, so that an open after a kill mid-way relinks.
 _N_KEYS_CRASH = booklet.utils.n_keys_crash.to_bytes(4, "little")
 #: The head of the deleted record that covers an index :class:`DataFile` appends: a scan
 #: of the file passes over the index as over any deleted record (see :meth:`DataFile._grow`).
@@ -446,8 +446,9 @@ class DataFile(booklet.VariableLengthValue):
     """Called before buffered records are written to the file."""
 
     def __init__(self, path: str, flag: str, **params: Any):
-        """Open ``path`` as ``booklet.open(path, flag, **params)`` does; a file whose last
-        growth was interrupted is relinked (when writable)."""
+        """Open ``path`` as ``booklet.open(path, flag, **params)`` does; a file marked
+        "not closed cleanly" (a growth or a write killed mid-way, or a booklet object
+        never closed) is relinked when writable."""
         interrupted = flag in ("c", "w") and _marked_crashed(path)
         super().__init__(path, flag, **params)
         self._pending: list[tuple[bytes, int]] = []  # (key hash, position in the buffer)
