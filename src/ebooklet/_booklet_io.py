@@ -11,7 +11,6 @@ the day a booklet release changes the layout.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import time
@@ -335,59 +334,59 @@ def _link_buffer(book: DataFile, start: int) -> tuple[int, list[tuple[int, bytes
     into the index, in order, each at the head of its bucket's chain: their own
     next-record fields are set in the buffer, and a key already in the chain has its old
     record marked deleted and taken out of the chain (booklet links at the chain's end;
-    either order finds the one live record of a key). The file is read through an
-    ``mmap`` and not written: returns the number of new keys and the fields to write
-    (the bucket array whole, or its changed slots, and the old records' fields), after
-    the buffer."""
+    either order finds the one live record of a key). The file is read (with ``pread``:
+    an ``mmap`` would count the pages it touches in the process's memory), not written:
+    returns the number of new keys and the fields to write after the buffer (the bucket
+    array whole, or its changed slots, and the old records' fields)."""
     fd, buffer = book._file.fileno(), book._buffer_data
     width, hash_len = booklet.utils.n_bytes_file, _HASH_LEN
     n_buckets, index_offset = book._n_buckets, book._index_offset
-    whole = len(book._pending) * _BUCKETS_PER_KEY >= n_buckets
-    size = os.fstat(fd).st_size
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
-        buckets = bytearray(mapped[index_offset : index_offset + n_buckets * width]) if whole else None
-        changed: dict[int, int] = {}  # position of a field in the file -> its new value
+    index_end = index_offset + n_buckets * width
+    buckets = None
+    if len(book._pending) * _BUCKETS_PER_KEY >= n_buckets:
+        buckets = bytearray(os.pread(fd, n_buckets * width, index_offset))
+    changed: dict[int, int] = {}  # position of a field in the file -> its new value
 
-        def field(pos: int) -> int:
-            if pos >= start:
-                return int.from_bytes(buffer[pos - start : pos - start + width], "little")
-            if pos in changed:
-                return changed[pos]
-            if buckets is not None and index_offset <= pos < index_offset + len(buckets):
-                at = pos - index_offset
-                return int.from_bytes(buckets[at : at + width], "little")
-            return int.from_bytes(mapped[pos : pos + width], "little")
+    def field(pos: int) -> int:
+        if pos >= start:
+            return int.from_bytes(buffer[pos - start : pos - start + width], "little")
+        if pos in changed:
+            return changed[pos]
+        if buckets is not None and index_offset <= pos < index_end:
+            return int.from_bytes(buckets[pos - index_offset : pos - index_offset + width], "little")
+        return int.from_bytes(os.pread(fd, width, pos), "little")
 
-        def set_field(pos: int, value: int) -> None:
-            if pos >= start:
-                buffer[pos - start : pos - start + width] = value.to_bytes(width, "little")
-            elif buckets is not None and index_offset <= pos < index_offset + len(buckets):
-                at = pos - index_offset
-                buckets[at : at + width] = value.to_bytes(width, "little")
+    def set_field(pos: int, value: int) -> None:
+        if pos >= start:
+            buffer[pos - start : pos - start + width] = value.to_bytes(width, "little")
+        elif buckets is not None and index_offset <= pos < index_end:
+            buckets[pos - index_offset : pos - index_offset + width] = value.to_bytes(width, "little")
+        else:
+            changed[pos] = value
+
+    new_keys = 0
+    for key_hash, at in book._pending:
+        bucket = int.from_bytes(key_hash, "little") % n_buckets * width
+        new_keys += 1
+        if buckets is not None and buckets[bucket : bucket + width] == _NO_NEXT_BLOCK:
+            buckets[bucket : bucket + width] = (start + at).to_bytes(width, "little")
+            continue  # an empty bucket (most, below one key per bucket): no chain
+        slot = index_offset + bucket
+        previous, block = slot, field(slot)
+        while block > 1:  # 0 or 1: the chain ends
+            if block >= start:
+                block_hash = buffer[block - start : block - start + hash_len]
             else:
-                changed[pos] = value
-
-        new_keys = 0
-        for key_hash, at in book._pending:
-            bucket = int.from_bytes(key_hash, "little") % n_buckets * width
-            if buckets is not None and buckets[bucket : bucket + width] == _NO_NEXT_BLOCK:
-                buckets[bucket : bucket + width] = (start + at).to_bytes(width, "little")
-                new_keys += 1  # an empty bucket (most, below one key per bucket): no chain
-                continue
-            slot = index_offset + bucket
-            previous, block = slot, field(slot)
-            new_keys += 1
-            while block > 1:  # 0 or 1: the chain ends
-                block_hash = buffer[block - start : block - start + hash_len] if block >= start else mapped[block : block + hash_len]
-                next_block = field(block + hash_len)
-                if next_block and block_hash == key_hash:  # the key's old record
-                    set_field(block + hash_len, 0)
-                    set_field(previous, next_block)
-                    new_keys -= 1
-                    break
-                previous, block = block + hash_len, next_block
-            set_field(start + at + hash_len, field(slot))
-            set_field(slot, start + at)
+                block_hash = os.pread(fd, hash_len, block)
+            next_block = field(block + hash_len)
+            if next_block and block_hash == key_hash:  # the key's old record
+                set_field(block + hash_len, 0)
+                set_field(previous, next_block)
+                new_keys -= 1
+                break
+            previous, block = block + hash_len, next_block
+        set_field(start + at + hash_len, field(slot))
+        set_field(slot, start + at)
     fields = [(pos, value.to_bytes(width, "little")) for pos, value in changed.items()]
     if buckets is not None:
         fields.append((index_offset, bytes(buckets)))
