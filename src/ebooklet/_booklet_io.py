@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from hashlib import blake2s
 from pathlib import Path
 from typing import Any
@@ -260,15 +261,15 @@ def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview,
         heads.append((key_hash, head + key, value))
     if not heads:
         return
+    book.sync()  # records buffered go first, as set() keeps the order
     with book._thread_lock:
+        if getattr(book, "before_write", None) is not None:
+            book.before_write()
         book._mutation_count += 1
         file = book._file
-        start = booklet.utils.flush_data_buffer(file, book._buffer_data, file.seek(0, 2))
-        if book._buffer_index:  # keys booklet buffered go first, as set() keeps the order
-            book._n_keys += booklet.utils.update_index(
-                file, book._buffer_index, book._buffer_index_set, book._n_buckets, book._index_offset
-            )
-        file.seek(start)
+        start = file.seek(0, 2)
+        if isinstance(book, DataFile):  # until the records are linked (see DataFile)
+            os.pwrite(file.fileno(), _N_KEYS_CRASH, book._n_keys_pos)
         try:
             links = _write_records(file.fileno(), start, heads)
         except BaseException:
@@ -334,8 +335,11 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
         previous = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
         block = field(previous)
         while block > 1:  # 0 or 1: an empty bucket
-            block_hash = os.pread(fd, hash_len, block)
-            next_block = field(block + hash_len)
+            if block + hash_len in changed:
+                block_hash, next_block = os.pread(fd, hash_len, block), changed[block + hash_len]
+            else:
+                head = os.pread(fd, hash_len + width, block)
+                block_hash, next_block = head[:hash_len], int.from_bytes(head[hash_len:], "little")
             if next_block and block_hash == key_hash:  # the key's old record: replace it
                 changed[block + hash_len] = 0
                 if next_block > 1:
@@ -360,6 +364,70 @@ def _link_records(book: Any, links: list[tuple[bytes, int]]) -> int:
     return new_keys
 
 
+def _link_buffer(book: DataFile, start: int) -> tuple[int, list[tuple[int, bytes]]]:
+    """Link the records buffered by :meth:`DataFile.put` (to be written at ``start``)
+    into the index, in order, each at the head of its bucket's chain: their own
+    next-record fields are set in the buffer, and a key already in the chain has its old
+    record marked deleted and taken out of the chain (booklet links at the chain's end;
+    either order finds the one live record of a key). The file is read (with ``pread``:
+    an ``mmap`` would count the pages it touches in the process's memory), not written:
+    returns the number of new keys and the fields to write after the buffer (the bucket
+    array whole, or its changed slots, and the old records' fields)."""
+    fd, buffer = book._file.fileno(), book._buffer_data
+    width, hash_len = booklet.utils.n_bytes_file, _HASH_LEN
+    n_buckets, index_offset = book._n_buckets, book._index_offset
+    index_end = index_offset + n_buckets * width
+    buckets = None
+    if len(book._pending) * _BUCKETS_PER_KEY >= n_buckets:
+        buckets = bytearray(os.pread(fd, n_buckets * width, index_offset))
+    changed: dict[int, int] = {}  # position of a field in the file -> its new value
+
+    def field(pos: int) -> int:
+        if pos >= start:
+            return int.from_bytes(buffer[pos - start : pos - start + width], "little")
+        if pos in changed:
+            return changed[pos]
+        if buckets is not None and index_offset <= pos < index_end:
+            return int.from_bytes(buckets[pos - index_offset : pos - index_offset + width], "little")
+        return int.from_bytes(os.pread(fd, width, pos), "little")
+
+    def set_field(pos: int, value: int) -> None:
+        if pos >= start:
+            buffer[pos - start : pos - start + width] = value.to_bytes(width, "little")
+        elif buckets is not None and index_offset <= pos < index_end:
+            buckets[pos - index_offset : pos - index_offset + width] = value.to_bytes(width, "little")
+        else:
+            changed[pos] = value
+
+    new_keys = 0
+    for key_hash, at in book._pending:
+        bucket = int.from_bytes(key_hash, "little") % n_buckets * width
+        new_keys += 1
+        if buckets is not None and buckets[bucket : bucket + width] == _NO_NEXT_BLOCK:
+            buckets[bucket : bucket + width] = (start + at).to_bytes(width, "little")
+            continue  # an empty bucket (most, below one key per bucket): no chain
+        slot = index_offset + bucket
+        previous, block = slot, field(slot)
+        while block > 1:  # 0 or 1: the chain ends
+            if block >= start:
+                block_hash = buffer[block - start : block - start + hash_len]
+            else:
+                block_hash = os.pread(fd, hash_len, block)
+            next_block = field(block + hash_len)
+            if next_block and block_hash == key_hash:  # the key's old record
+                set_field(block + hash_len, 0)
+                set_field(previous, next_block)
+                new_keys -= 1
+                break
+            previous, block = block + hash_len, next_block
+        set_field(start + at + hash_len, field(slot))
+        set_field(slot, start + at)
+    fields = [(pos, value.to_bytes(width, "little")) for pos, value in changed.items()]
+    if buckets is not None:
+        fields.append((index_offset, bytes(buckets)))
+    return new_keys, fields
+
+
 def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
     """Write ``buffers`` one after the other at ``fd``'s position, with one ``writev``
     call unless the kernel writes less (over 2 GiB on Linux) or there are more than
@@ -371,3 +439,287 @@ def _write_all(fd: int, buffers: list[bytes | bytearray | memoryview]) -> None:
             written -= len(views.pop(0))
         if views:
             views[0] = views[0][written:]
+
+
+#: booklet's ``n_keys`` of a file not closed cleanly; :class:`DataFile` writes it while it
+#: relinks the index or links new records, so that an open after a kill mid-way relinks.
+_N_KEYS_CRASH = booklet.utils.n_keys_crash.to_bytes(4, "little")
+#: The head of the deleted record that covers an index :class:`DataFile` appends: a scan
+#: of the file passes over the index as over any deleted record (see :meth:`DataFile._grow`).
+_SKIP_KEY = b"\x00"
+_HEADER_END = booklet.utils.first_data_block_pos_pos + booklet.utils.n_bytes_file
+
+
+def _skip_head(size: int, ts_len: int) -> bytes:
+    """The head of a deleted record whose value is the ``size`` bytes after it."""
+    return _RECORD_HEAD.pack(bytes(_HASH_LEN), _DELETED, 1, size) + bytes(ts_len) + _SKIP_KEY
+
+
+class DataFile(booklet.VariableLengthValue):
+    """booklet 0.12's variable-length file (``booklet.open(path)`` reads it as its own),
+    with ebooklet's write path:
+
+    - :meth:`put` buffers a record from an encoded key in booklet's own write buffer
+      (booklet's reads and iterations see it, and flush it first); :meth:`sync` writes
+      the buffer with one write, after calling :attr:`before_write` (the journal's
+      flush: a journal record reaches the disk before the value it names), linked
+      beforehand in memory by :func:`_link_buffer` (a new key costs no write of its own).
+    - the index grows as keys arrive: when there are more keys than buckets, a bucket
+      array of booklet's next size is appended, and every record is relinked in one
+      sequential pass (:meth:`_grow`); booklet would relink at ``close()`` with a seek,
+      read and write per record, and walk chains of N / 12,007 records until then.
+
+    A growth, and a write of records until they are linked, is marked in the header by
+    booklet's "not closed cleanly" key count, and an open that finds it relinks the
+    whole index (a kill mid-way leaves records out of reach or chains that miss keys,
+    never one that leads to another key's value); the appended array lies inside a
+    deleted record, so that a scan of the file in any state passes over it.
+    """
+
+    before_write: Callable[[], None] | None = None
+    """Called before buffered records are written to the file."""
+
+    def __init__(self, path: str, flag: str, **params: Any):
+        """Open ``path`` as ``booklet.open(path, flag, **params)`` does; a file marked
+        "not closed cleanly" (a growth or a write killed mid-way, or a booklet object
+        never closed) is relinked when writable."""
+        interrupted = flag in ("c", "w") and _marked_crashed(path)
+        super().__init__(path, flag, **params)
+        self._pending: list[tuple[bytes, int]] = []  # (key hash, position in the buffer)
+        if interrupted and self.writable:
+            with self._thread_lock:
+                self._grow(self._n_buckets, dedupe=True)
+
+    def put(self, key: bytes, value: bytes, timestamp: Any = None) -> None:
+        """Set the encoded ``key`` to the encoded ``value`` (with ``timestamp``: µs, ISO
+        str or datetime; ``None``: now), as ``set(..., encode_value=False)`` does.
+
+        Raises:
+            ValueError: the file is read-only.
+        """
+        if not self.writable:
+            raise ValueError("File is open for read only.")
+        if timestamp is None:
+            timestamp = time.time_ns() // 1000
+        elif type(timestamp) is not int:
+            timestamp = booklet.utils.make_timestamp_int(timestamp)
+        key_hash = blake2s(key, digest_size=_HASH_LEN).digest()
+        head = _RECORD_HEAD.pack(key_hash, _NO_NEXT_BLOCK, len(key), len(value))
+        head += timestamp.to_bytes(self._ts_bytes_len, "little")
+        with self._thread_lock:
+            self._mutation_count += 1
+            buffer = self._buffer_data
+            self._pending.append((key_hash, len(buffer)))
+            self._buffer_index_set.add(key_hash)
+            buffer += head
+            buffer += key
+            buffer += value
+        if len(buffer) >= self._write_buffer_size:
+            self.sync()
+
+    def set(self, key: Any, value: Any, timestamp: Any = None, encode_value: bool = True) -> None:
+        """booklet's ``set``, through :meth:`put`."""
+        if encode_value:
+            value = self._pre_value(value)
+        elif not isinstance(value, bytes):
+            raise TypeError("If encode_value is False, then value must be a bytes object.")
+        self.put(self._pre_key(key), value, timestamp)
+
+    def update(self, key_value: Any) -> None:
+        """booklet's ``update``, through :meth:`put`."""
+        for key, value in key_value.items():
+            self.set(key, value)
+
+    def clear(self) -> None:
+        """booklet's ``clear``, which drops the buffered records too."""
+        with self._thread_lock:
+            self._buffer_data.clear()
+            self._pending.clear()
+            self._buffer_index_set.clear()
+        super().clear()
+
+    def sync(self) -> None:
+        """Write the buffered records (after :attr:`before_write`), link them, and grow
+        the index if it holds more keys than buckets."""
+        if not self.writable or self._file is None or self._file.closed:
+            return
+        with self._thread_lock:
+            if self._buffer_data:
+                if self.before_write is not None:
+                    self.before_write()
+                self._grow_for(len(self._pending))  # before the records: they link short chains
+                self._flush()
+            self._grow_for(0)
+
+    def _flush(self) -> None:
+        """Write booklet's buffer at the end of the file and link its records (the
+        caller holds the lock)."""
+        fd = self._file.fileno()
+        start = os.fstat(fd).st_size
+        buffer = self._buffer_data
+        new_keys, fields = _link_buffer(self, start)
+        os.pwrite(fd, _N_KEYS_CRASH, self._n_keys_pos)  # until the records are linked
+        try:
+            _write_all_at(fd, buffer, start)
+        except BaseException:
+            os.ftruncate(fd, start)  # no record may stay in the file unindexed
+            raise
+        finally:
+            buffer.clear()
+            self._pending.clear()
+            self._buffer_index_set.clear()
+        for position, data in fields:
+            _write_all_at(fd, data, position)
+        self._n_keys += new_keys
+        os.pwrite(fd, self._n_keys.to_bytes(4, "little"), self._n_keys_pos)
+
+    def _check_auto_reindex(self) -> None:
+        """Grow the index (booklet calls this after its writes, holding the lock)."""
+        self._grow_for(0)
+
+    def _grow_for(self, new_keys: int) -> None:
+        """Grow the index to booklet's next size (or beyond) if it has fewer buckets than
+        the keys it holds and ``new_keys`` (the caller holds the lock)."""
+        wanted, n_buckets = self._n_keys + new_keys, self._n_buckets
+        if wanted <= n_buckets or self._defer_reindex:
+            return
+        while n_buckets < wanted:
+            n_buckets = booklet.utils.get_new_n_buckets(n_buckets) or 2 * n_buckets + 1
+        self._grow(n_buckets)
+
+    def _grow(self, n_buckets: int, dedupe: bool = False) -> None:
+        """Link every live record into a new index of ``n_buckets`` appended at the end,
+        then point the header at it (the caller holds the lock). ``dedupe``: after a
+        kill, a key may have two live records (the newer one not linked yet): the older
+        one is marked deleted.
+
+        In this order: the header's key count says "not closed cleanly"; every record's
+        next-record field is rewritten in one sequential pass (read and written a
+        :data:`SCAN_BUFFER` at a time); the array is appended inside a deleted record;
+        an index booklet moved (not inside such a record) is overwritten by booklet's
+        deleted block; the header takes the new index and the key count in one write.
+        """
+        fd = self._file.fileno()
+        ts_len, width = self._ts_bytes_len, booklet.utils.n_bytes_file
+        size = os.fstat(fd).st_size
+        old_at, old_size = self._index_offset, self._n_buckets * width
+        regions = [(self._first_data_block_pos, size)]
+        if old_at != booklet.utils.sub_index_init_pos:
+            regions = [(self._first_data_block_pos, old_at), (old_at + old_size, size)]
+        os.pwrite(fd, _N_KEYS_CRASH, self._n_keys_pos)
+        stale = _stale_records(fd, regions, ts_len) if dedupe else set()
+        heads = bytearray(_NO_NEXT_BLOCK * n_buckets)
+        n_keys, end = _relink(fd, regions, ts_len, heads, stale)
+        if end < size:  # a record cut short by a kill: not one
+            os.ftruncate(fd, end)
+        new_at = end + len(_skip_head(0, ts_len))
+        _write_all_at(fd, _skip_head(len(heads), ts_len) + heads, end)
+        if old_at != booklet.utils.sub_index_init_pos:
+            skip_at = old_at - len(_skip_head(0, ts_len))
+            if os.pread(fd, new_at - end, skip_at) != _skip_head(old_size, ts_len):
+                booklet.utils.write_skip_block_variable(self._file, old_at, old_size, ts_len)
+        header = bytearray(os.pread(fd, _HEADER_END, 0))
+        utils = booklet.utils
+        header[21:25] = n_buckets.to_bytes(4, "little")
+        header[utils.n_keys_pos : utils.n_keys_pos + 4] = n_keys.to_bytes(4, "little")
+        header[utils.index_offset_pos : utils.index_offset_pos + width] = new_at.to_bytes(width, "little")
+        header[utils.first_data_block_pos_pos : _HEADER_END] = self._first_data_block_pos.to_bytes(
+            width, "little"
+        )
+        os.pwrite(fd, header[21:], 21)
+        self._mutation_count += 1
+        self._n_buckets, self._index_offset, self._n_keys = n_buckets, new_at, n_keys
+
+
+def _marked_crashed(path: str) -> bool:
+    """Whether the booklet file at ``path`` holds booklet's "not closed cleanly" key count."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(booklet.utils.n_keys_pos)
+            return file.read(4) == _N_KEYS_CRASH
+    except OSError:
+        return False
+
+
+def _heads(fd: int, regions: list[tuple[int, int]], ts_len: int) -> Iterator[tuple[bytearray, int, int, int, int]]:
+    """``(chunk, chunk position, record offset in chunk, next-record field, record size)``
+    of every whole record in ``regions``, read a :data:`SCAN_BUFFER` at a time (a value
+    past the chunk is skipped, not read); a chunk is yielded again as it is left, with
+    offset -1 and as size the end of its last whole record (the end of the records, when
+    the last one is cut short by the end of the file)."""
+    head_size = _RECORD_HEAD.size
+    unpack = _RECORD_LENGTHS.unpack_from
+    for start, end in regions:
+        position = start
+        while position + head_size <= end:
+            chunk = bytearray(os.pread(fd, min(SCAN_BUFFER, end - position), position))
+            at = 0
+            while at + head_size <= len(chunk):
+                next_block, key_len, value_len = unpack(chunk, at)
+                size = head_size + ts_len + key_len + value_len
+                if position + at + size > end:
+                    break
+                yield chunk, position, at, next_block, size
+                at += size
+            yield chunk, position, -1, b"", at
+            if at == 0:
+                break
+            position += at
+
+
+def _stale_records(fd: int, regions: list[tuple[int, int]], ts_len: int) -> set[int]:
+    """Positions of live records followed by a live record of the same key hash."""
+    last: dict[bytes, int] = {}
+    stale = set()
+    for chunk, position, at, next_block, _ in _heads(fd, regions, ts_len):
+        if at >= 0 and next_block != _DELETED:
+            key_hash = bytes(chunk[at : at + _HASH_LEN])
+            if key_hash in last:
+                stale.add(last[key_hash])
+            last[key_hash] = position + at
+    return stale
+
+
+def _relink(
+    fd: int, regions: list[tuple[int, int]], ts_len: int, heads: bytearray, stale: set[int]
+) -> tuple[int, int]:
+    """Link every live record of ``regions`` at the head of its bucket's chain in
+    ``heads`` (a bucket array, in memory), rewriting the records' next-record fields in
+    place, a chunk at a time; records at ``stale`` positions are marked deleted. Returns
+    the number of keys (booklet's reserved keys are linked, not counted) and where the
+    last region's whole records end."""
+    width, hash_len = booklet.utils.n_bytes_file, _HASH_LEN
+    n_buckets = len(heads) // width
+    reserved = booklet.utils.reserved_key_hashes
+    n_keys, end = 0, regions[-1][0]
+    low = high = -1
+    for chunk, position, at, next_block, size in _heads(fd, regions, ts_len):
+        if at < 0:  # the chunk is done: write back what changed
+            if low >= 0:
+                os.pwrite(fd, chunk[low:high], position + low)
+            low = high = -1
+            end = max(end, position + size)
+            continue
+        if next_block == _DELETED:
+            continue
+        field = at + hash_len
+        if position + at in stale:
+            chunk[field : field + width] = _DELETED
+        else:
+            key_hash = bytes(chunk[at:field])
+            bucket = int.from_bytes(key_hash, "little") % n_buckets * width
+            chunk[field : field + width] = heads[bucket : bucket + width]
+            heads[bucket : bucket + width] = (position + at).to_bytes(width, "little")
+            n_keys += key_hash not in reserved
+        if low < 0:
+            low = at
+        high = field + width
+    return n_keys, end
+
+
+def _write_all_at(fd: int, data: bytes | bytearray, position: int) -> None:
+    """Write ``data`` at ``position`` of ``fd`` (``pwrite`` until all of it is written)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view, position = view[written:], position + written

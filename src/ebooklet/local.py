@@ -5,8 +5,9 @@ For a user path ``P``:
 - ``P`` — a booklet file with the values: local edits and cached remote values.
 - ``P.local_hash`` — :class:`ChangeLog`, an append-only journal of local edits
   (md5 of the local value, md5 of the remote version it replaced), uploads not
-  yet committed, and flags. Each record is written with one unbuffered
-  ``os.write`` *before* the value goes into ``P``, so a process killed at any
+  yet committed, and flags. Each record is written with an ``os.write``
+  *before* the value goes into ``P`` (the records of ``set()`` wait in memory until
+  ``P`` writes its buffer, which flushes them first), so a process killed at any
   point never hides an edit from the next push.
 - ``P.remote_index`` — :class:`IndexMirror`, a booklet file with the last
   manifest seen and the index shards already fetched.
@@ -53,6 +54,8 @@ _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 byte
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
+HOLD_SIZE = 1 << 20
+"""Bytes of journal records :meth:`ChangeLog.record_edits` holds in memory at most."""
 
 SET, DELETE, RETIME, CLEAN, UPLOADED, PACK, REPLACE, METADATA, RESET, CLOSED = (
     b"S", b"D", b"T", b"C", b"U", b"P", b"R", b"M", b"X", b"E"
@@ -395,8 +398,11 @@ class ChangeLog:
 
     The whole state is kept in memory (it is proportional to what was edited
     since the last push); the file is only appended to, and rewritten compactly
-    after a push. Every record carries checksums: only a last record cut short (a
-    write killed midway) is dropped; a journal damaged anywhere else is moved aside
+    after a push. The records of :meth:`hold_edit` wait in memory until :meth:`flush`,
+    which the data file calls before it writes the values they name, or until anything
+    else is appended (they go first), at most :data:`HOLD_SIZE` bytes of them. Every
+    record carries checksums: only a last record cut short (a write killed midway) is
+    dropped; a journal damaged anywhere else is moved aside
     (never deleted) and opening it raises :class:`IntegrityError`. :meth:`close`
     appends a close record, removed again before anything else is appended (so there
     is one at most, the last record): a journal cut anywhere after a clean close, even at
@@ -437,6 +443,7 @@ class ChangeLog:
         self._records = 0
         self._fd: int | None = None
         self._size = 0  # bytes in the file, so that a short write can be undone
+        self._held = bytearray()  # records not written yet (hold_edit)
         rewrite = False
         # a journal flag 'n' did not read (and will replace) gets no close record
         self._end_known = not (damaged_ok and self.path.exists())
@@ -538,16 +545,15 @@ class ChangeLog:
         return b"".join((head, key, extra, _CHECK.pack(zlib.crc32(extra, zlib.crc32(key, zlib.crc32(head))))))
 
     def _append(self, blob: bytes) -> None:
-        """Append encoded records with one ``os.write`` (the caller holds the lock); a
-        write the kernel cuts short (a full disk) is undone and raises ``OSError``."""
-        if self._fd is None:
-            raise IntegrityError(f"{self.path} is open read-only.")
-        if self.ends_closed:  # the journal goes on: its close record goes (only the last one)
-            os.ftruncate(self._fd, self._size - _CLOSED_SIZE)
-            self._size -= _CLOSED_SIZE
-            self._records -= 1
-            self.ends_closed = False
-        self._end_known = True
+        """Append the records held back by :meth:`_write` and encoded records ``blob``
+        with one ``os.write`` (the caller holds the lock); a write the kernel cuts short (a
+        full disk) is undone and raises ``OSError``."""
+        self._go_on()
+        if self._held:
+            blob = bytes(self._held) + blob
+            self._held.clear()
+        if not blob:
+            return
         written = os.write(self._fd, blob)
         if written != len(blob):
             os.ftruncate(self._fd, self._size)
@@ -556,6 +562,18 @@ class ChangeLog:
                 "disk full?); nothing was journaled and the change was not made."
             )
         self._size += written
+
+    def _go_on(self) -> None:
+        """Before anything is appended: the journal goes on, so its close record goes
+        (there is only ever one, the last record)."""
+        if self._fd is None:
+            raise IntegrityError(f"{self.path} is open read-only.")
+        if self.ends_closed:
+            os.ftruncate(self._fd, self._size - _CLOSED_SIZE)
+            self._size -= _CLOSED_SIZE
+            self._records -= 1
+            self.ends_closed = False
+        self._end_known = True
 
     def _write(self, records: list[tuple]) -> None:
         blob = b"".join(self._encode(*r) for r in records)
@@ -575,6 +593,27 @@ class ChangeLog:
         ``retimed``: the edits are explicit timestamp changes.
         """
         self._write([(_edit_kind(m, retimed), k, m, b) for k, m, b in edits])
+
+    def hold_edit(self, key: bytes, md5_: bytes, base: bytes | None, retimed: bool = False) -> None:
+        """Journal one local value edit, as ``record_edits([(key, md5_, base)], retimed)``
+        does, but the record may wait in memory until :meth:`flush`, which the data file
+        calls before it writes the value (see the class docstring); on the path of every
+        ``set()``."""
+        blob = self._encode(RETIME if retimed else SET, key, md5_, base)
+        with self._lock:
+            if self.ends_closed or self._fd is None:
+                self._go_on()
+            self._held += blob
+            if len(self._held) >= HOLD_SIZE:
+                self._append(b"")
+            self._records += 1
+            self.edits[key] = Edit(md5_, base, retimed)
+
+    def flush(self) -> None:
+        """Write the records held in memory (see :meth:`hold_edit`), if any."""
+        if self._held:
+            with self._lock:
+                self._append(b"")
 
     def remember_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
         """Hold edits ``(key, md5 or None, base md5)`` in memory only, for this session:
@@ -662,6 +701,7 @@ class ChangeLog:
                 records.append((METADATA, b"", b"\x01" * 16, None))
             blob = _LOG_MAGIC + b"".join(self._encode(*r) for r in records)
             _replace_durably(self.path, blob)
+            self._held.clear()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(blob)
@@ -685,6 +725,7 @@ class ChangeLog:
             try:
                 if self.needs_compaction():
                     self.compact()
+                self.flush()
                 if self._end_known and not self.ends_closed:
                     self._write([(CLOSED, b"", None, None)])
             finally:

@@ -26,7 +26,7 @@ import booklet
 
 from . import format as fmt
 from . import serializers
-from ._booklet_io import append_records, scan
+from ._booklet_io import DataFile, append_records, scan
 from .codec import Codec
 from .connection import S3Connection, check_seconds, connection_from
 from .errors import (
@@ -162,6 +162,7 @@ class Replica:
             self._data = _open_data(
                 data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable
             )
+            self._data.before_write = self._log.flush  # the journal reaches the disk first
             self._data_path = data_path
             if not local_exists and flag != "n":
                 self._forget_lost_values()
@@ -371,13 +372,13 @@ class Replica:
 
     # ------------------------------------------------------------ the data file
 
-    def _store(self, key: Any, kb: bytes, raw: bytes, timestamp: Any = None) -> None:
-        """Write an encoded value to the data file; a large one goes straight to the
-        file, without booklet's copies (see :func:`_booklet_io.append_records`)."""
+    def _store(self, kb: bytes, raw: bytes, timestamp: Any = None) -> None:
+        """Write an encoded value of the encoded key ``kb`` to the data file; a large one
+        goes straight to the file, without copies (see :func:`_booklet_io.append_records`)."""
         if len(raw) > LARGE_VALUE:
             append_records(self._data, [(kb, raw, timestamp)])
         else:
-            self._data.set(key, raw, timestamp=timestamp, encode_value=False)
+            self._data.put(kb, raw, timestamp)
 
     def cached(self, key: Any) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of ``key`` in the data file, or ``None``.
@@ -472,8 +473,8 @@ class Replica:
         """Journal and store an encoded value ``raw`` (md5 ``md5``) of ``key`` (encoded
         ``kb``) as a local edit; ``retimed``: only its timestamp changed."""
         with self._rlock:
-            self._log.record_edits([(kb, md5, self._base(kb))], retimed=retimed)
-            self._store(key, kb, raw, timestamp)
+            self._log.hold_edit(kb, md5, self._base(kb), retimed)
+            self._store(kb, raw, timestamp)
             if not retimed:
                 self._log.checked[kb] = md5
 
@@ -781,7 +782,7 @@ def _open_data(
         # booklet.open(path) can read it (a class is recorded as "custom": code 0).
         ks, vs = serializers.booklet_spec(ks), serializers.booklet_spec(vs)
     try:
-        return booklet.open(
+        return DataFile(
             str(path), "c" if writable else "r", key_serializer=ks, value_serializer=vs,
             n_buckets=n_buckets, buffer_size=buffer_size, timeout=timeout,
         )
