@@ -288,7 +288,8 @@ class Changes:
     def push(self, keys: Iterable[Any] | None = None, force: bool = False, message: str | None = None) -> PushResult:
         """Upload local edits (of ``keys``, or all) in one atomic commit.
 
-        Takes the remote write lock if not held, refreshes the manifest, checks
+        Takes the remote write lock if not held (with ``open(..., lock="push")``, for
+        this push only), refreshes the manifest, checks
         for conflicts, uploads new packs and the touched index shards, then
         commits with a conditional manifest PUT, retrying on top of a
         concurrent commit. Pushing nothing sends no PUT.
@@ -321,9 +322,8 @@ class Changes:
         selected = None if keys is None else {replica.codec.encode_key(k) for k in keys}
         before = Counter(conn.request_counts)
         result = PushResult()
-        with replica.mutex:
+        with replica.mutex, replica.holding_lock() as lock:
             replica.sync()
-            lock = replica.ensure_lock()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
                 if selected is not None and replica.log.replace:

@@ -16,6 +16,7 @@ from .. import remote
 from ..connection import S3Connection
 from ..errors import IntegrityError, PreconditionFailed, RemoteNotFoundError, VacuumConflictError
 from ..format import Entry
+from ..lock import RemoteLock
 from ..remote import RemoteIndex, read_pack_footer
 from ..replica import Replica
 from . import versioning
@@ -141,7 +142,20 @@ def vacuum(
     if not isinstance(rewrite_below, (int, float)) or isinstance(rewrite_below, bool) or not 0 <= rewrite_below <= 1:
         raise ValueError(f"rewrite_below must be a fraction between 0 and 1, not {rewrite_below!r}.")
     conn = writable_conn(replica, "vacuum")
-    lock = replica.ensure_lock()
+    with replica.holding_lock() as lock:
+        return _vacuum(replica, conn, lock, keep, cutoff, rewrite_below, purge)
+
+
+def _vacuum(
+    replica: Replica,
+    conn: S3Connection,
+    lock: RemoteLock,
+    keep: int | None,
+    cutoff: Any,
+    rewrite_below: float,
+    purge: bool | None,
+) -> VacuumResult:
+    """:func:`vacuum` once its arguments are checked and the write lock is held."""
     head = db_head(replica)
     if head is None:
         raise RemoteNotFoundError(f"{conn!r} has nothing committed to vacuum.")
