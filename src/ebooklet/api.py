@@ -38,6 +38,7 @@ def open(
     remote_conn_group: Literal[False] = False,
     trust_serializers: bool | str | Collection[str] = False,
     remote_timeout: float | None = None,
+    lock: str = "open",
 ) -> EBooklet: ...
 
 
@@ -57,6 +58,7 @@ def open(
     remote_conn_group: Literal[True],
     trust_serializers: bool | str | Collection[str] = False,
     remote_timeout: float | None = None,
+    lock: str = "open",
 ) -> RemoteConnGroup: ...
 
 
@@ -75,6 +77,7 @@ def open(
     remote_conn_group: bool = False,
     trust_serializers: bool | str | Collection[str] = False,
     remote_timeout: float | None = None,
+    lock: str = "open",
 ) -> EBooklet | RemoteConnGroup: ...
 
 
@@ -92,6 +95,7 @@ def open(
     remote_conn_group: bool = False,
     trust_serializers: bool | str | Collection[str] = False,
     remote_timeout: float | None = None,
+    lock: str = "open",
 ) -> EBooklet | RemoteConnGroup:
     """Open a database kept in ``file_path`` and synced with ``remote``.
 
@@ -133,15 +137,22 @@ def open(
             string it is also the ``timeout`` of the :class:`S3Connection` made for
             it (each later request's read timeout; default 30 s); an
             :class:`S3Connection` keeps its own ``timeout`` and ``connect_timeout``.
+        lock: how long a writer holds the remote write lock. ``"open"`` (the default):
+            from open to close, so no other writer can open the database meanwhile.
+            ``"push"``: only while a push (or vacuum, or ``delete_remote``) runs, waiting
+            at most ``lock_timeout`` for it; several writers can keep the database open
+            at once, and an edit of a key that another writer pushed meanwhile is caught
+            at push by the three-way check and the conditional commit
+            (``ConflictError``). See docs/design-notes.md.
 
     Raises:
-        ValueError, TypeError: bad arguments.
+        ValueError, TypeError: bad arguments (``lock`` not ``"open"`` or ``"push"``...).
         ReadOnlyError: a write flag with a public URL, or with local files that
             cannot be written (flag ``'r'`` reads them); flag ``'r'`` with no data
             file where none can be created.
         OfflineError: the remote cannot be reached and there is no local copy.
         RemoteNotFoundError: flag ``'r'``/``'w'`` and no database anywhere.
-        LockedError: another writer holds the remote lock.
+        LockedError: another writer holds the remote lock (``lock="open"`` only).
         IntegrityError, FormatVersionError: damaged or too new files.
         UntrustedSerializerError: the remote records a serializer that can run code
             or inflate, and the caller did not allow it.
@@ -162,6 +173,7 @@ def open(
         remote, file_path, flag, value_serializer, key_serializer, n_buckets, buffer_size,
         lock_timeout, timeout, trust_serializers, remote_timeout,
         pin=None if commit is None else lambda opened: maintenance.pin_commit(opened, commit),
+        lock=lock,
     )
     db = EBooklet(replica)
     return RemoteConnGroup(db) if remote_conn_group else db

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
+from .progress import Progress, ProgressArg, check
 from .reads import Reads
 from .remote import PackUpload
 from .replica import Replica
@@ -178,6 +179,7 @@ class Changes:
         self._replica = replica
         self._reads = reads
         self._packs_checked: dict[bytes, bool] = {}
+        self._progress = Progress(False, None)  # the running push's
 
     def __repr__(self) -> str:
         return f"<Changes of {str(self._replica.path)!r}: call iter_changes() to list them>"
@@ -240,28 +242,33 @@ class Changes:
 
     # ------------------------------------------------------------ pull & discard
 
-    def pull(self, keys: Iterable[Any] | None = None, force: bool = False) -> int:
+    def pull(
+        self, keys: Iterable[Any] | None = None, force: bool = False, progress: ProgressArg = None
+    ) -> int:
         """Bring remote changes into the local file; returns values downloaded.
 
         Without ``keys``: refresh, re-download cached values the remote changed
         and drop those it deleted. With ``keys``: download those keys. Keys with
         local edits keep them unless ``force=True``, which discards the edits.
+        ``progress`` reports values downloaded, as for :meth:`EBooklet.load_items`
+        (a ``TypeError`` for a bad one comes before any request).
         """
         replica = self._replica
         replica.check_open()
         replica.check_local_writable("pull")
+        check(progress)
         self._refresh()
         if force:
             self.discard(keys)
         if keys is not None:
-            return self._reads.load_items(keys)
+            return self._reads.load_items(keys, progress)
         if replica.log.replace:
             return 0
         stale = list(self._stale_cache())
         gone = [kb for kb, state, _ in stale if state is State.REMOTE_DELETED]
         replica.drop_values(gone)
         changed = [replica.codec.decode_key(kb) for kb, state, _ in stale if state is State.REMOTE_CHANGED]
-        return self._reads.load_items(changed) if changed else 0
+        return self._reads.load_items(changed, progress) if changed else 0
 
     def discard(self, keys: Iterable[Any] | None = None) -> int:
         """Drop local edits (of ``keys``, or all); those keys read the remote again.
@@ -285,10 +292,14 @@ class Changes:
 
     # ------------------------------------------------------------ push
 
-    def push(self, keys: Iterable[Any] | None = None, force: bool = False, message: str | None = None) -> PushResult:
+    def push(
+        self, keys: Iterable[Any] | None = None, force: bool = False, message: str | None = None,
+        progress: ProgressArg = None,
+    ) -> PushResult:
         """Upload local edits (of ``keys``, or all) in one atomic commit.
 
-        Takes the remote write lock if not held, refreshes the manifest, checks
+        Takes the remote write lock if not held (with ``open(..., lock="push")``, for
+        this push only), refreshes the manifest, checks
         for conflicts, uploads new packs and the touched index shards, then
         commits with a conditional manifest PUT, retrying on top of a
         concurrent commit. Pushing nothing sends no PUT.
@@ -297,6 +308,10 @@ class Changes:
             keys: push only these keys' edits.
             force: on conflict keep the local values instead of raising.
             message: a note recorded in the commit.
+            progress: reports value bytes uploaded: a callable(done, total) (``total``
+                is ``None`` until every value to upload is read), ``True`` (a tqdm
+                bar), ``False`` (nothing), ``None`` (a bar on a terminal only); see
+                :mod:`ebooklet.progress`.
 
         A copy that replaces its remote (flag ``'n'``, or ``clear()`` not pushed
         yet) may push some ``keys`` only when the remote holds nothing: they then
@@ -310,6 +325,7 @@ class Changes:
             OfflineError: the remote cannot be reached (edits stay pending).
             ValueError: ``keys`` given while the copy replaces a remote that holds keys
                 or metadata.
+            TypeError: ``progress`` is none of its kinds (before any request).
         """
         replica = self._replica
         replica.check_writable()
@@ -321,9 +337,9 @@ class Changes:
         selected = None if keys is None else {replica.codec.encode_key(k) for k in keys}
         before = Counter(conn.request_counts)
         result = PushResult()
-        with replica.mutex:
+        self._progress = Progress(progress, None, "B", "push")
+        with self._progress, replica.mutex, replica.holding_lock() as lock:
             replica.sync()
-            lock = replica.ensure_lock()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
                 if selected is not None and replica.log.replace:
@@ -442,11 +458,13 @@ class Changes:
         pack: list[tuple[bytes, bytes, bytes, int]] = []
         in_flight: list = []
         uploaded = pack_size = 0
+        progress, before = self._progress, self._progress.done
 
         def finished(done: PackUpload) -> None:
             for kb, entry in done.located:
                 entries[kb] = known[entry.md5] = entry
             replica.log.record_pack(done.pack, done.footer)
+            progress.update(sum(entry.length for _, entry in done.located))
 
         def send_pack() -> None:
             nonlocal pack, pack_size
@@ -487,6 +505,7 @@ class Changes:
             raise
         send_pack()
         uploaded += large.wait()
+        progress.set_total(before + uploaded)
         for future in in_flight:
             finished(future.result())
         for kb, m, ts in duplicates:

@@ -18,6 +18,7 @@ from . import display, maintenance
 from . import format as fmt
 from .changes import Changes, PushResult
 from .connection import S3Connection
+from .progress import ProgressArg
 from .reads import Reads
 from .replica import OPEN_WAIT as OPEN_WAIT
 from .replica import Replica
@@ -144,16 +145,23 @@ class EBooklet(MutableMapping):
         for key in keys:
             yield key, self.get(key, default)
 
-    def load_items(self, keys: Iterable[Any] | None = None) -> int:
+    def load_items(self, keys: Iterable[Any] | None = None, progress: ProgressArg = None) -> int:
         """Download values into the local file without returning them.
 
         Neighbouring values are fetched together. ``keys=None`` loads every key.
         Returns how many values were downloaded.
 
+        Args:
+            keys: the keys to load (``None``: all).
+            progress: reports values downloaded out of those to download: a
+                callable(done, total), ``True`` (a tqdm bar), ``False`` (nothing), or
+                ``None`` (a bar on a terminal only); see :mod:`ebooklet.progress`.
+
         Raises:
             ReadOnlyError: the local files cannot be written (read-only file system).
+            TypeError: ``progress`` is none of those (before any request).
         """
-        return self._reads.load_items(keys)
+        return self._reads.load_items(keys, progress)
 
     # ------------------------------------------------------------ writes
 
@@ -246,9 +254,11 @@ class EBooklet(MutableMapping):
         self._replica.check_open()
         return Changes(self._replica, self._reads)
 
-    def pull(self, keys: Iterable[Any] | None = None, force: bool = False) -> int:
+    def pull(
+        self, keys: Iterable[Any] | None = None, force: bool = False, progress: ProgressArg = None
+    ) -> int:
         """Bring the remote's changes into the local file; see :meth:`Changes.pull`."""
-        return self.changes().pull(keys, force=force)
+        return self.changes().pull(keys, force=force, progress=progress)
 
     def prune(self, timestamp: int | str | datetime | None = None) -> int:
         """Compact the local file; with ``timestamp``, delete keys older than it.
@@ -442,6 +452,7 @@ class EBooklet(MutableMapping):
         overwrite: bool = False,
         server_side: bool | None = None,
         message: str | None = None,
+        progress: ProgressArg = None,
     ) -> Any:
         """Copy the remote database's newest commit to ``target`` (an :class:`S3Connection`).
 
@@ -458,10 +469,19 @@ class EBooklet(MutableMapping):
             server_side: force (True) or forbid (False) the in-store copy;
                 ``None`` decides from the connections.
             message: the copy's commit message.
+            progress: reports objects (index shards and packs) copied or found already
+                at the target: a callable(done, total), ``True`` (a tqdm bar), ``False``
+                (nothing), ``None`` (a bar on a terminal only); see
+                :mod:`ebooklet.progress`.
 
         Returns a :class:`ebooklet.maintenance.CopyResult`.
+
+        Raises:
+            TypeError: ``progress`` is none of those (before any request).
         """
-        return maintenance.copy_remote(self._replica, target, overwrite, server_side, message)
+        return maintenance.copy_remote(
+            self._replica, target, overwrite, server_side, message, progress
+        )
 
     def vacuum(
         self,
@@ -469,6 +489,7 @@ class EBooklet(MutableMapping):
         older_than: Any = None,
         rewrite_below: float = 0.5,
         purge: bool | None = None,
+        progress: ProgressArg = None,
     ) -> Any:
         """Drop old commits and delete every object the kept commits do not reference.
 
@@ -482,10 +503,18 @@ class EBooklet(MutableMapping):
         references is, so that nothing deleted or overwritten stays downloadable.
         A new layout is committed before anything is deleted.
 
+        ``progress`` reports the packs rewritten, then the objects (and versions)
+        deleted: a callable(done, total) (``total`` is ``None`` until the deletions are
+        listed), ``True`` (a tqdm bar), ``False`` (nothing), ``None`` (a bar on a
+        terminal only); see :mod:`ebooklet.progress`.
+
         Returns a :class:`ebooklet.maintenance.VacuumResult` (what was removed,
         ``bytes_reclaimed``).
+
+        Raises:
+            TypeError: ``progress`` is none of those (before any request).
         """
-        return maintenance.vacuum(self._replica, keep, older_than, rewrite_below, purge)
+        return maintenance.vacuum(self._replica, keep, older_than, rewrite_below, purge, progress)
 
 
 def _pairs(args: tuple, kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:

@@ -8,7 +8,8 @@ Each takes a ``progress`` argument:
   extra.
 - ``False``: nothing.
 - a callable ``progress(done, total)``: called after each step with the units done so far
-  and the total (``None`` when unknown), from whichever thread did the step.
+  and the total (``None`` until known: :meth:`Progress.set_total` tells it at once),
+  from whichever thread did the step.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Progress:
     """
 
     def __init__(self, how: ProgressArg, total: int | None, unit: str = "B", desc: str = ""):
+        check(how)
         self.done = 0
         self.total = total
         self._lock = threading.Lock()
@@ -61,13 +63,8 @@ class Progress:
             self._callback = how
         elif how is True:
             self._bar = _bar(total, unit, desc, delay=0.0, notebook=True)
-        elif how is None:
-            if sys.stderr is not None and sys.stderr.isatty() and _tqdm_available():
-                self._bar = _bar(total, unit, desc, delay=BAR_DELAY, notebook=False)
-        elif how is not False:
-            raise TypeError(
-                f"progress must be None, True, False or a callable(done, total), not {how!r}."
-            )
+        elif how is None and sys.stderr is not None and sys.stderr.isatty() and _tqdm_available():
+            self._bar = _bar(total, unit, desc, delay=BAR_DELAY, notebook=False)
 
     def update(self, n: int) -> None:
         """Count ``n`` more units done."""
@@ -80,6 +77,17 @@ class Progress:
                 self._bar.update(n)
         if self._callback is not None:
             self._callback(done, self.total)
+
+    def set_total(self, total: int) -> None:
+        """The total became known (or grew): a callback is told at once."""
+        with self._lock:
+            self.total = total
+            done = self.done
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+        if self._callback is not None:
+            self._callback(done, total)
 
     def close(self) -> None:
         """End the bar (a callback needs no ending)."""
@@ -94,12 +102,25 @@ class Progress:
         self.close()
 
 
-def _bar(total: int | None, unit: str, desc: str, delay: float, notebook: bool) -> Any:
-    if not _tqdm_available():
+def check(how: Any) -> None:
+    """Check a ``progress`` argument before the operation sends any request.
+
+    Raises:
+        TypeError: ``how`` is none of the accepted kinds.
+        EBookletError: ``how`` is ``True`` and tqdm is not installed.
+    """
+    if how is True and not _tqdm_available():
         raise EBookletError(
             f"progress=True shows a tqdm bar, and tqdm is not installed: pip install "
             f'"{DISTRIBUTION}[progress]", or pass a callable(done, total) instead.'
         )
+    if not (how is None or isinstance(how, bool) or callable(how)):
+        raise TypeError(
+            f"progress must be None, True, False or a callable(done, total), not {how!r}."
+        )
+
+
+def _bar(total: int | None, unit: str, desc: str, delay: float, notebook: bool) -> Any:
     if notebook:
         from tqdm.auto import tqdm
     else:

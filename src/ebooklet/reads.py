@@ -21,6 +21,7 @@ from .errors import (
 )
 from .format import Entry
 from .local import local_side, remote_md5
+from .progress import Progress, ProgressArg
 from .remote import MISSING_SHARD
 from .replica import LARGE_VALUE, Replica
 
@@ -377,23 +378,36 @@ class Reads:
     def _items_chunk(self, keys: list[Any]) -> Iterator[tuple[Any, Any]]:
         yield from self._decoded([self._encode_key(key) for key in keys], self._load(keys))
 
-    def load_items(self, keys: Iterable[Any] | None = None) -> int:
+    def load_items(self, keys: Iterable[Any] | None = None, progress: ProgressArg = None) -> int:
         """Download values into the local file without returning them.
 
         Neighbouring values are fetched together. ``keys=None`` loads every key.
         Returns how many values were downloaded.
 
+        Args:
+            keys: the keys to load (``None``: all).
+            progress: values downloaded, out of those to download (see
+                :mod:`ebooklet.progress`: a callable(done, total), ``True`` for a bar,
+                ``False`` for nothing, ``None``: a bar on a terminal only).
+
         Raises:
             ReadOnlyError: the local files cannot be written (read-only file system).
+            TypeError: ``progress`` is none of its kinds (before any request).
         """
         self._replica.check_open()
         self._replica.check_local_writable("load_items")
-        return len(self._load(keys, keep=False))
+        with Progress(progress, None, "value", "load_items") as counter:
+            return len(self._load(keys, keep=False, progress=counter))
 
-    def _load(self, keys: Iterable[Any] | None, keep: bool = True) -> dict[bytes, bytes | None]:
+    def _load(
+        self, keys: Iterable[Any] | None, keep: bool = True, progress: Progress | None = None
+    ) -> dict[bytes, bytes | None]:
         """Download the values of ``keys`` not cached yet; returns them by encoded key
-        (as ``None`` when large or without ``keep``: then only the data file has them)."""
+        (as ``None`` when large or without ``keep``: then only the data file has them).
+        ``progress`` learns how many are to be downloaded, then counts them."""
         if self._log.replace or not self._replica.remote.exists or self._replica.offline:
+            if progress is not None:
+                progress.set_total(0)
             return {}
         kbs = [self._encode_key(k) for k in keys] if keys is not None else None
         if kbs is None:
@@ -402,7 +416,10 @@ class Reads:
             entries = self._indexed(lambda: self._replica.remote.entries(kbs))
             candidates = [(kb, e) for kb, e in entries.items() if e is not None]
         edits = self._log.edits
-        return self._fetch(self._stale([(kb, e) for kb, e in candidates if kb not in edits]), keep)
+        wanted = self._stale([(kb, e) for kb, e in candidates if kb not in edits])
+        if progress is not None:
+            progress.set_total(len(wanted))
+        return self._fetch(wanted, keep, progress)
 
     def _stale(self, candidates: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]]:
         """Those of ``candidates`` with no up-to-date copy in the data file.
@@ -419,7 +436,9 @@ class Reads:
             if self._replica.local_timestamp(kb) != e.timestamp
         ]
 
-    def _fetch(self, wanted: list[tuple[bytes, Entry]], keep: bool = True) -> dict[bytes, bytes | None]:
+    def _fetch(
+        self, wanted: list[tuple[bytes, Entry]], keep: bool = True, progress: Progress | None = None
+    ) -> dict[bytes, bytes | None]:
         """Download ``wanted`` values into the data file; returns them by encoded key
         (a large value as ``None``: it is only read back from the data file; every
         value without ``keep``). When a pack is gone because the remote moved the values
@@ -427,20 +446,22 @@ class Reads:
         lie now."""
         fetched: dict[bytes, bytes | None] = {}
         try:
-            self._download(wanted, keep, fetched)
+            self._download(wanted, keep, fetched, progress)
         except RemoteNotFoundError:
             moved = self._moved(wanted)
             if moved is None:
                 raise
-            self._download(self._stale(moved), keep, fetched)  # those cached already stay
+            self._download(self._stale(moved), keep, fetched, progress)  # those cached already stay
         return fetched
 
     def _download(
-        self, wanted: list[tuple[bytes, Entry]], keep: bool, fetched: dict[bytes, bytes | None]
+        self, wanted: list[tuple[bytes, Entry]], keep: bool, fetched: dict[bytes, bytes | None],
+        progress: Progress | None = None,
     ) -> None:
         """:meth:`_fetch` without the retry, into ``fetched``. Values are written to the
         data file in batches of about :data:`_CHUNK_BYTES` (one write each, see
-        :func:`_booklet_io.append_records`), a large one on its own."""
+        :func:`_booklet_io.append_records`), a large one on its own; each value
+        downloaded counts one in ``progress``."""
         batch: list[tuple[bytes, bytes | memoryview, int]] = []
         size = 0
         head = self._replica.remote.etag
@@ -449,6 +470,8 @@ class Reads:
             for kb, entry, raw in self._replica.remote.fetch_values(wanted, reuse_buffers=caching):
                 large = len(raw) > LARGE_VALUE
                 fetched[kb] = raw if keep and not (large and caching) else None
+                if progress is not None:
+                    progress.update(1)
                 if large:  # its buffer is reused by the next one: write it now
                     self._replica.cache_fetched([(kb, raw, entry.timestamp)], head)
                     continue

@@ -46,6 +46,9 @@ from .remote import RemoteIndex
 logger = logging.getLogger("ebooklet")
 
 FLAGS = ("r", "w", "c", "n")
+LOCK_SCOPES = ("open", "push")
+"""How long a writer holds the remote write lock (``open(..., lock=)``): while the
+database is open with a write flag, or only while it pushes (vacuums, deletes)."""
 LARGE_VALUE = 4 << 20
 """A value longer than this goes into the data file without booklet's copies of it."""
 OPEN_WAIT = 5.0
@@ -72,6 +75,9 @@ class Replica:
         remote_timeout: seconds to wait for the remote's manifest.
         pin: called with the replica once the remote head is read, before the serializers
             are chosen: ``open(..., commit=)`` pins its snapshot there (:meth:`pin`).
+        lock: one of :data:`LOCK_SCOPES`: ``"open"`` takes the remote write lock at open
+            and holds it until close; ``"push"`` takes it only around each push (and
+            vacuum or remote deletion), waiting at most ``lock_timeout`` for it.
 
     Raises:
         The errors of :func:`ebooklet.open`.
@@ -91,9 +97,12 @@ class Replica:
         trust_serializers: Any = False,
         remote_timeout: float | None = None,
         pin: Callable[[Replica], None] | None = None,
+        lock: str = "open",
     ) -> None:
         if not isinstance(flag, str) or flag not in FLAGS:
             raise ValueError(f"flag must be one of 'r', 'w', 'c', 'n', not {flag!r}.")
+        if not isinstance(lock, str) or lock not in LOCK_SCOPES:
+            raise ValueError(f"lock must be one of 'open', 'push', not {lock!r}.")
         if not isinstance(file_path, (str, os.PathLike)):
             raise TypeError(f"file_path must be a str or path, not {type(file_path).__name__}.")
         if remote_timeout is not None:
@@ -112,6 +121,8 @@ class Replica:
         self._rlock = threading.RLock()
         self._closed = True
         self._lock: RemoteLock | None = None
+        self.lock_scope = lock
+        self._lock_timeout = lock_timeout
         self._pinned: dict | None = None  # open(..., commit=): the snapshot's manifest
         # False: flag 'r' on local files that cannot be written (a read-only file
         # system): nothing is written, values fetched are returned without being cached
@@ -188,6 +199,8 @@ class Replica:
 
     def _take_remote_lock(self, lock_timeout: float) -> None:
         conn = self._conn
+        if self.lock_scope != "open":
+            return  # taken around each push instead (holding_lock)
         if self.writable and conn is not None and conn.writable and not self.offline:
             self._lock = RemoteLock(conn, self._meta.owner_id, str(self.path.resolve()))
             self._lock.acquire(lock_timeout)
@@ -635,6 +648,25 @@ class Replica:
             self._lock = RemoteLock(self._conn, self._meta.owner_id, str(self.path.resolve()))
             self._lock.acquire(timeout)
         return self._lock
+
+    @contextlib.contextmanager
+    def holding_lock(self) -> Iterator[RemoteLock]:
+        """The remote write lock for one operation that writes the remote (a push, a
+        vacuum): taken if not held. With ``lock="open"`` it stays held until close;
+        with ``lock="push"`` it is taken waiting at most the open's ``lock_timeout``,
+        and released when the operation ends.
+
+        Raises:
+            LockedError: another writer holds it.
+        """
+        scoped = self.lock_scope == "push"
+        taken_here = scoped and (self._lock is None or not self._lock.held)
+        lock = self.ensure_lock(self._lock_timeout if scoped else 0.0)
+        try:
+            yield lock
+        finally:
+            if taken_here:
+                self.release_lock()
 
     def release_lock(self) -> None:
         """Release the remote write lock if this copy holds it."""

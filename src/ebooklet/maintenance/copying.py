@@ -20,6 +20,7 @@ from ..errors import (
     RemoteNotFoundError,
 )
 from ..lock import RemoteLock
+from ..progress import Progress, ProgressArg
 from ..remote import RemoteIndex, read_pack_footer
 from ..replica import Replica
 from ..store import ObjectVersion
@@ -139,11 +140,25 @@ def copy_remote(
     overwrite: bool = False,
     server_side: bool | None = None,
     message: str | None = None,
+    progress: ProgressArg = None,
 ) -> CopyResult:
     """Copy the database's newest commit (or its snapshot) to another location.
 
     See :meth:`EBooklet.copy_remote`.
     """
+    with Progress(progress, None, "object", "copy_remote") as counter:
+        return _copy_remote(replica, target, overwrite, server_side, message, counter)
+
+
+def _copy_remote(
+    replica: Replica,
+    target: S3Connection,
+    overwrite: bool,
+    server_side: bool | None,
+    message: str | None,
+    progress: Progress,
+) -> CopyResult:
+    """:func:`copy_remote`, reporting objects copied (or found already there) to ``progress``."""
     head = db_head(replica)
     source = replica.conn
     target = _check_target(source, target)
@@ -173,11 +188,12 @@ def copy_remote(
         sizes = dict(source.list(fmt.PREFIX)) if source.writable else None
         existing = dict(target.list(fmt.PREFIX))
         todo = _split_todo([*names, *packs], sizes, existing, result)
+        progress.set_total(len(todo))
         if server_side:
             assert sizes is not None  # same_store() implies a writable source
-            _copy_server_side(source, target, todo, sizes, result)
+            _copy_server_side(source, target, todo, sizes, result, progress)
         else:
-            _copy_streamed(source, target, todo, existing, result)
+            _copy_streamed(source, target, todo, existing, result, progress)
         content = {name: value for name, value in head.items() if name != "relayout"}
         content.update(
             uuid=uuid_mod.uuid4().hex,
@@ -221,13 +237,19 @@ def _copy_server_side(
     todo: list[str],
     sizes: dict[str, int],
     result: CopyResult,
+    progress: Progress,
 ) -> None:
     """Copy inside the store (``CopyObject``), then check every copy's size."""
     large = [n for n in todo if sizes[n] > COPY_SINGLE_MAX]
     small = [n for n in todo if sizes[n] <= COPY_SINGLE_MAX]
-    list(target.workers.map(lambda name: target.copy_object(source, name, sizes[name]), small))
-    for name in large:  # multipart copies run their parts on the pool themselves
+
+    def copy(name: str) -> None:
         target.copy_object(source, name, sizes[name])
+        progress.update(1)
+
+    list(target.workers.map(copy, small))
+    for name in large:  # multipart copies run their parts on the pool themselves
+        copy(name)
     after = dict(target.list(fmt.PREFIX))
     wrong = [n for n in todo if after.get(n) != sizes[n]]
     if wrong:
@@ -279,6 +301,7 @@ def _copy_streamed(
     todo: list[str],
     existing: dict[str, int],
     result: CopyResult,
+    progress: Progress,
 ) -> None:
     """Copy through this machine: small objects in parallel, large ones part by part."""
     large: list[tuple[str, list[fmt.PackItem], bytes, int]] = []
@@ -291,6 +314,7 @@ def _copy_streamed(
         else:
             items, tail, size = read_pack_footer(source, name)
             if existing.get(name) == size:
+                progress.update(1)
                 return 0, 0  # copied before (a pack's name fixes its content)
             if size > remote.PART_SIZE:
                 large.append((name, items, tail, size))
@@ -300,6 +324,7 @@ def _copy_streamed(
             verifier.feed(0, data)
             verifier.finish()
         target.put(name, data)
+        progress.update(1)
         return 1, len(data)
 
     done = list(source.workers.map(small_copy, todo))
@@ -310,6 +335,7 @@ def _copy_streamed(
         target.put_multipart(name, _verified_parts(source, name, items, tail, size))
         result.objects_copied += 1
         result.bytes_copied += size
+        progress.update(1)
 
 
 def _verified_parts(

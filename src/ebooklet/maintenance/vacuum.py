@@ -16,6 +16,8 @@ from .. import remote
 from ..connection import S3Connection
 from ..errors import IntegrityError, PreconditionFailed, RemoteNotFoundError, VacuumConflictError
 from ..format import Entry
+from ..lock import RemoteLock
+from ..progress import Progress, ProgressArg
 from ..remote import RemoteIndex, read_pack_footer
 from ..replica import Replica
 from . import versioning
@@ -23,6 +25,8 @@ from .history import db_head, iter_chain, writable_conn
 
 DEFAULT_REWRITE_BELOW = 0.5
 """``vacuum`` rewrites a pack when its live bytes fall below this fraction of its size."""
+DELETE_STEP = 1000
+"""Objects ``vacuum`` deletes between two progress reports (one ``DeleteObjects`` request)."""
 
 
 def _now_us() -> int:
@@ -130,6 +134,7 @@ def vacuum(
     older_than: Any = None,
     rewrite_below: float = DEFAULT_REWRITE_BELOW,
     purge: bool | None = None,
+    progress: ProgressArg = None,
 ) -> VacuumResult:
     """Shorten the history and delete what the kept commits do not reference.
 
@@ -141,7 +146,22 @@ def vacuum(
     if not isinstance(rewrite_below, (int, float)) or isinstance(rewrite_below, bool) or not 0 <= rewrite_below <= 1:
         raise ValueError(f"rewrite_below must be a fraction between 0 and 1, not {rewrite_below!r}.")
     conn = writable_conn(replica, "vacuum")
-    lock = replica.ensure_lock()
+    with Progress(progress, None, "object", "vacuum") as counter, replica.holding_lock() as lock:
+        return _vacuum(replica, conn, lock, keep, cutoff, rewrite_below, purge, counter)
+
+
+def _vacuum(
+    replica: Replica,
+    conn: S3Connection,
+    lock: RemoteLock,
+    keep: int | None,
+    cutoff: Any,
+    rewrite_below: float,
+    purge: bool | None,
+    progress: Progress,
+) -> VacuumResult:
+    """:func:`vacuum` once its arguments are checked and the write lock is held;
+    ``progress`` counts the packs rewritten, then the objects deleted."""
     head = db_head(replica)
     if head is None:
         raise RemoteNotFoundError(f"{conn!r} has nothing committed to vacuum.")
@@ -168,6 +188,7 @@ def vacuum(
         lock.ensure()
         kept = _relayout(index, conn, kept, live, rewrite, result)
         live = _live_values(index, kept)
+        progress.update(len(rewrite))
 
     keep_names = {fmt.commit_name(m["seq"], m["commit_id"]) for m in kept}
     keep_names.update(name for m in kept for _, name in fmt.iter_shard_names(m))
@@ -184,7 +205,7 @@ def vacuum(
         if name not in keep_names:
             doomed.append(name)
     lock.ensure()
-    _delete_owned(conn, doomed, listing, keep_names, result)
+    _delete_owned(conn, doomed, listing, keep_names, result, progress)
     result.commits_kept = [m["seq"] for m in kept]
     _forget_deleted_uploads(replica, {n for n in doomed if n.startswith(fmt.PREFIX + "pack/")})
     return result
@@ -318,8 +339,10 @@ def _delete_owned(
     listing: dict[str, int],
     keep_names: set[str],
     result: VacuumResult,
+    progress: Progress,
 ) -> None:
-    """Delete ``doomed`` objects (all versions in a versioned bucket): records, shards, packs.
+    """Delete ``doomed`` objects (all versions in a versioned bucket): records, shards, packs;
+    ``progress`` learns the total (adding them to what it counted already) and counts them.
 
     Commit records go first, so that a crash half-way leaves only unreferenced
     objects behind, never a listed commit whose objects are gone.
@@ -345,7 +368,11 @@ def _delete_owned(
         items += [("", v.version_id, v.size) for v in manifests if not v.is_latest]
     else:
         items = [(name, None, listing[name]) for name in doomed]
-    conn.delete_objects((name, vid) for name, vid, _ in items)
+    progress.set_total(progress.done + len(items))
+    for start in range(0, len(items), DELETE_STEP):
+        step = items[start : start + DELETE_STEP]
+        conn.delete_objects((name, vid) for name, vid, _ in step)
+        progress.update(len(step))
     kinds = Counter(_kind(name) for name in doomed)
     result.packs_removed += kinds["pack"]
     result.shards_removed += kinds["index"]
