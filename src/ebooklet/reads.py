@@ -1,6 +1,8 @@
 """The read path of a :class:`Replica`: a local edit or the remote entry, cached copies
 checked against the index, coalesced downloads into the data file, and one retry when
 the remote moved on (a vacuum rewrote the index or the packs) since the manifest was read.
+Also the facts of a key from the index alone (:class:`KeyStat`), prefix filtering, the
+head's value of a key under a local edit, and evicting cached copies (never journaled).
 """
 
 from __future__ import annotations
