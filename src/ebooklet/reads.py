@@ -471,10 +471,10 @@ class Reads:
                 return
         if keys is None:
             wanted: Iterable[Any] = self.keys(prefix)
+        elif start:
+            wanted = (k for k in keys if self._encode_key(k).startswith(start) and self.contains(k))
         else:
-            wanted = (
-                k for k in keys if self._encode_key(k).startswith(start) and self.contains(k)
-            )
+            wanted = (k for k in keys if self.contains(k))
         chunk: list[Any] = []
         for key in wanted:
             chunk.append(key)
