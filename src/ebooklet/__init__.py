@@ -28,6 +28,7 @@ from .errors import (
     VacuumConflictError,
 )
 from .rcg import RemoteConnGroup
+from .reads import KeyStat
 
 open_ebooklet = open
 
@@ -47,6 +48,7 @@ __all__ = [
     "EBookletError",
     "FormatVersionError",
     "IntegrityError",
+    "KeyStat",
     "LockedError",
     "OfflineError",
     "OfflineWarning",

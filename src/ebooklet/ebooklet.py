@@ -19,7 +19,7 @@ from . import format as fmt
 from .changes import Changes, PushResult
 from .connection import S3Connection
 from .progress import ProgressArg
-from .reads import Reads
+from .reads import KeyStat, Reads
 from .replica import OPEN_WAIT as OPEN_WAIT
 from .replica import Replica
 
@@ -118,24 +118,90 @@ class EBooklet(MutableMapping):
     def __iter__(self) -> Iterator[Any]:
         return self._reads.keys()
 
-    def keys(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
-        """The keys of the database (or those of ``keys`` that exist)."""
-        if keys is None:
-            return iter(self)
-        return (k for k in keys if k in self)
+    def keys(  # type: ignore[override]
+        self, keys: Iterable[Any] | None = None, prefix: str | bytes | None = None
+    ) -> Iterator[Any]:
+        """The keys of the database (or those of ``keys`` that exist); with ``prefix``,
+        only those starting with it. No value is downloaded.
 
-    def items(self, keys: Iterable[Any] | None = None) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
-        """``(key, value)`` pairs, downloading missing values in coalesced batches.
+        ``prefix`` works on str keys (key serializer ``'str'``, the default: the keys
+        whose UTF-8 encoding starts with the prefix's, which are the keys starting with
+        it) and bytes keys (key serializer ``None``: a bytes prefix).
+
+        Raises:
+            TypeError: ``prefix`` with another key serializer, or of another type than
+                the keys.
+        """
+        if keys is None:
+            return iter(self) if prefix is None else self._reads.keys(prefix)
+        if prefix is None:
+            return (k for k in keys if k in self)
+        start = self._reads.prefix_bytes(prefix)
+        encode = self._replica.codec.encode_key
+        return (k for k in keys if encode(k).startswith(start) and k in self)
+
+    def items(  # type: ignore[override]
+        self, keys: Iterable[Any] | None = None, prefix: str | bytes | None = None
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(key, value)`` pairs, downloading missing values in coalesced batches; with
+        ``prefix``, only of the keys starting with it (as :meth:`keys`): no other value
+        is downloaded.
 
         Without ``keys``, the values cached locally come first, from one scan of the
         local file, then the others, downloaded in the order they lie in the remote.
-        """
-        return self._reads.items(keys)
 
-    def values(self, keys: Iterable[Any] | None = None) -> Iterator[Any]:  # type: ignore[override]
-        """The values (of ``keys`` when given)."""
-        for _, value in self.items(keys):
+        Raises:
+            TypeError: a ``prefix`` :meth:`keys` refuses.
+        """
+        return self._reads.items(keys, prefix)
+
+    def values(  # type: ignore[override]
+        self, keys: Iterable[Any] | None = None, prefix: str | bytes | None = None
+    ) -> Iterator[Any]:
+        """The values (of ``keys`` when given; of the keys starting with ``prefix``, as
+        :meth:`items`)."""
+        for _, value in self.items(keys, prefix):
             yield value
+
+    def stat(self, key: Any, remote: bool = False) -> KeyStat:
+        """Size, md5 and timestamp of ``key``'s value, without downloading the value.
+
+        Returns a :class:`KeyStat` ``(size, md5, timestamp, local)``: of the local edit
+        (``local`` true: its value is in the local file) or else of the remote index
+        entry. ``remote=True``: the head's entry whatever the local edits (the remote
+        side of a conflict).
+
+        Raises:
+            KeyError: no such key (with ``remote``: not in the head).
+            OfflineError: the remote is out of reach and the key's index shard is not local.
+        """
+        return self._reads.stat(key, remote)
+
+    def get_remote(self, key: Any, default: Any = None) -> Any:
+        """The value of ``key`` in the head (the remote side of a conflict), or ``default``
+        when the head lacks it, whatever the local edits.
+
+        The head is the one this copy holds (``changes().iter_changes()`` and a push
+        refresh it). A key with a local edit has its head value downloaded and checked
+        against the index md5, without replacing the edit in the local file.
+
+        Raises:
+            OfflineError: the value is not local and the remote is out of reach.
+        """
+        return self._reads.get_remote(key, default)
+
+    def evict(self, keys: Iterable[Any] | None = None) -> int:
+        """Drop cached copies of remote values from the local file (of ``keys``, or all),
+        to free the disk; returns how many were dropped.
+
+        Local edits stay, and an eviction is never pushed: the remote keeps the keys,
+        which read the remote again (a download). Unlike :meth:`prune` with a timestamp,
+        which deletes keys. Works with flag ``'r'``; ``prune()`` compacts the file after.
+
+        Raises:
+            ReadOnlyError: the local files cannot be written (read-only file system).
+        """
+        return self._reads.evict(keys)
 
     def get_items(self, keys: Iterable[Any], default: Any = None) -> Iterator[tuple[Any, Any]]:
         """``(key, value or default)`` for each of ``keys``, fetched in coalesced batches."""
@@ -213,18 +279,23 @@ class EBooklet(MutableMapping):
 
     # ------------------------------------------------------------ timestamps & metadata
 
-    def get_timestamp(self, key: Any, include_value: bool = False, default: Any = None) -> Any:
-        """The timestamp (µs) of ``key``; ``(timestamp, value)`` with ``include_value``."""
-        return self._reads.timestamp(key, include_value, default)
+    def get_timestamp(
+        self, key: Any, include_value: bool = False, default: Any = None, as_datetime: bool = False
+    ) -> Any:
+        """The timestamp of ``key``: µs since the Unix epoch, or an aware UTC datetime with
+        ``as_datetime``; ``(timestamp, value)`` with ``include_value``; ``default`` when
+        there is no such key."""
+        return self._reads.timestamp(key, include_value, default, as_datetime)
 
-    def timestamps(self, include_value: bool = False) -> Iterator[tuple]:
-        """``(key, timestamp)`` (or ``(key, timestamp, value)``) for every key."""
+    def timestamps(self, include_value: bool = False, as_datetime: bool = False) -> Iterator[tuple]:
+        """``(key, timestamp)`` (or ``(key, timestamp, value)``) for every key; timestamps
+        as aware UTC datetimes with ``as_datetime``."""
         if include_value:
             for key, value in self.items():
-                yield key, self.get_timestamp(key), value
+                yield key, self.get_timestamp(key, as_datetime=as_datetime), value
             return
         for key in self:
-            yield key, self.get_timestamp(key)
+            yield key, self.get_timestamp(key, as_datetime=as_datetime)
 
     def set_timestamp(self, key: Any, timestamp: int | str | datetime) -> None:
         """Change the timestamp of ``key`` (makes it a local edit)."""

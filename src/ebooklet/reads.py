@@ -1,6 +1,8 @@
 """The read path of a :class:`Replica`: a local edit or the remote entry, cached copies
 checked against the index, coalesced downloads into the data file, and one retry when
 the remote moved on (a vacuum rewrote the index or the packs) since the manifest was read.
+Also the facts of a key from the index alone (:class:`KeyStat`), prefix filtering, the
+head's value of a key under a local edit, and evicting cached copies (never journaled).
 """
 
 from __future__ import annotations
@@ -8,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from datetime import datetime, timedelta, timezone
+from typing import Any, NamedTuple, TypeVar
 
 from . import format as fmt
+from . import serializers
 from ._booklet_io import get_value
 from .errors import (
     IntegrityError,
@@ -32,6 +36,33 @@ _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def utc_datetime(timestamp: int) -> datetime:
+    """The aware UTC datetime of a timestamp in µs since the Unix epoch (exact to the µs)."""
+    return _EPOCH + timedelta(microseconds=timestamp)
+
+
+class KeyStat(NamedTuple):
+    """What :meth:`EBooklet.stat` knows of a key without downloading its value.
+
+    ``size``: bytes of the encoded value; ``md5``: its md5 as a hex string;
+    ``timestamp``: µs since the Unix epoch (``time``: as an aware UTC datetime);
+    ``local``: ``True`` for a local edit not pushed yet, ``False`` for the remote's entry.
+    """
+
+    size: int
+    md5: str
+    timestamp: int
+    local: bool
+
+    @property
+    def time(self) -> datetime:
+        """The timestamp as an aware UTC datetime."""
+        return utc_datetime(self.timestamp)
+
+
 class Reads:
     """Reads of one :class:`Replica`: values, membership, counts, keys, items, downloads.
 
@@ -50,9 +81,10 @@ class Reads:
         """(head manifest, keys): the keys without a local edit whose cached copy this
         session checked against that head's index (see :meth:`get`)."""
 
-    def _remote_entry(self, kb: bytes) -> Any:
-        """The remote entry of a key, :data:`MISSING_SHARD` when unknowable offline."""
-        if self._log.replace:
+    def _remote_entry(self, kb: bytes, head: bool = False) -> Any:
+        """The remote entry of a key, :data:`MISSING_SHARD` when unknowable offline;
+        ``None`` while the remote is to be replaced, unless ``head``: the head's entry."""
+        if self._log.replace and not head:
             return None
         if self._replica.offline or self._replica.conn is None:
             return self._replica.remote.entry(kb, fetch=False)
@@ -224,6 +256,125 @@ class Reads:
             return None
         return [(kb, e) for kb, e in current.items() if e is not None]
 
+    def stat(self, key: Any, remote: bool = False) -> KeyStat:
+        """Size, md5 and timestamp of ``key``'s value, without downloading it: of the
+        local edit (read from the data file), else of the remote index entry (its shard
+        may be fetched; offline, a cached copy whose shard is not local, with an
+        ``OfflineWarning``). ``remote``: the head's entry, whatever the local edits.
+
+        Raises:
+            KeyError: no such key (or, with ``remote``, not in the head).
+            OfflineError: the entry's index shard is not local and the remote cannot be
+                reached.
+        """
+        self._replica.check_open()
+        kb = self._encode_key(key)
+        local = None if remote else self._local_only(kb)
+        if local:
+            found = self._edited(key, kb)
+            if found is not None:
+                return KeyStat(len(found[1]), fmt.md5(found[1]).hex(), found[0], True)
+        elif local is None:
+            entry = self._remote_entry(kb, head=remote)
+            if entry is MISSING_SHARD:
+                cached = None if remote else self._replica.cached(key)
+                if cached is None:
+                    raise _no_shard(key)
+                timestamp, raw = self._unchecked_copy(cached)
+                return KeyStat(len(raw), fmt.md5(raw).hex(), timestamp, False)
+            if entry is not None:
+                return KeyStat(entry.length, entry.md5.hex(), entry.timestamp, False)
+        raise KeyError(key)
+
+    def get_remote(self, key: Any, default: Any) -> Any:
+        """The decoded value of ``key`` in the head this copy holds (``default`` when the
+        head lacks it), whatever the local edits: a key without one reads as
+        :meth:`get` does; the head's value of a key with a local edit is downloaded and
+        checked against its md5, and not cached (the data file keeps the local edit).
+
+        Raises:
+            OfflineError: the value (or its index shard) is not local and the remote
+                cannot be reached.
+        """
+        self._replica.check_open()
+        kb = self._encode_key(key)
+        if kb not in self._log.edits and not self._log.replace:
+            found = self._remote_raw(key, kb)
+        else:
+            found = self._remote_uncached(key, kb)
+        return default if found is None else self._replica.codec.decode_value(found[1])
+
+    def _remote_uncached(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
+        """``(timestamp, encoded value)`` of the head's entry of ``kb``, downloaded and
+        verified but not cached; once more where a vacuum moved it (see :meth:`_moved`)."""
+        entry = self._remote_entry(kb, head=True)
+        if entry is MISSING_SHARD:
+            raise _no_shard(key)
+        if entry is None:
+            return None
+        try:
+            return self._fetch_one(kb, entry)
+        except RemoteNotFoundError:
+            moved = self._moved([(kb, entry)])
+            if moved is None:
+                raise
+            return self._fetch_one(*moved[0]) if moved else None
+
+    def _fetch_one(self, kb: bytes, entry: Entry) -> tuple[int, bytes] | None:
+        """``(timestamp, encoded value)`` of ``entry``, downloaded and verified."""
+        for _, e, raw in self._replica.remote.fetch_values([(kb, entry)]):
+            return e.timestamp, bytes(raw)
+        return None
+
+    def evict(self, keys: Iterable[Any] | None = None) -> int:
+        """Drop the cached copies of remote values (of ``keys``, or all) from the data
+        file; returns how many were dropped. Local edits are never dropped, and nothing
+        is journaled: an eviction is never pushed (the remote keeps every key). The keys
+        read the remote again, downloading their values.
+
+        Raises:
+            ReadOnlyError: the local files cannot be written (read-only file system).
+        """
+        replica = self._replica
+        replica.check_open()
+        replica.check_local_writable("evict")
+        with replica.mutex:
+            edits = self._log.edits
+            if keys is None:
+                kbs = [kb for kb, _ in replica.scan(include_value=False) if kb not in edits]
+            else:
+                kbs = [
+                    kb for kb in dict.fromkeys(self._encode_key(k) for k in keys)
+                    if kb not in edits and replica.local_timestamp(kb) is not None
+                ]
+            replica.drop_values(kbs)
+            self._verified = (None, set())  # an evicted key is looked up again
+        return len(kbs)
+
+    def prefix_bytes(self, prefix: Any) -> bytes:
+        """The encoded form with which the encoded form of every key starting with
+        ``prefix`` starts. Keys of the key serializer ``'str'`` take a ``str`` prefix
+        (UTF-8 keeps prefixes: a key starts with it exactly when its encoding starts with
+        the prefix's), keys stored as bytes (``None``) a ``bytes`` prefix.
+
+        Raises:
+            TypeError: another key serializer (numbers, JSON...: encodings that do not
+                keep prefixes), or a prefix of another type than the keys'.
+        """
+        kind = serializers.key_type(self._replica.codec.key_serializer)
+        if kind not in ("str", "bytes"):
+            raise TypeError(
+                f"prefix= needs str or bytes keys (key serializer 'str' or None); the keys of "
+                f"{self._replica.path} are encoded by {self._replica.codec.key_serializer_name!r}, "
+                "whose encodings do not keep prefixes: filter keys() yourself."
+            )
+        if not isinstance(prefix, str if kind == "str" else bytes):
+            raise TypeError(
+                f"The keys of {self._replica.path} are {kind}: prefix must be {kind}, "
+                f"not {type(prefix).__name__}."
+            )
+        return self._encode_key(prefix)
+
     def contains(self, key: Any) -> bool:
         """Whether ``key`` is in the database (asks the remote index only for a key
         without a local edit)."""
@@ -267,14 +418,15 @@ class Reads:
                 n += (edit.md5 is not None) - in_remote[kb]
             return n
 
-    def key_bytes(self) -> Iterator[bytes]:
-        """Every key, encoded: the remote's not edited, then the local edits' (offline, the
-        locally cached keys stand for the remote's, with an ``OfflineWarning``)."""
+    def key_bytes(self, prefix: bytes = b"") -> Iterator[bytes]:
+        """Every key, encoded (those starting with ``prefix``): the remote's not edited,
+        then the local edits' (offline, the locally cached keys stand for the remote's,
+        with an ``OfflineWarning``)."""
         edits = dict(self._log.edits)
         if not self._log.replace and self._replica.remote.exists:
             try:
                 for kb, _ in self._replica.remote.iter_entries():
-                    if kb not in edits:
+                    if kb not in edits and kb.startswith(prefix):
                         yield kb
             except OfflineError as exc:
                 warnings.warn(
@@ -282,25 +434,30 @@ class Reads:
                 )
                 for key in self._data:
                     kb = self._encode_key(key)
-                    if kb not in edits:
+                    if kb not in edits and kb.startswith(prefix):
                         yield kb
         for kb, edit in edits.items():
-            if edit.md5 is not None:
+            if edit.md5 is not None and kb.startswith(prefix):
                 yield kb
 
-    def keys(self) -> Iterator[Any]:
-        """Every key (see :meth:`key_bytes`)."""
+    def keys(self, prefix: Any = None) -> Iterator[Any]:
+        """Every key (starting with ``prefix``: see :meth:`prefix_bytes`, :meth:`key_bytes`)."""
         self._replica.check_open()
-        for kb in self.key_bytes():
+        for kb in self.key_bytes(b"" if prefix is None else self.prefix_bytes(prefix)):
             yield self._replica.codec.decode_key(kb)
 
-    def items(self, keys: Iterable[Any] | None = None) -> Iterator[tuple[Any, Any]]:
-        """``(key, value)`` pairs, downloading missing values in coalesced batches.
+    def items(
+        self, keys: Iterable[Any] | None = None, prefix: Any = None
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(key, value)`` pairs (of ``keys``, of those starting with ``prefix``: see
+        :meth:`prefix_bytes`), downloading missing values in coalesced batches; no value
+        of a key outside ``prefix`` is downloaded.
 
         Without ``keys``, the values cached locally come first, from one scan of the
         local file, then the others, downloaded in the order they lie in the remote.
         """
         self._replica.check_open()
+        start = b"" if prefix is None else self.prefix_bytes(prefix)
         if keys is None:
             edits = dict(self._log.edits)
             try:
@@ -308,10 +465,19 @@ class Reads:
             except OfflineError:
                 pass  # part of the index is out of reach: key by key, as far as possible
             else:
+                if start:
+                    edits = {kb: e for kb, e in edits.items() if kb.startswith(start)}
+                    remote = {kb: e for kb, e in remote.items() if kb.startswith(start)}
                 yield from self._all_items(edits, remote)
                 return
+        if keys is None:
+            wanted: Iterable[Any] = self.keys(prefix)
+        elif start:
+            wanted = (k for k in keys if self._encode_key(k).startswith(start) and self.contains(k))
+        else:
+            wanted = (k for k in keys if self.contains(k))
         chunk: list[Any] = []
-        for key in self.keys() if keys is None else (k for k in keys if self.contains(k)):
+        for key in wanted:
             chunk.append(key)
             if len(chunk) == _CHUNK:
                 yield from self._items_chunk(chunk)
@@ -484,8 +650,11 @@ class Reads:
             self._replica.cache_fetched(batch, head)
 
 
-    def timestamp(self, key: Any, include_value: bool = False, default: Any = None) -> Any:
-        """The timestamp (µs) of ``key``; ``(timestamp, value)`` with ``include_value``."""
+    def timestamp(
+        self, key: Any, include_value: bool = False, default: Any = None, as_datetime: bool = False
+    ) -> Any:
+        """The timestamp (µs) of ``key`` (an aware UTC datetime with ``as_datetime``);
+        ``(timestamp, value)`` with ``include_value``; ``default`` when there is no such key."""
         self._replica.check_open()
         kb = self._encode_key(key)
         if not include_value and kb not in self._log.edits and not self._log.replace:
@@ -493,11 +662,20 @@ class Reads:
             if entry is None:
                 return default
             if entry is not MISSING_SHARD:
-                return entry.timestamp
+                return utc_datetime(entry.timestamp) if as_datetime else entry.timestamp
         found = self.lookup(key)
         if found is None:
             return default
-        return (found[0], self._replica.codec.decode_value(found[1])) if include_value else found[0]
+        timestamp = utc_datetime(found[0]) if as_datetime else found[0]
+        return (timestamp, self._replica.codec.decode_value(found[1])) if include_value else timestamp
+
+
+def _no_shard(key: Any) -> OfflineError:
+    """The error for a key whose index shard is not local while the remote is out of reach."""
+    return OfflineError(
+        f"The remote index entry of key {key!r:.80} is not local and the remote cannot be "
+        "reached; reconnect and try again."
+    )
 
 
 def _is_copy(timestamp: int, raw: bytes | memoryview, entry: Entry) -> bool:
