@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import IO, Any, NamedTuple
 
 import booklet
@@ -436,7 +436,7 @@ class EBooklet(MutableMapping):
             flag=self.flag,
             state=self._state(),
             commit=None if manifest is None else manifest["seq"],
-            commit_time=None if manifest is None else _datetime(manifest["timestamp"]),
+            commit_time=None if manifest is None else fmt.utc_datetime(manifest["timestamp"]),
             n_keys=len(self),
             n_bytes=None if manifest is None else manifest["n_bytes"],
             pending_edits=len(replica.log.edits) + replica.log.metadata_dirty,
@@ -678,8 +678,3 @@ def _timestamp(timestamp: Any) -> int | None:
     if not 0 <= value < fmt.TIMESTAMP_END:
         raise ValueError(f"Timestamp {timestamp!r} is out of range: 0 <= µs since the epoch < 2**56.")
     return value
-
-
-def _datetime(timestamp: int) -> datetime:
-    """A timestamp in µs since the Unix epoch as an aware UTC datetime."""
-    return datetime.fromtimestamp(timestamp / 1_000_000, timezone.utc)

@@ -13,6 +13,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 import orjson
@@ -92,6 +93,7 @@ VALUE_MAX = (1 << 32) - 1
 """Longest encoded value (booklet keeps a value's length in 4 bytes)."""
 TIMESTAMP_END = 1 << 56
 """Timestamps are µs since the epoch in ``0 <= t < TIMESTAMP_END``."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_OBJECT_SIZE = 5 << 40
 """S3's largest object (5 TiB): no value may claim to lie beyond it."""
 
@@ -816,3 +818,8 @@ def iter_shard_names(manifest: Mapping[str, Any]) -> Iterator[tuple[int, str]]:
     for i, commit in enumerate(manifest["shards"]):
         if commit is not None:
             yield i, shard_name(commit, i)
+
+
+def utc_datetime(timestamp: int) -> datetime:
+    """The aware UTC datetime of a timestamp in µs since the Unix epoch (exact to the µs)."""
+    return _EPOCH + timedelta(microseconds=timestamp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from . import format as fmt
@@ -36,14 +36,6 @@ _CHUNK_BYTES = 8 << 20
 """items() downloads the values it lacks in batches of about this many bytes."""
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def utc_datetime(timestamp: int) -> datetime:
-    """The aware UTC datetime of a timestamp in µs since the Unix epoch (exact to the µs)."""
-    return _EPOCH + timedelta(microseconds=timestamp)
-
-
 class KeyStat(NamedTuple):
     """What :meth:`EBooklet.stat` knows of a key without downloading its value.
 
@@ -60,7 +52,7 @@ class KeyStat(NamedTuple):
     @property
     def time(self) -> datetime:
         """The timestamp as an aware UTC datetime."""
-        return utc_datetime(self.timestamp)
+        return fmt.utc_datetime(self.timestamp)
 
 
 class Reads:
@@ -662,11 +654,11 @@ class Reads:
             if entry is None:
                 return default
             if entry is not MISSING_SHARD:
-                return utc_datetime(entry.timestamp) if as_datetime else entry.timestamp
+                return fmt.utc_datetime(entry.timestamp) if as_datetime else entry.timestamp
         found = self.lookup(key)
         if found is None:
             return default
-        timestamp = utc_datetime(found[0]) if as_datetime else found[0]
+        timestamp = fmt.utc_datetime(found[0]) if as_datetime else found[0]
         return (timestamp, self._replica.codec.decode_value(found[1])) if include_value else timestamp
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from .. import display
@@ -53,7 +53,7 @@ class Commit:
     @property
     def time(self) -> datetime:
         """:attr:`timestamp` as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.timestamp / 1_000_000, timezone.utc)
+        return fmt.utc_datetime(self.timestamp)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Commit:
