@@ -300,21 +300,10 @@ def shard_directory_length(trailer: bytes, name: str = "index shard", size: int 
     Raises:
         IntegrityError: no trailer, a bad magic, or a directory length out of range.
     """
-    if len(trailer) != _SHARD_TRAILER.size:
-        raise IntegrityError(f"{name} is truncated (no trailer); {_DAMAGED}")
-    length, magic = _SHARD_TRAILER.unpack(trailer)
-    if magic != SHARD_MAGIC:
-        raise IntegrityError(
-            f"{name} is truncated or not an ebooklet index shard (its trailer has the magic "
-            f"{magic!r}); {_DAMAGED}"
-        )
-    fits = size is None or length + _SHARD_TRAILER.size <= size
-    if not (_DIRECTORY_HEADER.size + 16 <= length <= MAX_DIRECTORY_BYTES and fits):
-        raise IntegrityError(
-            f"{name} claims a directory of {length:,} bytes (the shard holds {size} bytes; "
-            f"directories hold {_DIRECTORY_HEADER.size + 16} to {MAX_DIRECTORY_BYTES:,}); {_DAMAGED}"
-        )
-    return length
+    return _trailer_length(
+        trailer, _SHARD_TRAILER, SHARD_MAGIC, name, "index shard", "directory",
+        _DIRECTORY_HEADER.size + 16, MAX_DIRECTORY_BYTES, size,
+    )
 
 
 def decode_directory(
@@ -544,16 +533,35 @@ def pack_footer_length(trailer: bytes, name: str = "pack", size: int | None = No
     Raises:
         IntegrityError: no trailer, a bad magic, or a footer length out of range.
     """
-    if len(trailer) != _PACK_TRAILER.size:
+    return _trailer_length(
+        trailer, _PACK_TRAILER, PACK_MAGIC, name, "pack", "footer",
+        _HEADER.size + 16, MAX_FOOTER_BYTES, size,
+    )
+
+
+def _trailer_length(
+    trailer: bytes, layout: struct.Struct, magic: bytes, name: str, kind: str, part: str,
+    smallest: int, largest: int, size: int | None,
+) -> int:
+    """The length of the ``part`` (footer, directory) before the trailer of a ``kind`` of
+    object: one rule for packs and shards (see :func:`pack_footer_length`).
+
+    Raises:
+        IntegrityError: no trailer, a bad magic, or a length out of range.
+    """
+    if len(trailer) != layout.size:
         raise IntegrityError(f"{name} is truncated (no trailer); {_DAMAGED}")
-    length, magic = _PACK_TRAILER.unpack(trailer)
-    if magic != PACK_MAGIC:
-        raise IntegrityError(f"{name} is not an ebooklet pack (bad magic {magic!r}); {_DAMAGED}")
-    fits = size is None or length + _PACK_TRAILER.size <= size
-    if not (_HEADER.size + 16 <= length <= MAX_FOOTER_BYTES and fits):
+    length, found = layout.unpack(trailer)
+    if found != magic:
         raise IntegrityError(
-            f"{name} claims a footer of {length:,} bytes (the pack holds {size} bytes; "
-            f"footers hold {_HEADER.size + 16} to {MAX_FOOTER_BYTES:,}); {_DAMAGED}"
+            f"{name} is truncated or not an ebooklet {kind} (its trailer has the magic "
+            f"{found!r}); {_DAMAGED}"
+        )
+    fits = size is None or length + layout.size <= size
+    if not (smallest <= length <= largest and fits):
+        raise IntegrityError(
+            f"{name} claims a {part} of {length:,} bytes (the {kind} holds {size} bytes; "
+            f"a {part} holds {smallest} to {largest:,}); {_DAMAGED}"
         )
     return length
 
