@@ -409,14 +409,14 @@ class Changes:
         """Upload the values of ``sets`` in packs; returns their entries and bytes sent.
 
         Values already uploaded by an earlier attempt (journaled), whose md5 is
-        in a loaded index shard, or equal to another value of this push, are
-        uploaded once at most. Small values are packed and uploaded in the
+        in an index shard this push rewrites, or equal to another value of this push,
+        are uploaded once at most. Small values are packed and uploaded in the
         background, at most ``threads`` packs at once; large ones too, see
         :class:`_LargeUploads`.
         """
         replica = self._replica
         remote, conn = replica.remote, replica.conn
-        known = self._known_locations(head)
+        known = self._known_locations(head, sets)
         entries: dict[bytes, Entry] = {}
         duplicates: list[tuple[bytes, bytes, int]] = []
         pack: list[tuple[bytes, bytes, bytes, int]] = []
@@ -474,14 +474,16 @@ class Changes:
             entries[kb] = Entry(m, ts, e.pack, e.offset, e.length)
         return entries, uploaded
 
-    def _known_locations(self, head: dict | None) -> dict[bytes, Entry | None]:
-        """md5 -> location of values already remote: journaled uploads and loaded shards."""
+    def _known_locations(self, head: dict | None, keys: Iterable[bytes]) -> dict[bytes, Entry | None]:
+        """md5 -> location of values already remote that this push may reuse: those in the
+        index shards holding ``keys`` (the shards the push rewrites, loaded anyway) and the
+        journaled uploads. Never the whole index: a push costs what it changes."""
         replica = self._replica
         known: dict[bytes, Entry | None] = {}
         if head is not None:
-            for _, name in fmt.iter_shard_names(head):
-                shard = replica.remote.local_shard(name)[0]
-                for entry in (shard or {}).values():
+            names = {replica.remote.shard_for(kb, head)[1] for kb in keys}
+            for name in sorted(n for n in names if n is not None):
+                for entry in replica.remote.shard(name).values():
                     known[entry.md5] = entry
         uploads = dict(replica.log.uploads)
         alive = self._existing_packs({up.pack for up in uploads.values()})
