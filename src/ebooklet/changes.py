@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import Counter, deque
+from collections import ChainMap, Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,48 +78,76 @@ class _Plan(NamedTuple):
     conflicts: list[bytes]
 
 
+class _ShardWrite:
+    """One index shard a push writes, and the values of its keys being uploaded.
+
+    ``contents`` starts as the shard's entries in the head (deletions applied) and takes
+    each uploaded value's entry; ``known`` maps the md5s this shard may reuse to their
+    location (``None`` while this push uploads it): the old entries, then the push-wide
+    ``shared`` ones (journaled uploads, large values). ``duplicates`` are
+    ``(key, md5, timestamp)`` of values found in ``known``, located once the uploads are done.
+    """
+
+    def __init__(self, number: int, contents: dict[bytes, Entry], shared: dict[bytes, Entry | None]):
+        self.number = number
+        self.contents = contents
+        self.old_keys = len(contents)
+        self.old_bytes = sum(e.length for e in contents.values())
+        self.known: ChainMap[bytes, Entry | None] = ChainMap({e.md5: e for e in contents.values()}, shared)
+        self.duplicates: list[tuple[bytes, bytes, int]] = []
+
+    def locate_duplicates(self) -> None:
+        """Give each duplicate the location of its md5 (every upload of the shard is done)."""
+        for kb, m, ts in self.duplicates:
+            e = self.known[m]
+            self.contents[kb] = Entry(m, ts, e.pack, e.offset, e.length)
+        self.duplicates = []
+
+
 class _LargeUploads:
     """Large values (over :data:`PART_SIZE`) of a push, uploaded in the background.
 
     A worker hashes a value (which must be the md5 journaled with its edit, else the push
-    fails with :class:`IntegrityError`), notes it in ``duplicates`` when its md5 is in ``known``
-    (md5 -> location, ``None`` while being uploaded by this push), else uploads it as a
-    pack of its own (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run
-    on the connection's pool, hence a pool of its own here). At most
-    :data:`LARGE_IN_FLIGHT` bytes are in flight, at least one value; the uploads found
-    done are handed to ``finished`` in the caller's thread.
+    fails with :class:`IntegrityError`), notes it in its shard's ``duplicates`` when its md5
+    is in the shard's ``known``, else uploads it as a pack of its own
+    (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run on the connection's
+    pool, hence a pool of its own here). At most :data:`LARGE_IN_FLIGHT` bytes are in
+    flight, at least one value; the uploads found done are handed to ``finished`` in the
+    caller's thread.
     """
 
     def __init__(
         self,
         remote: Any,
-        known: dict[bytes, Entry | None],
-        duplicates: list,
-        finished: Callable,
+        finished: Callable[[_ShardWrite, PackUpload], None],
         damaged: Callable[[bytes], Exception],
     ):
         self._remote = remote
         self._damaged = damaged
-        self._known = known
-        self._duplicates = duplicates
         self._finished = finished
         self._claim = threading.Lock()
         self._pool = ThreadPoolExecutor(remote_module.LARGE_IN_FLIGHT // remote_module.PART_SIZE, "ebooklet-large")
-        self._pending: deque[tuple[int, Future]] = deque()
+        self._pending: deque[tuple[int, _ShardWrite, Future]] = deque()
         self._held = 0
         self._uploaded = 0
 
-    def add(self, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
-        """Upload ``raw``, whose md5 must be ``expected``, once fewer bytes are in flight
-        (waits for the oldest uploads)."""
+    def add(self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
+        """Upload ``raw`` of ``shard``, whose md5 must be ``expected``, once fewer bytes are
+        in flight (waits for the oldest uploads)."""
         while self._pending and self._held + len(raw) > remote_module.LARGE_IN_FLIGHT:
             self._collect()
-        self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw, expected)))
+        future = self._pool.submit(self._upload, shard, kb, ts, raw, expected)
+        self._pending.append((len(raw), shard, future))
         self._held += len(raw)
 
     def cancel(self) -> None:
         """The push fails: start no more uploads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_for(self, shard: _ShardWrite) -> None:
+        """Wait for the uploads of ``shard`` (and of the shards before it)."""
+        while self._pending and any(s is shard for _, s, _ in self._pending):
+            self._collect()
 
     def wait(self) -> int:
         """Wait for every upload; returns the bytes uploaded."""
@@ -129,7 +157,7 @@ class _LargeUploads:
         return self._uploaded
 
     def _collect(self) -> None:
-        size, future = self._pending[0]
+        size, shard, future = self._pending[0]
         try:
             kb, m, ts, done = future.result()
         except BaseException:
@@ -138,22 +166,22 @@ class _LargeUploads:
         self._pending.popleft()
         self._held -= size
         if done is None:
-            self._duplicates.append((kb, m, ts))
+            shard.duplicates.append((kb, m, ts))
         else:
             self._uploaded += size
-            self._finished(done)
+            self._finished(shard, done)
 
     def _upload(
-        self, kb: bytes, ts: int, raw: bytes, expected: bytes
+        self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, expected: bytes
     ) -> tuple[bytes, bytes, int, PackUpload | None]:
         hashed = hashlib.md5(raw, usedforsecurity=False)
         m = hashed.digest()
         if m != expected:
             raise self._damaged(kb)
         with self._claim:
-            duplicate = m in self._known
+            duplicate = m in shard.known
             if not duplicate:
-                self._known[m] = None  # being uploaded by this push
+                shard.known[m] = None  # being uploaded by this push
         return kb, m, ts, None if duplicate else self._remote.upload_large(kb, raw, ts, hashed)
 
 
@@ -381,9 +409,8 @@ class Changes:
         replica = self._replica
         remote = replica.remote
         head = None if replica.log.replace else remote.manifest
-        new_entries, uploaded = self._upload_values(plan.sets, head)
         commit_id = fmt.new_commit_id()
-        shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
+        shards, n_shards, n_keys, n_bytes, uploaded = self._write(plan, head, commit_id)
         content = {
             "uuid": replica.uuid,
             "key_serializer": replica.key_serializer_name,
@@ -405,92 +432,74 @@ class Changes:
         result.commit_id = commit_id
         result.seq = manifest["seq"]
 
-    def _upload_values(self, sets: dict[bytes, bytes], head: dict | None) -> tuple[dict[bytes, Entry], int]:
-        """Upload the values of ``sets`` in packs; returns their entries and bytes sent.
+    def _write(
+        self, plan: _Plan, head: dict | None, commit_id: str
+    ) -> tuple[list[str | None], int, int, int, int]:
+        """Upload the values of ``plan`` and the index shards they touch, one shard after
+        the other: the values of a shard's keys are read, packed and uploaded, then its
+        new shard, while the next shard's values are read. Nothing of the size of the
+        database is held, only what one or two shards hold (and the packs in flight).
 
-        Values already uploaded by an earlier attempt (journaled), whose md5 is
-        in an index shard this push rewrites, or equal to another value of this push,
-        are uploaded once at most. Small values are packed and uploaded in the
-        background, at most ``threads`` packs at once; large ones too, see
-        :class:`_LargeUploads`.
+        Returns the manifest's shard list, the shard count, the key and byte counts and
+        the bytes of values uploaded.
+
+        A value is uploaded once at most when it is already in its shard, in a journaled
+        upload of an earlier attempt, or equal to another value of its shard in this
+        push (a value over :data:`PART_SIZE`: of any shard); a value is checked against
+        the md5 journaled with its edit before upload (see :meth:`Replica.damaged_edit`).
         """
         replica = self._replica
-        remote, conn = replica.remote, replica.conn
-        known = self._known_locations(head, sets)
-        entries: dict[bytes, Entry] = {}
-        duplicates: list[tuple[bytes, bytes, int]] = []
-        pack: list[tuple[bytes, bytes, bytes, int]] = []
-        in_flight: list = []
-        uploaded = pack_size = 0
-
-        def finished(done: PackUpload) -> None:
-            for kb, entry in done.located:
-                entries[kb] = known[entry.md5] = entry
-            replica.log.record_pack(done.pack, done.footer)
-
-        def send_pack() -> None:
-            nonlocal pack, pack_size
-            if pack:
-                in_flight.append(conn.workers.submit(remote.upload_pack, pack))
-                pack, pack_size = [], 0
-            while len(in_flight) > conn.threads:
-                finished(in_flight.pop(0).result())
-
-        large = _LargeUploads(remote, known, duplicates, finished, lambda kb: replica.damaged_edit(kb, True))
-        # Every value must be the one journaled with its edit: a value missing from the
-        # data file or another one there (a crash before it was written, or damage) fails
-        # the push before its commit, naming the key.
-        missing = set(sets)
+        old_n = head["n_shards"] if head else 1
+        old_keys = head["n_keys"] if head else 0
+        n_shards = max(old_n, fmt.shards_needed(old_keys + len(plan.sets), fmt.KEYS_PER_SHARD))
+        groups: dict[int, list[bytes]] = {}
+        for kb in [*plan.sets, *plan.deletes]:
+            groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
+        if head is not None and n_shards == old_n:
+            shards, numbers = list(head["shards"]), sorted(groups)
+        else:
+            shards, numbers = [None] * n_shards, range(n_shards)
+            if head is not None:  # every shard is split: all are read
+                replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
+        counts = [old_keys, head["n_bytes"] if head else 0]
+        writer = _PushWriter(replica, plan.sets, self._journaled_uploads(), commit_id)
         try:
-            for kb, ts, raw in replica.stored_values(sets):
-                missing.discard(kb)
-                if len(raw) > remote_module.PART_SIZE:
-                    large.add(kb, ts, raw, sets[kb])
-                    del raw  # the upload holds it as long as needed
-                    continue
-                m = fmt.md5(raw)
-                if m != sets[kb]:
-                    raise replica.damaged_edit(kb, True)
-                if m in known:
-                    duplicates.append((kb, m, ts))
-                    continue
-                known[m] = None  # being uploaded by this push
-                uploaded += len(raw)
-                pack.append((kb, raw, m, ts))
-                pack_size += len(raw)
-                if pack_size >= remote_module.PACK_SIZE:
-                    send_pack()
-            if missing:
-                raise replica.damaged_edit(min(missing), False)
+            for i in numbers:
+                shard = _ShardWrite(i, self._old_contents(head, i, n_shards), writer.shared)
+                keys = groups.get(i, ())
+                for kb in keys:
+                    if kb in plan.deletes:
+                        shard.contents.pop(kb, None)
+                writer.send(shard, [kb for kb in keys if kb in plan.sets])
+            for i, name, keys_delta, bytes_delta in writer.finish():
+                shards[i] = name
+                counts[0] += keys_delta
+                counts[1] += bytes_delta
         except BaseException:
-            large.cancel()
+            writer.cancel()
             raise
-        send_pack()
-        uploaded += large.wait()
-        for future in in_flight:
-            finished(future.result())
-        for kb, m, ts in duplicates:
-            e = known[m]
-            entries[kb] = Entry(m, ts, e.pack, e.offset, e.length)
-        return entries, uploaded
+        return shards, n_shards, counts[0], counts[1], writer.uploaded
 
-    def _known_locations(self, head: dict | None, keys: Iterable[bytes]) -> dict[bytes, Entry | None]:
-        """md5 -> location of values already remote that this push may reuse: those in the
-        index shards holding ``keys`` (the shards the push rewrites, loaded anyway) and the
-        journaled uploads. Never the whole index: a push costs what it changes."""
-        replica = self._replica
-        known: dict[bytes, Entry | None] = {}
-        if head is not None:
-            names = {replica.remote.shard_for(kb, head)[1] for kb in keys}
-            for name in sorted(n for n in names if n is not None):
-                for entry in replica.remote.shard(name).values():
-                    known[entry.md5] = entry
-        uploads = dict(replica.log.uploads)
+    def _old_contents(self, head: dict | None, number: int, n_shards: int) -> dict[bytes, Entry]:
+        """The entries of shard ``number`` of ``n_shards`` in ``head`` (a copy): when the
+        shard count grew, those of the old shard it splits (see :func:`format.shard_of`)."""
+        if head is None:
+            return {}
+        old_n = head["n_shards"]
+        old = self._replica.remote.shard(fmt.shard_name_at(head, number * old_n // n_shards))
+        if old_n == n_shards:
+            return dict(old)
+        return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
+
+    def _journaled_uploads(self) -> dict[bytes, Entry | None]:
+        """md5 -> location of the values an earlier push uploaded but did not commit,
+        whose pack is still there (vacuum() deletes the packs of pushes that never committed)."""
+        uploads = dict(self._replica.log.uploads)
         alive = self._existing_packs({up.pack for up in uploads.values()})
-        for m, up in uploads.items():
-            if up.pack in alive:  # vacuum() deletes the packs of pushes that never committed
-                known[m] = Entry(m, up.timestamp, up.pack, up.offset, up.length)
-        return known
+        return {
+            m: Entry(m, up.timestamp, up.pack, up.offset, up.length)
+            for m, up in uploads.items() if up.pack in alive
+        }
 
     def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
         """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
@@ -508,52 +517,117 @@ class Changes:
         checked.update(zip(todo, conn.workers.map(exists, todo), strict=True))
         return {p for p in packs if checked[p]}
 
-    def _write_shards(
-        self, head: dict | None, new_entries: dict[bytes, Entry], deletes: set[bytes], commit_id: str
-    ) -> tuple[list[str | None], int, int, int]:
-        """Upload the touched index shards; returns the manifest's shard list and counts."""
-        replica = self._replica
-        remote = replica.remote
-        old_n = head["n_shards"] if head else 1
-        old_keys = head["n_keys"] if head else 0
-        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), fmt.KEYS_PER_SHARD))
-        if head is not None and n_shards == old_n:
-            shards = list(head["shards"])
-            touched = {fmt.shard_of(kb, n_shards) for kb in [*new_entries, *deletes]}
-            contents = {i: dict(remote.shard(fmt.shard_name_at(head, i))) for i in sorted(touched)}
-        else:
-            shards = [None] * n_shards
-            contents = {i: {} for i in range(n_shards)}
-            for kb, entry in remote.iter_entries(head) if head else ():
-                contents[fmt.shard_of(kb, n_shards)][kb] = entry
-        for kb in deletes:
-            contents[fmt.shard_of(kb, n_shards)].pop(kb, None)
-        for kb, entry in new_entries.items():
-            contents[fmt.shard_of(kb, n_shards)][kb] = entry
-
-        def upload(i: int) -> tuple[int, str | None]:
-            if not contents[i]:
-                return i, None
-            remote.upload_shard(commit_id, i, contents[i])
-            return i, commit_id
-
-        for i, written in replica.conn.workers.map(upload, sorted(contents)):
-            shards[i] = written
-        n_keys, n_bytes = self._counts(head, contents, shards)
-        return shards, n_shards, n_keys, n_bytes
-
-    def _counts(self, head: dict | None, contents: dict[int, dict], shards: list) -> tuple[int, int]:
-        """Key and byte counts of the new commit (touched shards recounted exactly)."""
-        replica = self._replica
-        if head is None or len(shards) != head["n_shards"]:
-            entries = [e for c in contents.values() for e in c.values()]
-            return len(entries), sum(e.length for e in entries)
-        n_keys, n_bytes = head["n_keys"], head["n_bytes"]
-        for i, content in contents.items():
-            old = replica.remote.shard(fmt.shard_name_at(head, i))
-            n_keys += len(content) - len(old)
-            n_bytes += sum(e.length for e in content.values()) - sum(e.length for e in old.values())
-        return n_keys, n_bytes
-
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:
         self._replica.record_push([*plan.sets, *plan.deletes], metadata)
+
+
+class _PushWriter:
+    """The uploads of one push attempt: values in packs and large values on the
+    connection's workers, then each shard once its values are up (see :meth:`Changes._write`).
+
+    At most ``conn.threads`` packs and as many shards are in flight; a shard is finished
+    (its duplicates located, its upload started) when the next one's values are sent.
+    """
+
+    def __init__(self, replica: Replica, sets: dict[bytes, bytes], shared: dict, commit_id: str):
+        self._replica = replica
+        self._remote = replica.remote
+        self._workers = replica.conn.workers
+        self._threads = replica.conn.threads
+        self._sets = sets
+        self._commit_id = commit_id
+        self.shared = shared
+        self.uploaded = 0
+        self._packs: deque[tuple[_ShardWrite, Future]] = deque()
+        self._open: deque[_ShardWrite] = deque()
+        self._shards: deque[Future] = deque()
+        self._done: list[tuple[int, str | None, int, int]] = []
+        self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
+
+    def send(self, shard: _ShardWrite, kbs: list[bytes]) -> None:
+        """Read, check and upload the values of ``kbs`` (keys of ``shard``), then finish
+        the shard before it.
+
+        Raises:
+            IntegrityError: a value is missing from the data file or is not the one
+                journaled with its edit.
+        """
+        sets = self._sets
+        pack: list[tuple[bytes, bytes, bytes, int]] = []
+        size = 0
+        missing = set(kbs)
+        for kb, ts, raw in self._replica.stored_values(kbs):
+            missing.discard(kb)
+            if len(raw) > remote_module.PART_SIZE:
+                self._large.add(shard, kb, ts, raw, sets[kb])
+                del raw  # the upload holds it as long as needed
+                continue
+            m = fmt.md5(raw)
+            if m != sets[kb]:
+                raise self._replica.damaged_edit(kb, True)
+            if m in shard.known:
+                shard.duplicates.append((kb, m, ts))
+                continue
+            shard.known[m] = None  # being uploaded by this push
+            self.uploaded += len(raw)
+            pack.append((kb, raw, m, ts))
+            size += len(raw)
+            if size >= remote_module.PACK_SIZE:
+                self._send_pack(shard, pack)
+                pack, size = [], 0
+        if missing:
+            raise self._replica.damaged_edit(min(missing), False)
+        self._send_pack(shard, pack)
+        self._open.append(shard)
+        while len(self._open) > 1:
+            self._finish_shard(self._open.popleft())
+
+    def finish(self) -> list[tuple[int, str | None, int, int]]:
+        """Finish every shard; returns ``(number, its commit id or None when empty, key
+        count change, byte count change)`` of each."""
+        while self._open:
+            self._finish_shard(self._open.popleft())
+        self.uploaded += self._large.wait()
+        while self._shards:
+            self._done.append(self._shards.popleft().result())
+        return self._done
+
+    def cancel(self) -> None:
+        """The push fails: start no more large uploads."""
+        self._large.cancel()
+
+    def _send_pack(self, shard: _ShardWrite, pack: list) -> None:
+        if pack:
+            self._packs.append((shard, self._workers.submit(self._remote.upload_pack, pack)))
+        while len(self._packs) > self._threads:
+            self._collect_pack()
+
+    def _collect_pack(self) -> None:
+        shard, future = self._packs.popleft()
+        self._finished(shard, future.result())
+
+    def _finished(self, shard: _ShardWrite, done: PackUpload) -> None:
+        for kb, entry in done.located:
+            shard.contents[kb] = shard.known[entry.md5] = entry
+            if entry.length > remote_module.PART_SIZE:
+                self.shared[entry.md5] = entry
+        self._replica.log.record_pack(done.pack, done.footer)
+
+    def _finish_shard(self, shard: _ShardWrite) -> None:
+        """Wait for the shard's uploads, locate its duplicates and start its upload."""
+        while self._packs and any(s is shard for s, _ in self._packs):
+            self._collect_pack()
+        self._large.wait_for(shard)
+        shard.locate_duplicates()
+        self._shards.append(self._workers.submit(self._upload_shard, shard))
+        while len(self._shards) > self._threads:
+            self._done.append(self._shards.popleft().result())
+
+    def _upload_shard(self, shard: _ShardWrite) -> tuple[int, str | None, int, int]:
+        contents = shard.contents
+        written = None
+        if contents:
+            self._remote.upload_shard(self._commit_id, shard.number, contents)
+            written = self._commit_id
+        n_bytes = sum(e.length for e in contents.values())
+        return shard.number, written, len(contents) - shard.old_keys, n_bytes - shard.old_bytes
