@@ -33,6 +33,10 @@ from .remote import PackUpload
 from .replica import Replica
 
 MAX_COMMIT_ATTEMPTS = 8
+PUSH_BATCH_KEYS = 1 << 17
+"""A push reads, uploads and indexes the values of about this many keys (whole index
+shards, at least one) before the next ones: what it holds is bounded by this, not by the
+size of the push; a batch of half the data file or more is read by one scan of it."""
 
 
 class Change(NamedTuple):
@@ -435,10 +439,11 @@ class Changes:
     def _write(
         self, plan: _Plan, head: dict | None, commit_id: str
     ) -> tuple[list[str | None], int, int, int, int]:
-        """Upload the values of ``plan`` and the index shards they touch, one shard after
-        the other: the values of a shard's keys are read, packed and uploaded, then its
-        new shard, while the next shard's values are read. Nothing of the size of the
-        database is held, only what one or two shards hold (and the packs in flight).
+        """Upload the values of ``plan`` and the index shards they touch, a batch of
+        shards after the other (shards holding :data:`PUSH_BATCH_KEYS` keys to set, at
+        least one shard): the values of a batch's keys are read, packed and uploaded, then
+        its new shards, while the next batch's values are read. Nothing of the size of the
+        database is held, only what two batches hold (and the packs in flight).
 
         Returns the manifest's shard list, the shard count, the key and byte counts and
         the bytes of values uploaded.
@@ -462,15 +467,23 @@ class Changes:
             if head is not None:  # every shard is split: all are read
                 replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
         counts = [old_keys, head["n_bytes"] if head else 0]
-        writer = _PushWriter(replica, plan.sets, self._journaled_uploads(), commit_id)
+        writer = _PushWriter(replica, plan.sets, self._journaled_uploads(), commit_id, n_shards)
         try:
+            batch: list[_ShardWrite] = []
+            batch_keys: list[bytes] = []
             for i in numbers:
                 shard = _ShardWrite(i, self._old_contents(head, i, n_shards), writer.shared)
-                keys = groups.get(i, ())
-                for kb in keys:
+                for kb in groups.pop(i, ()):
                     if kb in plan.deletes:
                         shard.contents.pop(kb, None)
-                writer.send(shard, [kb for kb in keys if kb in plan.sets])
+                    else:
+                        batch_keys.append(kb)
+                batch.append(shard)
+                if len(batch_keys) >= PUSH_BATCH_KEYS:
+                    writer.send(batch, batch_keys)
+                    batch, batch_keys = [], []
+            if batch:
+                writer.send(batch, batch_keys)
             for i, name, keys_delta, bytes_delta in writer.finish():
                 shards[i] = name
                 counts[0] += keys_delta
@@ -525,12 +538,15 @@ class _PushWriter:
     """The uploads of one push attempt: values in packs and large values on the
     connection's workers, then each shard once its values are up (see :meth:`Changes._write`).
 
-    At most ``conn.threads`` packs and as many shards are in flight; a shard is finished
-    (its duplicates located, its upload started) when the next one's values are sent.
+    At most ``conn.threads`` packs and as many shards are in flight; a batch of shards is
+    finished (duplicates located, shards uploaded) when the next batch's values are sent.
     """
 
-    def __init__(self, replica: Replica, sets: dict[bytes, bytes], shared: dict, commit_id: str):
+    def __init__(
+        self, replica: Replica, sets: dict[bytes, bytes], shared: dict, commit_id: str, n_shards: int
+    ):
         self._replica = replica
+        self._n_shards = n_shards
         self._remote = replica.remote
         self._workers = replica.conn.workers
         self._threads = replica.conn.threads
@@ -538,26 +554,29 @@ class _PushWriter:
         self._commit_id = commit_id
         self.shared = shared
         self.uploaded = 0
-        self._packs: deque[tuple[_ShardWrite, Future]] = deque()
-        self._open: deque[_ShardWrite] = deque()
+        self._packs: deque[tuple[list[_ShardWrite], list[_ShardWrite], Future]] = deque()
+        self._open: deque[list[_ShardWrite]] = deque()
         self._shards: deque[Future] = deque()
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
-    def send(self, shard: _ShardWrite, kbs: list[bytes]) -> None:
-        """Read, check and upload the values of ``kbs`` (keys of ``shard``), then finish
-        the shard before it.
+    def send(self, batch: list[_ShardWrite], kbs: list[bytes]) -> None:
+        """Read, check and upload the values of ``kbs`` (keys of the shards of ``batch``),
+        then finish the batch before it.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
         sets = self._sets
+        by_number = {shard.number: shard for shard in batch}
         pack: list[tuple[bytes, bytes, bytes, int]] = []
+        owners: list[_ShardWrite] = []
         size = 0
         missing = set(kbs)
         for kb, ts, raw in self._replica.stored_values(kbs):
             missing.discard(kb)
+            shard = batch[0] if len(batch) == 1 else by_number[fmt.shard_of(kb, self._n_shards)]
             if len(raw) > remote_module.PART_SIZE:
                 self._large.add(shard, kb, ts, raw, sets[kb])
                 del raw  # the upload holds it as long as needed
@@ -571,22 +590,23 @@ class _PushWriter:
             shard.known[m] = None  # being uploaded by this push
             self.uploaded += len(raw)
             pack.append((kb, raw, m, ts))
+            owners.append(shard)
             size += len(raw)
             if size >= remote_module.PACK_SIZE:
-                self._send_pack(shard, pack)
-                pack, size = [], 0
+                self._send_pack(batch, pack, owners)
+                pack, owners, size = [], [], 0
         if missing:
             raise self._replica.damaged_edit(min(missing), False)
-        self._send_pack(shard, pack)
-        self._open.append(shard)
+        self._send_pack(batch, pack, owners)
+        self._open.append(batch)
         while len(self._open) > 1:
-            self._finish_shard(self._open.popleft())
+            self._finish_batch(self._open.popleft())
 
     def finish(self) -> list[tuple[int, str | None, int, int]]:
         """Finish every shard; returns ``(number, its commit id or None when empty, key
         count change, byte count change)`` of each."""
         while self._open:
-            self._finish_shard(self._open.popleft())
+            self._finish_batch(self._open.popleft())
         self.uploaded += self._large.wait()
         while self._shards:
             self._done.append(self._shards.popleft().result())
@@ -596,32 +616,35 @@ class _PushWriter:
         """The push fails: start no more large uploads."""
         self._large.cancel()
 
-    def _send_pack(self, shard: _ShardWrite, pack: list) -> None:
+    def _send_pack(self, batch: list[_ShardWrite], pack: list, owners: list[_ShardWrite]) -> None:
         if pack:
-            self._packs.append((shard, self._workers.submit(self._remote.upload_pack, pack)))
+            self._packs.append((batch, owners, self._workers.submit(self._remote.upload_pack, pack)))
         while len(self._packs) > self._threads:
             self._collect_pack()
 
     def _collect_pack(self) -> None:
-        shard, future = self._packs.popleft()
-        self._finished(shard, future.result())
-
-    def _finished(self, shard: _ShardWrite, done: PackUpload) -> None:
-        for kb, entry in done.located:
+        _, owners, future = self._packs.popleft()
+        done = future.result()
+        for shard, (kb, entry) in zip(owners, done.located, strict=True):
             shard.contents[kb] = shard.known[entry.md5] = entry
-            if entry.length > remote_module.PART_SIZE:
-                self.shared[entry.md5] = entry
         self._replica.log.record_pack(done.pack, done.footer)
 
-    def _finish_shard(self, shard: _ShardWrite) -> None:
-        """Wait for the shard's uploads, locate its duplicates and start its upload."""
-        while self._packs and any(s is shard for s, _ in self._packs):
+    def _finished(self, shard: _ShardWrite, done: PackUpload) -> None:
+        """A large value of ``shard`` is up."""
+        for kb, entry in done.located:
+            shard.contents[kb] = shard.known[entry.md5] = self.shared[entry.md5] = entry
+        self._replica.log.record_pack(done.pack, done.footer)
+
+    def _finish_batch(self, batch: list[_ShardWrite]) -> None:
+        """Wait for the batch's uploads, locate its duplicates and start its shards' uploads."""
+        while self._packs and any(b is batch for b, _, _ in self._packs):
             self._collect_pack()
-        self._large.wait_for(shard)
-        shard.locate_duplicates()
-        self._shards.append(self._workers.submit(self._upload_shard, shard))
-        while len(self._shards) > self._threads:
-            self._done.append(self._shards.popleft().result())
+        for shard in batch:
+            self._large.wait_for(shard)
+            shard.locate_duplicates()
+            self._shards.append(self._workers.submit(self._upload_shard, shard))
+            while len(self._shards) > self._threads:
+                self._done.append(self._shards.popleft().result())
 
     def _upload_shard(self, shard: _ShardWrite) -> tuple[int, str | None, int, int]:
         contents = shard.contents
