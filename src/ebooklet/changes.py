@@ -13,6 +13,7 @@ from collections import ChainMap, Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple
 
 from . import format as fmt
@@ -76,7 +77,7 @@ def _hex(m: bytes | None) -> str | None:
 
 
 class _Plan(NamedTuple):
-    sets: dict[bytes, bytes]  # key -> local md5
+    sets: list[bytes]  # keys whose local value goes up (its md5 is the edit's)
     deletes: set[bytes]
     settled: list[tuple[bytes, Entry | None]]  # edits that already match the remote
     conflicts: list[bytes]
@@ -377,14 +378,24 @@ class Changes:
         )
 
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
+        """Each selected edit's verdict by the three-way rule, holding no copy of the edits
+        and no map of their remote entries (the shards they are in are loaded first).
+
+        Raises:
+            ConflictError: keys changed on both sides (and not ``force``).
+        """
         replica = self._replica
-        edits = {kb: e for kb, e in replica.log.edits.items() if selected is None or kb in selected}
-        remote = self._remote_entries(edits)
-        sets: dict[bytes, bytes] = {}
+        edits = replica.log.edits
+        keys = edits if selected is None else [kb for kb in edits if kb in selected]
+        head = None if replica.log.replace else replica.remote.manifest
+        if head is not None:
+            replica.remote.load_shards({replica.remote.shard_for(kb, head)[1] for kb in keys})
+        sets: list[bytes] = []
         deletes: set[bytes] = set()
         settled, conflicts = [], []
-        for kb, edit in edits.items():
-            entry = remote[kb]
+        for kb in keys:
+            edit = edits[kb]
+            entry = None if head is None else replica.remote.entry(kb, manifest=head)
             state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
             if state is State.SETTLED:
                 settled.append((kb, entry))
@@ -393,7 +404,7 @@ class Changes:
             elif edit.md5 is None:
                 deletes.add(kb)
             else:
-                sets[kb] = edit.md5
+                sets.append(kb)
         if conflicts:
             raise ConflictError([replica.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
@@ -458,7 +469,7 @@ class Changes:
         old_keys = head["n_keys"] if head else 0
         n_shards = max(old_n, fmt.shards_needed(old_keys + len(plan.sets), fmt.KEYS_PER_SHARD))
         groups: dict[int, list[bytes]] = {}
-        for kb in [*plan.sets, *plan.deletes]:
+        for kb in chain(plan.sets, plan.deletes):
             groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
         if head is not None and n_shards == old_n:
             shards, numbers = list(head["shards"]), sorted(groups)
@@ -467,7 +478,7 @@ class Changes:
             if head is not None:  # every shard is split: all are read
                 replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
         counts = [old_keys, head["n_bytes"] if head else 0]
-        writer = _PushWriter(replica, plan.sets, self._journaled_uploads(), commit_id, n_shards)
+        writer = _PushWriter(replica, self._journaled_uploads(), commit_id, n_shards)
         try:
             batch: list[_ShardWrite] = []
             batch_keys: list[bytes] = []
@@ -543,14 +554,13 @@ class _PushWriter:
     """
 
     def __init__(
-        self, replica: Replica, sets: dict[bytes, bytes], shared: dict, commit_id: str, n_shards: int
+        self, replica: Replica, shared: dict, commit_id: str, n_shards: int
     ):
         self._replica = replica
         self._n_shards = n_shards
         self._remote = replica.remote
         self._workers = replica.conn.workers
         self._threads = replica.conn.threads
-        self._sets = sets
         self._commit_id = commit_id
         self.shared = shared
         self.uploaded = 0
@@ -568,7 +578,7 @@ class _PushWriter:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
-        sets = self._sets
+        edits = self._replica.log.edits
         by_number = {shard.number: shard for shard in batch}
         pack: list[tuple[bytes, bytes, bytes, int]] = []
         owners: list[_ShardWrite] = []
@@ -578,11 +588,11 @@ class _PushWriter:
             missing.discard(kb)
             shard = batch[0] if len(batch) == 1 else by_number[fmt.shard_of(kb, self._n_shards)]
             if len(raw) > remote_module.PART_SIZE:
-                self._large.add(shard, kb, ts, raw, sets[kb])
+                self._large.add(shard, kb, ts, raw, edits[kb].md5)
                 del raw  # the upload holds it as long as needed
                 continue
             m = fmt.md5(raw)
-            if m != sets[kb]:
+            if m != edits[kb].md5:
                 raise self._replica.damaged_edit(kb, True)
             if m in shard.known:
                 shard.duplicates.append((kb, m, ts))
