@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import ChainMap, Counter, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,10 +87,11 @@ class _ShardWrite:
     """One index shard a push writes, and the values of its keys being uploaded.
 
     ``contents`` starts as the shard's entries in the head (deletions applied) and takes
-    each uploaded value's entry; ``known`` maps the md5s this shard may reuse to their
-    location (``None`` while this push uploads it): the old entries, then the push-wide
-    ``shared`` ones (journaled uploads, large values). ``duplicates`` are
-    ``(key, md5, timestamp)`` of values found in ``known``, located once the uploads are done.
+    each uploaded value's entry; ``known`` maps the md5s of the shard's values to their
+    location (``None`` while this push uploads it), ``shared`` those of the push
+    (journaled uploads, large values): a value of either is not uploaded again.
+    ``duplicates`` are ``(key, md5, timestamp)`` of such values, located once the
+    uploads are done.
     """
 
     def __init__(self, number: int, contents: dict[bytes, Entry], shared: dict[bytes, Entry | None]):
@@ -98,13 +99,18 @@ class _ShardWrite:
         self.contents = contents
         self.old_keys = len(contents)
         self.old_bytes = sum(e.length for e in contents.values())
-        self.known: ChainMap[bytes, Entry | None] = ChainMap({e.md5: e for e in contents.values()}, shared)
+        self.known: dict[bytes, Entry | None] = {e.md5: e for e in contents.values()}
+        self.shared = shared
         self.duplicates: list[tuple[bytes, bytes, int]] = []
+
+    def reuses(self, m: bytes) -> bool:
+        """Whether a value of md5 ``m`` is known (it is then not uploaded again)."""
+        return m in self.known or m in self.shared
 
     def locate_duplicates(self) -> None:
         """Give each duplicate the location of its md5 (every upload of the shard is done)."""
         for kb, m, ts in self.duplicates:
-            e = self.known[m]
+            e = self.known.get(m) or self.shared[m]
             self.contents[kb] = Entry(m, ts, e.pack, e.offset, e.length)
         self.duplicates = []
 
@@ -184,7 +190,7 @@ class _LargeUploads:
         if m != expected:
             raise self._damaged(kb)
         with self._claim:
-            duplicate = m in shard.known
+            duplicate = shard.reuses(m)
             if not duplicate:
                 shard.known[m] = None  # being uploaded by this push
         return kb, m, ts, None if duplicate else self._remote.upload_large(kb, raw, ts, hashed)
@@ -478,21 +484,21 @@ class Changes:
             if head is not None:  # every shard is split: all are read
                 replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
         counts = [old_keys, head["n_bytes"] if head else 0]
-        writer = _PushWriter(replica, self._journaled_uploads(), commit_id, n_shards)
+        writer = _PushWriter(replica, self._journaled_uploads(), commit_id)
         try:
             batch: list[_ShardWrite] = []
-            batch_keys: list[bytes] = []
+            batch_keys: dict[bytes, _ShardWrite] = {}
             for i in numbers:
                 shard = _ShardWrite(i, self._old_contents(head, i, n_shards), writer.shared)
                 for kb in groups.pop(i, ()):
                     if kb in plan.deletes:
                         shard.contents.pop(kb, None)
                     else:
-                        batch_keys.append(kb)
+                        batch_keys[kb] = shard
                 batch.append(shard)
                 if len(batch_keys) >= PUSH_BATCH_KEYS:
                     writer.send(batch, batch_keys)
-                    batch, batch_keys = [], []
+                    batch, batch_keys = [], {}
             if batch:
                 writer.send(batch, batch_keys)
             for i, name, keys_delta, bytes_delta in writer.finish():
@@ -554,10 +560,9 @@ class _PushWriter:
     """
 
     def __init__(
-        self, replica: Replica, shared: dict, commit_id: str, n_shards: int
+        self, replica: Replica, shared: dict, commit_id: str
     ):
         self._replica = replica
-        self._n_shards = n_shards
         self._remote = replica.remote
         self._workers = replica.conn.workers
         self._threads = replica.conn.threads
@@ -570,23 +575,20 @@ class _PushWriter:
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
-    def send(self, batch: list[_ShardWrite], kbs: list[bytes]) -> None:
-        """Read, check and upload the values of ``kbs`` (keys of the shards of ``batch``),
-        then finish the batch before it.
+    def send(self, batch: list[_ShardWrite], kbs: dict[bytes, _ShardWrite]) -> None:
+        """Read, check and upload the values of ``kbs`` (keys -> their shard, of
+        ``batch``; emptied), then finish the batch before it.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
         edits = self._replica.log.edits
-        by_number = {shard.number: shard for shard in batch}
         pack: list[tuple[bytes, bytes, bytes, int]] = []
         owners: list[_ShardWrite] = []
         size = 0
-        missing = set(kbs)
         for kb, ts, raw in self._replica.stored_values(kbs):
-            missing.discard(kb)
-            shard = batch[0] if len(batch) == 1 else by_number[fmt.shard_of(kb, self._n_shards)]
+            shard = kbs.pop(kb)
             if len(raw) > remote_module.PART_SIZE:
                 self._large.add(shard, kb, ts, raw, edits[kb].md5)
                 del raw  # the upload holds it as long as needed
@@ -594,7 +596,7 @@ class _PushWriter:
             m = fmt.md5(raw)
             if m != edits[kb].md5:
                 raise self._replica.damaged_edit(kb, True)
-            if m in shard.known:
+            if shard.reuses(m):
                 shard.duplicates.append((kb, m, ts))
                 continue
             shard.known[m] = None  # being uploaded by this push
@@ -605,8 +607,8 @@ class _PushWriter:
             if size >= remote_module.PACK_SIZE:
                 self._send_pack(batch, pack, owners)
                 pack, owners, size = [], [], 0
-        if missing:
-            raise self._replica.damaged_edit(min(missing), False)
+        if kbs:  # not in the data file
+            raise self._replica.damaged_edit(min(kbs), False)
         self._send_pack(batch, pack, owners)
         self._open.append(batch)
         while len(self._open) > 1:
