@@ -459,8 +459,9 @@ class Changes:
         """Upload the values of ``plan`` and the index shards they touch, a batch of
         shards after the other (shards holding :data:`PUSH_BATCH_KEYS` keys to set, at
         least one shard): the values of a batch's keys are read, packed and uploaded, then
-        its new shards, while the next batch's values are read. Nothing of the size of the
-        database is held, only what two batches hold (and the packs in flight).
+        its new shards, while the next batch's values are read. Besides the plan's key lists
+        (and a reference per key grouping them by shard) nothing of the size of the push
+        or of the database is held: only what two batches hold, and the packs in flight.
 
         Returns the manifest's shard list, the shard count, the key and byte counts and
         the bytes of values uploaded.
