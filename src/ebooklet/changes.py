@@ -34,7 +34,7 @@ from .remote import PackUpload
 from .replica import Replica
 
 MAX_COMMIT_ATTEMPTS = 8
-PUSH_BATCH_KEYS = 1 << 17
+PUSH_BATCH_KEYS = 1 << 16
 """A push reads, uploads and indexes the values of about this many keys (whole index
 shards, at least one) before the next ones: what it holds is bounded by this, not by the
 size of the push; a batch of half the data file or more is read by one scan of it."""
@@ -485,7 +485,8 @@ class Changes:
             if head is not None:  # every shard is split: all are read
                 replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
         counts = [old_keys, head["n_bytes"] if head else 0]
-        writer = _PushWriter(replica, self._journaled_uploads(), commit_id)
+        remember = len(groups) <= 1 or sum(map(len, groups.values())) <= PUSH_BATCH_KEYS
+        writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember)
         try:
             batch: list[_ShardWrite] = []
             batch_keys: dict[bytes, _ShardWrite] = {}
@@ -558,12 +559,15 @@ class _PushWriter:
 
     At most ``conn.threads`` packs and as many shards are in flight; a batch of shards is
     finished (duplicates located, shards uploaded) when the next batch's values are sent.
+    ``remember``: keep the new shards decoded in memory (a push of one batch at most),
+    not only in the local mirror.
     """
 
     def __init__(
-        self, replica: Replica, shared: dict, commit_id: str
+        self, replica: Replica, shared: dict, commit_id: str, remember: bool
     ):
         self._replica = replica
+        self._remember = remember
         self._remote = replica.remote
         self._workers = replica.conn.workers
         self._threads = replica.conn.threads
@@ -663,7 +667,7 @@ class _PushWriter:
         contents = shard.contents
         written = None
         if contents:
-            self._remote.upload_shard(self._commit_id, shard.number, contents)
+            self._remote.upload_shard(self._commit_id, shard.number, contents, self._remember)
             written = self._commit_id
         n_bytes = sum(e.length for e in contents.values())
         return shard.number, written, len(contents) - shard.old_keys, n_bytes - shard.old_bytes
