@@ -367,6 +367,53 @@ def test_push_dedups_identical_values(conn: Any, make_conn: Any, tmp_path: Path)
         assert dict(db.items()) == {"a": blob, "b": blob, "c": other, "d": blob, "e": other}
 
 
+def test_push_dedups_against_the_shard_it_rewrites_not_the_whole_index(
+    conn: Any, tmp_path: Path, small_shards: int
+) -> None:
+    """A push reads only the shards it rewrites: a value already in the remote is not
+    uploaded again when its key goes to the same shard, and is when only another shard
+    holds it (a push never scans the whole index)."""
+    path = tmp_path / "w.blt"
+    data = small_values(3000)
+    push_new(conn, path, data)
+    with open_db(conn, path, "w") as db:
+        n_shards = db._replica.remote.manifest["n_shards"]
+        assert n_shards >= 2
+        shard = {k: fmt.shard_of(db._replica.encode_key(k), n_shards) for k in data}
+    same = next(k for k in data if k != "k00000" and shard[k] == shard["k00000"])
+    other = next(k for k in data if shard[k] != shard["k00000"])
+    again = push_edits(conn, path, {same: data["k00000"]})
+    assert again.committed
+    assert again.bytes_uploaded == 0
+    elsewhere = push_edits(conn, path, {other: data["k00000"]})
+    assert elsewhere.bytes_uploaded == len(data["k00000"])
+    with open_db(conn, tmp_path / "r.blt") as db:
+        assert dict(db.items()) == {**data, same: data["k00000"], other: data["k00000"]}
+
+
+def test_a_push_streams_batches_of_shards(
+    conn: Any, make_conn: Any, tmp_path: Path, small_shards: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batches smaller than the push (``changes.PUSH_BATCH_KEYS``), a push uploads
+    batch after batch, and a shard count that grows splits the shards: every value,
+    count and duplicate comes out as with one batch."""
+    monkeypatch.setattr(ebooklet.changes, "PUSH_BATCH_KEYS", 700)
+    path = tmp_path / "w.blt"
+    data = small_values(2500)
+    data.update({f"dup{i}": b"the same value" for i in range(40)})
+    first = push_new(conn, path, data)
+    assert first.keys_pushed == len(data)
+    assert first.bytes_uploaded < sum(len(v) for v in data.values())
+    more = small_values(3000, prefix="m")
+    result = push_edits(conn, path, more, deletes=["k00001", "k00002"])
+    assert result.keys_pushed == 3000 and result.keys_deleted == 2
+    with open_db(make_conn(), tmp_path / "r.blt") as db:
+        expected = {**data, **more}
+        del expected["k00001"], expected["k00002"]
+        assert len(db) == len(expected)
+        assert dict(db.items()) == expected
+
+
 def test_push_rewrites_only_touched_shards_with_one_manifest_put(
     conn: Any, s3_server: Any, db_key: str, tmp_path: Path, small_shards: int
 ) -> None:

@@ -13,6 +13,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, NamedTuple
 
 from . import display
@@ -35,6 +36,10 @@ from .remote import PackUpload
 from .replica import Replica
 
 MAX_COMMIT_ATTEMPTS = 8
+PUSH_BATCH_KEYS = 1 << 16
+"""A push reads, uploads and indexes the values of about this many keys (whole index
+shards, at least one) before the next ones: what it holds is bounded by this, not by the
+size of the push; a batch of half the data file or more is read by one scan of it."""
 
 
 class Change(NamedTuple):
@@ -84,54 +89,88 @@ def _hex(m: bytes | None) -> str | None:
 
 
 class _Plan(NamedTuple):
-    sets: dict[bytes, bytes]  # key -> local md5
+    sets: list[bytes]  # keys whose local value goes up (its md5 is the edit's)
     deletes: set[bytes]
     settled: list[tuple[bytes, Entry | None]]  # edits that already match the remote
     conflicts: list[bytes]
+
+
+class _ShardWrite:
+    """One index shard a push writes, and the values of its keys being uploaded.
+
+    ``contents`` starts as the shard's entries in the head (deletions applied) and takes
+    each uploaded value's entry; ``known`` maps the md5s of the shard's values to their
+    location (``None`` while this push uploads it), ``shared`` those of the push
+    (journaled uploads, large values): a value of either is not uploaded again.
+    ``duplicates`` are ``(key, md5, timestamp)`` of such values, located once the
+    uploads are done.
+    """
+
+    def __init__(self, number: int, contents: dict[bytes, Entry], shared: dict[bytes, Entry | None]):
+        self.number = number
+        self.contents = contents
+        self.old_keys = len(contents)
+        self.old_bytes = sum(e.length for e in contents.values())
+        self.known: dict[bytes, Entry | None] = {e.md5: e for e in contents.values()}
+        self.shared = shared
+        self.duplicates: list[tuple[bytes, bytes, int]] = []
+
+    def reuses(self, m: bytes) -> bool:
+        """Whether a value of md5 ``m`` is known (it is then not uploaded again)."""
+        return m in self.known or m in self.shared
+
+    def locate_duplicates(self) -> None:
+        """Give each duplicate the location of its md5 (every upload of the shard is done)."""
+        for kb, m, ts in self.duplicates:
+            e = self.known.get(m) or self.shared[m]
+            self.contents[kb] = Entry(m, ts, e.pack, e.offset, e.length)
+        self.duplicates = []
 
 
 class _LargeUploads:
     """Large values (over :data:`PART_SIZE`) of a push, uploaded in the background.
 
     A worker hashes a value (which must be the md5 journaled with its edit, else the push
-    fails with :class:`IntegrityError`), notes it in ``duplicates`` when its md5 is in ``known``
-    (md5 -> location, ``None`` while being uploaded by this push), else uploads it as a
-    pack of its own (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run
-    on the connection's pool, hence a pool of its own here). At most
-    :data:`LARGE_IN_FLIGHT` bytes are in flight, at least one value; the uploads found
-    done are handed to ``finished`` in the caller's thread.
+    fails with :class:`IntegrityError`), notes it in its shard's ``duplicates`` when its md5
+    is in the shard's ``known``, else uploads it as a pack of its own
+    (:meth:`RemoteIndex.upload_large`; a multipart upload's parts run on the connection's
+    pool, hence a pool of its own here). At most :data:`LARGE_IN_FLIGHT` bytes are in
+    flight, at least one value; the uploads found done are handed to ``finished`` in the
+    caller's thread.
     """
 
     def __init__(
         self,
         remote: Any,
-        known: dict[bytes, Entry | None],
-        duplicates: list,
-        finished: Callable,
+        finished: Callable[[_ShardWrite, PackUpload], None],
         damaged: Callable[[bytes], Exception],
     ):
         self._remote = remote
         self._damaged = damaged
-        self._known = known
-        self._duplicates = duplicates
         self._finished = finished
         self._claim = threading.Lock()
         self._pool = ThreadPoolExecutor(remote_module.LARGE_IN_FLIGHT // remote_module.PART_SIZE, "ebooklet-large")
-        self._pending: deque[tuple[int, Future]] = deque()
+        self._pending: deque[tuple[int, _ShardWrite, Future]] = deque()
         self._held = 0
         self._uploaded = 0
 
-    def add(self, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
-        """Upload ``raw``, whose md5 must be ``expected``, once fewer bytes are in flight
-        (waits for the oldest uploads)."""
+    def add(self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, expected: bytes) -> None:
+        """Upload ``raw`` of ``shard``, whose md5 must be ``expected``, once fewer bytes are
+        in flight (waits for the oldest uploads)."""
         while self._pending and self._held + len(raw) > remote_module.LARGE_IN_FLIGHT:
             self._collect()
-        self._pending.append((len(raw), self._pool.submit(self._upload, kb, ts, raw, expected)))
+        future = self._pool.submit(self._upload, shard, kb, ts, raw, expected)
+        self._pending.append((len(raw), shard, future))
         self._held += len(raw)
 
     def cancel(self) -> None:
         """The push fails: start no more uploads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_for(self, shard: _ShardWrite) -> None:
+        """Wait for the uploads of ``shard`` (and of the shards before it)."""
+        while self._pending and any(s is shard for _, s, _ in self._pending):
+            self._collect()
 
     def wait(self) -> int:
         """Wait for every upload; returns the bytes uploaded."""
@@ -141,7 +180,7 @@ class _LargeUploads:
         return self._uploaded
 
     def _collect(self) -> None:
-        size, future = self._pending[0]
+        size, shard, future = self._pending[0]
         try:
             kb, m, ts, done = future.result()
         except BaseException:
@@ -150,22 +189,22 @@ class _LargeUploads:
         self._pending.popleft()
         self._held -= size
         if done is None:
-            self._duplicates.append((kb, m, ts))
+            shard.duplicates.append((kb, m, ts))
         else:
             self._uploaded += size
-            self._finished(done)
+            self._finished(shard, done)
 
     def _upload(
-        self, kb: bytes, ts: int, raw: bytes, expected: bytes
+        self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, expected: bytes
     ) -> tuple[bytes, bytes, int, PackUpload | None]:
         hashed = hashlib.md5(raw, usedforsecurity=False)
         m = hashed.digest()
         if m != expected:
             raise self._damaged(kb)
         with self._claim:
-            duplicate = m in self._known
+            duplicate = shard.reuses(m)
             if not duplicate:
-                self._known[m] = None  # being uploaded by this push
+                shard.known[m] = None  # being uploaded by this push
         return kb, m, ts, None if duplicate else self._remote.upload_large(kb, raw, ts, hashed)
 
 
@@ -381,14 +420,24 @@ class Changes:
         )
 
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
+        """Each selected edit's verdict by the three-way rule, holding no copy of the edits
+        and no map of their remote entries (the shards they are in are loaded first).
+
+        Raises:
+            ConflictError: keys changed on both sides (and not ``force``).
+        """
         replica = self._replica
-        edits = {kb: e for kb, e in replica.log.edits.items() if selected is None or kb in selected}
-        remote = self._remote_entries(edits)
-        sets: dict[bytes, bytes] = {}
+        edits = replica.log.edits
+        keys = edits if selected is None else [kb for kb in edits if kb in selected]
+        head = None if replica.log.replace else replica.remote.manifest
+        if head is not None:
+            replica.remote.load_shards({replica.remote.shard_for(kb, head)[1] for kb in keys})
+        sets: list[bytes] = []
         deletes: set[bytes] = set()
         settled, conflicts = [], []
-        for kb, edit in edits.items():
-            entry = remote[kb]
+        for kb in keys:
+            edit = edits[kb]
+            entry = None if head is None else replica.remote.entry(kb, manifest=head)
             state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
             if state is State.SETTLED:
                 settled.append((kb, entry))
@@ -397,7 +446,7 @@ class Changes:
             elif edit.md5 is None:
                 deletes.add(kb)
             else:
-                sets[kb] = edit.md5
+                sets.append(kb)
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
@@ -417,9 +466,8 @@ class Changes:
         replica = self._replica
         remote = replica.remote
         head = None if replica.log.replace else remote.manifest
-        new_entries, uploaded = self._upload_values(plan.sets, head)
         commit_id = fmt.new_commit_id()
-        shards, n_shards, n_keys, n_bytes = self._write_shards(head, new_entries, plan.deletes, commit_id)
+        shards, n_shards, n_keys, n_bytes, uploaded = self._write(plan, head, commit_id)
         content = {
             "uuid": replica.uuid,
             "key_serializer": replica.codec.key_serializer_name,
@@ -441,93 +489,85 @@ class Changes:
         result.commit_id = commit_id
         result.seq = manifest["seq"]
 
-    def _upload_values(self, sets: dict[bytes, bytes], head: dict | None) -> tuple[dict[bytes, Entry], int]:
-        """Upload the values of ``sets`` in packs; returns their entries and bytes sent.
+    def _write(
+        self, plan: _Plan, head: dict | None, commit_id: str
+    ) -> tuple[list[str | None], int, int, int, int]:
+        """Upload the values of ``plan`` and the index shards they touch, a batch of
+        shards after the other (shards holding :data:`PUSH_BATCH_KEYS` keys to set, at
+        least one shard): the values of a batch's keys are read, packed and uploaded, then
+        its new shards, while the next batch's values are read. Besides the plan's key lists
+        (and a reference per key grouping them by shard) nothing of the size of the push
+        or of the database is held: only what two batches hold, and the packs in flight.
 
-        Values already uploaded by an earlier attempt (journaled), whose md5 is
-        in a loaded index shard, or equal to another value of this push, are
-        uploaded once at most. Small values are packed and uploaded in the
-        background, at most ``threads`` packs at once; large ones too, see
-        :class:`_LargeUploads`.
+        Returns the manifest's shard list, the shard count, the key and byte counts and
+        the bytes of values uploaded.
+
+        A value is uploaded once at most when it is already in its shard, in a journaled
+        upload of an earlier attempt, or equal to another value of its shard in this
+        push (a value over :data:`PART_SIZE`: of any shard); a value is checked against
+        the md5 journaled with its edit before upload (see :meth:`Replica.damaged_edit`).
         """
         replica = self._replica
-        remote, conn = replica.remote, replica.conn
-        known = self._known_locations(head)
-        entries: dict[bytes, Entry] = {}
-        duplicates: list[tuple[bytes, bytes, int]] = []
-        pack: list[tuple[bytes, bytes, bytes, int]] = []
-        in_flight: list = []
-        uploaded = pack_size = 0
-        progress, before = self._progress, self._progress.done
-
-        def finished(done: PackUpload) -> None:
-            for kb, entry in done.located:
-                entries[kb] = known[entry.md5] = entry
-            replica.log.record_pack(done.pack, done.footer)
-            progress.update(sum(entry.length for _, entry in done.located))
-
-        def send_pack() -> None:
-            nonlocal pack, pack_size
-            if pack:
-                in_flight.append(conn.workers.submit(remote.upload_pack, pack))
-                pack, pack_size = [], 0
-            while len(in_flight) > conn.threads:
-                finished(in_flight.pop(0).result())
-
-        large = _LargeUploads(remote, known, duplicates, finished, lambda kb: replica.damaged_edit(kb, True))
-        # Every value must be the one journaled with its edit: a value missing from the
-        # data file or another one there (a crash before it was written, or damage) fails
-        # the push before its commit, naming the key.
-        missing = set(sets)
+        old_n = head["n_shards"] if head else 1
+        old_keys = head["n_keys"] if head else 0
+        n_shards = max(old_n, fmt.shards_needed(old_keys + len(plan.sets), fmt.KEYS_PER_SHARD))
+        groups: dict[int, list[bytes]] = {}
+        for kb in chain(plan.sets, plan.deletes):
+            groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
+        if head is not None and n_shards == old_n:
+            shards, numbers = list(head["shards"]), sorted(groups)
+        else:
+            shards, numbers = [None] * n_shards, range(n_shards)
+            if head is not None:  # every shard is split: all are read
+                replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
+        counts = [old_keys, head["n_bytes"] if head else 0]
+        remember = len(groups) <= 1 or sum(map(len, groups.values())) <= PUSH_BATCH_KEYS
+        writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember, self._progress)
         try:
-            for kb, ts, raw in replica.stored_values(sets):
-                missing.discard(kb)
-                if len(raw) > remote_module.PART_SIZE:
-                    large.add(kb, ts, raw, sets[kb])
-                    del raw  # the upload holds it as long as needed
-                    continue
-                m = fmt.md5(raw)
-                if m != sets[kb]:
-                    raise replica.damaged_edit(kb, True)
-                if m in known:
-                    duplicates.append((kb, m, ts))
-                    continue
-                known[m] = None  # being uploaded by this push
-                uploaded += len(raw)
-                pack.append((kb, raw, m, ts))
-                pack_size += len(raw)
-                if pack_size >= remote_module.PACK_SIZE:
-                    send_pack()
-            if missing:
-                raise replica.damaged_edit(min(missing), False)
+            batch: list[_ShardWrite] = []
+            batch_keys: dict[bytes, _ShardWrite] = {}
+            for i in numbers:
+                shard = _ShardWrite(i, self._old_contents(head, i, n_shards), writer.shared)
+                for kb in groups.pop(i, ()):
+                    if kb in plan.deletes:
+                        shard.contents.pop(kb, None)
+                    else:
+                        batch_keys[kb] = shard
+                batch.append(shard)
+                if len(batch_keys) >= PUSH_BATCH_KEYS:
+                    writer.send(batch, batch_keys)
+                    batch, batch_keys = [], {}
+            if batch:
+                writer.send(batch, batch_keys)
+            for i, name, keys_delta, bytes_delta in writer.finish():
+                shards[i] = name
+                counts[0] += keys_delta
+                counts[1] += bytes_delta
         except BaseException:
-            large.cancel()
+            writer.cancel()
             raise
-        send_pack()
-        uploaded += large.wait()
-        progress.set_total(before + uploaded)
-        for future in in_flight:
-            finished(future.result())
-        for kb, m, ts in duplicates:
-            e = known[m]
-            entries[kb] = Entry(m, ts, e.pack, e.offset, e.length)
-        return entries, uploaded
+        return shards, n_shards, counts[0], counts[1], writer.uploaded
 
-    def _known_locations(self, head: dict | None) -> dict[bytes, Entry | None]:
-        """md5 -> location of values already remote: journaled uploads and loaded shards."""
-        replica = self._replica
-        known: dict[bytes, Entry | None] = {}
-        if head is not None:
-            for _, name in fmt.iter_shard_names(head):
-                shard = replica.remote.local_shard(name)[0]
-                for entry in (shard or {}).values():
-                    known[entry.md5] = entry
-        uploads = dict(replica.log.uploads)
+    def _old_contents(self, head: dict | None, number: int, n_shards: int) -> dict[bytes, Entry]:
+        """The entries of shard ``number`` of ``n_shards`` in ``head`` (a copy): when the
+        shard count grew, those of the old shard it splits (see :func:`format.shard_of`)."""
+        if head is None:
+            return {}
+        old_n = head["n_shards"]
+        old = self._replica.remote.shard(fmt.shard_name_at(head, number * old_n // n_shards))
+        if old_n == n_shards:
+            return dict(old)
+        return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
+
+    def _journaled_uploads(self) -> dict[bytes, Entry | None]:
+        """md5 -> location of the values an earlier push uploaded but did not commit,
+        whose pack is still there (vacuum() deletes the packs of pushes that never committed)."""
+        uploads = dict(self._replica.log.uploads)
         alive = self._existing_packs({up.pack for up in uploads.values()})
-        for m, up in uploads.items():
-            if up.pack in alive:  # vacuum() deletes the packs of pushes that never committed
-                known[m] = Entry(m, up.timestamp, up.pack, up.offset, up.length)
-        return known
+        return {
+            m: Entry(m, up.timestamp, up.pack, up.offset, up.length)
+            for m, up in uploads.items() if up.pack in alive
+        }
 
     def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
         """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
@@ -545,52 +585,130 @@ class Changes:
         checked.update(zip(todo, conn.workers.map(exists, todo), strict=True))
         return {p for p in packs if checked[p]}
 
-    def _write_shards(
-        self, head: dict | None, new_entries: dict[bytes, Entry], deletes: set[bytes], commit_id: str
-    ) -> tuple[list[str | None], int, int, int]:
-        """Upload the touched index shards; returns the manifest's shard list and counts."""
-        replica = self._replica
-        remote = replica.remote
-        old_n = head["n_shards"] if head else 1
-        old_keys = head["n_keys"] if head else 0
-        n_shards = max(old_n, fmt.shards_needed(old_keys + len(new_entries), fmt.KEYS_PER_SHARD))
-        if head is not None and n_shards == old_n:
-            shards = list(head["shards"])
-            touched = {fmt.shard_of(kb, n_shards) for kb in [*new_entries, *deletes]}
-            contents = {i: dict(remote.shard(fmt.shard_name_at(head, i))) for i in sorted(touched)}
-        else:
-            shards = [None] * n_shards
-            contents = {i: {} for i in range(n_shards)}
-            for kb, entry in remote.iter_entries(head) if head else ():
-                contents[fmt.shard_of(kb, n_shards)][kb] = entry
-        for kb in deletes:
-            contents[fmt.shard_of(kb, n_shards)].pop(kb, None)
-        for kb, entry in new_entries.items():
-            contents[fmt.shard_of(kb, n_shards)][kb] = entry
-
-        def upload(i: int) -> tuple[int, str | None]:
-            if not contents[i]:
-                return i, None
-            remote.upload_shard(commit_id, i, contents[i])
-            return i, commit_id
-
-        for i, written in replica.conn.workers.map(upload, sorted(contents)):
-            shards[i] = written
-        n_keys, n_bytes = self._counts(head, contents, shards)
-        return shards, n_shards, n_keys, n_bytes
-
-    def _counts(self, head: dict | None, contents: dict[int, dict], shards: list) -> tuple[int, int]:
-        """Key and byte counts of the new commit (touched shards recounted exactly)."""
-        replica = self._replica
-        if head is None or len(shards) != head["n_shards"]:
-            entries = [e for c in contents.values() for e in c.values()]
-            return len(entries), sum(e.length for e in entries)
-        n_keys, n_bytes = head["n_keys"], head["n_bytes"]
-        for i, content in contents.items():
-            old = replica.remote.shard(fmt.shard_name_at(head, i))
-            n_keys += len(content) - len(old)
-            n_bytes += sum(e.length for e in content.values()) - sum(e.length for e in old.values())
-        return n_keys, n_bytes
-
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:
         self._replica.record_push([*plan.sets, *plan.deletes], metadata)
+
+
+class _PushWriter:
+    """The uploads of one push attempt: values in packs and large values on the
+    connection's workers, then each shard once its values are up (see :meth:`Changes._write`).
+
+    At most ``conn.threads`` packs and as many shards are in flight; a batch of shards is
+    finished (duplicates located, shards uploaded) when the next batch's values are sent.
+    ``remember``: keep the new shards decoded in memory (a push of one batch at most),
+    not only in the local mirror.
+    """
+
+    def __init__(
+        self, replica: Replica, shared: dict, commit_id: str, remember: bool, progress: Progress
+    ):
+        self._replica = replica
+        self._progress = progress
+        self._progress_start = progress.done
+        self._remember = remember
+        self._remote = replica.remote
+        self._workers = replica.conn.workers
+        self._threads = replica.conn.threads
+        self._commit_id = commit_id
+        self.shared = shared
+        self.uploaded = 0
+        self._packs: deque[tuple[list[_ShardWrite], list[_ShardWrite], Future]] = deque()
+        self._open: deque[list[_ShardWrite]] = deque()
+        self._shards: deque[Future] = deque()
+        self._done: list[tuple[int, str | None, int, int]] = []
+        self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
+
+    def send(self, batch: list[_ShardWrite], kbs: dict[bytes, _ShardWrite]) -> None:
+        """Read, check and upload the values of ``kbs`` (keys -> their shard, of
+        ``batch``; emptied), then finish the batch before it.
+
+        Raises:
+            IntegrityError: a value is missing from the data file or is not the one
+                journaled with its edit.
+        """
+        edits = self._replica.log.edits
+        pack: list[tuple[bytes, bytes, bytes, int]] = []
+        owners: list[_ShardWrite] = []
+        size = 0
+        for kb, ts, raw in self._replica.stored_values(kbs):
+            shard = kbs.pop(kb)
+            if len(raw) > remote_module.PART_SIZE:
+                self._large.add(shard, kb, ts, raw, edits[kb].md5)
+                del raw  # the upload holds it as long as needed
+                continue
+            m = fmt.md5(raw)
+            if m != edits[kb].md5:
+                raise self._replica.damaged_edit(kb, True)
+            if shard.reuses(m):
+                shard.duplicates.append((kb, m, ts))
+                continue
+            shard.known[m] = None  # being uploaded by this push
+            self.uploaded += len(raw)
+            pack.append((kb, raw, m, ts))
+            owners.append(shard)
+            size += len(raw)
+            if size >= remote_module.PACK_SIZE:
+                self._send_pack(batch, pack, owners)
+                pack, owners, size = [], [], 0
+        if kbs:  # not in the data file
+            raise self._replica.damaged_edit(min(kbs), False)
+        self._send_pack(batch, pack, owners)
+        self._open.append(batch)
+        while len(self._open) > 1:
+            self._finish_batch(self._open.popleft())
+
+    def finish(self) -> list[tuple[int, str | None, int, int]]:
+        """Finish every shard; returns ``(number, its commit id or None when empty, key
+        count change, byte count change)`` of each."""
+        while self._open:
+            self._finish_batch(self._open.popleft())
+        self.uploaded += self._large.wait()
+        self._progress.set_total(self._progress_start + self.uploaded)
+        while self._shards:
+            self._done.append(self._shards.popleft().result())
+        return self._done
+
+    def cancel(self) -> None:
+        """The push fails: start no more large uploads."""
+        self._large.cancel()
+
+    def _send_pack(self, batch: list[_ShardWrite], pack: list, owners: list[_ShardWrite]) -> None:
+        if pack:
+            self._packs.append((batch, owners, self._workers.submit(self._remote.upload_pack, pack)))
+        while len(self._packs) > self._threads:
+            self._collect_pack()
+
+    def _collect_pack(self) -> None:
+        _, owners, future = self._packs.popleft()
+        done = future.result()
+        for shard, (kb, entry) in zip(owners, done.located, strict=True):
+            shard.contents[kb] = shard.known[entry.md5] = entry
+        self._replica.log.record_pack(done.pack, done.footer)
+        self._progress.update(sum(entry.length for _, entry in done.located))
+
+    def _finished(self, shard: _ShardWrite, done: PackUpload) -> None:
+        """A large value of ``shard`` is up."""
+        for kb, entry in done.located:
+            shard.contents[kb] = shard.known[entry.md5] = self.shared[entry.md5] = entry
+        self._replica.log.record_pack(done.pack, done.footer)
+        self._progress.update(sum(entry.length for _, entry in done.located))
+
+    def _finish_batch(self, batch: list[_ShardWrite]) -> None:
+        """Wait for the batch's uploads, locate its duplicates and start its shards' uploads."""
+        while self._packs and any(b is batch for b, _, _ in self._packs):
+            self._collect_pack()
+        for shard in batch:
+            self._large.wait_for(shard)
+            shard.locate_duplicates()
+            self._shards.append(self._workers.submit(self._upload_shard, shard))
+            while len(self._shards) > self._threads:
+                self._done.append(self._shards.popleft().result())
+
+    def _upload_shard(self, shard: _ShardWrite) -> tuple[int, str | None, int, int]:
+        contents = shard.contents
+        written = None
+        if contents:
+            self._remote.upload_shard(self._commit_id, shard.number, contents, self._remember)
+            written = self._commit_id
+        n_bytes = sum(e.length for e in contents.values())
+        return shard.number, written, len(contents) - shard.old_keys, n_bytes - shard.old_bytes

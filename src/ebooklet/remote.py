@@ -563,8 +563,13 @@ class RemoteIndex:
             self.conn.put_multipart(name, _parts(value, footer))
         return PackUpload(pack, footer, [(key, Entry(m, ts, pack, 0, len(value)))])
 
-    def upload_shard(self, commit_id: str, number: int, entries: dict[bytes, Entry]) -> str:
+    def upload_shard(
+        self, commit_id: str, number: int, entries: dict[bytes, Entry], remember: bool = True
+    ) -> str:
         """Upload one index shard for ``commit_id``; returns its object suffix.
+
+        The shard is kept in the local mirror, and with ``remember`` its decoded
+        ``entries`` in memory too (a push of many shards does not keep them: memory).
 
         Raises:
             ShardLimitError: readers would refuse the shard (nothing is uploaded).
@@ -572,7 +577,10 @@ class RemoteIndex:
         name = fmt.shard_name(commit_id, number)
         data = fmt.encode_shard(entries)
         self.conn.put(name, data)
-        self.keep_shard(name, data, entries)
+        if remember:
+            self.keep_shard(name, data, entries)
+        else:
+            self.mirror.set_shard(name, data)
         return name
 
     def keep_shard(self, name: str, data: bytes, entries: dict[bytes, Entry]) -> None:
