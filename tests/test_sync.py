@@ -379,7 +379,7 @@ def test_push_dedups_against_the_shard_it_rewrites_not_the_whole_index(
     with open_db(conn, path, "w") as db:
         n_shards = db._replica.remote.manifest["n_shards"]
         assert n_shards >= 2
-        shard = {k: fmt.shard_of(db._replica.encode_key(k), n_shards) for k in data}
+        shard = {k: fmt.shard_of(db._replica.codec.encode_key(k), n_shards) for k in data}
     same = next(k for k in data if k != "k00000" and shard[k] == shard["k00000"])
     other = next(k for k in data if shard[k] != shard["k00000"])
     again = push_edits(conn, path, {same: data["k00000"]})
