@@ -88,6 +88,24 @@ def test_cold_read_of_one_key_downloads_a_page_not_the_shard(
         assert dict(db.items()) == data
 
 
+def test_reads_of_many_keys_of_a_shard_end_in_one_whole_shard_get(
+    conn: Any, make_conn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random reads one by one across a shard fetch a page each only for the first
+    :data:`remote.PAGES_BEFORE_WHOLE` pages, then the whole shard: a few index GETs, not
+    one a page."""
+    monkeypatch.setattr(fmt, "KEYS_PER_SHARD", 4096)
+    data = {f"key-{i:07d}": f"value {i:05d}" for i in range(4096)}
+    push(conn, tmp_path / "w.blt", data)
+    keys = sorted(data)[::97]  # 43 keys spread over every page of the one shard
+    reader = make_conn()
+    with ebooklet.open(reader, tmp_path / "r.blt", "r") as db:
+        before = reader.request_counts["GET"]
+        assert [db[k] for k in keys] == [data[k] for k in keys]
+        index_gets = reader.request_counts["GET"] - before - len(keys)  # one GET a value
+    assert index_gets <= 1 + remote_mod.PAGES_BEFORE_WHOLE + 1  # directory, pages, whole shard
+
+
 def test_paged_reads_match_whole_shards(
     conn: Any, public_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,6 +55,10 @@ WHOLE_SHARD_RECORDS = 768
 """A read of one key GETs its whole shard when the manifest's shards hold at most this
 many keys on average (about 60 KiB with short keys: one GET, no more bytes than a
 directory and a page), else the shard's directory and the key's page."""
+PAGES_BEFORE_WHOLE = 4
+"""Once this many pages of one shard were fetched one by one, the next read of another
+of its pages fetches the whole shard: reads of many keys cost a few requests, not one a
+page."""
 DIRECTORY_PIECE = "#dir"
 """Suffix of the mirror name of a shard's directory (its pages: ``#<page number>``)."""
 
@@ -84,6 +88,7 @@ class RemoteIndex:
         self._shards: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
         self._directories: OrderedDict[str, fmt.ShardDirectory] = OrderedDict()
         self._pages: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
+        self._pages_fetched: dict[str, int] = {}  # pages fetched one by one, by shard
         self._lock = threading.RLock()
         self._fetching: dict[str, threading.Lock] = {}
 
@@ -294,7 +299,11 @@ class RemoteIndex:
             if directory is None:
                 return whole
         i = directory.page_of(key)
-        return {} if i is None else self._page(name, directory, i, fetch)
+        if i is None:
+            return {}
+        if fetch and self._pages_fetched.get(name, 0) >= PAGES_BEFORE_WHOLE:
+            return self.shard(name)
+        return self._page(name, directory, i, fetch)
 
     def _guard(self, name: str) -> threading.Lock:
         """The lock that makes one thread at a time fetch ``name`` (a shard or a piece)."""
@@ -404,6 +413,8 @@ class RemoteIndex:
             raise
         page = fmt.decode_page(data, directory, i, name)
         self.mirror.set_shard(f"{name}#{i}", data)
+        with self._lock:
+            self._pages_fetched[name] = self._pages_fetched.get(name, 0) + 1
         return _cached(self._lock, self._pages, f"{name}#{i}", page, PAGE_CACHE)
 
     def entries(self, keys: Iterable[bytes], manifest: dict | None = None) -> dict[bytes, Entry | None]:
