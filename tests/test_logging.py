@@ -28,6 +28,7 @@ def test_each_answer_is_a_debug_line_without_credentials(s3_server, make_conn, t
     puts = [line for line in lines if line.startswith("PUT ") and "-> 200" in line]
     assert puts and any("B up" in line for line in puts)
     assert any(line.startswith("GET ") and "-> 200" in line for line in lines)
+    assert any(line.startswith("pushed 1 key(s), deleted 0, 1000 bytes") for line in lines)
     secrets = [s for s in (s3_server.access_key, s3_server.access_key_id) if s]
     joined = "\n".join(lines)
     assert not [s for s in secrets if s in joined]

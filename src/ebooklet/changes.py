@@ -7,6 +7,7 @@ What differs is decided per key by the three-way rule, :func:`.local.three_way`:
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -34,6 +35,8 @@ from .progress import Progress, ProgressArg, check
 from .reads import Reads
 from .remote import PackUpload
 from .replica import Replica
+
+logger = logging.getLogger("ebooklet")
 
 MAX_COMMIT_ATTEMPTS = 8
 PUSH_BATCH_KEYS = 1 << 16
@@ -488,6 +491,11 @@ class Changes:
         result.keys_deleted = len(plan.deletes)
         result.commit_id = commit_id
         result.seq = manifest["seq"]
+        logger.info(
+            "pushed %d key(s), deleted %d, %d bytes of values: commit %d of %s",
+            result.keys_pushed, result.keys_deleted, result.bytes_uploaded, result.seq,
+            replica.conn.db_url,
+        )
 
     def _write(
         self, plan: _Plan, head: dict | None, commit_id: str
