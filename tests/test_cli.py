@@ -151,8 +151,9 @@ def test_read_commands(script: Runner, conn: Any, db_key: str, tmp_path: Path) -
     assert "not made yet" in info["local_copy"]
     assert sorted(lines(script("ls", *target))) == ["a/1", "a/2", "b"]
     long = lines(script("ls", *target, "--long", "--prefix", "a/"))
-    assert sorted(line.split("\t")[1] for line in long) == ["a/1", "a/2"]
+    assert sorted(line.split("\t")[2] for line in long) == ["a/1", "a/2"]
     assert all(line.split("\t")[0].endswith("Z") for line in long)
+    assert all(int(line.split("\t")[1]) > 0 for line in long)  # the size, from the index
     assert lines(script("get", *target, "a/2")) == ['{"n": 20}']
     assert lines(script("get", *target, "b")) == ["text"]
     out = tmp_path / "out.json"

@@ -368,11 +368,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for key in db:
             if args.prefix is not None and not (isinstance(key, str) and key.startswith(args.prefix)):
                 continue
+            if args.long:
+                stat = db.stat(key)
             if args.json:
-                row = {"key": key, "timestamp": db.get_timestamp(key)} if args.long else {"key": key}
+                row = {"key": key}
+                if args.long:
+                    row.update(timestamp=stat.timestamp, size=stat.size, md5=stat.md5)
                 print(json.dumps(jsonable(row), ensure_ascii=False, default=repr))
             elif args.long:
-                print(f"{timestamp_text(db.get_timestamp(key))}\t{key_text(key)}")
+                print(f"{timestamp_text(stat.timestamp)}\t{stat.size}\t{key_text(key)}")
             else:
                 print(key_text(key))
     return EXIT_OK
@@ -657,8 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ls", cmd_ls, [local], "list the keys (downloads no value)")
     p.add_argument("--prefix", help="only the str keys starting with PREFIX")
     p.add_argument("-l", "--long", action="store_true",
-                   help="also each key's timestamp (UTC); sizes are not known without "
-                   "downloading")
+                   help="also each key's timestamp (UTC) and size in bytes, from the index "
+                   "(no value is downloaded)")
 
     p = add("get", cmd_get, [local], "print a value (bytes raw; str as text; else JSON or repr)",
             json_output=False)
