@@ -22,7 +22,6 @@ LAYERS = [
         "maintenance.copying",
         "maintenance.vacuum",
         "maintenance.check",
-        "maintenance.shards",
         "maintenance.versioning",
     },
     {"ebooklet"},

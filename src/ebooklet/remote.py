@@ -73,6 +73,50 @@ class Mirror(Protocol):
     def drop_shards(self, names: Iterable[str]) -> None: ...
 
 
+class MemoryMirror:
+    """A :class:`Mirror` kept in memory: for one-off remotes (copy targets, checks)."""
+
+    def __init__(self) -> None:
+        self._manifest: tuple[dict | None, str | None] = (None, None)
+        self._shards: dict[str, bytes] = {}
+
+    def get_manifest(self) -> tuple[dict | None, str | None]:
+        return self._manifest
+
+    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
+        self._manifest = (manifest, etag)
+
+    def get_shard(self, name: str) -> bytes | None:
+        return self._shards.get(name)
+
+    def set_shard(self, name: str, data: bytes) -> None:
+        self._shards[name] = data
+
+    def drop_shards(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._shards.pop(name, None)
+
+
+class PinnedMirror(MemoryMirror):
+    """The mirror of a snapshot: the pinned manifest in memory, shards through the real
+    mirror ``base``. Index shards are immutable and named by the commit that wrote them,
+    so the local ``P.remote_index`` can share them; its head is never changed."""
+
+    def __init__(self, manifest: dict, base: Mirror):
+        super().__init__()
+        self._manifest = (manifest, None)
+        self._base = base
+
+    def get_shard(self, name: str) -> bytes | None:
+        return self._base.get_shard(name)
+
+    def set_shard(self, name: str, data: bytes) -> None:
+        self._base.set_shard(name, data)
+
+    def drop_shards(self, names: Iterable[str]) -> None:
+        pass
+
+
 class RemoteIndex:
     """The remote database as seen through its manifest and index shards.
 

@@ -41,7 +41,7 @@ from .errors import (
 from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths, new_base
 from .lock import RemoteLock
 from .outside import OutsideWrites
-from .remote import RemoteIndex
+from .remote import PinnedMirror, RemoteIndex
 
 logger = logging.getLogger("ebooklet")
 
@@ -679,7 +679,7 @@ class Replica:
         rest of this session: refreshes keep it. Its index shards are read through the
         local mirror, whose head stays as it was."""
         self._pinned = manifest
-        self._remote = RemoteIndex(self._conn, _PinnedMirror(manifest, self._mirror))
+        self._remote = RemoteIndex(self._conn, PinnedMirror(manifest, self._mirror))
 
     def keep_values_local(self) -> None:
         """Before the remote is deleted: every value this copy shows from its data file
@@ -742,32 +742,6 @@ class Replica:
         finally:
             self._closed = True
             self._close_files()
-
-class _PinnedMirror:
-    """The mirror of a snapshot (see ``remote.Mirror``): the pinned manifest in memory,
-    shards through the real mirror ``base``. Index shards are immutable and named by the
-    commit that wrote them, so the local ``P.remote_index`` can share them; its head is
-    never changed."""
-
-    def __init__(self, manifest: dict, base: IndexMirror):
-        self._manifest: tuple[dict | None, str | None] = (manifest, None)
-        self._base = base
-
-    def get_manifest(self) -> tuple[dict | None, str | None]:
-        return self._manifest
-
-    def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
-        self._manifest = (manifest, etag)
-
-    def get_shard(self, name: str) -> bytes | None:
-        return self._base.get_shard(name)
-
-    def set_shard(self, name: str, data: bytes) -> None:
-        self._base.set_shard(name, data)
-
-    def drop_shards(self, names: Iterable[str]) -> None:
-        pass
-
 
 def _open_wait(conn: S3Connection | None, remote_timeout: float | None) -> float | None:
     """Seconds the open's manifest GET may take: ``remote_timeout``, else

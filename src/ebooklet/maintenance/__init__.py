@@ -10,13 +10,14 @@ so walking the chain needs only GETs (public readers can do it). ``vacuum``
 shortens the chain and deletes whatever the kept commits do not reference;
 ``docs/history-and-vacuum.md`` explains what it guarantees.
 
-Modules, lowest first: ``shards`` (in-memory mirrors, the index shard reader),
-``versioning`` (listing a database's object versions), ``history`` (the commit chain,
-pinning, diff), ``copying`` (delete and copy), ``vacuum``, ``check``. The names
+Modules, lowest first: ``versioning`` (listing a database's object versions),
+``history`` (the commit chain, pinning, diff, revert), ``copying`` (delete and copy),
+``vacuum``, ``check``; they read index shards through a ``remote.RemoteIndex``. The names
 below are the package's interface; ``history`` and ``vacuum`` here are the
 functions, not the modules of the same name.
 """
 
+from ..remote import MemoryMirror
 from .check import CheckResult, check_remote, remote_hash
 from .copying import CopyResult, DeleteResult, copy_remote, delete_remote, same_store
 from .history import (
@@ -33,7 +34,6 @@ from .history import (
     pin_commit,
     stage_revert,
 )
-from .shards import MemoryMirror
 from .vacuum import DEFAULT_REWRITE_BELOW, VacuumResult, vacuum
 
 __all__ = [

@@ -10,10 +10,9 @@ from .. import format as fmt
 from ..connection import S3Connection
 from ..errors import FormatVersionError, IntegrityError, ReadOnlyError, RemoteNotFoundError
 from ..format import Entry
-from ..remote import RemoteIndex, plan_ranges, read_pack_footer
+from ..remote import MemoryMirror, RemoteIndex, plan_ranges, read_pack_footer
 from ..replica import Replica
 from .history import iter_chain
-from .shards import MemoryMirror
 
 
 @dataclass

@@ -21,12 +21,11 @@ from ..errors import (
 )
 from ..lock import RemoteLock
 from ..progress import Progress, ProgressArg
-from ..remote import RemoteIndex, read_pack_footer
+from ..remote import MemoryMirror, RemoteIndex, read_pack_footer
 from ..replica import Replica
 from ..store import ObjectVersion
 from . import versioning
 from .history import db_head, writable_conn
-from .shards import MemoryMirror
 
 
 @dataclass
