@@ -56,6 +56,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import ebooklet
+from ebooklet.format import utc_datetime
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -296,7 +297,7 @@ def timestamp_text(us: int | None) -> str:
     """A timestamp in microseconds as ISO 8601 UTC (``-`` for ``None``)."""
     if us is None:
         return "-"
-    moment = datetime.datetime.fromtimestamp(us / 1e6, tz=datetime.timezone.utc)
+    moment = utc_datetime(us)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

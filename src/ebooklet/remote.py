@@ -343,11 +343,7 @@ class RemoteIndex:
             if directory is None:
                 return whole
         i = directory.page_of(key)
-        if i is None:
-            return {}
-        if fetch and self._pages_fetched.get(name, 0) >= PAGES_BEFORE_WHOLE:
-            return self.shard(name)
-        return self._page(name, directory, i, fetch)
+        return {} if i is None else self._page(name, directory, i, fetch)
 
     def _guard(self, name: str) -> threading.Lock:
         """The lock that makes one thread at a time fetch ``name`` (a shard or a piece)."""
@@ -416,7 +412,9 @@ class RemoteIndex:
         self, name: str, directory: fmt.ShardDirectory, i: int, fetch: bool
     ) -> dict[bytes, Entry] | None:
         """Page ``i`` of shard ``name``: from memory, the mirror, or one range GET (kept in
-        the mirror); ``None`` when it is not local and not ``fetch``.
+        the mirror; after :data:`PAGES_BEFORE_WHOLE` such GETs of one shard, the whole
+        shard instead, which holds the page's records); ``None`` when it is not local and
+        not ``fetch``.
 
         Raises:
             IntegrityError: the page fetched is damaged or hostile.
@@ -437,6 +435,8 @@ class RemoteIndex:
             if damage is not None:
                 raise damage
             return None
+        if self._pages_fetched.get(name, 0) >= PAGES_BEFORE_WHOLE:
+            return self.shard(name)  # many of its keys are read: the rest of it comes whole
         with self._guard(piece):
             page = _memory(self._lock, self._pages, piece)
             return page if page is not None else self._fetch_page(name, directory, i, damage)

@@ -304,9 +304,11 @@ def stage_revert(replica: Replica, commit: int | str) -> int:
     head = db_head(replica)
     old = find_commit(replica.conn, head, commit)
     restore: list[tuple[bytes, Entry]] = []
+    deleted = 0
     for kind, kb, _, then in diff_manifests(replica.remote, head, old):
         if kind == "deleted":
             replica.delete_value(replica.codec.decode_key(kb), kb)
+            deleted += 1
         else:
             restore.append((kb, then))
     for start in range(0, len(restore), REVERT_BATCH):
@@ -315,7 +317,7 @@ def stage_revert(replica: Replica, commit: int | str) -> int:
             replica.set_value(replica.codec.decode_key(kb), kb, raw, entry.md5, entry.timestamp)
     if old.get("metadata") != head.get("metadata"):
         replica.set_metadata(old.get("metadata"))
-    return len(restore) + sum(1 for edit in log.edits.values() if edit.md5 is None)
+    return len(restore) + deleted
 
 
 def db_diff(replica: Replica, seq_a: int | str, seq_b: int | str | None = None) -> list[KeyDiff]:
