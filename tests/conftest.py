@@ -19,6 +19,11 @@ with a public-read bucket. To run the same suite against a real S3-compatible st
     ``seaweedfs``: tests that kill or freeze a server of their own (``fresh_server``)
     start a private SeaweedFS (``tests/seaweedfs.py``); unset, they are skipped
     when ``EBOOKLET_TEST_ENDPOINT`` is set.
+``EBOOKLET_TEST_TARGET_ONLY`` (optional)
+    ``1``: run only the tests that talk to the S3 target (those using ``s3_server`` or
+    ``fresh_server``); the others (local files, signing, a private server of their own)
+    do not depend on it. ``.ci/run`` sets it for its second pass, after the moto pass
+    has run everything.
 
 ``python tests/seaweedfs.py -- python -m pytest`` runs the suite against a SeaweedFS
 server it starts on loopback, with all of these set.
@@ -241,6 +246,23 @@ def _external_target() -> S3Target | None:
         public_base_url=public.rstrip("/") if public else None,
         is_local=False,
     )
+
+
+TARGET_FIXTURES = {"s3_server", "fresh_server"}
+"""The fixtures through which a test talks to the S3 target under test."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``EBOOKLET_TEST_TARGET_ONLY=1``, deselect the tests that never reach the target."""
+    if _env("EBOOKLET_TEST_TARGET_ONLY") != "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        uses_target = TARGET_FIXTURES & set(getattr(item, "fixturenames", ()))
+        (keep if uses_target else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_report_header(config: pytest.Config) -> str:
