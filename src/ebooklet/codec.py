@@ -38,7 +38,8 @@ class Codec:
         key_serializer, value_serializer: the serializer classes (booklet's interface:
             ``dumps``, ``loads``).
         key_serializer_name, value_serializer_name: their names as manifests record them.
-        path: the local data file, named in errors.
+        path: the local data file, named in errors (a database read without one: its
+            location).
         source: where decoded keys come from, named in errors: the remote's URL, or the
             data file's path for a local-only copy.
     """
@@ -49,7 +50,7 @@ class Codec:
         key_serializer_name: str | None,
         value_serializer: Any,
         value_serializer_name: str | None,
-        path: Path,
+        path: Path | str,
         source: str,
     ) -> None:
         self._ks = key_serializer
