@@ -50,10 +50,12 @@ __all__ = ["BagWriteResult", "map_bag", "read_bag", "write_bag"]
 
 PARTITION_BYTES = 64 << 20
 """Value bytes a partition of :func:`read_bag` holds about, when ``npartitions`` is not given."""
-SEGMENT_BYTES = 1 << 20
+SEGMENT_BYTES = 8 << 20
 """A pack is read by partitions in segments of this many bytes: each segment's values go
 to one partition (neighbouring segments to neighbouring partitions), which reads them
-with one coalesced range GET or a few."""
+with one coalesced range GET or a few. A pack of small values (about 4 MiB) is mostly
+one segment: one GET (1 MiB segments made four, each costing as much as the whole pack
+on servers that copy the object for a range, as moto does)."""
 N_BUCKETS = 12007
 """The ``n_buckets`` a database created by :func:`write_bag` records (booklet's default)."""
 MODES = ("c", "w", "n")
