@@ -83,9 +83,9 @@ class ConnectionSpec:
     (the environment, ``profile`` or the default profile, an instance role...), or, with
     only ``db_url``, reads anonymously. Get one from :meth:`S3Connection.spec`.
 
-    Attributes:
-        db_key, bucket, endpoint_url, db_url, region, profile, threads, retries, timeout,
-            connect_timeout: as :class:`S3Connection` takes them.
+    Its fields are the :class:`S3Connection` arguments of the same names: ``db_key``,
+    ``bucket``, ``endpoint_url``, ``db_url``, ``region``, ``profile``, ``threads``,
+    ``retries``, ``timeout`` and ``connect_timeout``.
     """
 
     db_key: str | None = None

@@ -197,9 +197,10 @@ def read_bag(
         keys: only these keys (those absent are left out); ``None``: every key.
         prefix: only keys starting with it (``str`` keys: a ``str``; bytes keys: bytes).
         npartitions: how many partitions (default: one per :data:`PARTITION_BYTES` of values).
-        key_serializer, value_serializer, trust_serializers: as :func:`ebooklet.open`
-            takes them: a manifest naming ``pickle`` or a ``*zstd`` serializer is
-            followed only when the caller passes or trusts it.
+        key_serializer: as :func:`ebooklet.open` takes it (the database's own, by default).
+        value_serializer: as :func:`ebooklet.open` takes it: a manifest naming ``pickle``
+            or a ``*zstd`` serializer is followed only when the caller passes or trusts it.
+        trust_serializers: as :func:`ebooklet.open` takes it.
 
     Raises:
         TypeError, ValueError: bad arguments (``keys`` and ``prefix`` together...).
@@ -286,9 +287,9 @@ def write_bag(
             one, ``'n'`` replace it whole (its history stays until vacuum).
         message: recorded in the commit.
         force: on conflict keep this write's values instead of raising.
-        key_serializer, value_serializer: those of a database created or replaced
-            (default ``'str'`` keys and bytes values); an existing database's own are
-            used, and one passed must be the same.
+        key_serializer: that of a database created or replaced (default ``'str'``); an
+            existing database's own is used, and one passed must be the same.
+        value_serializer: likewise (default: bytes values).
         trust_serializers: as :func:`ebooklet.open` (an existing database naming pickle).
         lock_timeout: seconds to wait for another writer's lock before committing.
 
