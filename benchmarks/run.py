@@ -780,7 +780,7 @@ WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
     "local": {"ebooklet": local_ebooklet, "booklet": local_booklet},
     "scale": SCALE_STEPS,
     "previous": PREVIOUS_STEPS,
-    "dask": {"process": dask_process, "dask": dask_cluster},
+    "dask": {"process": dask_process, "ebooklet": dask_cluster},  # the process writes first
 }
 
 
@@ -1171,9 +1171,9 @@ def evaluate(name: str, res: dict, sizes: dict) -> list[dict]:
 def evaluate_dask(steps: dict, sizes: dict) -> list[dict]:
     """ebooklet.dask on two workers against one process doing the same: throughput of
     the values (MiB/s) and requests per partition."""
-    d, p = steps["dask"]["phases"], steps["process"]["phases"]
+    d, p = steps["ebooklet"]["phases"], steps["process"]["phases"]
     mib = sizes["dask_n"] * sizes["dask_size"] / MiB
-    workers = steps["dask"]["metrics"]["workers"]
+    workers = steps["ebooklet"]["metrics"]["workers"]
     ref = "1 process: open + update + push / open + load_items"
     rows = []
     for phase in ("write", "read"):
@@ -1518,6 +1518,10 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{previous_venv_path(None)}; --previous-venv PATH creates one")
                 print(f"skipping previous: {skipped[name]}", file=sys.stderr, flush=True)
                 continue
+        if name == "dask" and importlib.util.find_spec("distributed") is None:
+            skipped[name] = 'dask[distributed] is not installed: pip install -e ".[dask]"'
+            print(f"skipping dask: {skipped[name]}", file=sys.stderr, flush=True)
+            continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         if name == "scale":
             results[name] = run_scale(args, sizes)

@@ -17,6 +17,7 @@ import functools
 import pickle
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -131,6 +132,7 @@ def _spec_of(remote: Any, writing: bool) -> tuple[ConnectionSpec, S3Connection]:
             "remote must be an S3Connection, an ebooklet.connection.ConnectionSpec or a public "
             f"URL string, not {type(remote).__name__}."
         )
+    _CLIENT_CONNECTIONS[spec] = conn
     if writing and not spec.writable:
         raise ReadOnlyError(
             f"{conn!r} is read-only (a public URL): writing needs an S3Connection with "
@@ -226,7 +228,7 @@ def read_bag(
             wanted.setdefault(fmt.shard_of(kb, head["n_shards"]), []).append(kb)
         shards = {i: name for i, name in shards.items() if i in wanted}
         share = sum(map(len, wanted.values())) / max(1, head["n_keys"])
-    prefix_bytes = None if prefix is None else _prefix_bytes(codec, prefix)
+    prefix_bytes = None if prefix is None else codec.encode_prefix(prefix)
     n = npartitions or max(1, -(-int(head["n_bytes"] * share) // PARTITION_BYTES))
     numbers = sorted(shards)
     per_task = max(1, -(-len(numbers) // n))  # at most n index tasks
@@ -243,19 +245,6 @@ def read_bag(
     coding = _Coding.of(codec, conn.db_url)
     reads = [dask.delayed(_read_part)(spec, coding, [task[g] for task in index_tasks]) for g in range(n)]
     return dask.bag.from_delayed(reads)
-
-
-def _prefix_bytes(codec: Codec, prefix: Any) -> bytes:
-    """``prefix`` encoded, for keys whose encodings keep prefixes (see
-    :meth:`ebooklet.reads.Reads.prefix_bytes`, the same rule)."""
-    kind = serializers.key_type(codec.key_serializer)
-    if kind not in ("str", "bytes") or not isinstance(prefix, str if kind == "str" else bytes):
-        raise TypeError(
-            f"prefix= needs str keys and a str prefix, or bytes keys and a bytes prefix; this "
-            f"database's keys are encoded by {codec.key_serializer_name!r} and the prefix is "
-            f"{type(prefix).__name__}. Pass keys= instead, or filter the bag."
-        )
-    return codec.encode_key(prefix)
 
 
 def write_bag(
@@ -560,9 +549,24 @@ def _apply(pair: tuple[Any, Any], func: Callable[[Any, Any], Any]) -> tuple[Any,
 # ---------------------------------------------------------------- the workers' side
 
 
-@functools.lru_cache(maxsize=16)
+_CLIENT_CONNECTIONS: weakref.WeakValueDictionary[ConnectionSpec, S3Connection] = (
+    weakref.WeakValueDictionary()
+)
+"""The caller's connections by spec, in the caller's process only: tasks that run there
+(the local schedulers, a cluster of threads) use them, with their credentials, which
+never leave the process."""
+
+
 def _connection(spec: ConnectionSpec) -> S3Connection:
-    """This process's connection for ``spec``, made once (its pool, threads and
+    """The connection of a task for ``spec``: the caller's when the task runs in the
+    caller's process, else one made once per process (see :func:`_connect`)."""
+    conn = _CLIENT_CONNECTIONS.get(spec)
+    return conn if conn is not None else _connect(spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _connect(spec: ConnectionSpec) -> S3Connection:
+    """A worker process's connection for ``spec``, made once (its pool, threads and
     credentials serve every task of the process)."""
     return spec.connect()
 
