@@ -238,3 +238,27 @@ def test_bad_arguments_say_what_to_do(client: Client, conn: Any, public_url: str
         edask.read_bag(conn, npartitions=0)
     with pytest.raises(TypeError, match="remote must be"):
         edask.read_bag(42)
+
+
+def test_local_schedulers_use_the_callers_connection(
+    conn: Any, s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks run in this process (no cluster) sign with the caller's keys, which the
+    environment does not hold."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    with dask.config.set(scheduler="sync"):
+        edask.write_bag(dask.bag.from_sequence(items(10), npartitions=2), conn, value_serializer="orjson")
+        assert dict(edask.read_bag(conn).compute()) == dict(items(10))
+
+
+def test_a_spec_names_a_profile_never_keys(s3_server: Any) -> None:
+    where = {"db_key": "tests/profile/db", "bucket": s3_server.bucket, "endpoint_url": s3_server.endpoint_url}
+    spec = ebooklet.S3Connection(**where, profile="no-such-profile").spec()
+    assert spec.profile == "no-such-profile" and spec.writable
+    with pytest.raises(ebooklet.AuthError, match="no-such-profile"):
+        spec.connect().get("")
+    with pytest.raises(ValueError, match="profile"):
+        ebooklet.S3Connection("id", "secret", **where, profile="p")
