@@ -32,7 +32,10 @@ N_KEYS = 100_000
 def client(s3_server: Any) -> Iterator[Client]:
     """Two worker processes of one thread each; they find the S3 credentials in their
     environment, as real workers would."""
-    env = {"AWS_ACCESS_KEY_ID": s3_server.access_key_id, "AWS_SECRET_ACCESS_KEY": s3_server.access_key}
+    env = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3_server.access_key,
+    }
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
         dashboard_address=None, env=env,
@@ -58,6 +61,11 @@ def collect(bag: Any) -> list:
     return [item for blob in bag.map_partitions(_blob).compute() for item in pickle.loads(blob)]
 
 
+def write(pairs: list, conn: Any, npartitions: int, **kw: Any) -> Any:
+    """write_bag of ``pairs`` in ``npartitions`` partitions."""
+    return edask.write_bag(dask.bag.from_sequence(pairs, npartitions=npartitions), conn, **kw)
+
+
 def listing(conn: Any) -> dict[str, int]:
     return dict(conn.list(""))
 
@@ -77,7 +85,9 @@ def test_read_bag_is_the_database(client: Client, conn: Any, tmp_path: Any) -> N
     assert dict(edask.read_bag(conn, prefix="k0999").compute()) == under
 
 
-def test_write_partitions_read_back_by_url(client: Client, conn: Any, public_url: str, tmp_path: Any) -> None:
+def test_write_partitions_read_back_by_url(
+    client: Client, conn: Any, public_url: str, tmp_path: Any
+) -> None:
     bag = dask.bag.from_sequence(items(2000), npartitions=4)
     result = edask.write_bag(bag, conn, "n", value_serializer="pickle", message="from dask")
     assert (result.partitions, result.keys_pushed, result.seq) == (4, 2000, 1)
@@ -98,7 +108,7 @@ def _explode(part: list) -> list:
 
 
 def test_failed_partition_commits_nothing(client: Client, conn: Any, tmp_path: Any) -> None:
-    edask.write_bag(dask.bag.from_sequence(items(100), npartitions=2), conn, value_serializer="orjson")
+    write(items(100), conn, 2, value_serializer="orjson")
     before, etag = listing(conn), conn.get("").etag
     pairs = [*items(300, "new"), ("boom", {})]
     bag = dask.bag.from_sequence(pairs, npartitions=4).map_partitions(_explode)
@@ -141,7 +151,7 @@ def _held_write(conn: Any, pairs: list, name: str, outcome: dict) -> threading.T
 
 
 def test_concurrent_writes_merge_or_conflict(client: Client, conn: Any, tmp_path: Any) -> None:
-    edask.write_bag(dask.bag.from_sequence([("base", 0)], npartitions=1), conn, value_serializer="orjson")
+    write([("base", 0)], conn, 1, value_serializer="orjson")
     # different keys: both commit, nothing is lost
     first: dict = {}
     held = _held_write(conn, [("a", 1)], "merge", first)
@@ -168,7 +178,8 @@ def _secrets(s3_server: Any, make_conn: Any) -> tuple[Any, list[bytes]]:
     moto (which accepts any), the real ones elsewhere."""
     if s3_server.is_local:
         key_id, secret = "AKIADASKNEVERSHIP", "dask-secret-never-pickled"
-        return make_conn(access_key_id=key_id, access_key=secret), [key_id.encode(), secret.encode()]
+        conn = make_conn(access_key_id=key_id, access_key=secret)
+        return conn, [key_id.encode(), secret.encode()]
     return make_conn(), [s3_server.access_key_id.encode(), s3_server.access_key.encode()]
 
 
@@ -195,7 +206,7 @@ def test_no_credentials_in_tasks(
         return client.get(dsk, keys, **kw)
 
     with dask.config.set(scheduler=capture):
-        edask.write_bag(dask.bag.from_sequence(items(50), npartitions=2), conn, value_serializer="orjson")
+        write(items(50), conn, 2, value_serializer="orjson")
         edask.map_bag(_plus_one, conn, conn, npartitions=2)
     assert len(graphs) == 2
     bag = edask.read_bag(conn, npartitions=2)
@@ -208,14 +219,17 @@ def _plus_one(key: str, value: dict) -> dict:
     return {**value, "i": value["i"] + 1}
 
 
-def test_map_bag_to_a_new_database(client: Client, conn: Any, make_conn: Any, tmp_path: Any) -> None:
-    edask.write_bag(dask.bag.from_sequence(items(3000), npartitions=3), conn, value_serializer="orjson")
+def test_map_bag_to_a_new_database(
+    client: Client, conn: Any, make_conn: Any, tmp_path: Any
+) -> None:
+    write(items(3000), conn, 3, value_serializer="orjson")
     target = make_conn(db_key=conn.db_key + "-mapped")
     result = edask.map_bag(_plus_one, conn, target, prefix="k001", message="plus one")
     assert result.keys_pushed == 1000
     with ebooklet.open(target, tmp_path / "t.blt", "r") as db:
         assert db.info().value_serializer == "orjson"
-        assert dict(db.items()) == {k: _plus_one(k, v) for k, v in items(3000) if k.startswith("k001")}
+        expected = {k: _plus_one(k, v) for k, v in items(3000) if k.startswith("k001")}
+        assert dict(db.items()) == expected
 
 
 def test_bad_arguments_say_what_to_do(client: Client, conn: Any, public_url: str) -> None:
@@ -255,12 +269,13 @@ def test_local_schedulers_use_the_callers_connection(
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     with dask.config.set(scheduler="sync"):
-        edask.write_bag(dask.bag.from_sequence(items(10), npartitions=2), conn, value_serializer="orjson")
+        write(items(10), conn, 2, value_serializer="orjson")
         assert dict(edask.read_bag(conn).compute()) == dict(items(10))
 
 
 def test_a_spec_names_a_profile_never_keys(s3_server: Any) -> None:
-    where = {"db_key": "tests/profile/db", "bucket": s3_server.bucket, "endpoint_url": s3_server.endpoint_url}
+    where = {"db_key": "tests/profile/db", "bucket": s3_server.bucket,
+             "endpoint_url": s3_server.endpoint_url}
     spec = ebooklet.S3Connection(**where, profile="no-such-profile").spec()
     assert spec.profile == "no-such-profile" and spec.writable
     with pytest.raises(ebooklet.AuthError, match="no-such-profile"):

@@ -153,8 +153,12 @@ def _reading_codec(
     :func:`serializers.choose` allows (pickle and the like only when passed or trusted)."""
     trusted = serializers.trusted_names(trust)
     where = repr(conn)
-    ks, ks_name = serializers.choose("key_serializer", head["key_serializer"], key_serializer, trusted, where)
-    vs, vs_name = serializers.choose("value_serializer", head["value_serializer"], value_serializer, trusted, where)
+    ks, ks_name = serializers.choose(
+        "key_serializer", head["key_serializer"], key_serializer, trusted, where
+    )
+    vs, vs_name = serializers.choose(
+        "value_serializer", head["value_serializer"], value_serializer, trusted, where
+    )
     return Codec(ks, ks_name, vs, vs_name, conn.db_url, conn.db_url)
 
 
@@ -243,7 +247,9 @@ def read_bag(
         for group in (numbers[at : at + per_task] for at in range(0, len(numbers), per_task))
     ]
     coding = _Coding.of(codec, conn.db_url)
-    reads = [dask.delayed(_read_part)(spec, coding, [task[g] for task in index_tasks]) for g in range(n)]
+    reads = [
+        dask.delayed(_read_part)(spec, coding, [task[g] for task in index_tasks]) for g in range(n)
+    ]
     return dask.bag.from_delayed(reads)
 
 
@@ -296,7 +302,9 @@ def write_bag(
         TypeError, ValueError: bad arguments.
     """
     if not isinstance(bag, dask.bag.Bag):
-        raise TypeError(f"write_bag takes a dask.bag.Bag of (key, value) pairs, not {type(bag).__name__}.")
+        raise TypeError(
+            f"write_bag takes a dask.bag.Bag of (key, value) pairs, not {type(bag).__name__}."
+        )
     spec, conn = _spec_of(remote, writing=True)
     return _write(bag, spec, conn, mode, message, force, key_serializer, value_serializer,
                   trust_serializers, lock_timeout)
@@ -322,7 +330,8 @@ def _write(
         )
     if message is not None and not isinstance(message, str):
         raise TypeError(f"message must be a str or None, not {type(message).__name__}.")
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
+    number = isinstance(lock_timeout, (int, float)) and not isinstance(lock_timeout, bool)
+    if not number or not lock_timeout >= 0:
         raise ValueError(f"lock_timeout must be a number of seconds >= 0, not {lock_timeout!r}.")
     serializers.trusted_names(trust)
     base, _ = _head(conn)
@@ -529,7 +538,9 @@ def map_bag(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable(key, value) -> value, not {type(func).__name__}.")
-    bag = read_bag(remote, keys, prefix, npartitions=npartitions, trust_serializers=trust_serializers)
+    bag = read_bag(
+        remote, keys, prefix, npartitions=npartitions, trust_serializers=trust_serializers
+    )
     spec, conn = _spec_of(target, writing=True)
     if mode == "n" or _head(conn)[0] is None:  # a new target: the source's by default
         head, _ = _head(_spec_of(remote, writing=False)[1])
