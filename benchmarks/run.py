@@ -67,18 +67,21 @@ SIZES: dict[str, dict[str, Any]] = {
         large_n=8, large_size=32 * MiB, local_n=100_000, local_size=100,
         scale_sizes=[10_000, 100_000, 1_000_000], scale_size=100, scale_update_n=100_000,
         scale_get_n=100_000, previous_n=100_000, previous_size=100,
+        dask_n=100_000, dask_size=1024, dask_partitions=8,
     ),
     "quick": dict(
         small_n=5_000, small_size=1024, random_keys=200, change_fraction=0.01,
         large_n=4, large_size=16 * MiB, local_n=30_000, local_size=100,
         scale_sizes=[10_000, 100_000], scale_size=100, scale_update_n=100_000,
         scale_get_n=100_000, previous_n=100_000, previous_size=100,
+        dask_n=30_000, dask_size=1024, dask_partitions=4,
     ),
     "tiny": dict(
         small_n=300, small_size=1024, random_keys=20, change_fraction=0.05,
         large_n=2, large_size=1 * MiB, local_n=2_000, local_size=100,
         scale_sizes=[500, 2_000], scale_size=100, scale_update_n=1_000,
         scale_get_n=1_000, previous_n=2_000, previous_size=100,
+        dask_n=2_000, dask_size=1024, dask_partitions=2,
     ),
 }
 
@@ -699,6 +702,60 @@ def previous_side(ctx: Ctx) -> None:
     ctx.metrics["version"] = getattr(ebooklet, "__version__", None)
 
 
+# The dask workload (issue 14): one database of N values written and read by one process
+# (ebooklet.open + update + push, open + load_items), then by ebooklet.dask on a
+# LocalCluster of two worker processes of one thread (write_bag of a bag made on the
+# workers, read_bag reduced on the workers: no value goes through the client).
+
+DASK_WORKERS = 2
+
+
+def dask_item(i: int, size: int) -> tuple[str, bytes]:
+    """Key ``i`` and its value: ``size`` bytes, distinct per key (no dedup)."""
+    return f"key{i:07d}", (i.to_bytes(8, "little") * (size // 8 + 1))[:size]
+
+
+def _value_bytes(part: Any) -> list[int]:
+    return [sum(len(value) for _, value in part)]
+
+
+def dask_process(ctx: Ctx) -> None:
+    """One process: write the database with ebooklet.open and push, read it back whole."""
+    import ebooklet
+
+    n, size = ctx.sizes["dask_n"], ctx.sizes["dask_size"]
+    items = [dask_item(i, size) for i in range(n)]
+    with ctx.phase("write"), ebooklet.open(ctx.conn(), ctx.path("w.blt"), "n") as db:
+        db.update(items)
+        db.changes().push()
+    with ctx.phase("read") as record, ebooklet.open(ctx.conn(), ctx.path("r.blt"), "r") as db:
+        record["values"] = db.load_items()
+
+
+def dask_cluster(ctx: Ctx) -> None:
+    """The same on a cluster: write_bag from the workers, read_bag summed on them."""
+    import dask.bag
+    from distributed import Client, LocalCluster
+
+    from ebooklet import dask as edask
+
+    n, size, parts = ctx.sizes["dask_n"], ctx.sizes["dask_size"], ctx.sizes["dask_partitions"]
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    with LocalCluster(n_workers=DASK_WORKERS, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None, env=env) as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: __import__("ebooklet.dask"))  # imports are not what is timed
+        bag = dask.bag.range(n, npartitions=parts).map(dask_item, size)
+        with ctx.phase("write", profile=False) as record:
+            result = edask.write_bag(bag, ctx.conn().copy(db_key="bench/dask"), "n")
+            record["partitions"], record["packs"] = result.partitions, result.packs
+        with ctx.phase("read", profile=False) as record:
+            bag = edask.read_bag(ctx.conn(), npartitions=parts)
+            record["bytes"] = sum(bag.map_partitions(_value_bytes).compute())
+            record["partitions"] = bag.npartitions
+    ctx.metrics["workers"] = DASK_WORKERS
+
+
 PREVIOUS_VERSION = "0.11.1"
 PREVIOUS_STEPS: dict[str, Callable[[Ctx], None]] = {
     "ebooklet": previous_side,
@@ -723,6 +780,7 @@ WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
     "local": {"ebooklet": local_ebooklet, "booklet": local_booklet},
     "scale": SCALE_STEPS,
     "previous": PREVIOUS_STEPS,
+    "dask": {"process": dask_process, "ebooklet": dask_cluster},  # the process writes first
 }
 
 
@@ -1103,8 +1161,28 @@ def evaluate(name: str, res: dict, sizes: dict) -> list[dict]:
                              f"≤ {limit}×" if limit else "", ratio <= limit if limit else None))
     elif name == "previous":
         rows = evaluate_previous(steps, sizes)
+    elif name == "dask":
+        rows = evaluate_dask(steps, sizes)
     for row in rows:
         row["workload"] = name
+    return rows
+
+
+def evaluate_dask(steps: dict, sizes: dict) -> list[dict]:
+    """ebooklet.dask on two workers against one process doing the same: throughput of
+    the values (MiB/s) and requests per partition."""
+    d, p = steps["ebooklet"]["phases"], steps["process"]["phases"]
+    mib = sizes["dask_n"] * sizes["dask_size"] / MiB
+    workers = steps["ebooklet"]["metrics"]["workers"]
+    ref = "1 process: open + update + push / open + load_items"
+    rows = []
+    for phase in ("write", "read"):
+        rows.append(_row(f"{phase} MiB/s, {workers} workers", "MiB/s", mib / d[phase]["seconds"],
+                         mib / p[phase]["seconds"], ref))
+        partitions = d[phase]["partitions"]
+        rows.append(_row(f"{phase} requests per partition ({partitions})", "req",
+                         _total(d[phase]) / partitions, ratio=None))
+        rows.append(_row(f"{phase} requests", "req", _total(d[phase]), _total(p[phase]), ref))
     return rows
 
 
@@ -1440,6 +1518,10 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{previous_venv_path(None)}; --previous-venv PATH creates one")
                 print(f"skipping previous: {skipped[name]}", file=sys.stderr, flush=True)
                 continue
+        if name == "dask" and importlib.util.find_spec("distributed") is None:
+            skipped[name] = 'dask[distributed] is not installed: pip install -e ".[dask]"'
+            print(f"skipping dask: {skipped[name]}", file=sys.stderr, flush=True)
+            continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         if name == "scale":
             results[name] = run_scale(args, sizes)

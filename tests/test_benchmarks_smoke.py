@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local"}
+WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local"} | (
+    {"dask"} if importlib.util.find_spec("distributed") is not None else set()
+)
 SCALE_STEPS = {"write", "initial_push", "boto3_push", "warm_reopen", "cold_read", "cold_len", "push_one",
                "push_pct", "local_get", "update"}
 
@@ -98,6 +100,10 @@ def test_workloads_move_the_bytes_they_claim(report: dict) -> None:
     large = report["workloads"]["large"]["steps"]
     assert large["boto3"]["phases"]["pull"]["bytes"] == sizes["large_n"] * sizes["large_size"]
     assert large["ebooklet"]["phases"]["pull"]["values"] == sizes["large_n"]
+    if "dask" in WORKLOADS:
+        dask = report["workloads"]["dask"]["steps"]
+        assert dask["ebooklet"]["phases"]["read"]["bytes"] == sizes["dask_n"] * sizes["dask_size"]
+        assert dask["process"]["phases"]["read"]["values"] == sizes["dask_n"]
 
 
 def test_scale_measures_every_phase_at_every_size(report: dict) -> None:

@@ -125,16 +125,23 @@ def host_header(parts: Any) -> str:
     return host
 
 
-def default_credentials() -> Any:
+def default_credentials(profile: str | None = None) -> Any:
     """The credentials of boto3's chain (environment, config files, SSO, roles...), which
-    refresh themselves.
+    refresh themselves; ``profile`` names the config profile to use (``None``: the default).
 
     Raises:
         AuthError: the chain found none.
     """
     import boto3
+    import botocore.exceptions
 
-    credentials = boto3.Session().get_credentials()
+    try:
+        credentials = boto3.Session(profile_name=profile).get_credentials()
+    except botocore.exceptions.ProfileNotFound:
+        raise AuthError(
+            f"The AWS config profile {profile!r} does not exist here; create it "
+            "(aws configure --profile) or give another."
+        ) from None
     if credentials is None:
         raise AuthError(
             "No credentials given and none found in the environment or AWS config; "

@@ -27,7 +27,6 @@ from .errors import (
     OfflineError,
     PreconditionFailed,
     ReadOnlyError,
-    RemoteNotFoundError,
 )
 from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
@@ -516,26 +515,19 @@ class Changes:
         the md5 journaled with its edit before upload (see :meth:`Replica.damaged_edit`).
         """
         replica = self._replica
-        old_n = head["n_shards"] if head else 1
-        old_keys = head["n_keys"] if head else 0
-        n_shards = max(old_n, fmt.shards_needed(old_keys + len(plan.sets), fmt.KEYS_PER_SHARD))
+        n_shards = remote_module.shard_count(head, len(plan.sets))
         groups: dict[int, list[bytes]] = {}
         for kb in chain(plan.sets, plan.deletes):
             groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
-        if head is not None and n_shards == old_n:
-            shards, numbers = list(head["shards"]), sorted(groups)
-        else:
-            shards, numbers = [None] * n_shards, range(n_shards)
-            if head is not None:  # every shard is split: all are read
-                replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
-        counts = [old_keys, head["n_bytes"] if head else 0]
+        shards, numbers = replica.remote.shards_to_write(head, n_shards, groups)
+        counts = [head["n_keys"] if head else 0, head["n_bytes"] if head else 0]
         remember = len(groups) <= 1 or sum(map(len, groups.values())) <= PUSH_BATCH_KEYS
         writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember, self._progress)
         try:
             batch: list[_ShardWrite] = []
             batch_keys: dict[bytes, _ShardWrite] = {}
             for i in numbers:
-                shard = _ShardWrite(i, self._old_contents(head, i, n_shards), writer.shared)
+                shard = _ShardWrite(i, replica.remote.shard_contents(head, i, n_shards), writer.shared)
                 for kb in groups.pop(i, ()):
                     if kb in plan.deletes:
                         shard.contents.pop(kb, None)
@@ -556,17 +548,6 @@ class Changes:
             raise
         return shards, n_shards, counts[0], counts[1], writer.uploaded
 
-    def _old_contents(self, head: dict | None, number: int, n_shards: int) -> dict[bytes, Entry]:
-        """The entries of shard ``number`` of ``n_shards`` in ``head`` (a copy): when the
-        shard count grew, those of the old shard it splits (see :func:`format.shard_of`)."""
-        if head is None:
-            return {}
-        old_n = head["n_shards"]
-        old = self._replica.remote.shard(fmt.shard_name_at(head, number * old_n // n_shards))
-        if old_n == n_shards:
-            return dict(old)
-        return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
-
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
         """md5 -> location of the values an earlier push uploaded but did not commit,
         whose pack is still there (vacuum() deletes the packs of pushes that never committed)."""
@@ -580,17 +561,9 @@ class Changes:
     def _existing_packs(self, packs: set[bytes]) -> set[bytes]:
         """Those of ``packs`` still in the bucket (one 1-byte GET each, once per push)."""
         checked = self._packs_checked
-        conn = self._replica.conn
-
-        def exists(pack: bytes) -> bool:
-            try:
-                conn.get_range(fmt.pack_name(pack), 0, 1)
-                return True
-            except RemoteNotFoundError:
-                return False
-
-        todo = sorted(packs - checked.keys())
-        checked.update(zip(todo, conn.workers.map(exists, todo), strict=True))
+        todo = packs - checked.keys()
+        alive = self._replica.remote.existing_packs(todo)
+        checked.update((p, p in alive) for p in todo)
         return {p for p in packs if checked[p]}
 
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:

@@ -38,7 +38,8 @@ class Codec:
         key_serializer, value_serializer: the serializer classes (booklet's interface:
             ``dumps``, ``loads``).
         key_serializer_name, value_serializer_name: their names as manifests record them.
-        path: the local data file, named in errors.
+        path: the local data file, named in errors (a database read without one: its
+            location).
         source: where decoded keys come from, named in errors: the remote's URL, or the
             data file's path for a local-only copy.
     """
@@ -49,7 +50,7 @@ class Codec:
         key_serializer_name: str | None,
         value_serializer: Any,
         value_serializer_name: str | None,
-        path: Path,
+        path: Path | str,
         source: str,
     ) -> None:
         self._ks = key_serializer
@@ -153,6 +154,29 @@ class Codec:
     def value_serializer_name(self) -> str | None:
         """The value serializer's name as manifests record it."""
         return self._vs_name
+
+    def encode_prefix(self, prefix: Any) -> bytes:
+        """The encoded form with which the encoded form of every key starting with
+        ``prefix`` starts: keys of the key serializer ``'str'`` take a ``str`` prefix
+        (UTF-8 keeps prefixes), keys stored as bytes (``None``) a ``bytes`` prefix.
+
+        Raises:
+            TypeError: another key serializer (numbers, JSON...: encodings that do not
+                keep prefixes), or a prefix of another type than the keys'.
+        """
+        kind = serializers.key_type(self._ks)
+        if kind not in ("str", "bytes"):
+            raise TypeError(
+                f"prefix= needs str or bytes keys (key serializer 'str' or None); the keys of "
+                f"{self._path} are encoded by {self._ks_name!r}, whose encodings do not keep "
+                "prefixes: filter the keys yourself."
+            )
+        if not isinstance(prefix, str if kind == "str" else bytes):
+            raise TypeError(
+                f"The keys of {self._path} are {kind}: prefix must be {kind}, "
+                f"not {type(prefix).__name__}."
+            )
+        return self.encode_key(prefix)
 
     def encode_key(self, key: Any) -> bytes:
         """``key`` encoded by the key serializer.

@@ -24,6 +24,7 @@ from base64 import b64encode
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -74,6 +75,49 @@ most about 2 KiB each: a key of up to 1024 bytes, escaped, and its other fields)
 multipart, copy or bulk-delete answer. A larger one is refused (``IntegrityError``)."""
 
 
+@dataclass(frozen=True)
+class ConnectionSpec:
+    """Where a database lives and how to reach it, without credentials: what a connection
+    may hand to another process (a pickle, a Dask task). :meth:`connect` there makes an
+    :class:`S3Connection` that resolves its own credentials through boto3's chain
+    (the environment, ``profile`` or the default profile, an instance role...), or, with
+    only ``db_url``, reads anonymously. Get one from :meth:`S3Connection.spec`.
+
+    Its fields are the :class:`S3Connection` arguments of the same names: ``db_key``,
+    ``bucket``, ``endpoint_url``, ``db_url``, ``region``, ``profile``, ``threads``,
+    ``retries``, ``timeout`` and ``connect_timeout``.
+    """
+
+    db_key: str | None = None
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    db_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    threads: int = 16
+    retries: int = 3
+    timeout: float = 30.0
+    connect_timeout: float = CONNECT_TIMEOUT
+
+    @property
+    def writable(self) -> bool:
+        """True when the connections made from it can write (bucket and key known)."""
+        return self.db_key is not None
+
+    def connect(self) -> S3Connection:
+        """A new :class:`S3Connection` to the place this spec names.
+
+        Raises:
+            TypeError, ValueError: a field :class:`S3Connection` refuses.
+        """
+        return S3Connection(
+            db_key=self.db_key, bucket=self.bucket, endpoint_url=self.endpoint_url,
+            db_url=self.db_url, region=self.region, profile=self.profile,
+            threads=self.threads, retries=self.retries, timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+        )
+
+
 class Answer(NamedTuple):
     """A response read whole: its status, headers and (capped) body."""
 
@@ -120,6 +164,8 @@ class S3Connection:
         timeout: seconds to wait for each answer of the server (the read timeout).
         connect_timeout: seconds to wait for a connection to be made, each try
             (kept short: an endpoint that cannot be reached is known quickly).
+        profile: with no ``access_key_id``, the AWS config profile whose credentials
+            boto3's chain resolves (``None``: the chain's default, ``AWS_PROFILE``).
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type or value.
@@ -139,6 +185,7 @@ class S3Connection:
         timeout: float = 30.0,
         session_token: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        profile: str | None = None,
     ):
         for name, value in (
             ("access_key_id", access_key_id),
@@ -149,6 +196,7 @@ class S3Connection:
             ("db_url", db_url),
             ("region", region),
             ("session_token", session_token),
+            ("profile", profile),
         ):
             _check_str(name, value)
         if (db_key is None) != (bucket is None):
@@ -159,6 +207,11 @@ class S3Connection:
             raise ValueError("access_key_id and access_key go together: give both or neither.")
         if session_token is not None and access_key_id is None:
             raise ValueError("session_token goes with access_key_id and access_key: give all three.")
+        if profile is not None and (access_key_id is not None or db_key is None):
+            raise ValueError(
+                "profile names where boto3's chain finds credentials: give it with db_key and "
+                "bucket, and without access_key_id and access_key."
+            )
         if db_key is not None and (db_key.endswith("/") or db_key.startswith("/")):
             raise ValueError(f"db_key {db_key!r} must not start or end with '/'.")
         for name, url in (("endpoint_url", endpoint_url), ("db_url", db_url)):
@@ -181,6 +234,7 @@ class S3Connection:
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self.db_url = db_url or self._derive_db_url()
+        self.profile = profile
         # botocore credentials: fixed ones, or those of boto3's chain (which refresh)
         self._credentials: Any = None
         self._signer = Signer(self.region)
@@ -237,12 +291,23 @@ class S3Connection:
             retries=self.retries,
             timeout=self.timeout,
             connect_timeout=self.connect_timeout,
+            profile=self.profile,
         )
         params.update(changes)
         copy = S3Connection(**params)
         if copy._credentials is None:
             copy._credentials = self._credentials  # the same keys (and their refreshes)
         return copy
+
+    def spec(self) -> ConnectionSpec:
+        """This connection's :class:`ConnectionSpec`: where it reaches and how, never its
+        keys. Another process turns it into a connection that finds its own credentials."""
+        return ConnectionSpec(
+            db_key=self.db_key, bucket=self.bucket, endpoint_url=self.endpoint_url,
+            db_url=self.db_url, region=self.region, profile=self.profile,
+            threads=self.threads, retries=self.retries, timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+        )
 
     def public_params(self) -> dict[str, Any]:
         """The connection's location, without credentials (safe to write to disk): the
@@ -265,7 +330,7 @@ class S3Connection:
             with self._init_lock:
                 if self._http is None:
                     if self.writable and self._credentials is None:
-                        self._credentials = default_credentials()
+                        self._credentials = default_credentials(self.profile)
                     self._http = urllib3.PoolManager(
                         num_pools=4, maxsize=self.threads + 4, retries=False,
                         timeout=self._timeouts(self.timeout),

@@ -237,7 +237,7 @@ class EBooklet(MutableMapping):
         replica.check_writable()
         kb = replica.codec.encode_key(key)
         raw = replica.codec.encode_value(value)
-        _check_sizes(key, kb, raw)
+        fmt.check_sizes(key, kb, raw)
         replica.set_value(key, kb, raw, fmt.md5(raw), _timestamp(timestamp))
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -617,7 +617,7 @@ def _pairs(args: tuple, kwargs: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
 
 
 def _spool_pairs(replica: Replica, pairs: Iterable[tuple[Any, Any]], spool: IO[bytes]) -> None:
-    """Encode and check every pair (:func:`_check_sizes`) into ``spool``, as records of
+    """Encode and check every pair (:func:`format.check_sizes`) into ``spool``, as records of
     :data:`_SPOOLED` then the encoded key and value.
 
     Raises:
@@ -626,7 +626,7 @@ def _spool_pairs(replica: Replica, pairs: Iterable[tuple[Any, Any]], spool: IO[b
     write, encode_key, encode_value = spool.write, replica.codec.encode_key, replica.codec.encode_value
     for key, value in pairs:
         kb, raw = encode_key(key), encode_value(value)
-        _check_sizes(key, kb, raw)
+        fmt.check_sizes(key, kb, raw)
         write(_SPOOLED.pack(len(kb), len(raw), fmt.md5(raw)))
         write(kb)
         write(raw)
@@ -647,20 +647,6 @@ def _spooled_batches(spool: IO[bytes]) -> Iterator[list[tuple[bytes, bytes, byte
             batch, n_bytes = [], 0
     if batch:
         yield batch
-
-
-def _check_sizes(key: Any, kb: bytes, raw: bytes) -> None:
-    """Refuse an encoded key or value too long for the local file (``ValueError``)."""
-    if len(kb) > fmt.KEY_MAX:
-        raise ValueError(
-            f"Key {key!r:.60} is {len(kb):,} bytes once encoded; keys can be at most "
-            f"{fmt.KEY_MAX:,} bytes. Use a shorter key (a hash of it, for instance)."
-        )
-    if len(raw) > fmt.VALUE_MAX:
-        raise ValueError(
-            f"The value of key {key!r:.60} is {len(raw):,} bytes once encoded; values can "
-            f"be at most {fmt.VALUE_MAX:,} bytes. Split it over several keys."
-        )
 
 
 def _timestamp(timestamp: Any) -> int | None:

@@ -828,6 +828,25 @@ def iter_shard_names(manifest: Mapping[str, Any]) -> Iterator[tuple[int, str]]:
             yield i, shard_name(commit, i)
 
 
+def check_sizes(key: Any, kb: bytes, raw: bytes) -> None:
+    """Refuse an encoded key ``kb`` (of ``key``) or value ``raw`` longer than the layouts
+    hold (:data:`KEY_MAX`, :data:`VALUE_MAX`).
+
+    Raises:
+        ValueError: one is too long, with what to do.
+    """
+    if len(kb) > KEY_MAX:
+        raise ValueError(
+            f"Key {key!r:.60} is {len(kb):,} bytes once encoded; keys can be at most "
+            f"{KEY_MAX:,} bytes. Use a shorter key (a hash of it, for instance)."
+        )
+    if len(raw) > VALUE_MAX:
+        raise ValueError(
+            f"The value of key {key!r:.60} is {len(raw):,} bytes once encoded; values can "
+            f"be at most {VALUE_MAX:,} bytes. Split it over several keys."
+        )
+
+
 def utc_datetime(timestamp: int) -> datetime:
     """The aware UTC datetime of a timestamp in µs since the Unix epoch (exact to the µs)."""
     return _EPOCH + timedelta(microseconds=timestamp)

@@ -471,6 +471,84 @@ class RemoteIndex:
         self.load_shards(names.values())
         return {k: self.shard(n).get(k) for k, n in names.items()}
 
+    def shard_contents(self, head: dict | None, number: int, n_shards: int) -> dict[bytes, Entry]:
+        """The entries of shard ``number`` of ``n_shards`` in ``head`` (a copy; ``{}``
+        without a head): when the shard count grew, those of the old shard it splits
+        (see :func:`format.shard_of`)."""
+        if head is None:
+            return {}
+        old_n = head["n_shards"]
+        old = self.shard(fmt.shard_name_at(head, number * old_n // n_shards))
+        if old_n == n_shards:
+            return dict(old)
+        return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
+
+    def shards_to_write(
+        self, head: dict | None, n_shards: int, touched: Iterable[int]
+    ) -> tuple[list[str | None], list[int]]:
+        """The shard list of a commit of ``n_shards`` shards on top of ``head``, to be
+        filled in, and the numbers of the shards it writes: the ``touched`` ones when the
+        count is ``head``'s, else every shard (each old one is split: all are read now)."""
+        if head is not None and n_shards == head["n_shards"]:
+            return list(head["shards"]), sorted(touched)
+        if head is not None:
+            self.load_shards(n for _, n in fmt.iter_shard_names(head))
+        return [None] * n_shards, list(range(n_shards))
+
+    def write_shards(
+        self, commit_id: str, head: dict | None, changes: Mapping[bytes, Entry | None]
+    ) -> ShardsWritten:
+        """Merge ``changes`` (key -> its new entry, ``None`` to delete it) into the index
+        of ``head`` (``None``: a new or replaced database) and upload the shards they
+        touch for commit ``commit_id``, ``conn.threads`` at a time. Nothing is committed.
+
+        Raises:
+            ShardLimitError: a shard would be larger than readers accept.
+        """
+        self._require_conn()
+        n_shards = shard_count(head, sum(e is not None for e in changes.values()))
+        groups: dict[int, list[bytes]] = {}
+        for kb in changes:
+            groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
+        shards, numbers = self.shards_to_write(head, n_shards, groups)
+        counts = [head["n_keys"] if head else 0, head["n_bytes"] if head else 0]
+
+        def write(number: int) -> tuple[int, str | None, int, int]:
+            contents = self.shard_contents(head, number, n_shards)
+            old_keys, old_bytes = len(contents), sum(e.length for e in contents.values())
+            for kb in groups.get(number, ()):
+                entry = changes[kb]
+                if entry is None:
+                    contents.pop(kb, None)
+                else:
+                    contents[kb] = entry
+            if contents:
+                self.upload_shard(commit_id, number, contents, remember=False)
+            n_bytes = sum(e.length for e in contents.values())
+            return number, commit_id if contents else None, len(contents) - old_keys, n_bytes - old_bytes
+
+        for number, written, keys_delta, bytes_delta in self.conn.workers.map(write, numbers):
+            shards[number] = written
+            counts[0] += keys_delta
+            counts[1] += bytes_delta
+        return ShardsWritten(shards, n_shards, counts[0], counts[1])
+
+    def existing_packs(self, packs: Iterable[bytes]) -> set[bytes]:
+        """Those of ``packs`` still in the bucket: one 1-byte GET each, in parallel (works
+        anonymously too)."""
+        self._require_conn()
+        conn = self.conn
+
+        def exists(pack: bytes) -> bool:
+            try:
+                conn.get_range(fmt.pack_name(pack), 0, 1)
+                return True
+            except RemoteNotFoundError:
+                return False
+
+        todo = sorted(set(packs))
+        return {p for p, ok in zip(todo, conn.workers.map(exists, todo), strict=True) if ok}
+
     def iter_entries(self, manifest: dict | None = None) -> Iterator[tuple[bytes, Entry]]:
         """Every ``(key, entry)`` of the remote index (all shards fetched in parallel)."""
         manifest = manifest if manifest is not None else self.manifest
@@ -596,6 +674,33 @@ class RemoteIndex:
         footer = fmt.encode_pack_footer(footer_items)
         self.conn.put(fmt.pack_name(pack), b"".join([v for _, v, _, _ in items] + [footer]))
         return PackUpload(pack, footer, located)
+
+    def upload_values(self, items: Iterable[tuple[bytes, bytes, bytes, int]]) -> Iterator[PackUpload]:
+        """Upload ``(key, value, md5, timestamp)`` items as new packs; yields each
+        :class:`PackUpload` once it is up (their ``located`` entries are what an index
+        needs). Values are grouped into packs closed once they reach :data:`PACK_SIZE`,
+        up to ``conn.threads`` of them uploading at once on the connection's workers; a
+        value over :data:`PART_SIZE` goes up alone from the calling thread (a multipart
+        upload runs its parts on those workers). ``items`` is read as packs are sent."""
+        self._require_conn()
+        pending: deque[Future] = deque()
+        pack: list[tuple[bytes, bytes, bytes, int]] = []
+        size = 0
+        for item in items:
+            if len(item[1]) > PART_SIZE:
+                yield self.upload_pack([item])
+                continue
+            pack.append(item)
+            size += len(item[1])
+            if size >= PACK_SIZE:
+                pending.append(self.conn.workers.submit(self.upload_pack, pack))
+                pack, size = [], 0
+                while len(pending) > self.conn.threads:
+                    yield pending.popleft().result()
+        if pack:
+            pending.append(self.conn.workers.submit(self.upload_pack, pack))
+        while pending:
+            yield pending.popleft().result()
 
     def upload_large(self, key: bytes, value: bytes, ts: int, hashed: Any) -> PackUpload:
         """Upload one large value as a pack of its own; returns it with its new :class:`Entry`.
@@ -727,6 +832,25 @@ def _shard_names(manifest: dict | None) -> set[str]:
 MISSING_SHARD: Any = REMOTE_UNKNOWN
 """Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local:
 the remote version is unknown to the three-way rule (:func:`.local.three_way`)."""
+
+
+def shard_count(head: dict | None, added: int) -> int:
+    """The number of index shards of a commit on top of ``head`` (``None``: a new or
+    replaced database) adding at most ``added`` keys: ``head``'s, doubled while the keys
+    would average more than :data:`format.KEYS_PER_SHARD` a shard (never fewer)."""
+    old_n = head["n_shards"] if head else 1
+    old_keys = head["n_keys"] if head else 0
+    return max(old_n, fmt.shards_needed(old_keys + added, fmt.KEYS_PER_SHARD))
+
+
+class ShardsWritten(NamedTuple):
+    """The index of a commit once :meth:`RemoteIndex.write_shards` uploaded its shards:
+    the manifest's ``shards``, ``n_shards``, ``n_keys`` and ``n_bytes``."""
+
+    shards: list[str | None]
+    n_shards: int
+    n_keys: int
+    n_bytes: int
 
 
 class PackUpload(NamedTuple):
