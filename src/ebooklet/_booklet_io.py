@@ -11,15 +11,19 @@ the day a booklet release changes the layout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from hashlib import blake2s
 from pathlib import Path
 from typing import Any
 
 import booklet
+import portalocker
 
 from .errors import ScanInterrupted
 
@@ -74,6 +78,8 @@ def scan(
     """
     utils = booklet.utils
     book.sync()
+    if isinstance(book, DataFile):
+        book.refresh()
     with book._thread_lock:
         mutations = book._mutation_count
         reader = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
@@ -164,6 +170,8 @@ def data_state(book: Any, path: Path) -> dict[str, int]:
     end of the file, marks a deletion in place (the key count drops) and rewrites the
     file on ``prune()``/``clear()`` (the layout changes)."""
     book.sync()
+    if isinstance(book, DataFile):
+        book.refresh()
     stat = os.stat(path)
     return {
         "size": stat.st_size,
@@ -206,11 +214,20 @@ def get_value(book: Any, kb: bytes) -> bytes | None:
     ``pread`` reads the bucket and one each record of its chain, the value with it when
     the value is small (about 3 µs). The writable file is unbuffered, so ``pread`` sees
     every write; records still in booklet's write buffer are flushed first, as its
-    ``get`` does.
+    ``get`` does. A miss in a shared :class:`DataFile` is looked up once more when
+    another process moved the index meanwhile (:meth:`DataFile.refresh`).
     """
     key_hash = blake2s(kb, digest_size=_HASH_LEN).digest()
     if key_hash in book._buffer_index_set:
         book.sync()
+    raw = _lookup(book, key_hash)
+    if raw is None and isinstance(book, DataFile) and book.refresh():
+        raw = _lookup(book, key_hash)
+    return raw
+
+
+def _lookup(book: Any, key_hash: bytes) -> bytes | None:
+    """:func:`get_value` of the key of hash ``key_hash``, in the index as ``book`` sees it."""
     width, ts_len = booklet.utils.n_bytes_file, book._ts_bytes_len
     with book._thread_lock:
         fd = book._file.fileno()
@@ -218,6 +235,8 @@ def get_value(book: Any, kb: bytes) -> bytes | None:
         block = int.from_bytes(os.pread(fd, width, bucket), "little")
         while block > 1:
             record = os.pread(fd, _READ_AHEAD, block)
+            if len(record) < _RECORD_HEAD.size:  # a stale view of an index another process moved
+                return None
             block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(record)
             if next_block == _DELETED:
                 return None
@@ -261,6 +280,13 @@ def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview,
         heads.append((key_hash, head + key, value))
     if not heads:
         return
+    with getattr(book, "batch", contextlib.nullcontext)():
+        _append_heads(book, heads)
+
+
+def _append_heads(book: Any, heads: list[tuple[bytes, bytes, bytes | memoryview]]) -> None:
+    """:func:`append_records` once the records' heads are made (and, for a shared
+    :class:`DataFile`, its batch lock taken)."""
     book.sync()  # records buffered go first, as set() keeps the order
     with book._thread_lock:
         if getattr(book, "before_write", None) is not None:
@@ -448,6 +474,8 @@ _N_KEYS_CRASH = booklet.utils.n_keys_crash.to_bytes(4, "little")
 #: of the file passes over the index as over any deleted record (see :meth:`DataFile._grow`).
 _SKIP_KEY = b"\x00"
 _HEADER_END = booklet.utils.first_data_block_pos_pos + booklet.utils.n_bytes_file
+_UNSET_POSITION = 52983525027888  # what booklet reads as "no position recorded" besides 0
+_MISS = object()
 
 
 def _skip_head(size: int, ts_len: int) -> bytes:
@@ -479,16 +507,204 @@ class DataFile(booklet.VariableLengthValue):
     before_write: Callable[[], None] | None = None
     """Called before buffered records are written to the file."""
 
-    def __init__(self, path: str, flag: str, **params: Any):
+    def __init__(self, path: str, flag: str, batch_lock: contextlib.AbstractContextManager | None = None, **params: Any):
         """Open ``path`` as ``booklet.open(path, flag, **params)`` does; a file marked
         "not closed cleanly" (a growth or a write killed mid-way, or a booklet object
-        never closed) is relinked when writable."""
-        interrupted = flag in ("c", "w") and _marked_crashed(path)
-        super().__init__(path, flag, **params)
+        never closed) is relinked when writable.
+
+        ``batch_lock`` (a reentrant lock shared by the processes that open the file, see
+        :class:`.local.FileLock`), with flag ``'c'``: the file is shared with them (see
+        :meth:`batch`); without it, booklet's exclusive file lock is held until close.
+        """
+        self._batch_lock = batch_lock if flag != "r" else None
+        self._batch_depth = 0
         self._pending: list[tuple[bytes, int]] = []  # (key hash, position in the buffer)
-        if interrupted and self.writable:
-            with self._thread_lock:
-                self._grow(self._n_buckets, dedupe=True)
+        if self._batch_lock is None:
+            interrupted = flag in ("c", "w") and _marked_crashed(path)
+            super().__init__(path, flag, **params)
+            if interrupted and self.writable:
+                with self._thread_lock:
+                    self._grow(self._n_buckets, dedupe=True)
+            return
+        with self._batch_lock:
+            if os.path.exists(path):
+                self._open_shared(path, **params)
+            else:  # created holding booklet's exclusive lock, then shared for the session
+                super().__init__(path, "c", **params)
+                portalocker.lock(self._file, portalocker.LOCK_SH)
+            self._pending = []
+            if self._n_keys == booklet.utils.n_keys_crash:  # a process was killed writing
+                with self._thread_lock:
+                    self._grow(self._n_buckets, dedupe=True)
+
+    def _open_shared(
+        self, path: str, key_serializer: Any = None, value_serializer: Any = None,
+        n_buckets: int = 12007, buffer_size: int = 2**22, timeout: float | None = None,
+    ) -> None:
+        """Open an existing file for reading and writing holding a shared file lock (booklet
+        takes an exclusive one): what booklet's ``init_files_variable`` does for it."""
+        utils = booklet.utils
+        file = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            utils._acquire_lock(file, portalocker.LOCK_SH, timeout, path)
+            header = file.read(utils.sub_index_init_pos)
+            if header[:16] != utils.uuid_variable_blt:
+                raise TypeError("This is not the correct file type.")
+            self._defer_reindex = False
+            self.writable = True
+            self._lock_timeout = timeout
+            self._write_buffer_size = buffer_size
+            self._buffer_data = bytearray()
+            self._buffer_index = bytearray()
+            self._buffer_index_set: set[bytes] = set()
+            self._thread_lock = threading.Lock()
+            self._mutation_count = 0
+            self._compaction_count = 0
+            self._is_file = True
+            self._file_path = Path(path)
+            self._file = file
+            self._mmap = None
+            utils.read_base_params_variable(self, header, key_serializer, value_serializer)
+            if self._version < 4:
+                if self._version != 3:
+                    raise ValueError("File is an older version.")
+                self._init_timestamps = 0
+                self._ts_bytes_len = 0
+        except BaseException:
+            file.close()
+            raise
+        self._finalizer = weakref.finalize(self, utils.close_files, file, 0, self._n_keys_pos, False, None)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may have the file open too (see :meth:`batch`)."""
+        return self._batch_lock is not None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold the batch lock around a write to a shared file, seeing the file as the
+        other processes left it: the header is read again (another process may have
+        appended records or moved the index), and a write another process was killed in
+        (the header's "not closed cleanly" key count) is repaired first: the index is
+        relinked from the records and a record cut short at the end is cut away, so
+        that nothing is appended after a torn record. A no-op for a file not shared."""
+        if self._batch_lock is None:
+            yield
+            return
+        with self._batch_lock:
+            self._batch_depth += 1
+            try:
+                if self._batch_depth == 1:
+                    with self._thread_lock:
+                        self._reread_header(repair=True)
+                yield
+            finally:
+                self._batch_depth -= 1
+
+    def refresh(self) -> bool:
+        """Read the header of a shared file again (without the batch lock): returns
+        whether another process moved the index since, so that a lookup that missed is
+        worth another try (its chains were relinked for the new index)."""
+        if self._batch_lock is None or self._file is None or self._file.closed:
+            return False
+        with self._thread_lock:
+            return self._reread_header(repair=False)
+
+    def _reread_header(self, repair: bool) -> bool:
+        """Adopt the header's index, first record and key count (the caller holds the
+        thread lock); a key count saying "not closed cleanly" is kept out and, when
+        ``repair`` (the batch lock held), the file relinked. Returns whether the index moved."""
+        utils = booklet.utils
+        width = utils.n_bytes_file
+        header = os.pread(self._file.fileno(), _HEADER_END, 0)
+        n_buckets = int.from_bytes(header[21:25], "little")
+        n_keys = int.from_bytes(header[utils.n_keys_pos : utils.n_keys_pos + 4], "little")
+        index_offset = int.from_bytes(header[utils.index_offset_pos : utils.index_offset_pos + width], "little")
+        first = int.from_bytes(header[utils.first_data_block_pos_pos : _HEADER_END], "little")
+        moved = (n_buckets, index_offset) != (self._n_buckets, self._index_offset)
+        if index_offset not in (0, _UNSET_POSITION):
+            self._index_offset = index_offset
+        if first not in (0, _UNSET_POSITION):
+            self._first_data_block_pos = first
+        self._n_buckets = n_buckets
+        if n_keys != utils.n_keys_crash:
+            self._n_keys = n_keys
+        elif repair:
+            self._grow(n_buckets, dedupe=True)
+            moved = True
+        if moved:
+            self._mutation_count += 1
+        return moved
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        """Hold the file alone, for a write that moves records (``clear``, ``prune``):
+        no other process may have it open then.
+
+        Raises:
+            booklet.LockTimeoutError: another process has the file open.
+        """
+        if self._batch_lock is None:
+            yield
+            return
+        with self.batch():
+            try:
+                portalocker.lock(self._file, portalocker.LOCK_EX | portalocker.LOCK_NB)
+            except portalocker.exceptions.LockException:
+                portalocker.lock(self._file, portalocker.LOCK_SH)  # a failed conversion drops it
+                raise booklet.LockTimeoutError(
+                    f"{self._file_path} is open in another process: close it there first."
+                ) from None
+            try:
+                yield
+            finally:
+                portalocker.lock(self._file, portalocker.LOCK_SH)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """booklet's ``get``, once more after a miss when another process moved the index."""
+        value = super().get(key, _MISS)
+        if value is _MISS and self.refresh():
+            value = super().get(key, _MISS)
+        return default if value is _MISS else value
+
+    def get_timestamp(
+        self, key: Any, include_value: bool = False, decode_value: bool = True, default: Any = None
+    ) -> Any:
+        """booklet's ``get_timestamp``, once more after a miss when another process moved the index."""
+        found = super().get_timestamp(key, include_value, decode_value, _MISS)
+        if found is _MISS and self.refresh():
+            found = super().get_timestamp(key, include_value, decode_value, _MISS)
+        return default if found is _MISS else found
+
+    def __contains__(self, key: Any) -> bool:
+        """booklet's ``in``, once more after a miss when another process moved the index."""
+        return super().__contains__(key) or (self.refresh() and super().__contains__(key))
+
+    def __delitem__(self, key: Any) -> None:
+        """booklet's ``del``, under the batch lock."""
+        with self.batch():
+            super().__delitem__(key)
+
+    def set_timestamp(self, key: Any, timestamp: Any) -> None:
+        """booklet's ``set_timestamp``, under the batch lock."""
+        with self.batch():
+            super().set_timestamp(key, timestamp)
+
+    def set_metadata(self, data: Any, timestamp: Any = None) -> None:
+        """booklet's ``set_metadata``, under the batch lock and marked "not closed
+        cleanly" while it writes (booklet appends a record and links it)."""
+        with self.batch():
+            self.sync()
+            if self._batch_lock is not None:
+                os.pwrite(self._file.fileno(), _N_KEYS_CRASH, self._n_keys_pos)
+            super().set_metadata(data, timestamp)
+            if self._batch_lock is not None:
+                os.pwrite(self._file.fileno(), self._n_keys.to_bytes(4, "little"), self._n_keys_pos)
+
+    def prune(self, *args: Any, **kwargs: Any) -> Any:
+        """booklet's ``prune``, with the file alone (see :meth:`alone`)."""
+        with self.alone():
+            return super().prune(*args, **kwargs)
 
     def put(self, key: bytes, value: bytes, timestamp: Any = None) -> None:
         """Set the encoded ``key`` to the encoded ``value`` (with ``timestamp``: µs, ISO
@@ -531,19 +747,23 @@ class DataFile(booklet.VariableLengthValue):
             self.set(key, value)
 
     def clear(self) -> None:
-        """booklet's ``clear``, which drops the buffered records too."""
-        with self._thread_lock:
-            self._buffer_data.clear()
-            self._pending.clear()
-            self._buffer_index_set.clear()
-        super().clear()
+        """booklet's ``clear``, which drops the buffered records too, with the file alone
+        (see :meth:`alone`)."""
+        with self.alone():
+            with self._thread_lock:
+                self._buffer_data.clear()
+                self._pending.clear()
+                self._buffer_index_set.clear()
+            super().clear()
 
     def sync(self) -> None:
         """Write the buffered records (after :attr:`before_write`), link them, and grow
         the index if it holds more keys than buckets."""
         if not self.writable or self._file is None or self._file.closed:
             return
-        with self._thread_lock:
+        if not self._buffer_data and self._n_keys <= self._n_buckets:
+            return
+        with self.batch(), self._thread_lock:
             if self._buffer_data:
                 if self.before_write is not None:
                     self.before_write()

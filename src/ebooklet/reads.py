@@ -112,9 +112,10 @@ class Reads:
             return self._edited(key, kb) if local else None
         return self._remote_raw(key, kb)
 
-    def _edited(self, key: Any, kb: bytes) -> tuple[int, bytes]:
+    def _edited(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key with a local edit, checked against the md5
-        journaled with the edit.
+        journaled with the edit. A reader whose journal the writer (another process)
+        changed since it read it reads it again, and the key as it is now.
 
         Raises:
             IntegrityError: the data file lacks the value, or holds another one.
@@ -130,6 +131,8 @@ class Reads:
                 if edit is None or edit.md5 is None:
                     return found  # discarded or deleted meanwhile: a read of the older state
                 if found is None or fmt.md5(found[1]) != edit.md5:
+                    if self._replica.catch_up_edits():  # a writer in another process changed it
+                        return self.lookup(key)
                     raise self._replica.damaged_edit(kb, found is not None)
         self._log.checked[kb] = edit.md5
         return found
@@ -162,7 +165,8 @@ class Reads:
             return default if raw is None else self._decode_value(raw)
         local = self._local_only(kb)
         if local is not None:
-            return self._replica.codec.decode_value(self._edited(key, kb)[1]) if local else default
+            found = self._edited(key, kb) if local else None
+            return default if found is None else self._replica.codec.decode_value(found[1])
         found = self._remote_raw(key, kb)
         return default if found is None else self._replica.codec.decode_value(found[1])
 
