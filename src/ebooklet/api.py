@@ -17,7 +17,7 @@ from . import lock, maintenance, serializers
 from .connection import S3Connection, connection_from
 from .ebooklet import EBooklet
 from .errors import EBookletError
-from .local import local_paths
+from .local import in_use, local_paths
 from .maintenance import CheckResult, check_commit_arg
 from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
 from .replica import Replica
@@ -238,13 +238,14 @@ def delete_local(file_path: str | os.PathLike, force: bool = False) -> list[str]
     paths = local_paths(file_path)
     if not any(p.exists() for p in paths):
         return []
+    busy = EBookletError(f"{file_path} is open in another process; close it there, then delete it.")
+    if in_use(file_path):
+        raise busy
     try:
         with open(None, file_path, "r", timeout=0) as db:
             pending = sum(1 for c in db.changes().iter_changes())
     except booklet.LockTimeoutError:
-        raise EBookletError(
-            f"{file_path} is open in another process; close it there, then delete it."
-        ) from None
+        raise busy from None
     if pending and not force:
         raise EBookletError(
             f"{file_path} holds {pending} unpushed edit(s); push them first, or pass "

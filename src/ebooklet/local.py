@@ -23,6 +23,7 @@ Byte layouts are in ``docs/format.md``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import struct
@@ -41,6 +42,11 @@ import booklet
 import orjson
 import portalocker
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no record locks, no fetch claims
+    fcntl = None  # type: ignore[assignment]
+
 from ._booklet_io import DATA_STATE_FIELDS, DataFile
 from .errors import FormatVersionError, IntegrityError
 from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
@@ -57,6 +63,9 @@ _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 byte
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
+CLAIM_MAX = 4096
+"""A download of more values than this at once claims none of them (see
+:class:`FetchClaims`): a bulk load is not worth one record lock per key."""
 LOCK_POLL = 0.01
 """Seconds between two tries of a :class:`FileLock` taken with a timeout."""
 HOLD_SIZE = 1 << 20
@@ -622,18 +631,28 @@ class ChangeLog:
             with self._lock:
                 self._append(b"")
 
-    def reload(self) -> bool:
+    @staticmethod
+    def start(path: Path) -> None:
+        """Start an empty journal at ``path`` if there is none (a reader opening a new
+        copy: the copy has its four files, as a writer leaves them)."""
+        if not path.exists():
+            _replace_durably(path, _LOG_MAGIC)
+
+    def reload(self, writable: bool = False) -> bool:
         """A journal opened read-only (a reader's): read it again if another process (the
         writer) changed it since it was read; returns whether it did. The edits remembered
-        in memory only (:meth:`remember_edits`) are replaced by the file's.
+        in memory only (:meth:`remember_edits`) are replaced by the file's. ``writable``:
+        read it again in any case, and append to it from now on (the caller became the
+        copy's writer).
 
         Raises:
             IntegrityError: the journal is now damaged.
         """
-        if self._fd is not None or _file_stat(self.path) == self._stat:
+        if self._fd is not None or (_file_stat(self.path) == self._stat and not writable):
             return False
-        fresh = ChangeLog(self.path, writable=False)
+        fresh = ChangeLog(self.path, writable=writable)
         with self._lock:
+            self._fd, self._size, self._end_known = fresh._fd, fresh._size, fresh._end_known
             self.edits.clear()
             self.edits.update(fresh.edits)
             for key in [k for k, m in self.checked.items() if k not in fresh.edits or fresh.edits[k].md5 != m]:
@@ -1102,6 +1121,57 @@ _META_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("conditional_writes", lambda v: isinstance(v, bool), "true or false"),
     ("remote", lambda v: v is None or isinstance(v, dict), "an object or null"),
 )
+
+
+class FetchClaims:
+    """Which process is downloading which value of a local copy now, so that a process
+    about to download a value another one is downloading waits for it and then finds it
+    cached instead (docs/processes.md). A claim is a POSIX record lock on one byte of the
+    batch lock file, chosen by a hash of the key (two keys may share a byte: one waits
+    for the other, as for one key). Record locks belong to a process: the threads of one
+    process do not wait for each other's downloads. Without ``fcntl`` (Windows), or
+    without a path, nothing is claimed and every process downloads what it lacks.
+
+    Args:
+        path: the batch lock file (``None``: claim nothing).
+    """
+
+    def __init__(self, path: Path | None):
+        self._fd = None if path is None or fcntl is None else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def take(self, keys: list[bytes], wait: bool = False) -> list[bytes] | None:
+        """Claim the downloads of ``keys`` (encoded), waiting for each when ``wait``; returns
+        those claimed (not those another process holds, or whose wait would deadlock), or
+        ``None`` when nothing is claimed here (no record locks, or more than
+        :data:`CLAIM_MAX` keys): download them all."""
+        if self._fd is None or len(keys) > CLAIM_MAX:
+            return None
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        taken = []
+        for key in keys:
+            try:
+                fcntl.lockf(self._fd, flags, 1, _claim_byte(key))
+            except OSError:  # held by another process (or a wait that would deadlock)
+                continue
+            taken.append(key)
+        return taken
+
+    def give_back(self, keys: Iterable[bytes]) -> None:
+        """Release the claims of ``keys``."""
+        if self._fd is None:
+            return
+        for key in keys:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _claim_byte(key))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _claim_byte(key: bytes) -> int:
+    """The byte of the batch lock file whose record lock claims the download of ``key``."""
+    return int.from_bytes(hashlib.blake2s(key, digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 def _file_stat(path: Path) -> tuple[int, int, int] | None:

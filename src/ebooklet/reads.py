@@ -235,11 +235,24 @@ class Reads:
         )
 
     def _download_one(self, kb: bytes, entry: Entry) -> tuple[int, bytes] | None:
-        head = self._replica.remote.etag
-        for _, e, raw in self._replica.remote.fetch_values([(kb, entry)]):
-            self._replica.cache_fetched([(kb, raw, e.timestamp)], head)
-            return e.timestamp, raw
-        return None
+        """Download and cache the value of ``entry``, unless another process that was
+        downloading it (see :class:`.local.FetchClaims`) cached it meanwhile."""
+        claims = self._replica.claims
+        waited = claims.take([kb]) == []
+        if waited:
+            claims.take([kb], wait=True)
+        try:
+            if waited:
+                cached = self._replica.cached(self._replica.codec.decode_key(kb))
+                if cached is not None and _is_copy(cached[0], cached[1], entry):
+                    return cached
+            head = self._replica.remote.etag
+            for _, e, raw in self._replica.remote.fetch_values([(kb, entry)]):
+                self._replica.cache_fetched([(kb, raw, e.timestamp)], head)
+                return e.timestamp, raw
+            return None
+        finally:
+            claims.give_back([kb])
 
     def _moved(self, wanted: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]] | None:
         """After a pack of ``wanted`` was not found: their current entries (keys deleted
@@ -628,6 +641,10 @@ class Reads:
         size = 0
         head = self._replica.remote.etag
         caching = self._replica.local_writable  # else every value is handed over, in a buffer of its own
+        # values another process is downloading now are left to it (read later, one by one)
+        claimed = self._replica.claims.take([kb for kb, _ in wanted])
+        if claimed is not None and len(claimed) < len(wanted):
+            wanted = [(kb, e) for kb, e in wanted if kb in set(claimed)]
         try:
             for kb, entry, raw in self._replica.remote.fetch_values(wanted, reuse_buffers=caching):
                 large = len(raw) > LARGE_VALUE
@@ -643,7 +660,10 @@ class Reads:
                     self._replica.cache_fetched(batch, head)
                     batch, size = [], 0
         finally:  # what was downloaded and verified is kept, even if a later value fails
-            self._replica.cache_fetched(batch, head)
+            try:
+                self._replica.cache_fetched(batch, head)
+            finally:
+                self._replica.claims.give_back(claimed or ())
 
 
     def timestamp(

@@ -41,6 +41,7 @@ from .errors import (
 from .local import (
     UNKNOWN_MD5,
     ChangeLog,
+    FetchClaims,
     FileLock,
     IndexMirror,
     LocalMeta,
@@ -126,6 +127,7 @@ class Replica:
         self.path = Path(file_path)
         self.flag = flag
         self.writable = flag != "r"
+        self._journaling = self.writable  # writes the journal and owns P.ebk.json (docs/processes.md)
         self._offline = conn is None
         self._conn = conn
         self._rlock = threading.RLock()
@@ -139,6 +141,8 @@ class Replica:
         self._local_writable = _local_files_writable(self.path, flag)
         data_path, log_path, mirror_path, meta_path = local_paths(self.path)
         self._batch, self._writer = _copy_locks(self.path, self._local_writable, self.writable, timeout)
+        self.claims = FetchClaims(lock_paths(self.path)[0] if self._local_writable else None)
+        """Which process downloads which value now (see :class:`FetchClaims`)."""
         try:
             # The local files are read holding the batch lock: as one state, between
             # two writes of the other processes that have the copy open (docs/processes.md).
@@ -164,6 +168,8 @@ class Replica:
                     raise
                 if not fresh and self.writable:
                     self._outside.mark_session_open()
+                elif not self.writable and self._local_writable:
+                    ChangeLog.start(log_path)
                 local_exists = data_path.exists() and not fresh
                 if not fresh:
                     self._check_same_remote(conn)
@@ -186,6 +192,7 @@ class Replica:
             outside = getattr(self, "_outside", None)  # None: P.ebk.json could not be read
             if outside is not None and self.writable:
                 outside.unmark_session_open(getattr(self, "_log", None))
+            self._close_locks()
             raise
 
     def _open_local(
@@ -286,7 +293,7 @@ class Replica:
         """
         if self._closed:
             return
-        if self.writable or self._writer is None:
+        if self._journaling or self._writer is None:
             self._outside.record_data_state(self._data, self._data_path, closed, always)
             return
         if not self._writer.acquire(0):
@@ -413,10 +420,10 @@ class Replica:
             # Values cached from now on come from the new head: the next open tells them
             # from edits made outside against the manifest it finds in the mirror. (A
             # reader adopts it in memory, then records: see _record_data_state.)
-            if self.writable:
+            if self._journaling:
                 self._record_data_state(closed=False)
             self._remote.adopt(manifest, etag)
-            if not self.writable:
+            if not self._journaling:
                 self._record_data_state(closed=False)
         self._offline = False
         return True
@@ -520,10 +527,32 @@ class Replica:
     def catch_up_edits(self) -> bool:
         """A reader: read the journal again if the writer (another process) changed it
         since; returns whether it did (see docs/processes.md)."""
-        if self.writable or not self._local_writable:
+        if self._journaling or not self._local_writable:
             return False
         with self._rlock:
             return self._log.reload()
+
+    def _become_writer(self) -> None:
+        """A reader about to write the journal (``delete_remote`` keeps the values as
+        edits): it takes the writer lock for the rest of its session, and from then on
+        writes the journal and owns ``P.ebk.json`` and the copy's head, as a writer.
+
+        Raises:
+            booklet.LockTimeoutError: a writer has the copy open.
+        """
+        if self._journaling:
+            return
+        if not self._writer.acquire(0):
+            raise booklet.LockTimeoutError(
+                f"{self.path} is open for writing in another process; this needs the copy's "
+                "writer lock: close it there first."
+            )
+        with self._batch:
+            self._record_data_state(closed=False)  # as a reader: the head becomes the copy's
+            self._log.reload(writable=True)
+            self._outside.mark_session_open()
+            self._mirror.head_in_memory = False
+            self._journaling = True
 
     def damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
@@ -547,7 +576,7 @@ class Replica:
             if self._log.replace or self._remote.etag != head or not records or not self._local_writable:
                 return  # else values are returned, not cached
             with self._batch:
-                if not self.writable and not self._may_cache(head):
+                if not self._journaling and not self._may_cache(head):
                     return
                 edits = self._log.edits
                 records = [r for r in records if r[0] not in edits]
@@ -610,8 +639,12 @@ class Replica:
                 del self._data[key]
 
     def drop_values(self, kbs: Iterable[bytes]) -> None:
-        """Drop the local values of ``kbs`` from the data file (journaling nothing)."""
-        with self._rlock:
+        """Drop the local values of ``kbs`` from the data file (journaling nothing); a
+        reader leaves those the writer has edited since it read the journal."""
+        with self._rlock, self._batched():
+            if not self._journaling and self._local_writable:
+                self._log.reload()
+                kbs = [kb for kb in kbs if kb not in self._log.edits]
             for kb in kbs:
                 key = self.codec.decode_key(kb)
                 if key in self._data:
@@ -792,6 +825,7 @@ class Replica:
         version (not the head's) is dropped: the key is not that value any more."""
         self.check_local_writable("delete_remote")
         with self._rlock:
+            self._become_writer()
             self._data.sync()
             edits = self._log.edits
             cached = [(kb, fmt.md5(raw)) for kb, _, raw in self.scan() if kb not in edits]
@@ -811,6 +845,7 @@ class Replica:
         push (none based on a remote version: the next push recreates the remote),
         without local deletions (nothing is left to delete) or a remote manifest."""
         with self._rlock:
+            self._become_writer()
             edits = dict(self._log.edits)
             self._log.mark_clean(kb for kb, edit in edits.items() if edit.md5 is None)
             self._log.record_edits((kb, e.md5, None) for kb, e in edits.items() if e.md5 is not None)
@@ -830,12 +865,17 @@ class Replica:
             lambda: self._data.close(),
             lambda: self._log.close(),
             lambda: self._mirror.close(),
-            lambda: self._batch.close(),
-            lambda: self._writer.close(),
         ):
             with contextlib.suppress(AttributeError):
                 closer()
         self.release_lock()
+
+    def _close_locks(self) -> None:
+        """Close the lock files (which releases the writer lock)."""
+        for lock in (self._batch, self._writer):
+            if lock is not None:
+                lock.close()
+        self.claims.close()
 
     def close(self) -> None:
         """Flush and close the local files and release the remote write lock."""
@@ -847,6 +887,7 @@ class Replica:
         finally:
             self._closed = True
             self._close_files()
+            self._close_locks()
 
 def _open_wait(conn: S3Connection | None, remote_timeout: float | None) -> float | None:
     """Seconds the open's manifest GET may take: ``remote_timeout``, else
