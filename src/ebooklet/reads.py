@@ -238,11 +238,11 @@ class Reads:
         """Download and cache the value of ``entry``, unless another process that was
         downloading it (see :class:`.local.FetchClaims`) cached it meanwhile."""
         claims = self._replica.claims
-        waited = claims.take([kb]) == []
-        if waited:
+        claimed = claims.take([kb])
+        if claimed == []:  # another process is downloading it: wait for it
             claims.take([kb], wait=True)
         try:
-            if waited:
+            if claimed is not None:  # another process may have cached it since it was looked up
                 cached = self._replica.cached(self._replica.codec.decode_key(kb))
                 if cached is not None and _is_copy(cached[0], cached[1], entry):
                     return cached
@@ -644,7 +644,8 @@ class Reads:
         # values another process is downloading now are left to it (read later, one by one)
         claimed = self._replica.claims.take([kb for kb, _ in wanted])
         if claimed is not None and len(claimed) < len(wanted):
-            wanted = [(kb, e) for kb, e in wanted if kb in set(claimed)]
+            mine = set(claimed)
+            wanted = [(kb, e) for kb, e in wanted if kb in mine]
         try:
             for kb, entry, raw in self._replica.remote.fetch_values(wanted, reuse_buffers=caching):
                 large = len(raw) > LARGE_VALUE
