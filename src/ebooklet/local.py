@@ -669,6 +669,14 @@ class ChangeLog:
             for key, md5_, base in edits:
                 self.edits[key] = Edit(md5_, base)
 
+    def forget_edits(self, keys: Iterable[bytes]) -> None:
+        """Forget the edits of ``keys`` in memory only, for this session: a copy that may
+        not write the journal (a reader); the next writable open journals it."""
+        with self._lock:
+            for key in keys:
+                self.edits.pop(key, None)
+                self.checked.pop(key, None)
+
     def mark_clean(self, keys: Iterable[bytes]) -> None:
         """Forget the edits of ``keys`` (pushed or discarded)."""
         self._write([(CLEAN, k, None, None) for k in keys])
@@ -761,9 +769,10 @@ class ChangeLog:
         live = len(self.edits) + len(self._uploads) + len(self._packs) + 2
         return self._records > 1000 and self._records > 4 * live
 
-    def close(self) -> None:
+    def close(self, mark_closed: bool = True) -> None:
         """Compact if worthwhile, end the file with a close record (unless nothing was
-        appended since the last one) and close it.
+        appended since the last one, or not ``mark_closed``: a reader that wrote one
+        cleanup, whose session did not open the journal) and close it.
 
         Raises:
             OSError: the close record could not be written (the file is closed anyway).
@@ -773,7 +782,7 @@ class ChangeLog:
                 if self.needs_compaction():
                     self.compact()
                 self.flush()
-                if self._end_known and not self.ends_closed:
+                if self._end_known and not self.ends_closed and mark_closed:
                     self._write([(CLOSED, b"", None, None)])
             finally:
                 os.close(self._fd)

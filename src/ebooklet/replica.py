@@ -163,8 +163,7 @@ class Replica:
                         expect_closed=closed and not fresh,
                     )
                 except IntegrityError:
-                    if self.writable:
-                        self._outside.mark_session_open()  # said once: the next open starts a new journal
+                    self._set_damaged_journal_aside(log_path, closed and not fresh)
                     raise
                 if not fresh and self.writable:
                     self._outside.mark_session_open()
@@ -219,7 +218,7 @@ class Replica:
         )
         self._data.before_write = self._log.flush  # the journal reaches the disk first
         self._data_path = data_path
-        if not local_exists and not fresh and self.writable:
+        if not local_exists and not fresh:
             self._forget_lost_values()
         self._closed = False
         if not self.writable:  # the writer may have journaled edits since the journal was read
@@ -236,6 +235,21 @@ class Replica:
             n_buckets=n_buckets,
         )
         self._record_data_state(closed=False, always=True, reread=False)
+
+    def _set_damaged_journal_aside(self, log_path: Path, expect_closed: bool) -> None:
+        """The journal is damaged: a writer has set it aside (see :class:`ChangeLog`); a
+        reader does so too when no writer has the copy open. Said once: the next open
+        starts a new journal."""
+        if not self.writable:
+            if self._writer is None or not self._writer.acquire(0):
+                return  # the writer's (or the next writable open's) to set aside
+            try:
+                ChangeLog(log_path, True, expect_closed=expect_closed).close(mark_closed=False)
+            except IntegrityError:
+                pass  # set aside
+            finally:
+                self._writer.release()
+        self._outside.mark_session_open()
 
     def _batched(self) -> contextlib.AbstractContextManager:
         """The batch lock (held around each write to the shared local files), or nothing
@@ -279,9 +293,21 @@ class Replica:
                 f"{self.path} was missing: {len(lost)} unpushed value(s) were lost with it; "
                 "those keys read the remote version again.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-            self._log.mark_clean(lost)
+            if self._journaling:
+                self._log.mark_clean(lost)
+            elif self._writer is not None and self._writer.acquire(0):
+                try:  # a reader, no writer open: it may journal this as a writer would
+                    self._outside.mark_session_open()
+                    cleanup = ChangeLog(self._log.path)
+                    cleanup.mark_clean(lost)
+                    cleanup.close(mark_closed=False)
+                    self._log.reload()
+                finally:
+                    self._writer.release()
+            else:  # a writer has the copy: the next writable open finds them lost too
+                self._log.forget_edits(lost)
 
     def _record_data_state(self, closed: bool, always: bool = False, reread: bool = True) -> None:
         """Record the data file's state while it is open: :meth:`OutsideWrites.record_data_state`.
@@ -401,6 +427,8 @@ class Replica:
         """
         if self._pinned is not None:
             return False  # a snapshot (open(..., commit=)) stays at its commit
+        if not self._closed:
+            self.catch_up_edits()  # a reader sees the writer's flushed edits from here on
         old_manifest = self._remote.manifest
         manifest, etag = self._remote.fetch_manifest(wait)
         # Resolve even when the head is unchanged: a key edited before its shard was
@@ -529,7 +557,7 @@ class Replica:
         since; returns whether it did (see docs/processes.md)."""
         if self._journaling or not self._local_writable:
             return False
-        with self._rlock:
+        with self._rlock, self._batch:  # the writer journals and writes under it: one state
             return self._log.reload()
 
     def _become_writer(self) -> None:
