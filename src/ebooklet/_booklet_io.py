@@ -206,7 +206,7 @@ def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) 
     return size if appended else 0
 
 
-def get_value(book: Any, kb: bytes) -> bytes | None:
+def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
     """The encoded value of the encoded key ``kb`` in the booklet file ``book`` (``None``:
     not there), as ``book.get`` reads it, minus the key encoding and value decoding.
 
@@ -214,20 +214,12 @@ def get_value(book: Any, kb: bytes) -> bytes | None:
     ``pread`` reads the bucket and one each record of its chain, the value with it when
     the value is small (about 3 µs). The writable file is unbuffered, so ``pread`` sees
     every write; records still in booklet's write buffer are flushed first, as its
-    ``get`` does. A miss in a shared :class:`DataFile` is looked up once more when
-    another process moved the index meanwhile (:meth:`DataFile.refresh`).
+    ``get`` does. A miss in a shared :class:`DataFile` is looked up once more (``again``)
+    when another process moved the index meanwhile (:meth:`DataFile.refresh`).
     """
     key_hash = blake2s(kb, digest_size=_HASH_LEN).digest()
     if key_hash in book._buffer_index_set:
         book.sync()
-    raw = _lookup(book, key_hash)
-    if raw is None and isinstance(book, DataFile) and book.refresh():
-        raw = _lookup(book, key_hash)
-    return raw
-
-
-def _lookup(book: Any, key_hash: bytes) -> bytes | None:
-    """:func:`get_value` of the key of hash ``key_hash``, in the index as ``book`` sees it."""
     width, ts_len = booklet.utils.n_bytes_file, book._ts_bytes_len
     with book._thread_lock:
         fd = book._file.fileno()
@@ -236,18 +228,20 @@ def _lookup(book: Any, key_hash: bytes) -> bytes | None:
         while block > 1:
             record = os.pread(fd, _READ_AHEAD, block)
             if len(record) < _RECORD_HEAD.size:  # a stale view of an index another process moved
-                return None
+                break
             block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(record)
             if next_block == _DELETED:
-                return None
+                break
             if block_hash == key_hash:
                 start = _RECORD_HEAD.size + ts_len + key_len
                 if start + value_len <= len(record):
                     return record[start : start + value_len]
                 return os.pread(fd, value_len, block + start)
             if next_block == _NO_NEXT_BLOCK:
-                return None
+                break
             block = int.from_bytes(next_block, "little")
+    if again and isinstance(book, DataFile) and book.refresh():
+        return get_value(book, kb, False)
     return None
 
 
