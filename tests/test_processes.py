@@ -100,8 +100,8 @@ def killed_writing(conn_spec: dict, path: str) -> None:
         db.load_items()
 
 
-def read_one(remote: Any, path: str, key: str, results: Any) -> None:
-    with ebooklet.open(remote, path, "r", timeout=WAIT) as db:
+def read_one(conn_spec: dict, path: str, key: str, results: Any) -> None:
+    with ebooklet.open(ebooklet.S3Connection(**conn_spec), path, "r", timeout=WAIT) as db:
         results.put(db.get(key))
 
 
@@ -207,10 +207,10 @@ def test_a_writer_shares_the_copy_with_readers(
         writer["k001"] = "edited"
         with pytest.raises(booklet.LockTimeoutError, match="one writer at a time"):
             ebooklet.open(make_conn(), path, "w", timeout=0.5)
-        join([run(read_one, spec_conn(s3_server, db_key), path, "k001", results)])
+        join([run(read_one, spec(s3_server, db_key), path, "k001", results)])
         assert results.get(timeout=WAIT) == items["k001"]  # not flushed: the head's value
         writer.sync()
-        join([run(read_one, spec_conn(s3_server, db_key), path, "k001", results)])
+        join([run(read_one, spec(s3_server, db_key), path, "k001", results)])
         assert results.get(timeout=WAIT) == "edited"
         del writer["k002"]
         writer["k003"] = "again"
@@ -223,11 +223,6 @@ def test_a_writer_shares_the_copy_with_readers(
             assert reader["k004"] == items["k004"]
     with ebooklet.open(conn, path, "w", timeout=0) as writer:  # the lock was given back
         assert writer["k003"] == "and again"
-
-
-def spec_conn(s3_server: Any, db_key: str) -> Any:
-    """A picklable remote for a child: the database's public URL, else ``None``."""
-    return s3_server.public_url(db_key)
 
 
 def test_flag_n_clear_and_prune_need_the_copy_alone(conn: Any, tmp_path: Path) -> None:
