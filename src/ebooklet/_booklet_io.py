@@ -12,6 +12,7 @@ the day a booklet release changes the layout.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import struct
 import threading
@@ -221,6 +222,12 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
     if key_hash in book._buffer_index_set:
         book.sync()
     width, ts_len = booklet.utils.n_bytes_file, book._ts_bytes_len
+    if getattr(book, "_view", None) is not None:  # a reader's map (DataFile.map_for_reading)
+        raw = _mapped_get(book, key_hash, ts_len)
+        if raw is not _BEYOND:
+            if raw is None and again and book.refresh():
+                return get_value(book, kb, False)
+            return raw
     with book._thread_lock:
         fd = book._file.fileno()
         bucket = book._index_offset + int.from_bytes(key_hash, "little") % book._n_buckets * width
@@ -242,6 +249,48 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
             block = int.from_bytes(next_block, "little")
     if again and isinstance(book, DataFile) and book.refresh():
         return get_value(book, kb, False)
+    return None
+
+
+_BEYOND = object()  # a lookup in a map of the file that went past the map's end
+
+
+def _mapped_get(book: DataFile, key_hash: bytes, ts_len: int) -> Any:
+    """:func:`get_value` through the reader's map of the file, made again once when the
+    lookup needs records appended since: the value, ``None``, or :data:`_BEYOND`."""
+    with book._thread_lock:
+        view = book._view
+        if view is None:
+            return _BEYOND
+        raw = _mapped_lookup(view, book._index_offset, book._n_buckets, key_hash, ts_len)
+        if raw is _BEYOND:
+            book._remap()
+            if book._view is not None:
+                raw = _mapped_lookup(book._view, book._index_offset, book._n_buckets, key_hash, ts_len)
+        return raw
+
+
+def _mapped_lookup(view: mmap.mmap, index_offset: int, n_buckets: int, key_hash: bytes, ts_len: int) -> Any:
+    """:func:`get_value` through a map of the file: the value, ``None`` (not there), or
+    :data:`_BEYOND` when the lookup needs bytes past the map (appended since it was made)."""
+    width, head_size = booklet.utils.n_bytes_file, _RECORD_HEAD.size
+    size = len(view)
+    bucket = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+    if bucket + width > size:
+        return _BEYOND
+    block = int.from_bytes(view[bucket : bucket + width], "little")
+    while block > 1:
+        if block + head_size > size:
+            return _BEYOND
+        block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(view, block)
+        if next_block == _DELETED:
+            return None
+        if block_hash == key_hash:
+            start = block + head_size + ts_len + key_len
+            return view[start : start + value_len] if start + value_len <= size else _BEYOND
+        if next_block == _NO_NEXT_BLOCK:
+            return None
+        block = int.from_bytes(next_block, "little")
     return None
 
 
@@ -594,15 +643,44 @@ class DataFile(booklet.VariableLengthValue):
                 yield
             finally:
                 self._batch_depth -= 1
+                if self._batch_depth == 0 and getattr(self, "_view", None) is not None:
+                    with self._thread_lock:
+                        self._remap()  # what this process wrote, a repair's cut: mapped as it is
+
+    def map_for_reading(self) -> None:
+        """Look values up through a map of the file from now on (:func:`get_value`), as
+        booklet's flag ``'r'`` does: no system call a read, so that readers in several
+        processes scale where system calls do not. The map is made again when a lookup
+        needs what was appended since (:meth:`refresh`, and after this process's writes).
+        Only for a reader of a shared file: the file only grows while others have it open
+        (what a repair cuts away was never linked), so a lookup never touches a page
+        past the file's end."""
+        if self._batch_lock is not None:
+            with self._thread_lock:
+                self._remap()
+
+    def _remap(self) -> None:
+        """Map the whole file as it is now (the caller holds the thread lock)."""
+        old = getattr(self, "_view", None)
+        size = os.fstat(self._file.fileno()).st_size
+        self._view = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        if old is not None:
+            old.close()
 
     def refresh(self) -> bool:
         """Read the header of a shared file again (without the batch lock): returns
-        whether another process moved the index since, so that a lookup that missed is
-        worth another try (its chains were relinked for the new index)."""
+        whether another process moved the index or appended records since (a reader's
+        map of the file is made again then), so that a lookup that missed is worth
+        another try (its chains were relinked for the new index)."""
         if self._batch_lock is None or self._file is None or self._file.closed:
             return False
         with self._thread_lock:
-            return self._reread_header(repair=False)
+            moved = self._reread_header(repair=False)
+            view = getattr(self, "_view", None)
+            if view is not None and os.fstat(self._file.fileno()).st_size > len(view):
+                self._remap()
+                return True
+            return moved
 
     def _reread_header(self, repair: bool) -> bool:
         """Adopt the header's index, first record and key count (the caller holds the
@@ -694,6 +772,14 @@ class DataFile(booklet.VariableLengthValue):
             super().set_metadata(data, timestamp)
             if self._batch_lock is not None:
                 os.pwrite(self._file.fileno(), self._n_keys.to_bytes(4, "little"), self._n_keys_pos)
+
+    def close(self) -> None:
+        """booklet's ``close``, and the reader's map of the file (if any) goes."""
+        super().close()
+        view = getattr(self, "_view", None)
+        if view is not None:
+            self._view = None
+            view.close()
 
     def prune(self, *args: Any, **kwargs: Any) -> Any:
         """booklet's ``prune``, with the file alone (see :meth:`alone`)."""

@@ -217,6 +217,8 @@ class Replica:
             data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable, self._batch
         )
         self._data.before_write = self._log.flush  # the journal reaches the disk first
+        if not self.writable:
+            self._data.map_for_reading()  # reads without a system call (docs/processes.md)
         self._data_path = data_path
         if not local_exists and not fresh:
             self._forget_lost_values()
