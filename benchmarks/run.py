@@ -68,6 +68,7 @@ SIZES: dict[str, dict[str, Any]] = {
         scale_sizes=[10_000, 100_000, 1_000_000], scale_size=100, scale_update_n=100_000,
         scale_get_n=100_000, previous_n=100_000, previous_size=100,
         dask_n=100_000, dask_size=1024, dask_partitions=8,
+        proc_n=20_000, proc_size=100, proc_passes=20,
     ),
     "quick": dict(
         small_n=5_000, small_size=1024, random_keys=200, change_fraction=0.01,
@@ -75,6 +76,7 @@ SIZES: dict[str, dict[str, Any]] = {
         scale_sizes=[10_000, 100_000], scale_size=100, scale_update_n=100_000,
         scale_get_n=100_000, previous_n=100_000, previous_size=100,
         dask_n=30_000, dask_size=1024, dask_partitions=4,
+        proc_n=10_000, proc_size=100, proc_passes=10,
     ),
     "tiny": dict(
         small_n=300, small_size=1024, random_keys=20, change_fraction=0.05,
@@ -82,6 +84,7 @@ SIZES: dict[str, dict[str, Any]] = {
         scale_sizes=[500, 2_000], scale_size=100, scale_update_n=1_000,
         scale_get_n=1_000, previous_n=2_000, previous_size=100,
         dask_n=2_000, dask_size=1024, dask_partitions=2,
+        proc_n=500, proc_size=100, proc_passes=2,
     ),
 }
 
@@ -756,6 +759,105 @@ def dask_cluster(ctx: Ctx) -> None:
     ctx.metrics["workers"] = DASK_WORKERS
 
 
+# ---------------------------------------------------------------- processes
+
+# The processes workload: reads per second of cached values with 1, 2 and 4 reader
+# processes on one local copy (issue 16, docs/processes.md).
+
+PROCESS_COUNTS = (1, 2, 4)
+
+
+def processes_setup(ctx: Ctx) -> None:
+    """Push the database, then load every value into the shared local copy."""
+    import ebooklet
+
+    s = ctx.sizes
+    with ebooklet.open(ctx.conn(), ctx.path("proc-writer.blt"), "n") as db:
+        db.update(dict(small_items(s["proc_n"], s["proc_size"], seed=8)))
+        db.changes().push()
+    with ebooklet.open(ctx.conn(), ctx.path("proc.blt"), "r") as db:
+        db.load_items(progress=False)
+
+
+def _proc_reader(url: str | None, path: str, keys: list[str], passes: int, barrier: Any,
+                 results: Any) -> None:
+    """One reader process: open the copy (with plain booklet when ``url`` is None), wait
+    for the others, read ``keys`` ``passes`` times; reports (reads, start, end, bytes),
+    times on the system's monotonic clock."""
+    import booklet
+
+    import ebooklet
+
+    with ebooklet.open(url, path, "r") if url else booklet.open(path, "r") as db:
+        for key in keys:  # the first read of a key checks it against the index once
+            db[key]
+        barrier.wait(300)
+        started = time.monotonic()
+        size = 0
+        for _ in range(passes):
+            for key in keys:
+                size += len(db[key])
+        results.put((passes * len(keys), started, time.monotonic(), size))
+
+
+def _processes_reading(ctx: Ctx, url: str | None) -> None:
+    """Phases ``read_1``, ``read_2``, ``read_4``: that many reader processes at once."""
+    import multiprocessing
+
+    s = ctx.sizes
+    keys = [k for k, _ in small_items(s["proc_n"], s["proc_size"], seed=8)]
+    random.Random(9).shuffle(keys)
+    spawn = multiprocessing.get_context("spawn")
+    for count in PROCESS_COUNTS:
+        barrier, results = spawn.Barrier(count), spawn.Queue()
+        args = (url, ctx.path("proc.blt"), keys, s["proc_passes"], barrier, results)
+        with ctx.phase(f"read_{count}", profile=False) as ph:
+            readers = [spawn.Process(target=_proc_reader, args=args) for _ in range(count)]
+            for reader in readers:
+                reader.start()
+            done = [results.get(timeout=600) for _ in readers]
+            for reader in readers:
+                reader.join(60)
+            reads = sum(n for n, _, _, _ in done)
+            ph["reads"] = reads
+            ph["bytes"] = sum(b for _, _, _, b in done)
+            ph["read_seconds"] = max(end for _, _, end, _ in done) - min(start for _, start, _, _ in done)
+            ph["reads_per_second"] = reads / ph["read_seconds"]
+
+
+def processes_ebooklet(ctx: Ctx) -> None:
+    _processes_reading(ctx, f"{ctx.endpoint}/{BUCKET}/{ctx.db_key}")
+
+
+def processes_booklet(ctx: Ctx) -> None:
+    """The reference: plain booklet readers (flag 'r': a shared lock and an mmap) of the
+    same data file."""
+    _processes_reading(ctx, None)
+
+
+PROCESSES_STEPS: dict[str, Callable[[Ctx], None]] = {
+    "setup": processes_setup,
+    "ebooklet": processes_ebooklet,
+    "booklet": processes_booklet,
+}
+
+
+def evaluate_processes(steps: dict) -> list[dict]:
+    """Reads per second of cached values by 1, 2 and 4 processes on one copy, against
+    plain booklet readers of the same file, and against 1 process."""
+    e, b = steps["ebooklet"]["phases"], steps["booklet"]["phases"]
+    one = e["read_1"]["reads_per_second"]
+    rows = []
+    for count in PROCESS_COUNTS:
+        rate = e[f"read_{count}"]["reads_per_second"]
+        rows.append(_row(f"cached reads, {count} process(es) on one copy", "reads/s", rate,
+                         b[f"read_{count}"]["reads_per_second"], "plain booklet, as many"))
+        if count > 1:
+            rows.append(_row(f"cached reads, {count} processes against 1", "reads/s", rate, one,
+                             "ebooklet, 1 process"))
+    return rows
+
+
 PREVIOUS_VERSION = "0.11.1"
 PREVIOUS_STEPS: dict[str, Callable[[Ctx], None]] = {
     "ebooklet": previous_side,
@@ -781,6 +883,7 @@ WORKLOADS: dict[str, dict[str, Callable[[Ctx], None]]] = {
     "scale": SCALE_STEPS,
     "previous": PREVIOUS_STEPS,
     "dask": {"process": dask_process, "ebooklet": dask_cluster},  # the process writes first
+    "processes": PROCESSES_STEPS,
 }
 
 
@@ -1163,6 +1266,8 @@ def evaluate(name: str, res: dict, sizes: dict) -> list[dict]:
         rows = evaluate_previous(steps, sizes)
     elif name == "dask":
         rows = evaluate_dask(steps, sizes)
+    elif name == "processes":
+        rows = evaluate_processes(steps)
     for row in rows:
         row["workload"] = name
     return rows

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local"} | (
+WORKLOADS = {"small_push", "cold_read", "incremental", "large", "local", "processes"} | (
     {"dask"} if importlib.util.find_spec("distributed") is not None else set()
 )
 SCALE_STEPS = {"write", "initial_push", "boto3_push", "warm_reopen", "cold_read", "cold_len", "push_one",

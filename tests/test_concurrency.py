@@ -669,9 +669,10 @@ def test_kill_during_push_leaves_the_last_commit_and_pending_edits(
 
 @pytest.mark.parametrize("flag", ["r", "w", "n"])
 def test_two_processes_on_one_local_file_are_serialised(spawn, conn, tmp_path, flag):
-    """A second process opening the same local file waits for the first one to close
-    (``timeout=None``) or raises booklet's ``LockTimeoutError`` after ``timeout``,
-    whatever its flag, without touching the first one's files."""
+    """A second writer opening the same local file waits for the first one to close
+    (``timeout=None``) or raises booklet's ``LockTimeoutError`` after ``timeout``, without
+    touching the first one's files; a reader (flag 'r') opens beside the writer at once
+    and reads its flushed edits (issue 16, docs/processes.md)."""
     create(conn, tmp_path, {"x": "1"})
     path = tmp_path / "shared.blt"
     first = spawn("first")
@@ -679,8 +680,12 @@ def test_two_processes_on_one_local_file_are_serialised(spawn, conn, tmp_path, f
     first.call("update", items={"x": "first"})
 
     started = time.monotonic()
-    with pytest.raises(booklet.LockTimeoutError):
-        ebooklet.open(conn, path, flag, timeout=1.0)
+    if flag == "r":
+        with ebooklet.open(conn, path, flag, timeout=1.0) as db:
+            assert db["x"] == "first"
+    else:
+        with pytest.raises(booklet.LockTimeoutError):
+            ebooklet.open(conn, path, flag, timeout=1.0)
     assert time.monotonic() - started < 10
     first.call("update", items={"y": "after the attempt"})
 

@@ -11,15 +11,20 @@ the day a booklet release changes the layout.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from hashlib import blake2s
 from pathlib import Path
 from typing import Any
 
 import booklet
+import portalocker
 
 from .errors import ScanInterrupted
 
@@ -74,6 +79,8 @@ def scan(
     """
     utils = booklet.utils
     book.sync()
+    if isinstance(book, DataFile):
+        book.refresh()
     with book._thread_lock:
         mutations = book._mutation_count
         reader = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
@@ -164,6 +171,8 @@ def data_state(book: Any, path: Path) -> dict[str, int]:
     end of the file, marks a deletion in place (the key count drops) and rewrites the
     file on ``prune()``/``clear()`` (the layout changes)."""
     book.sync()
+    if isinstance(book, DataFile):
+        book.refresh()
     stat = os.stat(path)
     return {
         "size": stat.st_size,
@@ -198,7 +207,7 @@ def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) 
     return size if appended else 0
 
 
-def get_value(book: Any, kb: bytes) -> bytes | None:
+def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
     """The encoded value of the encoded key ``kb`` in the booklet file ``book`` (``None``:
     not there), as ``book.get`` reads it, minus the key encoding and value decoding.
 
@@ -206,29 +215,82 @@ def get_value(book: Any, kb: bytes) -> bytes | None:
     ``pread`` reads the bucket and one each record of its chain, the value with it when
     the value is small (about 3 µs). The writable file is unbuffered, so ``pread`` sees
     every write; records still in booklet's write buffer are flushed first, as its
-    ``get`` does.
+    ``get`` does. A miss in a shared :class:`DataFile` is looked up once more (``again``)
+    when another process moved the index meanwhile (:meth:`DataFile.refresh`).
     """
     key_hash = blake2s(kb, digest_size=_HASH_LEN).digest()
     if key_hash in book._buffer_index_set:
         book.sync()
     width, ts_len = booklet.utils.n_bytes_file, book._ts_bytes_len
+    if getattr(book, "_view", None) is not None:  # a reader's map (DataFile.map_for_reading)
+        raw = _mapped_get(book, key_hash, ts_len)
+        if raw is not _BEYOND:
+            if raw is None and again and book.refresh():
+                return get_value(book, kb, False)
+            return raw
     with book._thread_lock:
         fd = book._file.fileno()
         bucket = book._index_offset + int.from_bytes(key_hash, "little") % book._n_buckets * width
         block = int.from_bytes(os.pread(fd, width, bucket), "little")
         while block > 1:
             record = os.pread(fd, _READ_AHEAD, block)
+            if len(record) < _RECORD_HEAD.size:  # a stale view of an index another process moved
+                break
             block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(record)
             if next_block == _DELETED:
-                return None
+                break
             if block_hash == key_hash:
                 start = _RECORD_HEAD.size + ts_len + key_len
                 if start + value_len <= len(record):
                     return record[start : start + value_len]
                 return os.pread(fd, value_len, block + start)
             if next_block == _NO_NEXT_BLOCK:
-                return None
+                break
             block = int.from_bytes(next_block, "little")
+    if again and isinstance(book, DataFile) and book.refresh():
+        return get_value(book, kb, False)
+    return None
+
+
+_BEYOND = object()  # a lookup in a map of the file that went past the map's end
+
+
+def _mapped_get(book: DataFile, key_hash: bytes, ts_len: int) -> Any:
+    """:func:`get_value` through the reader's map of the file, made again once when the
+    lookup needs records appended since: the value, ``None``, or :data:`_BEYOND`."""
+    with book._thread_lock:
+        view = book._view
+        if view is None:
+            return _BEYOND
+        raw = _mapped_lookup(view, book._index_offset, book._n_buckets, key_hash, ts_len)
+        if raw is _BEYOND:
+            book._remap()
+            if book._view is not None:
+                raw = _mapped_lookup(book._view, book._index_offset, book._n_buckets, key_hash, ts_len)
+        return raw
+
+
+def _mapped_lookup(view: mmap.mmap, index_offset: int, n_buckets: int, key_hash: bytes, ts_len: int) -> Any:
+    """:func:`get_value` through a map of the file: the value, ``None`` (not there), or
+    :data:`_BEYOND` when the lookup needs bytes past the map (appended since it was made)."""
+    width, head_size = booklet.utils.n_bytes_file, _RECORD_HEAD.size
+    size = len(view)
+    bucket = index_offset + int.from_bytes(key_hash, "little") % n_buckets * width
+    if bucket + width > size:
+        return _BEYOND
+    block = int.from_bytes(view[bucket : bucket + width], "little")
+    while block > 1:
+        if block + head_size > size:
+            return _BEYOND
+        block_hash, next_block, key_len, value_len = _RECORD_HEAD.unpack_from(view, block)
+        if next_block == _DELETED:
+            return None
+        if block_hash == key_hash:
+            start = block + head_size + ts_len + key_len
+            return view[start : start + value_len] if start + value_len <= size else _BEYOND
+        if next_block == _NO_NEXT_BLOCK:
+            return None
+        block = int.from_bytes(next_block, "little")
     return None
 
 
@@ -261,6 +323,13 @@ def append_records(book: Any, records: Iterable[tuple[bytes, bytes | memoryview,
         heads.append((key_hash, head + key, value))
     if not heads:
         return
+    with getattr(book, "batch", contextlib.nullcontext)():
+        _append_heads(book, heads)
+
+
+def _append_heads(book: Any, heads: list[tuple[bytes, bytes, bytes | memoryview]]) -> None:
+    """:func:`append_records` once the records' heads are made (and, for a shared
+    :class:`DataFile`, its batch lock taken)."""
     book.sync()  # records buffered go first, as set() keeps the order
     with book._thread_lock:
         if getattr(book, "before_write", None) is not None:
@@ -448,6 +517,8 @@ _N_KEYS_CRASH = booklet.utils.n_keys_crash.to_bytes(4, "little")
 #: of the file passes over the index as over any deleted record (see :meth:`DataFile._grow`).
 _SKIP_KEY = b"\x00"
 _HEADER_END = booklet.utils.first_data_block_pos_pos + booklet.utils.n_bytes_file
+_UNSET_POSITION = 52983525027888  # what booklet reads as "no position recorded" besides 0
+_MISS = object()
 
 
 def _skip_head(size: int, ts_len: int) -> bytes:
@@ -479,16 +550,241 @@ class DataFile(booklet.VariableLengthValue):
     before_write: Callable[[], None] | None = None
     """Called before buffered records are written to the file."""
 
-    def __init__(self, path: str, flag: str, **params: Any):
+    def __init__(self, path: str, flag: str, batch_lock: contextlib.AbstractContextManager | None = None, **params: Any):
         """Open ``path`` as ``booklet.open(path, flag, **params)`` does; a file marked
         "not closed cleanly" (a growth or a write killed mid-way, or a booklet object
-        never closed) is relinked when writable."""
-        interrupted = flag in ("c", "w") and _marked_crashed(path)
-        super().__init__(path, flag, **params)
+        never closed) is relinked when writable.
+
+        ``batch_lock`` (a reentrant lock shared by the processes that open the file, see
+        :class:`.local.FileLock`), with flag ``'c'``: the file is shared with them (see
+        :meth:`batch`); without it, booklet's exclusive file lock is held until close.
+        """
+        self._batch_lock = batch_lock if flag != "r" else None
+        self._batch_depth = 0
         self._pending: list[tuple[bytes, int]] = []  # (key hash, position in the buffer)
-        if interrupted and self.writable:
+        if self._batch_lock is None:
+            interrupted = flag in ("c", "w") and _marked_crashed(path)
+            super().__init__(path, flag, **params)
+            if interrupted and self.writable:
+                with self._thread_lock:
+                    self._grow(self._n_buckets, dedupe=True)
+            return
+        with self._batch_lock:
+            if os.path.exists(path):
+                self._open_shared(path, **params)
+            else:  # created holding booklet's exclusive lock, then shared for the session
+                super().__init__(path, "c", **params)
+                portalocker.lock(self._file, portalocker.LOCK_SH)
+            self._pending = []
+            if self._n_keys == booklet.utils.n_keys_crash:  # a process was killed writing
+                with self._thread_lock:
+                    self._grow(self._n_buckets, dedupe=True)
+
+    def _open_shared(
+        self, path: str, key_serializer: Any = None, value_serializer: Any = None,
+        n_buckets: int = 12007, buffer_size: int = 2**22, timeout: float | None = None,
+    ) -> None:
+        """Open an existing file for reading and writing holding a shared file lock (booklet
+        takes an exclusive one): what booklet's ``init_files_variable`` does for it."""
+        utils = booklet.utils
+        file = open(path, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            utils._acquire_lock(file, portalocker.LOCK_SH, timeout, path)
+            header = file.read(utils.sub_index_init_pos)
+            if header[:16] != utils.uuid_variable_blt:
+                raise TypeError("This is not the correct file type.")
+            self._defer_reindex = False
+            self.writable = True
+            self._lock_timeout = timeout
+            self._write_buffer_size = buffer_size
+            self._buffer_data = bytearray()
+            self._buffer_index = bytearray()
+            self._buffer_index_set: set[bytes] = set()
+            self._thread_lock = threading.Lock()
+            self._mutation_count = 0
+            self._compaction_count = 0
+            self._is_file = True
+            self._file_path = Path(path)
+            self._file = file
+            self._mmap = None
+            utils.read_base_params_variable(self, header, key_serializer, value_serializer)
+            if self._version < 4:
+                if self._version != 3:
+                    raise ValueError("File is an older version.")
+                self._init_timestamps = 0
+                self._ts_bytes_len = 0
+        except BaseException:
+            file.close()
+            raise
+        self._finalizer = weakref.finalize(self, utils.close_files, file, 0, self._n_keys_pos, False, None)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may have the file open too (see :meth:`batch`)."""
+        return self._batch_lock is not None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold the batch lock around a write to a shared file, seeing the file as the
+        other processes left it: the header is read again (another process may have
+        appended records or moved the index), and a write another process was killed in
+        (the header's "not closed cleanly" key count) is repaired first: the index is
+        relinked from the records and a record cut short at the end is cut away, so
+        that nothing is appended after a torn record. A no-op for a file not shared."""
+        if self._batch_lock is None:
+            yield
+            return
+        with self._batch_lock:
+            self._batch_depth += 1
+            try:
+                if self._batch_depth == 1:
+                    with self._thread_lock:
+                        self._reread_header(repair=True)
+                yield
+            finally:
+                self._batch_depth -= 1
+                if self._batch_depth == 0 and getattr(self, "_view", None) is not None:
+                    with self._thread_lock:
+                        self._remap()  # what this process wrote, a repair's cut: mapped as it is
+
+    def map_for_reading(self) -> None:
+        """Look values up through a map of the file from now on (:func:`get_value`), as
+        booklet's flag ``'r'`` does: no system call a read, so that readers in several
+        processes scale where system calls do not. The map is made again when a lookup
+        needs what was appended since (:meth:`refresh`, and after this process's writes).
+        Only for a reader of a shared file: the file only grows while others have it open
+        (what a repair cuts away was never linked), so a lookup never touches a page
+        past the file's end."""
+        if self._batch_lock is not None:
             with self._thread_lock:
-                self._grow(self._n_buckets, dedupe=True)
+                self._remap()
+
+    def _remap(self) -> None:
+        """Map the whole file as it is now (the caller holds the thread lock)."""
+        old = getattr(self, "_view", None)
+        size = os.fstat(self._file.fileno()).st_size
+        self._view = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        if old is not None:
+            old.close()
+
+    def refresh(self) -> bool:
+        """Read the header of a shared file again (without the batch lock): returns
+        whether another process moved the index or appended records since (a reader's
+        map of the file is made again then), so that a lookup that missed is worth
+        another try (its chains were relinked for the new index)."""
+        if self._batch_lock is None or self._file is None or self._file.closed:
+            return False
+        with self._thread_lock:
+            moved = self._reread_header(repair=False)
+            view = getattr(self, "_view", None)
+            if view is not None and os.fstat(self._file.fileno()).st_size > len(view):
+                self._remap()
+                return True
+            return moved
+
+    def _reread_header(self, repair: bool) -> bool:
+        """Adopt the header's index, first record and key count (the caller holds the
+        thread lock); a key count saying "not closed cleanly" is kept out and, when
+        ``repair`` (the batch lock held), the file relinked. Returns whether the index moved."""
+        utils = booklet.utils
+        width = utils.n_bytes_file
+        header = os.pread(self._file.fileno(), _HEADER_END, 0)
+        n_buckets = int.from_bytes(header[21:25], "little")
+        n_keys = int.from_bytes(header[utils.n_keys_pos : utils.n_keys_pos + 4], "little")
+        index_offset = int.from_bytes(header[utils.index_offset_pos : utils.index_offset_pos + width], "little")
+        first = int.from_bytes(header[utils.first_data_block_pos_pos : _HEADER_END], "little")
+        moved = (n_buckets, index_offset) != (self._n_buckets, self._index_offset)
+        if index_offset not in (0, _UNSET_POSITION):
+            self._index_offset = index_offset
+        if first not in (0, _UNSET_POSITION):
+            self._first_data_block_pos = first
+        self._n_buckets = n_buckets
+        if n_keys != utils.n_keys_crash:
+            self._n_keys = n_keys
+        elif repair:
+            self._grow(n_buckets, dedupe=True)
+            moved = True
+        if moved:
+            self._mutation_count += 1
+        return moved
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        """Hold the file alone, for a write that moves records (``clear``, ``prune``):
+        no other process may have it open then.
+
+        Raises:
+            booklet.LockTimeoutError: another process has the file open.
+        """
+        if self._batch_lock is None:
+            yield
+            return
+        with self.batch():
+            try:
+                portalocker.lock(self._file, portalocker.LOCK_EX | portalocker.LOCK_NB)
+            except portalocker.exceptions.LockException:
+                portalocker.lock(self._file, portalocker.LOCK_SH)  # a failed conversion drops it
+                raise booklet.LockTimeoutError(
+                    f"{self._file_path} is open in another process: close it there first."
+                ) from None
+            try:
+                yield
+            finally:
+                portalocker.lock(self._file, portalocker.LOCK_SH)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """booklet's ``get``, once more after a miss when another process moved the index."""
+        value = super().get(key, _MISS)
+        if value is _MISS and self.refresh():
+            value = super().get(key, _MISS)
+        return default if value is _MISS else value
+
+    def get_timestamp(
+        self, key: Any, include_value: bool = False, decode_value: bool = True, default: Any = None
+    ) -> Any:
+        """booklet's ``get_timestamp``, once more after a miss when another process moved the index."""
+        found = super().get_timestamp(key, include_value, decode_value, _MISS)
+        if found is _MISS and self.refresh():
+            found = super().get_timestamp(key, include_value, decode_value, _MISS)
+        return default if found is _MISS else found
+
+    def __contains__(self, key: Any) -> bool:
+        """booklet's ``in``, once more after a miss when another process moved the index."""
+        return super().__contains__(key) or (self.refresh() and super().__contains__(key))
+
+    def __delitem__(self, key: Any) -> None:
+        """booklet's ``del``, under the batch lock."""
+        with self.batch():
+            super().__delitem__(key)
+
+    def set_timestamp(self, key: Any, timestamp: Any) -> None:
+        """booklet's ``set_timestamp``, under the batch lock."""
+        with self.batch():
+            super().set_timestamp(key, timestamp)
+
+    def set_metadata(self, data: Any, timestamp: Any = None) -> None:
+        """booklet's ``set_metadata``, under the batch lock and marked "not closed
+        cleanly" while it writes (booklet appends a record and links it)."""
+        with self.batch():
+            self.sync()
+            if self._batch_lock is not None:
+                os.pwrite(self._file.fileno(), _N_KEYS_CRASH, self._n_keys_pos)
+            super().set_metadata(data, timestamp)
+            if self._batch_lock is not None:
+                os.pwrite(self._file.fileno(), self._n_keys.to_bytes(4, "little"), self._n_keys_pos)
+
+    def close(self) -> None:
+        """booklet's ``close``, and the reader's map of the file (if any) goes."""
+        super().close()
+        view = getattr(self, "_view", None)
+        if view is not None:
+            self._view = None
+            view.close()
+
+    def prune(self, *args: Any, **kwargs: Any) -> Any:
+        """booklet's ``prune``, with the file alone (see :meth:`alone`)."""
+        with self.alone():
+            return super().prune(*args, **kwargs)
 
     def put(self, key: bytes, value: bytes, timestamp: Any = None) -> None:
         """Set the encoded ``key`` to the encoded ``value`` (with ``timestamp``: µs, ISO
@@ -531,19 +827,23 @@ class DataFile(booklet.VariableLengthValue):
             self.set(key, value)
 
     def clear(self) -> None:
-        """booklet's ``clear``, which drops the buffered records too."""
-        with self._thread_lock:
-            self._buffer_data.clear()
-            self._pending.clear()
-            self._buffer_index_set.clear()
-        super().clear()
+        """booklet's ``clear``, which drops the buffered records too, with the file alone
+        (see :meth:`alone`)."""
+        with self.alone():
+            with self._thread_lock:
+                self._buffer_data.clear()
+                self._pending.clear()
+                self._buffer_index_set.clear()
+            super().clear()
 
     def sync(self) -> None:
         """Write the buffered records (after :attr:`before_write`), link them, and grow
         the index if it holds more keys than buckets."""
         if not self.writable or self._file is None or self._file.closed:
             return
-        with self._thread_lock:
+        if not self._buffer_data and self._n_keys <= self._n_buckets:
+            return
+        with self.batch(), self._thread_lock:
             if self._buffer_data:
                 if self.before_write is not None:
                     self.before_write()

@@ -17,7 +17,7 @@ from . import lock, maintenance, serializers
 from .connection import S3Connection, connection_from
 from .ebooklet import EBooklet
 from .errors import EBookletError
-from .local import local_paths
+from .local import in_use, local_paths, lock_paths
 from .maintenance import CheckResult, check_commit_arg
 from .rcg import GROUP_KEY_SERIALIZER, GROUP_SERIALIZER, RemoteConnGroup
 from .replica import Replica
@@ -222,7 +222,8 @@ def break_lock(conn: S3Connection) -> dict | None:
 
 def delete_local(file_path: str | os.PathLike, force: bool = False) -> list[str]:
     """Delete the local files of a database: ``file_path`` and the ``.local_hash``,
-    ``.remote_index`` and ``.ebk.json`` files beside it. The remote is not touched:
+    ``.remote_index`` and ``.ebk.json`` files beside it (and its empty lock files
+    ``.ebk.lock`` and ``.ebk.writer``, not listed in the result). The remote is not touched:
     what was pushed stays there, and opening the path again downloads it afresh.
 
     Args:
@@ -238,13 +239,14 @@ def delete_local(file_path: str | os.PathLike, force: bool = False) -> list[str]
     paths = local_paths(file_path)
     if not any(p.exists() for p in paths):
         return []
+    busy = EBookletError(f"{file_path} is open in another process; close it there, then delete it.")
+    if in_use(file_path):
+        raise busy
     try:
         with open(None, file_path, "r", timeout=0) as db:
             pending = sum(1 for c in db.changes().iter_changes())
     except booklet.LockTimeoutError:
-        raise EBookletError(
-            f"{file_path} is open in another process; close it there, then delete it."
-        ) from None
+        raise busy from None
     if pending and not force:
         raise EBookletError(
             f"{file_path} holds {pending} unpushed edit(s); push them first, or pass "
@@ -255,4 +257,6 @@ def delete_local(file_path: str | os.PathLike, force: bool = False) -> list[str]
         if path.exists():
             path.unlink()
             deleted.append(str(path))
+    for lock_file in lock_paths(file_path):  # empty files, not listed (docs/processes.md)
+        lock_file.unlink(missing_ok=True)
     return deleted

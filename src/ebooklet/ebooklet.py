@@ -6,9 +6,12 @@ remote view, writes) and to :class:`Reads` (the read path).
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from datetime import datetime
 from typing import IO, Any, NamedTuple
 
@@ -26,6 +29,8 @@ from .replica import Replica
 _ABSENT = object()  # "no such key", told from any value a get may return
 _NOT_OPENED = "Use ebooklet.open(remote, file_path, flag) to open a database."
 
+MAP_CHUNK = 1000
+""":meth:`EBooklet.map` hands its workers keys this many at a time at most."""
 UPDATE_BATCH = 10_000
 """``update()`` writes its pairs this many at a time (fewer when they are large, see
 :data:`UPDATE_BATCH_BYTES`): it holds one batch, never all the pairs."""
@@ -228,6 +233,63 @@ class EBooklet(MutableMapping):
             TypeError: ``progress`` is none of those (before any request).
         """
         return self._reads.load_items(keys, progress)
+
+    def map(
+        self, func: Callable[[Any, Any], Any], keys: Iterable[Any] | None = None,
+        processes: int | None = None,
+    ) -> dict[Any, Any]:
+        """Run ``func(key, value)`` over the database (or over ``keys``) on a pool of
+        ``processes`` local worker processes; returns ``{key: func's result}``.
+
+        This process first brings the values into the local copy (it downloads those
+        missing, as :meth:`load_items` does) and flushes it; then each worker opens the same
+        local copy read-only and without a remote (``ebooklet.open(None, path, "r")``: no
+        credentials leave this process, no worker downloads anything) and reads its share
+        of the keys from it, all in parallel (docs/processes.md). Workers start with the
+        ``spawn`` method: ``func`` must be picklable (defined at the top level of a module,
+        not a lambda or a closure), and so must its results. Keys of ``keys`` that the
+        database lacks are skipped.
+
+        Args:
+            func: called as ``func(key, value)`` in a worker.
+            keys: the keys to map over (``None``: every key).
+            processes: the number of worker processes (``None``: ``os.cpu_count()``).
+
+        Raises:
+            TypeError: ``func`` is not callable, or ``processes`` not an int.
+            ValueError: ``processes`` is below 1, or the database is a snapshot
+                (``open(..., commit=)``), which workers cannot open.
+            OfflineError: a value is not local and the remote cannot be reached.
+            Exception: what ``func`` raised, for the first key it failed on, with a note
+                naming the key (``exc.__notes__``); the pool is stopped.
+        """
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}.")
+        processes = _pool_size(processes)
+        replica = self._replica
+        replica.check_open()
+        if replica.pinned is not None:
+            raise ValueError("map() reads the local copy's head; a snapshot (commit=) cannot be mapped.")
+        wanted = list(self.keys()) if keys is None else list(keys)
+        if replica.local_writable and not replica.offline and replica.conn is not None:
+            self.load_items(wanted, progress=False)
+        replica.sync()
+        codec = replica.codec
+        opener = (
+            str(replica.path),
+            codec.key_serializer_name or codec.key_serializer,
+            codec.value_serializer_name or codec.value_serializer,
+        )
+        size = max(1, min(MAP_CHUNK, -(-len(wanted) // (processes * 4))))
+        chunks = [wanted[i : i + size] for i in range(0, len(wanted), size)]
+        results: dict[Any, Any] = {}
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(processes, max(1, len(chunks))), _map_open, opener) as pool:
+            for part in pool.imap_unordered(functools.partial(_map_chunk, func), chunks):
+                results.update(part)
+            pool.close()
+            pool.join()
+        return results
 
     # ------------------------------------------------------------ writes
 
@@ -664,3 +726,44 @@ def _timestamp(timestamp: Any) -> int | None:
     if not 0 <= value < fmt.TIMESTAMP_END:
         raise ValueError(f"Timestamp {timestamp!r} is out of range: 0 <= µs since the epoch < 2**56.")
     return value
+
+
+def _pool_size(processes: Any) -> int:
+    """The number of worker processes of :meth:`EBooklet.map` (``None``: the CPUs)."""
+    if processes is None:
+        return os.cpu_count() or 1
+    if isinstance(processes, bool) or not isinstance(processes, int):
+        raise TypeError(f"processes must be an int, not {type(processes).__name__}.")
+    if processes < 1:
+        raise ValueError(f"processes must be 1 or more, not {processes}.")
+    return processes
+
+
+_MAP_DB: EBooklet | None = None  # a map() worker's read-only copy, opened once
+
+
+def _map_open(path: str, key_serializer: Any, value_serializer: Any) -> None:
+    """Open, in a :meth:`EBooklet.map` worker, the local copy at ``path`` read-only and
+    without a remote."""
+    global _MAP_DB
+    _MAP_DB = EBooklet(
+        Replica(None, path, "r", value_serializer, key_serializer, 12007, 2**22, 0.0, None)
+    )
+
+
+def _map_chunk(func: Callable[[Any, Any], Any], keys: list[Any]) -> list[tuple[Any, Any]]:
+    """``(key, func(key, value))`` of those of ``keys`` the worker's copy holds; an
+    exception of ``func`` goes up with a note naming its key."""
+    db = _MAP_DB
+    assert db is not None
+    out = []
+    for key in keys:
+        value = db.get(key, _ABSENT)
+        if value is _ABSENT:
+            continue
+        try:
+            out.append((key, func(key, value)))
+        except Exception as exc:
+            exc.add_note(f"ebooklet map(): func raised this for key {key!r:.200}")
+            raise
+    return out

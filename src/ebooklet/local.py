@@ -22,10 +22,13 @@ Byte layouts are in ``docs/format.md``.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 import warnings
 import zlib
@@ -37,8 +40,14 @@ from typing import Any, NamedTuple, Protocol
 
 import booklet
 import orjson
+import portalocker
 
-from ._booklet_io import DATA_STATE_FIELDS
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no record locks, no fetch claims
+    fcntl = None  # type: ignore[assignment]
+
+from ._booklet_io import DATA_STATE_FIELDS, DataFile
 from .errors import FormatVersionError, IntegrityError
 from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
 from .store import PUBLIC_FIELDS
@@ -54,6 +63,11 @@ _HEAD = struct.Struct("<cI16s16sI")  # the same, then the crc32 of those 37 byte
 _CHECK = struct.Struct("<I")  # after the key and extra: crc32 of the whole record before it
 _UPLOAD = struct.Struct("<16sQQq")  # pack id, offset, length, timestamp
 _CLOSED_SIZE = _HEAD.size + _CHECK.size  # a close record: no key, no extra
+CLAIM_MAX = 4096
+"""A download of more values than this at once claims none of them (see
+:class:`FetchClaims`): a bulk load is not worth one record lock per key."""
+LOCK_POLL = 0.01
+"""Seconds between two tries of a :class:`FileLock` taken with a timeout."""
 HOLD_SIZE = 1 << 20
 """Bytes of journal records :meth:`ChangeLog.record_edits` holds in memory at most."""
 
@@ -444,6 +458,7 @@ class ChangeLog:
         self._fd: int | None = None
         self._size = 0  # bytes in the file, so that a short write can be undone
         self._held = bytearray()  # records not written yet (hold_edit)
+        self._stat: tuple[int, int, int] | None = None  # the file's when read (see reload)
         rewrite = False
         # a journal flag 'n' did not read (and will replace) gets no close record
         self._end_known = not (damaged_ok and self.path.exists())
@@ -466,6 +481,7 @@ class ChangeLog:
         """Replay the journal file; returns whether it is to be rewritten (format 1).
         A torn last record is cut away when ``writable``; see :meth:`__init__` for
         ``expect_closed`` (an empty file is a journal not started yet)."""
+        self._stat = _file_stat(self.path)
         data = self.path.read_bytes()
         if not data and not expect_closed:
             return False
@@ -615,12 +631,51 @@ class ChangeLog:
             with self._lock:
                 self._append(b"")
 
+    @staticmethod
+    def start(path: Path) -> None:
+        """Start an empty journal at ``path`` if there is none (a reader opening a new
+        copy: the copy has its four files, as a writer leaves them)."""
+        if not path.exists():
+            _replace_durably(path, _LOG_MAGIC)
+
+    def reload(self, writable: bool = False) -> bool:
+        """A journal opened read-only (a reader's): read it again if another process (the
+        writer) changed it since it was read; returns whether it did. The edits remembered
+        in memory only (:meth:`remember_edits`) are replaced by the file's. ``writable``:
+        read it again in any case, and append to it from now on (the caller became the
+        copy's writer).
+
+        Raises:
+            IntegrityError: the journal is now damaged.
+        """
+        if self._fd is not None or (_file_stat(self.path) == self._stat and not writable):
+            return False
+        fresh = ChangeLog(self.path, writable=writable)
+        with self._lock:
+            self._fd, self._size, self._end_known = fresh._fd, fresh._size, fresh._end_known
+            self.edits.clear()
+            self.edits.update(fresh.edits)
+            for key in [k for k, m in self.checked.items() if k not in fresh.edits or fresh.edits[k].md5 != m]:
+                del self.checked[key]
+            self._uploads, self._packs = fresh._uploads, fresh._packs
+            self.replace, self.metadata_dirty = fresh.replace, fresh.metadata_dirty
+            self.ends_closed, self._records, self._stat = fresh.ends_closed, fresh._records, fresh._stat
+        return True
+
     def remember_edits(self, edits: Iterable[tuple[bytes, bytes | None, bytes | None]]) -> None:
         """Hold edits ``(key, md5 or None, base md5)`` in memory only, for this session:
         edits found in the data file by a copy that may not write the journal (flag 'r')."""
         with self._lock:
             for key, md5_, base in edits:
                 self.edits[key] = Edit(md5_, base)
+
+    def forget_edits(self, keys: Iterable[bytes]) -> None:
+        """Forget the edits of ``keys`` in memory only, for this session: a copy that may
+        not write the journal (a reader); the next writable open journals it."""
+        with self._lock:
+            for key in keys:
+                self.edits.pop(key, None)
+                self.checked.pop(key, None)
 
     def mark_clean(self, keys: Iterable[bytes]) -> None:
         """Forget the edits of ``keys`` (pushed or discarded)."""
@@ -714,9 +769,10 @@ class ChangeLog:
         live = len(self.edits) + len(self._uploads) + len(self._packs) + 2
         return self._records > 1000 and self._records > 4 * live
 
-    def close(self) -> None:
+    def close(self, mark_closed: bool = True) -> None:
         """Compact if worthwhile, end the file with a close record (unless nothing was
-        appended since the last one) and close it.
+        appended since the last one, or not ``mark_closed``: a reader that wrote one
+        cleanup, whose session did not open the journal) and close it.
 
         Raises:
             OSError: the close record could not be written (the file is closed anyway).
@@ -726,7 +782,7 @@ class ChangeLog:
                 if self.needs_compaction():
                     self.compact()
                 self.flush()
-                if self._end_known and not self.ends_closed:
+                if self._end_known and not self.ends_closed and mark_closed:
                     self._write([(CLOSED, b"", None, None)])
             finally:
                 os.close(self._fd)
@@ -741,19 +797,28 @@ class IndexMirror:
 
     Opened with ``writable=False`` (local files that cannot be written), the file is
     only read, if it exists; what is stored meanwhile is kept in memory and lost at
-    :meth:`close`.
+    :meth:`close`. With a ``batch_lock``, the file is shared with the other processes
+    that have the copy open (:class:`._booklet_io.DataFile`): each write holds the lock.
+    While :attr:`head_in_memory` is set, a new head manifest is kept in memory only
+    (a reader's, while a writer owns the copy's head: docs/processes.md).
     """
 
-    def __init__(self, path: Path, writable: bool = True, timeout: float | None = None):
+    def __init__(
+        self, path: Path, writable: bool = True, timeout: float | None = None,
+        batch_lock: FileLock | None = None,
+    ):
         self.path = Path(path)
         flag = "c" if writable else "r"
         self._memory: dict[str, bytes | None] | None = None if writable else {}
+        self.head_in_memory = False
+        self._head: bytes | None = None  # the head kept in memory (head_in_memory)...
+        self.head_pending = False  # ... when there is one, not written to the file yet
         if not writable and not self.path.exists():
             self._db = None
         else:
             try:
-                self._db = booklet.open(
-                    str(self.path), flag, key_serializer="str", value_serializer=None,
+                self._db = DataFile(
+                    str(self.path), flag, batch_lock, key_serializer="str", value_serializer=None,
                     timeout=timeout,
                 )
             except booklet.LockTimeoutError:
@@ -778,7 +843,8 @@ class IndexMirror:
         elif data is not None:
             self._db[name] = data
         elif name in self._db:
-            del self._db[name]
+            with contextlib.suppress(KeyError):  # deleted meanwhile by another process
+                del self._db[name]
 
     def get_manifest(self) -> tuple[dict | None, str | None]:
         """``(manifest, etag)`` of the head manifest stored, ``(None, None)`` if none.
@@ -790,7 +856,7 @@ class IndexMirror:
         Raises:
             FormatVersionError: the cached manifest is of a newer format.
         """
-        raw = self._get(_MIRROR_HEAD)
+        raw = self._head if self.head_pending else self._get(_MIRROR_HEAD)
         if raw is None:
             return None, None
         try:
@@ -808,11 +874,35 @@ class IndexMirror:
             )
             return None, None
 
+    def stored_etag(self) -> str | None:
+        """The ETag of the head manifest in the file (the copy's head, whatever
+        :attr:`head_in_memory` holds), ``None`` if none or damaged."""
+        raw = self._get(_MIRROR_HEAD)
+        try:
+            etag = orjson.loads(raw).get("etag") if raw is not None else None
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return etag if isinstance(etag, str) else None
+
     def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
-        """Store the head manifest and its ETag (``None``: forget it)."""
+        """Store the head manifest and its ETag (``None``: forget it); in memory only
+        while :attr:`head_in_memory`."""
         with self._lock:
             record = None if manifest is None else orjson.dumps({"manifest": manifest, "etag": etag})
+            if self.head_in_memory:
+                self._head, self.head_pending = record, True
+                return
             self._put(_MIRROR_HEAD, record)
+            if self._memory is None:
+                self._db.sync()
+
+    def persist_head(self) -> None:
+        """Write the head kept in memory (see :attr:`head_in_memory`) to the file."""
+        with self._lock:
+            if not self.head_pending:
+                return
+            self._put(_MIRROR_HEAD, self._head)
+            self._head, self.head_pending = None, False
             if self._memory is None:
                 self._db.sync()
 
@@ -826,7 +916,10 @@ class IndexMirror:
             self._put("shard:" + name, data)
 
     def drop_shards(self, names: Iterable[str]) -> None:
-        """Forget shards no longer referenced by the head manifest."""
+        """Forget shards no longer referenced by the head manifest (not while
+        :attr:`head_in_memory`: the copy's head in the file may still use them)."""
+        if self.head_in_memory:
+            return
         with self._lock:
             for name in names:
                 self._put("shard:" + name, None)
@@ -842,15 +935,88 @@ class IndexMirror:
             self._db = None
 
 
+class FileLock:
+    """An exclusive lock on a small file beside the local copy, for the processes that
+    open the copy (``flock``, so two opens in one process exclude each other too; on
+    Windows, ``LockFileEx``). Reentrant for the thread holding it; a ``with`` block
+    waits for it as long as it takes. The file holds nothing and stays when released.
+
+    Args:
+        path: the lock file (created if missing).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed by close()
+        self._mutex = threading.RLock()
+        self._depth = 0
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take the lock, waiting at most ``timeout`` seconds (``None``: as long as it takes,
+        0: not at all); returns whether it was taken. Each taking needs its :meth:`release`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._mutex.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        try:
+            if self._depth == 0:
+                self._lock(deadline)
+            self._depth += 1
+            return True
+        except portalocker.exceptions.AlreadyLocked:
+            self._mutex.release()
+            return False
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def _lock(self, deadline: float | None) -> None:
+        """``flock`` the file, polling until ``deadline`` (``None``: a blocking wait).
+
+        Raises:
+            portalocker.exceptions.AlreadyLocked: not taken by the deadline.
+        """
+        if deadline is None:
+            portalocker.lock(self._file, portalocker.LOCK_EX)
+            return
+        while True:
+            try:
+                portalocker.lock(self._file, portalocker.LOCK_EX | portalocker.LOCK_NB)
+                return
+            except portalocker.exceptions.AlreadyLocked:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(LOCK_POLL)
+
+    def release(self) -> None:
+        """Give back one taking of the lock."""
+        self._depth -= 1
+        if self._depth == 0:
+            portalocker.unlock(self._file)
+        self._mutex.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def close(self) -> None:
+        """Close the file (which releases the lock)."""
+        self._file.close()
+
+
 class LocalMeta:
     """``P.ebk.json``: what the local files are a copy of (never credentials)."""
 
-    def __init__(self, path: Path, damaged_ok: bool = False):
+    def __init__(self, path: Path, damaged_ok: bool = False, lock: FileLock | None = None):
         """Read ``path`` if it exists.
 
         Args:
             path: the file ``P.ebk.json``.
             damaged_ok: a file that is not valid JSON reads as empty (flag 'n').
+            lock: the copy's batch lock, held around each save (the processes sharing
+                the copy save it in turn).
 
         Raises:
             IntegrityError: the file is not JSON, or a field has a wrong type or value.
@@ -858,6 +1024,17 @@ class LocalMeta:
         """
         self.path = Path(path)
         self.data: dict[str, Any] = {}
+        self._lock = lock
+        self._read(damaged_ok)
+
+    def reload(self) -> None:
+        """Read the file again (another process may have saved it); a damaged one leaves
+        :attr:`data` as it was."""
+        with contextlib.suppress(IntegrityError):
+            self._read(False)
+
+    def _read(self, damaged_ok: bool) -> None:
+        """Read the file into :attr:`data`, if it exists (see :meth:`__init__`)."""
         if self.path.exists():
             try:
                 data = orjson.loads(self.path.read_bytes())
@@ -910,8 +1087,9 @@ class LocalMeta:
         self.data.setdefault("format", "ebooklet-local")
         self.owner_id  # noqa: B018 - make sure it is recorded
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        os.replace(tmp, self.path)
+        with self._lock if self._lock is not None else contextlib.nullcontext():
+            tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+            os.replace(tmp, self.path)
 
 
 def _meta_problem(data: Any) -> str | None:
@@ -952,6 +1130,90 @@ _META_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("conditional_writes", lambda v: isinstance(v, bool), "true or false"),
     ("remote", lambda v: v is None or isinstance(v, dict), "an object or null"),
 )
+
+
+class FetchClaims:
+    """Which process is downloading which value of a local copy now, so that a process
+    about to download a value another one is downloading waits for it and then finds it
+    cached instead (docs/processes.md). A claim is a POSIX record lock on one byte of the
+    batch lock file, chosen by a hash of the key (two keys may share a byte: one waits
+    for the other, as for one key). Record locks belong to a process: the threads of one
+    process do not wait for each other's downloads. Without ``fcntl`` (Windows), or
+    without a path, nothing is claimed and every process downloads what it lacks.
+
+    Args:
+        path: the batch lock file (``None``: claim nothing).
+    """
+
+    def __init__(self, path: Path | None):
+        self._fd = None if path is None or fcntl is None else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def take(self, keys: list[bytes], wait: bool = False) -> list[bytes] | None:
+        """Claim the downloads of ``keys`` (encoded), waiting for each when ``wait``; returns
+        those claimed (not those another process holds, or whose wait would deadlock), or
+        ``None`` when nothing is claimed here (no record locks, or more than
+        :data:`CLAIM_MAX` keys): download them all."""
+        if self._fd is None or len(keys) > CLAIM_MAX:
+            return None
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        taken = []
+        for key in keys:
+            try:
+                fcntl.lockf(self._fd, flags, 1, _claim_byte(key))
+            except OSError:  # held by another process (or a wait that would deadlock)
+                continue
+            taken.append(key)
+        return taken
+
+    def give_back(self, keys: Iterable[bytes]) -> None:
+        """Release the claims of ``keys``."""
+        if self._fd is None:
+            return
+        for key in keys:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _claim_byte(key))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _claim_byte(key: bytes) -> int:
+    """The byte of the batch lock file whose record lock claims the download of ``key``."""
+    return int.from_bytes(hashlib.blake2s(key, digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def _file_stat(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime in ns)`` of a file, ``None`` when missing: what changes when
+    another process appends to it or replaces it."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def lock_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(batch lock, writer lock)`` files of a user path (docs/processes.md): ``P.ebk.lock``,
+    held around each write to the shared local files, and ``P.ebk.writer``, held by the
+    one writer for as long as it has the copy open."""
+    p = Path(path)
+    return p.with_name(p.name + ".ebk.lock"), p.with_name(p.name + ".ebk.writer")
+
+
+def in_use(path: str | os.PathLike) -> bool:
+    """Whether a process has the local copy at ``path`` open (each open holds a shared
+    lock on its data file ``P``)."""
+    data = Path(path)
+    if not data.exists():
+        return False
+    with open(data, "rb") as file:
+        try:
+            portalocker.lock(file, portalocker.LOCK_EX | portalocker.LOCK_NB)
+        except portalocker.exceptions.LockException:
+            return True
+        portalocker.unlock(file)
+    return False
 
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:

@@ -112,9 +112,10 @@ class Reads:
             return self._edited(key, kb) if local else None
         return self._remote_raw(key, kb)
 
-    def _edited(self, key: Any, kb: bytes) -> tuple[int, bytes]:
+    def _edited(self, key: Any, kb: bytes) -> tuple[int, bytes] | None:
         """``(timestamp, encoded value)`` of a key with a local edit, checked against the md5
-        journaled with the edit.
+        journaled with the edit. A reader whose journal the writer (another process)
+        changed since it read it reads it again, and the key as it is now.
 
         Raises:
             IntegrityError: the data file lacks the value, or holds another one.
@@ -130,6 +131,8 @@ class Reads:
                 if edit is None or edit.md5 is None:
                     return found  # discarded or deleted meanwhile: a read of the older state
                 if found is None or fmt.md5(found[1]) != edit.md5:
+                    if self._replica.catch_up_edits():  # a writer in another process changed it
+                        return self.lookup(key)
                     raise self._replica.damaged_edit(kb, found is not None)
         self._log.checked[kb] = edit.md5
         return found
@@ -162,7 +165,8 @@ class Reads:
             return default if raw is None else self._decode_value(raw)
         local = self._local_only(kb)
         if local is not None:
-            return self._replica.codec.decode_value(self._edited(key, kb)[1]) if local else default
+            found = self._edited(key, kb) if local else None
+            return default if found is None else self._replica.codec.decode_value(found[1])
         found = self._remote_raw(key, kb)
         return default if found is None else self._replica.codec.decode_value(found[1])
 
@@ -231,11 +235,24 @@ class Reads:
         )
 
     def _download_one(self, kb: bytes, entry: Entry) -> tuple[int, bytes] | None:
-        head = self._replica.remote.etag
-        for _, e, raw in self._replica.remote.fetch_values([(kb, entry)]):
-            self._replica.cache_fetched([(kb, raw, e.timestamp)], head)
-            return e.timestamp, raw
-        return None
+        """Download and cache the value of ``entry``, unless another process that was
+        downloading it (see :class:`.local.FetchClaims`) cached it meanwhile."""
+        claims = self._replica.claims
+        claimed = claims.take([kb])
+        if claimed == []:  # another process is downloading it: wait for it
+            claims.take([kb], wait=True)
+        try:
+            if claimed is not None:  # another process may have cached it since it was looked up
+                cached = self._replica.cached(self._replica.codec.decode_key(kb))
+                if cached is not None and _is_copy(cached[0], cached[1], entry):
+                    return cached
+            head = self._replica.remote.etag
+            for _, e, raw in self._replica.remote.fetch_values([(kb, entry)]):
+                self._replica.cache_fetched([(kb, raw, e.timestamp)], head)
+                return e.timestamp, raw
+            return None
+        finally:
+            claims.give_back([kb])
 
     def _moved(self, wanted: list[tuple[bytes, Entry]]) -> list[tuple[bytes, Entry]] | None:
         """After a pack of ``wanted`` was not found: their current entries (keys deleted
@@ -624,6 +641,11 @@ class Reads:
         size = 0
         head = self._replica.remote.etag
         caching = self._replica.local_writable  # else every value is handed over, in a buffer of its own
+        # values another process is downloading now are left to it (read later, one by one)
+        claimed = self._replica.claims.take([kb for kb, _ in wanted])
+        if claimed is not None and len(claimed) < len(wanted):
+            mine = set(claimed)
+            wanted = [(kb, e) for kb, e in wanted if kb in mine]
         try:
             for kb, entry, raw in self._replica.remote.fetch_values(wanted, reuse_buffers=caching):
                 large = len(raw) > LARGE_VALUE
@@ -639,7 +661,10 @@ class Reads:
                     self._replica.cache_fetched(batch, head)
                     batch, size = [], 0
         finally:  # what was downloaded and verified is kept, even if a later value fails
-            self._replica.cache_fetched(batch, head)
+            try:
+                self._replica.cache_fetched(batch, head)
+            finally:
+                self._replica.claims.give_back(claimed or ())
 
 
     def timestamp(

@@ -38,7 +38,18 @@ from .errors import (
     RemoteNotFoundError,
     ScanInterrupted,
 )
-from .local import UNKNOWN_MD5, ChangeLog, IndexMirror, LocalMeta, local_paths, new_base
+from .local import (
+    UNKNOWN_MD5,
+    ChangeLog,
+    FetchClaims,
+    FileLock,
+    IndexMirror,
+    LocalMeta,
+    in_use,
+    local_paths,
+    lock_paths,
+    new_base,
+)
 from .lock import RemoteLock
 from .outside import OutsideWrites
 from .remote import PinnedMirror, RemoteIndex
@@ -116,6 +127,7 @@ class Replica:
         self.path = Path(file_path)
         self.flag = flag
         self.writable = flag != "r"
+        self._journaling = self.writable  # writes the journal and owns P.ebk.json (docs/processes.md)
         self._offline = conn is None
         self._conn = conn
         self._rlock = threading.RLock()
@@ -128,74 +140,123 @@ class Replica:
         # system): nothing is written, values fetched are returned without being cached
         self._local_writable = _local_files_writable(self.path, flag)
         data_path, log_path, mirror_path, meta_path = local_paths(self.path)
-        # The index mirror is opened first: its file lock keeps other processes off
-        # the whole set of local files while this open decides what to do with them.
-        self._mirror = IndexMirror(mirror_path, self._local_writable, timeout=timeout)
-        self._remote = RemoteIndex(conn, self._mirror)
+        self._batch, self._writer = _copy_locks(self.path, self._local_writable, self.writable, timeout)
+        self.claims = FetchClaims(lock_paths(self.path)[0] if self._local_writable else None)
+        """Which process downloads which value now (see :class:`FetchClaims`)."""
         try:
-            fresh = flag == "n"  # a damaged journal or metadata is replaced, not read
-            self._meta = LocalMeta(meta_path, damaged_ok=fresh)
-            self._outside = OutsideWrites(self.path, self._meta, self.writable, self._local_writable)
-            closed = self._outside.closed_cleanly
-            try:
-                self._log = ChangeLog(
-                    log_path, self._local_writable, damaged_ok=fresh, expect_closed=closed and not fresh
+            # The local files are read holding the batch lock: as one state, between
+            # two writes of the other processes that have the copy open (docs/processes.md).
+            with self._batched():
+                self._mirror = IndexMirror(
+                    mirror_path, self._local_writable, timeout=timeout, batch_lock=self._batch
                 )
-            except IntegrityError:
-                self._outside.mark_session_open()  # said once: the next open starts a new journal
-                raise
-            if not fresh:
-                self._outside.mark_session_open()
-            local_exists = data_path.exists() and not fresh
-            if not fresh:
-                self._check_same_remote(conn)
-            # Values cached in the data file came from this manifest (see OutsideWrites).
-            cached_from = self._remote.manifest
-            self._written_outside = local_exists and self._outside.stat_changed(data_path)
+                # a reader's new head waits in memory until it may become the copy's
+                self._mirror.head_in_memory = not self.writable and self._writer is not None
+                self._remote = RemoteIndex(conn, self._mirror)
+                fresh = flag == "n"  # a damaged journal or metadata is replaced, not read
+                self._meta = LocalMeta(meta_path, damaged_ok=fresh, lock=self._batch)
+                self._outside = OutsideWrites(self.path, self._meta, self.writable, self._local_writable)
+                closed = self._outside.closed_cleanly
+                try:
+                    self._log = ChangeLog(
+                        log_path, self._local_writable and self.writable, damaged_ok=fresh,
+                        expect_closed=closed and not fresh,
+                    )
+                except IntegrityError:
+                    self._set_damaged_journal_aside(log_path, closed and not fresh)
+                    raise
+                if not fresh and self.writable:
+                    self._outside.mark_session_open()
+                elif not self.writable and self._local_writable:
+                    ChangeLog.start(log_path)
+                local_exists = data_path.exists() and not fresh
+                if not fresh:
+                    self._check_same_remote(conn)
+                # Values cached in the data file came from this manifest (see OutsideWrites).
+                cached_from = self._remote.manifest
+                self._written_outside = local_exists and self._outside.stat_changed(data_path)
             self._refresh_at_open(flag, local_exists, _open_wait(conn, remote_timeout))
             if pin is not None:
                 pin(self)
             if conn is not None and conn.writable and "conditional_writes" in self._meta.data:
                 conn.remember_conditional_writes(self._meta.data["conditional_writes"])
             self._take_remote_lock(lock_timeout)
-            if fresh:
-                self._start_afresh(data_path, log_path)
-            self.codec = Codec.choose(
-                self.path, key_serializer, value_serializer, trust_serializers,
-                fresh=fresh,
-                manifest=None if fresh or self._log.replace else self._remote.manifest,
-                meta=self._meta, conn=conn,
-            )
-            # The local index is sized by the caller's n_buckets only, never from the
-            # remote's n_keys: a manifest claiming 10**9 keys made a 12 GB file (booklet
-            # grows its index as keys arrive).
-            kept = local_exists and data_path.exists()  # not dropped for a foreign remote
-            self._data = _open_data(
-                data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable
-            )
-            self._data.before_write = self._log.flush  # the journal reaches the disk first
-            self._data_path = data_path
-            if not local_exists and flag != "n":
-                self._forget_lost_values()
-            self._closed = False
-            if kept:
-                self._outside.reconcile_at_open(
-                    self._data, data_path, self._log, self._remote, self.codec, self.offline, cached_from
+            with self._batched():
+                self._open_local(
+                    data_path, log_path, fresh, local_exists, cached_from, conn,
+                    (key_serializer, value_serializer, trust_serializers, n_buckets, buffer_size, timeout),
                 )
-            self._meta.data.setdefault("uuid", uuid.uuid4().hex)
-            self._meta.data.update(
-                remote=conn.public_params() if conn else self._meta.data.get("remote"),
-                key_serializer=self.codec.key_serializer_name,
-                value_serializer=self.codec.value_serializer_name,
-                n_buckets=n_buckets,
-            )
-            self._record_data_state(closed=False, always=True)
         except BaseException:
             self._close_files()
             outside = getattr(self, "_outside", None)  # None: P.ebk.json could not be read
-            if outside is not None:
+            if outside is not None and self.writable:
                 outside.unmark_session_open(getattr(self, "_log", None))
+            self._close_locks()
             raise
+
+    def _open_local(
+        self, data_path: Path, log_path: Path, fresh: bool, local_exists: bool,
+        cached_from: dict | None, conn: S3Connection | None, params: tuple,
+    ) -> None:
+        """The second half of the open, holding the batch lock: the serializers, the data
+        file, what was written to it outside ebooklet, ``P.ebk.json``."""
+        key_serializer, value_serializer, trust_serializers, n_buckets, buffer_size, timeout = params
+        if fresh:
+            self._start_afresh(data_path, log_path)
+        self.codec = Codec.choose(
+            self.path, key_serializer, value_serializer, trust_serializers,
+            fresh=fresh,
+            manifest=None if fresh or self._log.replace else self._remote.manifest,
+            meta=self._meta, conn=conn,
+        )
+        # The local index is sized by the caller's n_buckets only, never from the
+        # remote's n_keys: a manifest claiming 10**9 keys made a 12 GB file (booklet
+        # grows its index as keys arrive).
+        kept = local_exists and data_path.exists()  # not dropped for a foreign remote
+        self._data = _open_data(
+            data_path, self.codec, n_buckets, buffer_size, timeout, self._local_writable, self._batch
+        )
+        self._data.before_write = self._log.flush  # the journal reaches the disk first
+        if not self.writable:
+            self._data.map_for_reading()  # reads without a system call (docs/processes.md)
+        self._data_path = data_path
+        if not local_exists and not fresh:
+            self._forget_lost_values()
+        self._closed = False
+        if not self.writable:  # the writer may have journaled edits since the journal was read
+            self._log.reload()
+        if kept:
+            self._outside.reconcile_at_open(
+                self._data, data_path, self._log, self._remote, self.codec, self.offline, cached_from
+            )
+        self._meta.data.setdefault("uuid", uuid.uuid4().hex)
+        self._meta.data.update(
+            remote=conn.public_params() if conn else self._meta.data.get("remote"),
+            key_serializer=self.codec.key_serializer_name,
+            value_serializer=self.codec.value_serializer_name,
+            n_buckets=n_buckets,
+        )
+        self._record_data_state(closed=False, always=True, reread=False)
+
+    def _set_damaged_journal_aside(self, log_path: Path, expect_closed: bool) -> None:
+        """The journal is damaged: a writer has set it aside (see :class:`ChangeLog`); a
+        reader does so too when no writer has the copy open. Said once: the next open
+        starts a new journal."""
+        if not self.writable:
+            if self._writer is None or not self._writer.acquire(0):
+                return  # the writer's (or the next writable open's) to set aside
+            try:
+                ChangeLog(log_path, True, expect_closed=expect_closed).close(mark_closed=False)
+            except IntegrityError:
+                pass  # set aside
+            finally:
+                self._writer.release()
+        self._outside.mark_session_open()
+
+    def _batched(self) -> contextlib.AbstractContextManager:
+        """The batch lock (held around each write to the shared local files), or nothing
+        when the local files cannot be written."""
+        return self._batch if self._batch is not None else contextlib.nullcontext()
 
     def _take_remote_lock(self, lock_timeout: float) -> None:
         conn = self._conn
@@ -208,7 +269,16 @@ class Replica:
                 self.refresh()  # the writer we waited for may have committed meanwhile
 
     def _start_afresh(self, data_path: Path, log_path: Path) -> None:
-        """Flag 'n', both locks held: an empty copy that replaces the remote at the next push."""
+        """Flag 'n', both locks held: an empty copy that replaces the remote at the next push.
+
+        Raises:
+            booklet.LockTimeoutError: another process has the copy open (as a reader).
+        """
+        if in_use(data_path):
+            raise booklet.LockTimeoutError(
+                f"{self.path} is open in another process: flag 'n' needs the local copy alone; "
+                "close it there first."
+            )
         self._outside.mark_session_open()
         self._log.close()
         for path in (data_path, log_path):
@@ -225,14 +295,48 @@ class Replica:
                 f"{self.path} was missing: {len(lost)} unpushed value(s) were lost with it; "
                 "those keys read the remote version again.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-            self._log.mark_clean(lost)
+            if self._journaling:
+                self._log.mark_clean(lost)
+            elif self._writer is not None and self._writer.acquire(0):
+                try:  # a reader, no writer open: it may journal this as a writer would
+                    self._outside.mark_session_open()
+                    cleanup = ChangeLog(self._log.path)
+                    cleanup.mark_clean(lost)
+                    cleanup.close(mark_closed=False)
+                    self._log.reload()
+                finally:
+                    self._writer.release()
+            else:  # a writer has the copy: the next writable open finds them lost too
+                self._log.forget_edits(lost)
 
-    def _record_data_state(self, closed: bool, always: bool = False) -> None:
-        """Record the data file's state while it is open: :meth:`OutsideWrites.record_data_state`."""
-        if not self._closed:
+    def _record_data_state(self, closed: bool, always: bool = False, reread: bool = True) -> None:
+        """Record the data file's state while it is open: :meth:`OutsideWrites.record_data_state`.
+
+        A reader (flag 'r') records it only while no writer has the copy open (it takes
+        the writer lock without waiting), with the ``closed`` flag ``P.ebk.json`` has (a
+        reader never writes the journal), after reading ``P.ebk.json`` again when
+        ``reread``; then the head it holds becomes the copy's head (docs/processes.md).
+        """
+        if self._closed:
+            return
+        if self._journaling or self._writer is None:
             self._outside.record_data_state(self._data, self._data_path, closed, always)
+            return
+        if not self._writer.acquire(0):
+            return  # a writer owns P.ebk.json and the copy's head
+        try:
+            with self._batch:
+                if reread:
+                    self._meta.reload()
+                state = self._meta.data_state
+                self._outside.record_data_state(
+                    self._data, self._data_path, bool(state and state["closed"]), always
+                )
+                self._mirror.persist_head()
+        finally:
+            self._writer.release()
 
     def _check_same_remote(self, conn: S3Connection | None) -> None:
         known = self._meta.data.get("remote")
@@ -325,6 +429,8 @@ class Replica:
         """
         if self._pinned is not None:
             return False  # a snapshot (open(..., commit=)) stays at its commit
+        if not self._closed:
+            self.catch_up_edits()  # a reader sees the writer's flushed edits from here on
         old_manifest = self._remote.manifest
         manifest, etag = self._remote.fetch_manifest(wait)
         # Resolve even when the head is unchanged: a key edited before its shard was
@@ -337,12 +443,18 @@ class Replica:
             )
         if etag == self._remote.etag and (manifest is None) == (old_manifest is None):
             self._offline = False
+            if self._mirror.head_pending:  # a reader's head, not the copy's yet
+                self._record_data_state(closed=False)
             return False
-        with self._rlock:
+        with self._rlock, self._batched():
             # Values cached from now on come from the new head: the next open tells them
-            # from edits made outside against the manifest it finds in the mirror.
-            self._record_data_state(closed=False)
+            # from edits made outside against the manifest it finds in the mirror. (A
+            # reader adopts it in memory, then records: see _record_data_state.)
+            if self._journaling:
+                self._record_data_state(closed=False)
             self._remote.adopt(manifest, etag)
+            if not self._journaling:
+                self._record_data_state(closed=False)
         self._offline = False
         return True
 
@@ -442,6 +554,36 @@ class Replica:
             if cached is not None:
                 yield kb, *cached
 
+    def catch_up_edits(self) -> bool:
+        """A reader: read the journal again if the writer (another process) changed it
+        since; returns whether it did (see docs/processes.md)."""
+        if self._journaling or not self._local_writable:
+            return False
+        with self._rlock, self._batch:  # the writer journals and writes under it: one state
+            return self._log.reload()
+
+    def _become_writer(self) -> None:
+        """A reader about to write the journal (``delete_remote`` keeps the values as
+        edits): it takes the writer lock for the rest of its session, and from then on
+        writes the journal and owns ``P.ebk.json`` and the copy's head, as a writer.
+
+        Raises:
+            booklet.LockTimeoutError: a writer has the copy open.
+        """
+        if self._journaling:
+            return
+        if not self._writer.acquire(0):
+            raise booklet.LockTimeoutError(
+                f"{self.path} is open for writing in another process; this needs the copy's "
+                "writer lock: close it there first."
+            )
+        with self._batch:
+            self._record_data_state(closed=False)  # as a reader: the head becomes the copy's
+            self._log.reload(writable=True)
+            self._outside.mark_session_open()
+            self._mirror.head_in_memory = False
+            self._journaling = True
+
     def damaged_edit(self, kb: bytes, present: bool) -> IntegrityError:
         """The error for a local edit whose value in the data file is missing (``present``
         false) or is not the value that was journaled."""
@@ -461,14 +603,34 @@ class Replica:
         again when read: values in the data file must come from the head the local
         mirror holds, see :meth:`OutsideWrites.record_data_state`)."""
         with self._rlock:
-            if self._log.replace or self._remote.etag != head:
-                return
-            edits = self._log.edits
-            records = [r for r in records if r[0] not in edits]
-            if records and self._local_writable:  # else values are returned, not cached
-                append_records(self._data, records)
-                if self._pinned is not None:  # a snapshot's values: not the mirror's head
-                    self._record_data_state(closed=False)
+            if self._log.replace or self._remote.etag != head or not records or not self._local_writable:
+                return  # else values are returned, not cached
+            with self._batch:
+                if not self._journaling and not self._may_cache(head):
+                    return
+                edits = self._log.edits
+                records = [r for r in records if r[0] not in edits]
+                if records:
+                    append_records(self._data, records)
+                    if self._pinned is not None:  # a snapshot's values: not the mirror's head
+                        self._record_data_state(closed=False)
+
+    def _may_cache(self, head: str | None) -> bool:
+        """Whether a reader may write values of the head ``head`` to the data file now (the
+        batch lock held): they must be values of the copy's head (a snapshot's only while
+        no writer has the copy open, to record the state after them), and the journal is
+        read again if the writer changed it, so that no edit is written over."""
+        if self._pinned is not None:
+            if not self._writer.acquire(0):
+                return False
+            self._writer.release()
+        elif self._mirror.stored_etag() != head:
+            return False  # another process moved the copy's head: a refresh catches up
+        try:
+            self._log.reload()
+        except IntegrityError:
+            return False
+        return True
 
     # ------------------------------------------------------------ the write path
 
@@ -494,21 +656,25 @@ class Replica:
     def set_values(self, encoded: list[tuple[bytes, bytes, bytes]]) -> None:
         """Journal and store ``(encoded key, encoded value, md5)`` as local edits, in one
         write of the data file."""
-        with self._rlock:
+        with self._rlock, self._batched():
             self._log.record_edits((kb, m, self._base(kb)) for kb, _, m in encoded)
             append_records(self._data, [(kb, raw, None) for kb, raw, _ in encoded])
             self._log.checked.update((kb, m) for kb, _, m in encoded)
 
     def delete_value(self, key: Any, kb: bytes) -> None:
         """Journal the deletion of ``key`` (encoded ``kb``) and drop its local value."""
-        with self._rlock:
+        with self._rlock, self._batched():
             self._log.record_edits([(kb, None, self._base(kb))])
             if key in self._data:
                 del self._data[key]
 
     def drop_values(self, kbs: Iterable[bytes]) -> None:
-        """Drop the local values of ``kbs`` from the data file (journaling nothing)."""
-        with self._rlock:
+        """Drop the local values of ``kbs`` from the data file (journaling nothing); a
+        reader leaves those the writer has edited since it read the journal."""
+        with self._rlock, self._batched():
+            if not self._journaling and self._local_writable:
+                self._log.reload()
+                kbs = [kb for kb in kbs if kb not in self._log.edits]
             for kb in kbs:
                 key = self.codec.decode_key(kb)
                 if key in self._data:
@@ -517,7 +683,7 @@ class Replica:
     def clear(self) -> None:
         """Drop every local value and edit: the next push replaces the remote with an
         empty database (the user metadata keeps its pending edit)."""
-        with self._rlock:
+        with self._rlock, self._data.alone():
             metadata_dirty = self._log.metadata_dirty
             self._log.reset()
             self._log.set_replace(True)
@@ -689,6 +855,7 @@ class Replica:
         version (not the head's) is dropped: the key is not that value any more."""
         self.check_local_writable("delete_remote")
         with self._rlock:
+            self._become_writer()
             self._data.sync()
             edits = self._log.edits
             cached = [(kb, fmt.md5(raw)) for kb, _, raw in self.scan() if kb not in edits]
@@ -708,6 +875,7 @@ class Replica:
         push (none based on a remote version: the next push recreates the remote),
         without local deletions (nothing is left to delete) or a remote manifest."""
         with self._rlock:
+            self._become_writer()
             edits = dict(self._log.edits)
             self._log.mark_clean(kb for kb, edit in edits.items() if edit.md5 is None)
             self._log.record_edits((kb, e.md5, None) for kb, e in edits.items() if e.md5 is not None)
@@ -732,6 +900,13 @@ class Replica:
                 closer()
         self.release_lock()
 
+    def _close_locks(self) -> None:
+        """Close the lock files (which releases the writer lock)."""
+        for lock in (self._batch, self._writer):
+            if lock is not None:
+                lock.close()
+        self.claims.close()
+
     def close(self) -> None:
         """Flush and close the local files and release the remote write lock."""
         if self._closed:
@@ -742,6 +917,7 @@ class Replica:
         finally:
             self._closed = True
             self._close_files()
+            self._close_locks()
 
 def _open_wait(conn: S3Connection | None, remote_timeout: float | None) -> float | None:
     """Seconds the open's manifest GET may take: ``remote_timeout``, else
@@ -778,9 +954,34 @@ def _local_files_writable(path: Path, flag: str) -> bool:
     return False
 
 
+def _copy_locks(
+    path: Path, local_writable: bool, writable: bool, timeout: float | None
+) -> tuple[FileLock | None, FileLock | None]:
+    """The batch lock and the writer lock of the copy at ``path`` (none when its local
+    files cannot be written); a writer takes the writer lock, waiting at most ``timeout``
+    seconds (``None``: as long as it takes).
+
+    Raises:
+        booklet.LockTimeoutError: another process has the copy open with a write flag.
+    """
+    if not local_writable:
+        return None, None
+    batch_path, writer_path = lock_paths(path)
+    batch, writer = FileLock(batch_path), FileLock(writer_path)
+    if writable and not writer.acquire(timeout):
+        batch.close()
+        writer.close()
+        raise booklet.LockTimeoutError(
+            f"{path} is open for writing in another process (one writer at a time); waited "
+            f"{timeout} s. Close it there, open with flag 'r' to read alongside it, or pass a "
+            "longer timeout."
+        )
+    return batch, writer
+
+
 def _open_data(
     path: Path, codec: Codec, n_buckets: int, buffer_size: int, timeout: float | None,
-    writable: bool = True,
+    writable: bool = True, batch_lock: FileLock | None = None,
 ):
     ks, vs = codec.key_serializer, codec.value_serializer
     if not path.exists():
@@ -789,7 +990,7 @@ def _open_data(
         ks, vs = serializers.booklet_spec(ks), serializers.booklet_spec(vs)
     try:
         return DataFile(
-            str(path), "c" if writable else "r", key_serializer=ks, value_serializer=vs,
+            str(path), "c" if writable else "r", batch_lock, key_serializer=ks, value_serializer=vs,
             n_buckets=n_buckets, buffer_size=buffer_size, timeout=timeout,
         )
     except booklet.LockTimeoutError:
