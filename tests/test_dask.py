@@ -278,6 +278,9 @@ def test_local_schedulers_use_the_callers_connection(
         bag = edask.read_bag(conn.copy(timeout=29.0), npartitions=2)
         gc.collect()
         assert dict(bag.compute()) == dict(items(10))
+        # another process (a bag's default scheduler) finds no credentials: says what to do
+        with pytest.raises(ebooklet.AuthError, match=r"compute\(scheduler='threads'\)"):
+            bag.compute(scheduler="processes", num_workers=1)
         # a key given twice: the last partition's value, the last in a partition
         write([("dup", 1), ("dup", 2), ("dup", 3), ("x", 0)], conn, 2)
         assert dict(edask.read_bag(conn, keys=["dup"]).compute()) == {"dup": 3}

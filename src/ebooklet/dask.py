@@ -324,8 +324,8 @@ def write_bag(
     Each partition serializes its values and uploads them as packs from its worker, and
     sends back only index entries; then the client, holding the remote write lock,
     merges the entries into index shards and commits once with the conditional manifest
-    PUT, as :meth:`ebooklet.Changes.push` does. A key that several partitions write keeps
-    the value of the last one. If a partition fails (or is cancelled), nothing is
+    PUT, as :meth:`ebooklet.Changes.push` does. A key given several times keeps its last
+    value (of the last partition holding it, the last pair within a partition). If a partition fails (or is cancelled), nothing is
     committed; the packs already uploaded are orphans that :func:`ebooklet.check` lists
     and ``vacuum()`` deletes. It returns (or raises) once every partition has finished.
 
@@ -595,7 +595,8 @@ def map_bag(
     ``func(key, value) -> new value`` on the cluster and write the results to ``target``
     as one commit: :func:`read_bag`, then :func:`write_bag`.
 
-    ``target`` may be ``remote`` itself (a new commit of the same database). A new or
+    ``target`` may be ``remote`` itself (a new commit of the same database, based on the
+    head that was read: a key another writer changed meanwhile is a conflict). A new or
     replaced target takes ``key_serializer``/``value_serializer``, by default the
     source's; an existing one keeps its own. ``trust_serializers`` applies to both.
 
@@ -700,10 +701,12 @@ def _on_worker(handle: _Handle) -> Iterator[S3Connection]:
         if handle.callers:
             raise
         raise AuthError(
-            f"{exc} (on a Dask worker: workers resolve their own credentials, never those "
-            "of the client; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in "
-            "the workers' environment, pass profile= to the S3Connection, or read by "
-            "public URL)"
+            f"{exc} (in a process other than the caller's: a Dask worker, or a process of "
+            "Dask's multiprocessing scheduler, a bag's default without a distributed Client. "
+            "Such a process resolves credentials of its own, never the caller's: set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in its environment, pass "
+            "profile= to the S3Connection, or read by public URL; without a cluster, "
+            "compute(scheduler='threads') uses the caller's connection)"
         ) from None
 
 
