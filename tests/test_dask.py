@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import pickle
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -282,7 +283,9 @@ def test_local_schedulers_use_the_callers_connection(
         with pytest.raises(ebooklet.AuthError, match=r"compute\(scheduler='threads'\)"):
             bag.compute(scheduler="processes", num_workers=1)
         # a key given twice: the last partition's value, the last in a partition
-        write([("dup", 1), ("dup", 2), ("dup", 3), ("x", 0)], conn, 2)
+        before = Counter(conn.request_counts)
+        result = write([("dup", 1), ("dup", 2), ("dup", 3), ("x", 0)], conn, 2)
+        assert result.requests == Counter(conn.request_counts) - before  # each counted once
         assert dict(edask.read_bag(conn, keys=["dup"]).compute()) == {"dup": 3}
 
 

@@ -106,7 +106,9 @@ class _Coding(NamedTuple):
 
 class _Written(NamedTuple):
     """What a partition of :func:`write_bag` sends back: index entries, never values
-    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob)."""
+    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob). ``requests``
+    are those of another process's connection (none on the caller's connection, whose
+    own count the client reads)."""
 
     entries: bytes
     packs: list[bytes]
@@ -361,8 +363,9 @@ def write_bag(
         )
     _check_write_args(mode, message, trust_serializers, lock_timeout)
     handle, conn = _handle_of(remote, writing=True)
+    before = Counter(conn.request_counts)
     base, _ = _head(conn)
-    return _write(bag, handle, conn, base, mode, message, force, key_serializer,
+    return _write(bag, handle, conn, before, base, mode, message, force, key_serializer,
                   value_serializer, trust_serializers, lock_timeout)
 
 
@@ -389,6 +392,7 @@ def _write(
     bag: dask.bag.Bag,
     handle: _Handle,
     conn: S3Connection,
+    before: Counter,
     base: dict | None,
     mode: str,
     message: str | None,
@@ -399,7 +403,8 @@ def _write(
     lock_timeout: float,
 ) -> BagWriteResult:
     """:func:`write_bag` once its arguments are checked; ``base`` is the head the pairs
-    of ``bag`` are based on (``None``: no database)."""
+    of ``bag`` are based on (``None``: no database), ``before`` the request counts of
+    ``conn`` before it was read."""
     if base is None and mode == "w":
         raise RemoteNotFoundError(f"There is no database at {conn!r} to merge into; use mode 'c'.")
     replace = mode == "n"
@@ -408,7 +413,6 @@ def _write(
     else:
         codec = _reading_codec(base, conn, key_serializer, value_serializer, trust)
     coding = _Coding.of(codec, conn.db_url)
-    before = Counter(conn.request_counts)
     tasks = [dask.delayed(_write_part)(handle, coding, part) for part in bag.to_delayed()]
     written = _compute(tasks)
     entries: dict[bytes, Entry] = {}
@@ -614,13 +618,14 @@ def map_bag(
                            trust_serializers)
     bag = _bag_of(source, source_conn, head, codec, keys, prefix, npartitions)
     # the new values derive from ``head``: when it is the target's, it is their base
+    before = Counter(conn.request_counts)
     base = head if _same_database(source_conn, conn) else _head(conn)[0]
     if mode == "n" or base is None:  # a new target: the source's serializers by default
         if key_serializer is serializers.UNSET:
             key_serializer = head["key_serializer"]
         if value_serializer is serializers.UNSET:
             value_serializer = head["value_serializer"]
-    return _write(bag.map(_apply, func), handle, conn, base, mode, message, force,
+    return _write(bag.map(_apply, func), handle, conn, before, base, mode, message, force,
                   key_serializer, value_serializer, trust_serializers, lock_timeout)
 
 
@@ -793,7 +798,8 @@ def _write_part(handle: _Handle, coding: _Coding, items: Iterable[Any]) -> _Writ
             packs.append(upload.pack)
             located.update((entry.md5, entry) for _, entry in upload.located)
         entries = [(kb, located[m]) for kb, m in keys.items()]
-        return _Written(_packed(entries), packs, sizes[0], Counter(conn.request_counts) - before)
+        requests = Counter() if handle.callers else Counter(conn.request_counts) - before
+        return _Written(_packed(entries), packs, sizes[0], requests)
 
 
 def _pair(item: Any, i: int) -> tuple[Any, Any]:
