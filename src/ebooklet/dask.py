@@ -226,7 +226,8 @@ def read_bag(
         remote: an :class:`~ebooklet.S3Connection`, a ``ConnectionSpec`` or a public URL.
         keys: only these keys (those absent are left out); ``None``: every key.
         prefix: only keys starting with it (``str`` keys: a ``str``; bytes keys: bytes).
-        npartitions: how many partitions (default: one per :data:`PARTITION_BYTES` of values).
+        npartitions: how many partitions (default: one per :data:`PARTITION_BYTES` of
+            values, at most :data:`MAX_PARTITIONS`).
         key_serializer: as :func:`ebooklet.open` takes it (the database's own, by default).
         value_serializer: as :func:`ebooklet.open` takes it: a manifest naming ``pickle``
             or a ``*zstd`` serializer is followed only when the caller passes or trusts it.
