@@ -173,6 +173,8 @@ def test_concurrent_writes_merge_or_conflict(client: Client, conn: Any, tmp_path
     assert conn.get("").etag == etag
     with ebooklet.open(conn, tmp_path / "c.blt", "r") as db:
         assert dict(db.items()) == {"base": 0, "a": 20, "b": 2}
+    manifest = fmt.decode_manifest(conn.get("").data)  # counts after merges and overwrites
+    assert (manifest["n_keys"], manifest["n_bytes"]) == (3, len(b"0" b"20" b"2"))
 
 
 def _secrets(s3_server: Any, make_conn: Any) -> tuple[Any, list[bytes]]:
