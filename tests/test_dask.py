@@ -281,6 +281,12 @@ def test_local_schedulers_use_the_callers_connection(
         bag = edask.read_bag(conn.copy(timeout=29.0), npartitions=2)
         gc.collect()
         assert dict(bag.compute()) == dict(items(10))
+        # and nothing keeps what a graph no longer needs
+        kept = len(edask._CALLERS_HANDLES)
+        for _ in range(3):
+            edask.read_bag(conn)
+        gc.collect()
+        assert len(edask._CALLERS_HANDLES) == kept
         # another process (a bag's default scheduler) finds no credentials: says what to do
         with pytest.raises(ebooklet.AuthError, match=r"compute\(scheduler='threads'\)"):
             bag.compute(scheduler="processes", num_workers=1)

@@ -638,17 +638,14 @@ def _apply(pair: tuple[Any, Any], func: Callable[[Any, Any], Any]) -> tuple[Any,
 # ---------------------------------------------------------------- the workers' side
 
 
-_CLIENT_CONNECTIONS: weakref.WeakValueDictionary[str, S3Connection] = (
-    weakref.WeakValueDictionary()
-)
-"""The caller's connections by :class:`_Handle` token, in the caller's process only: a
-handle unpickled there (a cluster of threads) finds its connection again, for as long as
-the graph holding the original handle lives."""
+_CALLERS_HANDLES: weakref.WeakValueDictionary[str, _Handle] = weakref.WeakValueDictionary()
+"""The handles made in the caller's process, by token, for as long as a graph holds them:
+a handle unpickled there (a cluster of threads) finds the caller's connection again."""
 
 
 class _Handle:
     """How a task reaches the bucket: a :class:`ConnectionSpec` and a token naming the
-    caller's connection in the caller's process.
+    caller's handle in the caller's process.
 
     In that process (the local schedulers, which do not pickle tasks, or a cluster of
     threads, which does) a task uses the very connection the caller passed, credentials
@@ -657,19 +654,22 @@ class _Handle:
     connection made from the spec, which finds credentials of its own.
     """
 
-    __slots__ = ("_conn", "spec", "token")
+    __slots__ = ("__weakref__", "_conn", "spec", "token")
 
     def __init__(self, spec: ConnectionSpec, token: str, conn: S3Connection | None = None):
         self.spec = spec
         self.token = token
-        self._conn = conn if conn is not None else _CLIENT_CONNECTIONS.get(token)
+        if conn is None:
+            original = _CALLERS_HANDLES.get(token)
+            conn = original._conn if original is not None else None
+        self._conn = conn
 
     @classmethod
     def of(cls, spec: ConnectionSpec, conn: S3Connection) -> _Handle:
         """A new handle of the caller's ``conn`` (whose spec is ``spec``)."""
-        token = uuid.uuid4().hex
-        _CLIENT_CONNECTIONS[token] = conn
-        return cls(spec, token, conn)
+        handle = cls(spec, uuid.uuid4().hex, conn)
+        _CALLERS_HANDLES[handle.token] = handle
+        return handle
 
     def __reduce__(self) -> tuple[type, tuple[ConnectionSpec, str]]:
         return _Handle, (self.spec, self.token)
