@@ -328,9 +328,10 @@ def write_bag(
     sends back only index entries; then the client, holding the remote write lock,
     merges the entries into index shards and commits once with the conditional manifest
     PUT, as :meth:`ebooklet.Changes.push` does. A key given several times keeps its last
-    value (of the last partition holding it, the last pair within a partition). If a partition fails (or is cancelled), nothing is
-    committed; the packs already uploaded are orphans that :func:`ebooklet.check` lists
-    and ``vacuum()`` deletes. It returns (or raises) once every partition has finished.
+    value (of the last partition holding it, the last pair within a partition). If a
+    partition fails (or is cancelled), nothing is committed; the packs already uploaded
+    are orphans that :func:`ebooklet.check` lists and ``vacuum()`` deletes. It returns
+    (or raises) once every partition has finished.
 
     Args:
         bag: the pairs; keys of the type the key serializer takes.
