@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import pickle
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from distributed import Client, Event, LocalCluster  # noqa: E402
 
 import ebooklet  # noqa: E402
 from ebooklet import dask as edask  # noqa: E402
+from ebooklet import format as fmt  # noqa: E402
 from ebooklet.connection import ConnectionSpec  # noqa: E402
 
 N_KEYS = 100_000
@@ -171,6 +173,8 @@ def test_concurrent_writes_merge_or_conflict(client: Client, conn: Any, tmp_path
     assert conn.get("").etag == etag
     with ebooklet.open(conn, tmp_path / "c.blt", "r") as db:
         assert dict(db.items()) == {"base": 0, "a": 20, "b": 2}
+    manifest = fmt.decode_manifest(conn.get("").data)  # counts after merges and overwrites
+    assert (manifest["n_keys"], manifest["n_bytes"]) == (3, len(b"0" b"20" b"2"))
 
 
 def _secrets(s3_server: Any, make_conn: Any) -> tuple[Any, list[bytes]]:
@@ -255,6 +259,8 @@ def test_bad_arguments_say_what_to_do(client: Client, conn: Any, public_url: str
         edask.read_bag(conn, prefix=b"a")
     with pytest.raises(ValueError, match="npartitions"):
         edask.read_bag(conn, npartitions=0)
+    with pytest.raises(TypeError, match=r"pass \[key\]"):
+        edask.read_bag(conn, keys="a")
     with pytest.raises(TypeError, match="remote must be"):
         edask.read_bag(42)
 
@@ -271,6 +277,24 @@ def test_local_schedulers_use_the_callers_connection(
     with dask.config.set(scheduler="sync"):
         write(items(10), conn, 2, value_serializer="orjson")
         assert dict(edask.read_bag(conn).compute()) == dict(items(10))
+        # a connection the caller no longer holds: the graph keeps it
+        bag = edask.read_bag(conn.copy(timeout=29.0), npartitions=2)
+        gc.collect()
+        assert dict(bag.compute()) == dict(items(10))
+        # and nothing keeps what a graph no longer needs
+        kept = len(edask._CALLERS_HANDLES)
+        for _ in range(3):
+            edask.read_bag(conn)
+        gc.collect()
+        assert len(edask._CALLERS_HANDLES) == kept
+        # another process (a bag's default scheduler) finds no credentials: says what to do
+        with pytest.raises(ebooklet.AuthError, match=r"compute\(scheduler='threads'\)"):
+            bag.compute(scheduler="processes", num_workers=1)
+        # a key given twice: the last partition's value, the last in a partition
+        before = Counter(conn.request_counts)
+        result = write([("dup", 1), ("dup", 2), ("dup", 3), ("x", 0)], conn, 2)
+        assert result.requests == Counter(conn.request_counts) - before  # each counted once
+        assert dict(edask.read_bag(conn, keys=["dup"]).compute()) == {"dup": 3}
 
 
 def test_a_spec_names_a_profile_never_keys(s3_server: Any) -> None:
@@ -282,3 +306,40 @@ def test_a_spec_names_a_profile_never_keys(s3_server: Any) -> None:
         spec.connect().get("")
     with pytest.raises(ValueError, match="profile"):
         ebooklet.S3Connection("id", "secret", **where, profile="p")
+
+
+def test_map_bag_onto_itself_bases_on_the_head_it_read(
+    conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """map_bag(func, db, db): a commit landing after the source was read is a conflict,
+    not an update lost under the new values (local scheduler: no cluster needed)."""
+    from_delayed = dask.bag.from_delayed
+
+    def then_another_writer(*args: Any, **kw: Any) -> Any:
+        bag = from_delayed(*args, **kw)  # the source's head is read: now another writer
+        monkeypatch.setattr(dask.bag, "from_delayed", from_delayed)
+        write([("k000001", {"i": 99, "s": "other"})], conn, 1)
+        return bag
+
+    with dask.config.set(scheduler="sync"):
+        write(items(10), conn, 1, value_serializer="orjson")
+        monkeypatch.setattr(dask.bag, "from_delayed", then_another_writer)
+        with pytest.raises(ebooklet.ConflictError) as raised:
+            edask.map_bag(_plus_one, conn, conn)
+        assert raised.value.keys == ["k000001"]
+        assert dict(edask.read_bag(conn).compute())["k000001"] == {"i": 99, "s": "other"}
+
+
+def test_a_claimed_byte_count_does_not_size_the_graph(
+    conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest claiming a huge n_bytes makes at most MAX_PARTITIONS partitions (local
+    scheduler: no cluster needed)."""
+    with dask.config.set(scheduler="sync"):
+        write(items(20), conn, 1, value_serializer="orjson")
+        manifest = fmt.decode_manifest(conn.get("").data)
+        conn.put("", fmt.encode_manifest({**manifest, "n_bytes": 1 << 40}))
+        monkeypatch.setattr(edask, "MAX_PARTITIONS", 8)
+        bag = edask.read_bag(conn)
+        assert bag.npartitions == 8
+        assert dict(bag.compute()) == dict(items(20))

@@ -57,6 +57,10 @@ to one partition (neighbouring segments to neighbouring partitions), which reads
 with one coalesced range GET or a few. A pack of small values (about 4 MiB) is mostly
 one segment: one GET (1 MiB segments made four, each costing as much as the whole pack
 on servers that copy the object for a range, as moto does)."""
+MAX_PARTITIONS = 1 << 16
+"""The most partitions :func:`read_bag` makes when ``npartitions`` is not given: their
+number follows the byte count the manifest claims, which a hostile bucket may inflate
+(a partition of a larger database then holds more than :data:`PARTITION_BYTES`)."""
 N_BUCKETS = 12007
 """The ``n_buckets`` a database created by :func:`write_bag` records (booklet's default)."""
 MODES = ("c", "w", "n")
@@ -102,7 +106,9 @@ class _Coding(NamedTuple):
 
 class _Written(NamedTuple):
     """What a partition of :func:`write_bag` sends back: index entries, never values
-    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob)."""
+    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob). ``requests``
+    are those of another process's connection (none on the caller's connection, whose
+    own count the client reads)."""
 
     entries: bytes
     packs: list[bytes]
@@ -113,8 +119,8 @@ class _Written(NamedTuple):
 # ---------------------------------------------------------------- the client side
 
 
-def _spec_of(remote: Any, writing: bool) -> tuple[ConnectionSpec, S3Connection]:
-    """The spec that tasks carry and the client's connection, from what the caller gave.
+def _handle_of(remote: Any, writing: bool) -> tuple[_Handle, S3Connection]:
+    """The handle that tasks carry and the client's connection, from what the caller gave.
 
     Raises:
         TypeError: ``remote`` is none of an S3Connection, a ConnectionSpec or a URL.
@@ -132,18 +138,36 @@ def _spec_of(remote: Any, writing: bool) -> tuple[ConnectionSpec, S3Connection]:
             "remote must be an S3Connection, an ebooklet.connection.ConnectionSpec or a public "
             f"URL string, not {type(remote).__name__}."
         )
-    _CLIENT_CONNECTIONS[spec] = conn
     if writing and not spec.writable:
         raise ReadOnlyError(
             f"{conn!r} is read-only (a public URL): writing needs an S3Connection with "
             "bucket and db_key, whose credentials the workers find in their environment."
         )
-    return spec, conn
+    return _Handle.of(spec, conn), conn
 
 
 def _head(conn: S3Connection) -> tuple[dict | None, str | None]:
     """The database's head manifest and its ETag (``None``: no database)."""
     return RemoteIndex(conn, MemoryMirror()).fetch_manifest()
+
+
+def _existing_head(conn: S3Connection) -> dict:
+    """The head manifest of the database to read.
+
+    Raises:
+        RemoteNotFoundError: there is no database at ``conn``.
+    """
+    head, _ = _head(conn)
+    if head is None:
+        raise RemoteNotFoundError(f"There is no database at {conn!r} (or it is not public).")
+    return head
+
+
+def _same_database(a: S3Connection, b: S3Connection) -> bool:
+    """Whether two connections reach the same database (its public URL, or its place)."""
+    if a.writable and b.writable:
+        return (a.endpoint_url, a.bucket, a.db_key) == (b.endpoint_url, b.bucket, b.db_key)
+    return a.db_url == b.db_url
 
 
 def _reading_codec(
@@ -202,7 +226,8 @@ def read_bag(
         remote: an :class:`~ebooklet.S3Connection`, a ``ConnectionSpec`` or a public URL.
         keys: only these keys (those absent are left out); ``None``: every key.
         prefix: only keys starting with it (``str`` keys: a ``str``; bytes keys: bytes).
-        npartitions: how many partitions (default: one per :data:`PARTITION_BYTES` of values).
+        npartitions: how many partitions (default: one per :data:`PARTITION_BYTES` of
+            values, at most :data:`MAX_PARTITIONS`).
         key_serializer: as :func:`ebooklet.open` takes it (the database's own, by default).
         value_serializer: as :func:`ebooklet.open` takes it: a manifest naming ``pickle``
             or a ``*zstd`` serializer is followed only when the caller passes or trusts it.
@@ -215,14 +240,39 @@ def read_bag(
         UntrustedSerializerError: the database's serializer may run code and was not allowed.
         RemoteNotFoundError: there is no database at ``remote``.
     """
+    _check_read_args(keys, prefix, npartitions)
+    handle, conn = _handle_of(remote, writing=False)
+    head = _existing_head(conn)
+    codec = _reading_codec(head, conn, key_serializer, value_serializer, trust_serializers)
+    return _bag_of(handle, conn, head, codec, keys, prefix, npartitions)
+
+
+def _check_read_args(keys: Any, prefix: Any, npartitions: Any) -> None:
+    """Refuse arguments of :func:`read_bag` that cannot work, before any request.
+
+    Raises:
+        TypeError, ValueError: what is wrong, and what to give instead.
+    """
     _check_count("npartitions", npartitions)
     if keys is not None and prefix is not None:
         raise ValueError("Give keys or prefix, not both: filter the keys yourself.")
-    spec, conn = _spec_of(remote, writing=False)
-    head, _ = _head(conn)
-    if head is None:
-        raise RemoteNotFoundError(f"There is no database at {conn!r} (or it is not public).")
-    codec = _reading_codec(head, conn, key_serializer, value_serializer, trust_serializers)
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(
+            f"keys must be a collection of keys, not one {type(keys).__name__} key: "
+            "pass [key]."
+        )
+
+
+def _bag_of(
+    handle: _Handle,
+    conn: S3Connection,
+    head: dict,
+    codec: Codec,
+    keys: Iterable[Any] | None,
+    prefix: Any,
+    npartitions: int | None,
+) -> dask.bag.Bag:
+    """The bag of :func:`read_bag` for the database's commit ``head``."""
     shards = dict(fmt.iter_shard_names(head))
     wanted: dict[int, list[bytes]] | None = None
     share = 1.0
@@ -233,12 +283,12 @@ def read_bag(
         shards = {i: name for i, name in shards.items() if i in wanted}
         share = sum(map(len, wanted.values())) / max(1, head["n_keys"])
     prefix_bytes = None if prefix is None else codec.encode_prefix(prefix)
-    n = npartitions or max(1, -(-int(head["n_bytes"] * share) // PARTITION_BYTES))
+    n = npartitions or _default_partitions(head["n_bytes"] * share)
     numbers = sorted(shards)
     per_task = max(1, -(-len(numbers) // n))  # at most n index tasks
     index_tasks = [
         dask.delayed(_index_part)(
-            spec,
+            handle,
             [shards[i] for i in group],
             None if wanted is None else [kb for i in group for kb in wanted[i]],
             prefix_bytes,
@@ -248,9 +298,16 @@ def read_bag(
     ]
     coding = _Coding.of(codec, conn.db_url)
     reads = [
-        dask.delayed(_read_part)(spec, coding, [task[g] for task in index_tasks]) for g in range(n)
+        dask.delayed(_read_part)(handle, coding, [task[g] for task in index_tasks])
+        for g in range(n)
     ]
     return dask.bag.from_delayed(reads)
+
+
+def _default_partitions(value_bytes: float) -> int:
+    """How many partitions hold ``value_bytes`` (a count the manifest claims): one per
+    :data:`PARTITION_BYTES`, at most :data:`MAX_PARTITIONS`."""
+    return min(max(1, -(-int(value_bytes) // PARTITION_BYTES)), MAX_PARTITIONS)
 
 
 def write_bag(
@@ -270,10 +327,11 @@ def write_bag(
     Each partition serializes its values and uploads them as packs from its worker, and
     sends back only index entries; then the client, holding the remote write lock,
     merges the entries into index shards and commits once with the conditional manifest
-    PUT, as :meth:`ebooklet.Changes.push` does. A key that several partitions write keeps
-    the value of the last one. If a partition fails (or is cancelled), nothing is
-    committed; the packs already uploaded are orphans that :func:`ebooklet.check` lists
-    and ``vacuum()`` deletes. It returns (or raises) once every partition has finished.
+    PUT, as :meth:`ebooklet.Changes.push` does. A key given several times keeps its last
+    value (of the last partition holding it, the last pair within a partition). If a
+    partition fails (or is cancelled), nothing is committed; the packs already uploaded
+    are orphans that :func:`ebooklet.check` lists and ``vacuum()`` deletes. It returns
+    (or raises) once every partition has finished.
 
     Args:
         bag: the pairs; keys of the type the key serializer takes.
@@ -305,24 +363,20 @@ def write_bag(
         raise TypeError(
             f"write_bag takes a dask.bag.Bag of (key, value) pairs, not {type(bag).__name__}."
         )
-    spec, conn = _spec_of(remote, writing=True)
-    return _write(bag, spec, conn, mode, message, force, key_serializer, value_serializer,
-                  trust_serializers, lock_timeout)
+    _check_write_args(mode, message, trust_serializers, lock_timeout)
+    handle, conn = _handle_of(remote, writing=True)
+    before = Counter(conn.request_counts)
+    base, _ = _head(conn)
+    return _write(bag, handle, conn, before, base, mode, message, force, key_serializer,
+                  value_serializer, trust_serializers, lock_timeout)
 
 
-def _write(
-    bag: dask.bag.Bag,
-    spec: ConnectionSpec,
-    conn: S3Connection,
-    mode: str,
-    message: str | None,
-    force: bool,
-    key_serializer: Any,
-    value_serializer: Any,
-    trust: Any,
-    lock_timeout: float,
-) -> BagWriteResult:
-    """:func:`write_bag` once ``bag`` and the remote are checked."""
+def _check_write_args(mode: Any, message: Any, trust: Any, lock_timeout: Any) -> None:
+    """Refuse arguments of :func:`write_bag` that cannot work, before any request.
+
+    Raises:
+        TypeError, ValueError: what is wrong, and what to give instead.
+    """
     if mode not in MODES:
         raise ValueError(
             f"mode must be 'c' (create or merge), 'w' (merge into an existing database) or "
@@ -334,7 +388,25 @@ def _write(
     if not number or not lock_timeout >= 0:
         raise ValueError(f"lock_timeout must be a number of seconds >= 0, not {lock_timeout!r}.")
     serializers.trusted_names(trust)
-    base, _ = _head(conn)
+
+
+def _write(
+    bag: dask.bag.Bag,
+    handle: _Handle,
+    conn: S3Connection,
+    before: Counter,
+    base: dict | None,
+    mode: str,
+    message: str | None,
+    force: bool,
+    key_serializer: Any,
+    value_serializer: Any,
+    trust: Any,
+    lock_timeout: float,
+) -> BagWriteResult:
+    """:func:`write_bag` once its arguments are checked; ``base`` is the head the pairs
+    of ``bag`` are based on (``None``: no database), ``before`` the request counts of
+    ``conn`` before it was read."""
     if base is None and mode == "w":
         raise RemoteNotFoundError(f"There is no database at {conn!r} to merge into; use mode 'c'.")
     replace = mode == "n"
@@ -343,8 +415,8 @@ def _write(
     else:
         codec = _reading_codec(base, conn, key_serializer, value_serializer, trust)
     coding = _Coding.of(codec, conn.db_url)
-    before = Counter(conn.request_counts)
-    written = _compute([dask.delayed(_write_part)(spec, coding, part) for part in bag.to_delayed()])
+    tasks = [dask.delayed(_write_part)(handle, coding, part) for part in bag.to_delayed()]
+    written = _compute(tasks)
     entries: dict[bytes, Entry] = {}
     result = BagWriteResult(partitions=len(written))
     for part in written:
@@ -529,7 +601,8 @@ def map_bag(
     ``func(key, value) -> new value`` on the cluster and write the results to ``target``
     as one commit: :func:`read_bag`, then :func:`write_bag`.
 
-    ``target`` may be ``remote`` itself (a new commit of the same database). A new or
+    ``target`` may be ``remote`` itself (a new commit of the same database, based on the
+    head that was read: a key another writer changed meanwhile is a conflict). A new or
     replaced target takes ``key_serializer``/``value_serializer``, by default the
     source's; an existing one keeps its own. ``trust_serializers`` applies to both.
 
@@ -538,18 +611,24 @@ def map_bag(
     """
     if not callable(func):
         raise TypeError(f"func must be a callable(key, value) -> value, not {type(func).__name__}.")
-    bag = read_bag(
-        remote, keys, prefix, npartitions=npartitions, trust_serializers=trust_serializers
-    )
-    spec, conn = _spec_of(target, writing=True)
-    if mode == "n" or _head(conn)[0] is None:  # a new target: the source's by default
-        head, _ = _head(_spec_of(remote, writing=False)[1])
-        if key_serializer is serializers.UNSET and head is not None:
+    _check_read_args(keys, prefix, npartitions)
+    _check_write_args(mode, message, trust_serializers, lock_timeout)
+    source, source_conn = _handle_of(remote, writing=False)
+    handle, conn = _handle_of(target, writing=True)
+    head = _existing_head(source_conn)
+    codec = _reading_codec(head, source_conn, serializers.UNSET, serializers.UNSET,
+                           trust_serializers)
+    bag = _bag_of(source, source_conn, head, codec, keys, prefix, npartitions)
+    # the new values derive from ``head``: when it is the target's, it is their base
+    before = Counter(conn.request_counts)
+    base = head if _same_database(source_conn, conn) else _head(conn)[0]
+    if mode == "n" or base is None:  # a new target: the source's serializers by default
+        if key_serializer is serializers.UNSET:
             key_serializer = head["key_serializer"]
-        if value_serializer is serializers.UNSET and head is not None:
+        if value_serializer is serializers.UNSET:
             value_serializer = head["value_serializer"]
-    return _write(bag.map(_apply, func), spec, conn, mode, message, force, key_serializer,
-                  value_serializer, trust_serializers, lock_timeout)
+    return _write(bag.map(_apply, func), handle, conn, before, base, mode, message, force,
+                  key_serializer, value_serializer, trust_serializers, lock_timeout)
 
 
 def _apply(pair: tuple[Any, Any], func: Callable[[Any, Any], Any]) -> tuple[Any, Any]:
@@ -560,19 +639,57 @@ def _apply(pair: tuple[Any, Any], func: Callable[[Any, Any], Any]) -> tuple[Any,
 # ---------------------------------------------------------------- the workers' side
 
 
-_CLIENT_CONNECTIONS: weakref.WeakValueDictionary[ConnectionSpec, S3Connection] = (
-    weakref.WeakValueDictionary()
-)
-"""The caller's connections by spec, in the caller's process only: tasks that run there
-(the local schedulers, a cluster of threads) use them, with their credentials, which
-never leave the process."""
+_CALLERS_HANDLES: weakref.WeakValueDictionary[str, _Handle] = weakref.WeakValueDictionary()
+"""The handles made in the caller's process, by token, for as long as a graph holds them:
+a handle unpickled there (a cluster of threads) finds the caller's connection again."""
 
 
-def _connection(spec: ConnectionSpec) -> S3Connection:
-    """The connection of a task for ``spec``: the caller's when the task runs in the
-    caller's process, else one made once per process (see :func:`_connect`)."""
-    conn = _CLIENT_CONNECTIONS.get(spec)
-    return conn if conn is not None else _connect(spec)
+class _Handle:
+    """How a task reaches the bucket: a :class:`ConnectionSpec` and a token naming the
+    caller's handle in the caller's process.
+
+    In that process (the local schedulers, which do not pickle tasks, or a cluster of
+    threads, which does) a task uses the very connection the caller passed, credentials
+    included, held by the graph as long as it lives. A pickled handle carries the spec
+    and the token only (a random id, no secret), so in another process the task uses a
+    connection made from the spec, which finds credentials of its own.
+    """
+
+    __slots__ = ("__weakref__", "_conn", "spec", "token")
+
+    def __init__(self, spec: ConnectionSpec, token: str, conn: S3Connection | None = None):
+        self.spec = spec
+        self.token = token
+        if conn is None:
+            original = _CALLERS_HANDLES.get(token)
+            conn = original._conn if original is not None else None
+        self._conn = conn
+
+    @classmethod
+    def of(cls, spec: ConnectionSpec, conn: S3Connection) -> _Handle:
+        """A new handle of the caller's ``conn`` (whose spec is ``spec``)."""
+        handle = cls(spec, uuid.uuid4().hex, conn)
+        _CALLERS_HANDLES[handle.token] = handle
+        return handle
+
+    def __reduce__(self) -> tuple[type, tuple[ConnectionSpec, str]]:
+        return _Handle, (self.spec, self.token)
+
+    def __dask_tokenize__(self) -> tuple[ConnectionSpec, str]:
+        return self.spec, self.token
+
+    def __repr__(self) -> str:
+        return f"<ebooklet.dask handle of {self.spec!r}>"
+
+    @property
+    def callers(self) -> bool:
+        """True when tasks use the caller's own connection (this is the caller's process)."""
+        return self._conn is not None
+
+    def connection(self) -> S3Connection:
+        """The caller's connection in the caller's process, else this process's
+        connection for the spec (see :func:`_connect`)."""
+        return self._conn if self._conn is not None else _connect(self.spec)
 
 
 @functools.lru_cache(maxsize=16)
@@ -583,21 +700,25 @@ def _connect(spec: ConnectionSpec) -> S3Connection:
 
 
 @contextmanager
-def _on_worker(spec: ConnectionSpec) -> Iterator[S3Connection]:
+def _on_worker(handle: _Handle) -> Iterator[S3Connection]:
     """The connection of a task; a worker without credentials says where they come from."""
     try:
-        yield _connection(spec)
+        yield handle.connection()
     except AuthError as exc:
+        if handle.callers:
+            raise
         raise AuthError(
-            f"{exc} (on a Dask worker: workers resolve their own credentials, never those "
-            "of the client; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in "
-            "the workers' environment, pass profile= to the S3Connection, or read by "
-            "public URL)"
+            f"{exc} (in a process other than the caller's: a Dask worker, or a process of "
+            "Dask's multiprocessing scheduler, a bag's default without a distributed Client. "
+            "Such a process resolves credentials of its own, never the caller's: set "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in its environment, pass "
+            "profile= to the S3Connection, or read by public URL; without a cluster, "
+            "compute(scheduler='threads') uses the caller's connection)"
         ) from None
 
 
 def _index_part(
-    spec: ConnectionSpec,
+    handle: _Handle,
     names: list[str],
     wanted: list[bytes] | None,
     prefix: bytes | None,
@@ -606,7 +727,7 @@ def _index_part(
     """Read index shards ``names``; their entries (of the ``wanted`` keys, or those
     starting with ``prefix``) for each of the ``n`` partitions, by pack segment (each
     list of ``(key, Entry)`` as one :func:`_packed` blob)."""
-    with _on_worker(spec) as conn:
+    with _on_worker(handle) as conn:
         index = RemoteIndex(conn, MemoryMirror())
         index.load_shards(names)
         parts: list[list[tuple[bytes, Entry]]] = [[] for _ in range(n)]
@@ -634,10 +755,10 @@ def _packed(entries: list[tuple[bytes, Entry]]) -> bytes:
     return pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _read_part(spec: ConnectionSpec, coding: _Coding, parts: list[bytes]) -> list[tuple[Any, Any]]:
+def _read_part(handle: _Handle, coding: _Coding, parts: list[bytes]) -> list[tuple[Any, Any]]:
     """Fetch, verify and decode the values of one partition: coalesced range GETs."""
     codec = coding.codec()
-    with _on_worker(spec) as conn:
+    with _on_worker(handle) as conn:
         index = RemoteIndex(conn, MemoryMirror())
         wanted = [item for part in parts for item in pickle.loads(part)]
         return [
@@ -646,14 +767,14 @@ def _read_part(spec: ConnectionSpec, coding: _Coding, parts: list[bytes]) -> lis
         ]
 
 
-def _write_part(spec: ConnectionSpec, coding: _Coding, items: Iterable[Any]) -> _Written:
+def _write_part(handle: _Handle, coding: _Coding, items: Iterable[Any]) -> _Written:
     """Serialize one partition's pairs and upload them as packs; their index entries.
 
     A value equal to one already uploaded by the partition is not uploaded again; a key
     given twice keeps its last value.
     """
     codec = coding.codec()
-    with _on_worker(spec) as conn:
+    with _on_worker(handle) as conn:
         before = Counter(conn.request_counts)
         index = RemoteIndex(conn, MemoryMirror())
         timestamp = int(time.time() * 1_000_000)
@@ -679,7 +800,8 @@ def _write_part(spec: ConnectionSpec, coding: _Coding, items: Iterable[Any]) -> 
             packs.append(upload.pack)
             located.update((entry.md5, entry) for _, entry in upload.located)
         entries = [(kb, located[m]) for kb, m in keys.items()]
-        return _Written(_packed(entries), packs, sizes[0], Counter(conn.request_counts) - before)
+        requests = Counter() if handle.callers else Counter(conn.request_counts) - before
+        return _Written(_packed(entries), packs, sizes[0], requests)
 
 
 def _pair(item: Any, i: int) -> tuple[Any, Any]:

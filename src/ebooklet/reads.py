@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from . import format as fmt
-from . import serializers
 from ._booklet_io import get_value
 from .errors import (
     IntegrityError,
@@ -370,19 +369,7 @@ class Reads:
             TypeError: another key serializer (numbers, JSON...: encodings that do not
                 keep prefixes), or a prefix of another type than the keys'.
         """
-        kind = serializers.key_type(self._replica.codec.key_serializer)
-        if kind not in ("str", "bytes"):
-            raise TypeError(
-                f"prefix= needs str or bytes keys (key serializer 'str' or None); the keys of "
-                f"{self._replica.path} are encoded by {self._replica.codec.key_serializer_name!r}, "
-                "whose encodings do not keep prefixes: filter keys() yourself."
-            )
-        if not isinstance(prefix, str if kind == "str" else bytes):
-            raise TypeError(
-                f"The keys of {self._replica.path} are {kind}: prefix must be {kind}, "
-                f"not {type(prefix).__name__}."
-            )
-        return self._encode_key(prefix)
+        return self._replica.codec.encode_prefix(prefix)
 
     def contains(self, key: Any) -> bool:
         """Whether ``key`` is in the database (asks the remote index only for a key
