@@ -636,3 +636,36 @@ def test_a_push_that_gives_up_is_a_conflict_error_without_keys() -> None:
         raise ebooklet.CommitRetryError(8)
     assert info.value.keys == [] and info.value.attempts == 8
     assert "8 tries" in str(info.value) and "push again" in str(info.value)
+
+
+ERRORS_WITH_ATTRIBUTES = [
+    ebooklet.errors.ConflictError(["a", b"b"]),
+    ebooklet.errors.LockedError({"host": "h", "pid": 1}, "locked by h"),
+    ebooklet.errors.UntrustedSerializerError("pickle", "value_serializer", "not trusted"),
+    ebooklet.errors.CommitRetryError(5),
+    ebooklet.errors.VacuumConflictError(),
+]
+
+
+@pytest.mark.parametrize("error", ERRORS_WITH_ATTRIBUTES, ids=lambda e: type(e).__name__)
+def test_errors_cross_a_pickle_whole(error: Exception) -> None:
+    """An error raised in a worker process (db.map's pool, a Dask worker) reaches the
+    caller as the same type, message, attributes and notes."""
+    import pickle
+
+    error.add_note("while reading key 'k'")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error) and copy.args == error.args
+    assert copy.__notes__ == ["while reading key 'k'"]
+    assert vars(copy) == vars(error)
+
+
+def test_every_error_class_with_its_own_init_crosses_a_pickle() -> None:
+    """No error class is left out of the test above."""
+    own_init = {
+        cls for cls in vars(ebooklet.errors).values()
+        if isinstance(cls, type) and issubclass(cls, ebooklet.errors.EBookletError)
+        and "__init__" in vars(cls)
+    }
+    assert own_init == {type(e) for e in ERRORS_WITH_ATTRIBUTES}

@@ -70,6 +70,9 @@ class ConflictError(EBookletError):
             "or changes().pull(keys, force=True) / discard(keys) to keep the remote ones."
         )
 
+    def __reduce__(self) -> tuple:
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
 
 class LockedError(EBookletError):
     """Another writer holds the remote write lock.
@@ -81,6 +84,9 @@ class LockedError(EBookletError):
     def __init__(self, owner: dict, message: str):
         self.owner = owner
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        return _rebuilt, (type(self), self.args, self.__dict__)
 
 
 class IntegrityError(EBookletError):
@@ -132,6 +138,9 @@ class UntrustedSerializerError(SerializationError):
         self.serializer = serializer
         self.field = field
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        return _rebuilt, (type(self), self.args, self.__dict__)
 
 
 class DecompressionLimitError(SerializationError):
@@ -199,3 +208,13 @@ class VacuumConflictError(ConflictError):
             "again: the packs and index shards this one wrote are referenced by no commit, "
             "and the next vacuum deletes them.",
         )
+
+
+def _rebuilt(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    """An error of ``cls`` with ``args`` and attributes ``state``, made without its
+    ``__init__`` (whose parameters differ from ``args``): how errors with attributes
+    cross a pickle (a process pool's or a Dask worker's error reaching the caller)."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
