@@ -585,17 +585,19 @@ class RemoteIndex:
         if len(items) == 1 and len(items[0][1]) > PART_SIZE:
             key, value, _, ts = items[0]
             return self.upload_large(key, value, ts, hashlib.md5(value, usedforsecurity=False))
-        pack = fmt.new_id()
-        located: list[tuple[bytes, Entry]] = []
-        footer_items: list[tuple[bytes, bytes, int, int, int]] = []
-        offset = 0
-        for key, value, md5_, ts in items:
-            located.append((key, Entry(md5_, ts, pack, offset, len(value))))
-            footer_items.append((key, md5_, ts, offset, len(value)))
-            offset += len(value)
-        footer = fmt.encode_pack_footer(footer_items)
-        self.conn.put(fmt.pack_name(pack), b"".join([v for _, v, _, _ in items] + [footer]))
-        return PackUpload(pack, footer, located)
+        new = NewPack()
+        for item in items:
+            new.add(*item)
+        footer = self.send_pack(new)
+        return PackUpload(new.pack, footer, list(new.located()))
+
+    def send_pack(self, new: NewPack) -> bytes:
+        """Upload a pack of small values filled by the caller (one PUT of its values and
+        footer, not joined); returns its footer (trailer included)."""
+        self._require_conn()
+        footer = new.footer()
+        self.conn.put(fmt.pack_name(new.pack), [new.values, footer])
+        return footer
 
     def upload_large(self, key: bytes, value: bytes, ts: int, hashed: Any) -> PackUpload:
         """Upload one large value as a pack of its own; returns it with its new :class:`Entry`.
@@ -736,6 +738,34 @@ class PackUpload(NamedTuple):
     pack: bytes
     footer: bytes
     located: list[tuple[bytes, Entry]]
+
+
+class NewPack:
+    """A pack of small values being filled (by a push), held as packed bytes: its values
+    back to back and its footer's records, and a reference to each key; no object per
+    value. Uploaded by :meth:`RemoteIndex.send_pack`."""
+
+    def __init__(self) -> None:
+        self.pack = fmt.new_id()
+        self.keys: list[bytes] = []
+        self.values = bytearray()
+        self._footer = fmt.PackFooter()
+
+    def add(self, key: bytes, value: bytes | memoryview, md5_: bytes, ts: int) -> None:
+        """Append one value (of md5 ``md5_``, timestamp ``ts``) of ``key``."""
+        self._footer.add(key, md5_, ts, len(self.values), len(value))
+        self.values += value
+        self.keys.append(key)
+
+    def footer(self) -> bytes:
+        """The pack's footer (trailer included)."""
+        return self._footer.encode()
+
+    def located(self) -> Iterator[tuple[bytes, Entry]]:
+        """Each key's :class:`Entry` in this pack, in order."""
+        pack = self.pack
+        for key, (m, ts, offset, length) in zip(self.keys, self._footer.locations(), strict=True):
+            yield key, Entry(m, ts, pack, offset, length)
 
 
 class _Range(NamedTuple):

@@ -146,6 +146,7 @@ class Replica:
                 raise
             if not fresh:
                 self._outside.mark_session_open()
+            meta_saved = None if fresh else dict(self._meta.data)  # P.ebk.json as on disk
             local_exists = data_path.exists() and not fresh
             if not fresh:
                 self._check_same_remote(conn)
@@ -189,7 +190,7 @@ class Replica:
                 value_serializer=self.codec.value_serializer_name,
                 n_buckets=n_buckets,
             )
-            self._record_data_state(closed=False, always=True)
+            self._record_data_state(closed=False, always=self._meta.data != meta_saved)
         except BaseException:
             self._close_files()
             outside = getattr(self, "_outside", None)  # None: P.ebk.json could not be read
