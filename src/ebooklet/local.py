@@ -289,7 +289,7 @@ class _Damaged(Exception):
         self.reason = reason
 
 
-_READ = 1 << 20
+JOURNAL_READ = 1 << 20
 """A journal is read this many bytes at a time (at least a whole record)."""
 _Apply = Callable[[bytes, Any, bytes, bytes, bytes, int], None]
 """Takes a journal record ``(kind, key, md5, base, extra, where the key starts in the
@@ -321,7 +321,7 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
     view = memoryview(buf)
     while end - pos >= _HEAD.size:
         if pos + _HEAD.size > buf_at + len(buf):
-            buf, buf_at = _read_at(file, pos, _READ), pos
+            buf, buf_at = _read_at(file, pos, JOURNAL_READ), pos
             view = memoryview(buf)
         at = pos - buf_at
         kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(buf, at)
@@ -332,7 +332,7 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
         if stop + _CHECK.size > end:
             break  # the last record, cut short by a crash: the change after it never happened
         if stop + _CHECK.size > buf_at + len(buf):
-            buf, buf_at, at = _read_at(file, pos, max(_READ, stop + _CHECK.size - pos)), pos, 0
+            buf, buf_at, at = _read_at(file, pos, max(JOURNAL_READ, stop + _CHECK.size - pos)), pos, 0
             view = memoryview(buf)
             if len(buf) < stop + _CHECK.size - pos:
                 break  # the file was cut while it was read: as if cut short
