@@ -46,7 +46,7 @@ PUSH_BATCH_KEYS = 1 << 16
 """A push reads, uploads and indexes the values of about this many keys (whole index
 shards, at least one) before the next ones: what it holds is bounded by this, not by the
 size of the push; a batch of half the data file or more is read by one scan of it."""
-PUSH_IN_FLIGHT = 32 << 20
+PUSH_IN_FLIGHT = 16 << 20
 """Bytes of packs of small values a push has built and not yet seen uploaded (at least
 one pack, at most one per connection thread)."""
 SPILL_BUFFER = 256 << 10
@@ -231,6 +231,7 @@ class Changes:
         self._reads = reads
         self._packs_checked: dict[bytes, bool] = {}
         self._progress = Progress(False, None)  # the running push's
+        self._remember_shards = True  # the running push keeps the shards it reads parsed
 
     def __repr__(self) -> str:
         return f"<Changes of {str(self._replica.path)!r}: call iter_changes() to list them>"
@@ -442,23 +443,29 @@ class Changes:
         edits = replica.log.edits
         keys = edits if selected is None else [kb for kb in edits if kb in selected]
         head = None if replica.log.replace else replica.remote.manifest
+        by_shard: dict[str | None, Any] = {None: keys} if head is None else {}
         if head is not None:
-            replica.remote.load_shards({replica.remote.shard_for(kb, head)[1] for kb in keys})
+            for kb in keys:
+                by_shard.setdefault(replica.remote.shard_for(kb, head)[1], []).append(kb)
+        self._remember_shards = len(by_shard) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
+        replica.remote.load_shards(by_shard, self._remember_shards)
         sets: list[bytes] = []
         deletes: set[bytes] = set()
         settled, conflicts = [], []
-        for kb in keys:
-            edit = edits[kb]
-            entry = None if head is None else replica.remote.entry(kb, manifest=head)
-            state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
-            if state is State.SETTLED:
-                settled.append((kb, entry))
-            elif state is State.CONFLICT and not force:
-                conflicts.append(kb)
-            elif edit.md5 is None:
-                deletes.add(kb)
-            else:
-                sets.append(kb)
+        for name, kbs in by_shard.items():  # a shard at a time: one parsed at once
+            shard = replica.remote.shard(name, self._remember_shards)
+            for kb in kbs:
+                edit = edits[kb]
+                entry = shard.get(kb)
+                state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
+                if state is State.SETTLED:
+                    settled.append((kb, entry))
+                elif state is State.CONFLICT and not force:
+                    conflicts.append(kb)
+                elif edit.md5 is None:
+                    deletes.add(kb)
+                else:
+                    sets.append(kb)
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
@@ -536,7 +543,7 @@ class Changes:
         else:
             shards, numbers = [None] * n_shards, range(n_shards)
             if head is not None:  # every shard is split: all are read
-                replica.remote.load_shards(n for _, n in fmt.iter_shard_names(head))
+                replica.remote.load_shards((n for _, n in fmt.iter_shard_names(head)), self._remember_shards)
         counts = [old_keys, head["n_bytes"] if head else 0]
         batch_of, n_batches = _batches(numbers, groups, plan.deletes)
         remember = n_batches <= 1
@@ -578,7 +585,8 @@ class Changes:
         if head is None:
             return {}
         old_n = head["n_shards"]
-        old = self._replica.remote.shard(fmt.shard_name_at(head, number * old_n // n_shards))
+        name = fmt.shard_name_at(head, number * old_n // n_shards)
+        old = self._replica.remote.shard(name, self._remember_shards)
         if old_n == n_shards:
             return dict(old)
         return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
@@ -702,7 +710,8 @@ class _PushWriter:
     """The uploads of one push attempt: values in packs and large values on the
     connection's workers, then each shard once its values are up (see :meth:`Changes._write`).
 
-    At most ``conn.threads`` packs and as many shards are in flight; a batch of shards is
+    At most :data:`PUSH_IN_FLIGHT` bytes of packs and shards of :data:`PUSH_BATCH_KEYS`
+    keys (at least one shard; at most ``conn.threads``) are in flight; a batch of shards is
     finished (duplicates located, shards uploaded) when the next batch's values are sent.
     ``remember``: keep the new shards decoded in memory (a push of one batch at most),
     not only in the local mirror.
@@ -723,7 +732,8 @@ class _PushWriter:
         self.uploaded = 0
         self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[_ShardWrite]], Future]] = deque()
         self._open: deque[list[_ShardWrite]] = deque()
-        self._shards: deque[Future] = deque()
+        self._shards: deque[tuple[int, Future]] = deque()  # (keys, upload) in flight
+        self._shard_keys = 0  # keys of the shards in flight
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
@@ -751,8 +761,8 @@ class _PushWriter:
                 self._large.add(shard, kb, ts, raw, edits[kb].md5)
                 del raw  # the upload holds it as long as needed
                 continue
-            m = md5(raw)
-            if m != edits[kb].md5:
+            m = edits[kb].md5
+            if md5(raw) != m:
                 raise self._replica.damaged_edit(kb, True)
             if shard.reuses(m):
                 shard.duplicates.append((kb, m, ts))
@@ -778,7 +788,7 @@ class _PushWriter:
         self.uploaded += self._large.wait()
         self._progress.set_total(self._progress_start + self.uploaded)
         while self._shards:
-            self._done.append(self._shards.popleft().result())
+            self._collect_shard()
         return self._done
 
     def cancel(self) -> None:
@@ -825,9 +835,17 @@ class _PushWriter:
         for shard in batch:
             self._large.wait_for(shard)
             shard.locate_duplicates()
-            self._shards.append(self._workers.submit(self._upload_shard, shard))
-            while len(self._shards) > self._threads:
-                self._done.append(self._shards.popleft().result())
+            self._shards.append((len(shard.contents), self._workers.submit(self._upload_shard, shard)))
+            self._shard_keys += len(shard.contents)
+            while len(self._shards) > self._threads or (
+                len(self._shards) > 1 and self._shard_keys > PUSH_BATCH_KEYS
+            ):
+                self._collect_shard()
+
+    def _collect_shard(self) -> None:
+        keys, future = self._shards.popleft()
+        self._shard_keys -= keys
+        self._done.append(future.result())
 
     def _upload_shard(self, shard: _ShardWrite) -> tuple[int, str | None, int, int]:
         contents = shard.contents

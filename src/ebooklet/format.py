@@ -395,6 +395,7 @@ def decode_page(
     n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
     following = directory.first_keys[page + 1] if page + 1 < len(directory.pages) else None
     out: dict[bytes, Entry] = {}
+    packs: dict[bytes, bytes] = {}  # one object per pack id, not one per record
     at, previous = 0, None
     for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[:blob]):
         if not (
@@ -408,7 +409,7 @@ def decode_page(
             raise IntegrityError(
                 f"{name}: the keys of page {page} are not in order from its first key; {_DAMAGED}"
             )
-        out[key] = Entry(md5_, ts, pack, off, length)
+        out[key] = Entry(md5_, ts, packs.setdefault(pack, pack), off, length)
         previous = key
     if at != n or (following is not None and previous is not None and previous >= following):
         raise IntegrityError(

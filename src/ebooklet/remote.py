@@ -202,8 +202,9 @@ class RemoteIndex:
         i = fmt.shard_of(key, manifest["n_shards"])
         return i, fmt.shard_name_at(manifest, i)
 
-    def cached_shard(self, name: str) -> dict[bytes, Entry] | None:
-        """A shard already in memory or in the local mirror (no request).
+    def cached_shard(self, name: str, remember: bool = True) -> dict[bytes, Entry] | None:
+        """A shard already in memory or in the local mirror (no request); one parsed from
+        the mirror is kept in memory when ``remember``.
 
         Raises:
             CacheDamagedError: the mirror's copy is damaged (:meth:`shard` fetches it again).
@@ -220,7 +221,7 @@ class RemoteIndex:
             shard = fmt.decode_shard(raw, name)
         except IntegrityError as exc:
             raise self._cache_damaged(name, exc) from None
-        return self._remember(name, shard)
+        return self._remember(name, shard) if remember else shard
 
     def _cache_damaged(self, name: str, exc: IntegrityError) -> CacheDamagedError:
         """The error for shard ``name`` (or a piece of it) found damaged in the mirror."""
@@ -238,15 +239,20 @@ class RemoteIndex:
             RuntimeWarning, stacklevel=4,
         )
 
-    def local_shard(self, name: str) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
+    def local_shard(
+        self, name: str, remember: bool = True
+    ) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
         """``(shard, None)`` from memory or the mirror, ``(None, None)`` when not local,
-        ``(None, error)`` when the mirror's copy is damaged."""
+        ``(None, error)`` when the mirror's copy is damaged (``remember``: see
+        :meth:`cached_shard`)."""
         try:
-            return self.cached_shard(name), None
+            return self.cached_shard(name, remember), None
         except CacheDamagedError as exc:
             return None, exc
 
-    def _fetch_shard(self, name: str, damage: CacheDamagedError | None) -> dict[bytes, Entry]:
+    def _fetch_shard(
+        self, name: str, damage: CacheDamagedError | None, remember: bool = True
+    ) -> dict[bytes, Entry]:
         """GET a shard, validate it and keep it in the mirror (replacing a damaged copy,
         with a ``RuntimeWarning``).
 
@@ -265,30 +271,43 @@ class RemoteIndex:
             raise
         shard = fmt.decode_shard(answer.data, name)
         self.mirror.set_shard(name, answer.data)
-        return self._remember(name, shard)
+        return self._remember(name, shard) if remember else shard
 
     def _remember(self, name: str, shard: dict[bytes, Entry]) -> dict[bytes, Entry]:
         return _cached(self._lock, self._shards, name, shard, SHARD_CACHE)
 
-    def shard(self, name: str | None) -> dict[bytes, Entry]:
-        """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard."""
+    def shard(self, name: str | None, remember: bool = True) -> dict[bytes, Entry]:
+        """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard.
+        ``remember=False``: a shard not in memory is parsed for the caller only (a push of
+        many shards reads each once: memory), not kept there."""
         if name is None:
             return {}
-        shard, _ = self.local_shard(name)
+        shard, _ = self.local_shard(name, remember)
         if shard is not None:
             return shard
         with self._lock:
             guard = self._fetching.setdefault(name, threading.Lock())
         with guard:
-            shard, damage = self.local_shard(name)
-            return shard if shard is not None else self._fetch_shard(name, damage)
+            shard, damage = self.local_shard(name, remember)
+            return shard if shard is not None else self._fetch_shard(name, damage, remember)
 
-    def load_shards(self, names: Iterable[str | None]) -> None:
-        """Fetch the given shards that are not local yet (or damaged there), in parallel."""
-        missing = sorted({n for n in names if n is not None and self.local_shard(n)[0] is None})
+    def load_shards(self, names: Iterable[str | None], remember: bool = True) -> None:
+        """Fetch the given shards that are not local yet (or damaged there), in parallel.
+        ``remember=False``: fetched shards are kept in the mirror only, and one the mirror
+        holds counts as local without being parsed (a damaged copy is fetched again when
+        :meth:`shard` reads it)."""
+        missing = sorted({n for n in names if n is not None and not self._is_local(n, remember)})
         if missing:
             self._require_conn()
-            list(self.conn.workers.map(self.shard, missing))
+            list(self.conn.workers.map(lambda n: self.shard(n, remember), missing))
+
+    def _is_local(self, name: str, parse: bool) -> bool:
+        if parse:
+            return self.local_shard(name)[0] is not None
+        with self._lock:
+            if name in self._shards:
+                return True
+        return self.mirror.get_shard(name) is not None
 
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
