@@ -1100,6 +1100,7 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
         started = time.perf_counter()
         workdir = tempfile.mkdtemp(prefix=f"ebooklet-bench-scale-{n}-")
         steps: dict[str, dict] = {}
+        failed: dict[str, str] = {}  # step -> why it has no result
         try:
             with LocalS3Server() as server:
                 server.create_bucket(BUCKET, public=True)
@@ -1109,7 +1110,12 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
                     for step in SCALE_STEPS:
                         spec = _spec("scale", step, args, sizes, proxy.endpoint_url, workdir,
                                      n=n, **extra)
-                        steps[step] = run_step(server, spec, args.step_timeout, proxy)
+                        try:
+                            steps[step] = run_step(server, spec, args.step_timeout, proxy)
+                        except RuntimeError as exc:  # killed at --step-timeout, or failed
+                            failed[step] = str(exc)
+                            print(f"  scale {n:,} keys: {exc}; going on", file=sys.stderr, flush=True)
+                            continue
                         if step == "initial_push":  # what the boto3 reference uploads
                             push = steps[step]["phases"]["initial_push"]
                             extra = {"push_puts": push["requests"].get("PUT", 1),
@@ -1120,7 +1126,8 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         seconds = time.perf_counter() - started
-        by_n[str(n)] = {"steps": steps, "seconds": seconds, "server_peak_rss": server_rss}
+        by_n[str(n)] = {"steps": steps, "seconds": seconds, "server_peak_rss": server_rss,
+                        "failed": failed}
         print(f"  scale {n:,} keys: {seconds:.0f} s", file=sys.stderr, flush=True)
     return {"by_n": by_n, "sizes": sizes["scale_sizes"],
             "seconds": sum(r["seconds"] for r in by_n.values())}
@@ -1379,6 +1386,8 @@ def scale_measure(res: dict, step: str, phase: str, kind: str) -> float | None:
         return None  # a result from before the step existed
     st = res["steps"][step]
     if kind == "boto3_share":  # boto3's time over ours for the same bytes and objects
+        if "initial_push" not in res["steps"]:
+            return None
         ours = res["steps"]["initial_push"]["phases"]["initial_push"]["seconds"]
         return st["phases"]["boto3_push"]["seconds"] / ours
     if kind == "rss":
@@ -1406,12 +1415,13 @@ def scale_series(result: dict) -> list[dict]:
     out = []
     for label, step, phase, kind, target, check in SCALE_METRICS:
         values = [scale_measure(result["by_n"][str(n)], step, phase, kind) for n in ns]
-        if None in values:
+        present = [v for v in values if v is not None]  # a step killed at a size has none
+        if not present:
             continue
-        growth = values[-1] / values[0] if values[0] else None
+        growth = present[-1] / present[0] if present[0] else None
         met = None
         if check is not None:
-            met = bool(check(values, growth if growth is not None else math.inf))
+            met = bool(check(present, growth if growth is not None else math.inf))
         out.append({"metric": label, "kind": kind, "unit": _SCALE_UNITS[kind],
                     "values": values, "growth": growth, "target": target, "met": met})
     return out
@@ -1475,17 +1485,18 @@ def write_scale_plot(result: dict, path: Path) -> str:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
     ns = result["sizes"]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 5.5))
+    def series(step: str, phase: str, kind: str) -> list[float]:  # nan: the step was killed
+        values = [scale_measure(result["by_n"][str(n)], step, phase, kind) for n in ns]
+        return [math.nan if v is None else v for v in values]
+
     for label, step, phase, kind in _PLOT_TIMES:
-        left.plot(ns, [scale_measure(result["by_n"][str(n)], step, phase, kind) for n in ns],
-                  marker="o", label=label)
+        left.plot(ns, series(step, phase, kind), marker="o", label=label)
     for label, step, phase, kind, *_ in SCALE_METRICS:
         if kind == "us_key":
-            middle.plot(ns, [scale_measure(result["by_n"][str(n)], step, phase, kind)
-                             for n in ns], marker="o", label=label)
+            middle.plot(ns, series(step, phase, kind), marker="o", label=label)
     for label, step, _, kind, *_ in SCALE_METRICS:
         if kind == "rss":
-            right.plot(ns, [scale_measure(result["by_n"][str(n)], step, "", "rss") for n in ns],
-                       marker="o", label=label.removesuffix(", peak RSS"))
+            right.plot(ns, series(step, "", "rss"), marker="o", label=label.removesuffix(", peak RSS"))
     server = [scale_measure(result["by_n"][str(n)], "", "", "server_rss") for n in ns]
     if None not in server:
         right.plot(ns, server, marker="s", linestyle="--", label="moto server")

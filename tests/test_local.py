@@ -200,6 +200,28 @@ def test_journaled_packs_are_read_back_and_a_damaged_one_is_skipped(tmp_path: Pa
     assert {m: tuple(up) for m, up in ChangeLog(tmp_path / "db.local_hash").uploads.items()} == expected
 
 
+def test_journaled_pack_footers_are_read_back_from_the_file_not_held(tmp_path: Path) -> None:
+    """A journaled pack's footer is not kept in memory (a push of 1M keys journals ~50 MB
+    of them): ``uploads`` reads it back from the file, checked again by its record's
+    checksums, so a footer changed in the file since is skipped (its values go up again)."""
+    from ebooklet import format as fmt
+    from ebooklet.local import ChangeLog
+
+    items = [(b"k%d" % i, fmt.md5(b"v%d" % i), TS + i, 10 * i, 10) for i in range(3)]
+    footers = {b"P" * 16: fmt.encode_pack_footer(items), b"Q" * 16: fmt.encode_pack_footer(items[:1])}
+    path = tmp_path / "db.local_hash"
+    log = ChangeLog(path)
+    for pack, footer in footers.items():
+        log.record_pack(pack, footer)
+    data = bytearray(path.read_bytes())
+    at = data.rindex(footers[b"Q" * 16])
+    data[at + 30] ^= 0xFF
+    with open(path, "r+b") as file:
+        file.write(data)
+    assert {up.pack for up in log.uploads.values()} == {b"P" * 16}
+    log.close()
+
+
 def test_scan_skips_a_record_cut_short_by_a_killed_write(tmp_path: Path) -> None:
     """A process killed while appending leaves a torn record at the end of the file; a
     scan (what a push reads its values from) must not take its truncated value."""

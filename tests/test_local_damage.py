@@ -608,3 +608,43 @@ def test_a_damaged_local_metadata_file_is_an_integrity_error(
     meta_path.unlink()
     with ebooklet.open(conn, path, "w") as db:
         assert pending(db) == expected_state()
+
+
+def test_a_journal_read_in_small_pieces_replays_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal is read ``local.JOURNAL_READ`` bytes at a time, never whole: with pieces
+    smaller than a record (a pack footer of 2 KiB among edits), every record replays as
+    from one read, a journal cut inside a record keeps every record before it, and a byte
+    garbled in a record far past the first piece is damage found at that record."""
+    monkeypatch.setattr(ebooklet.local, "JOURNAL_READ", 48)
+    path = tmp_path / "j.local_hash"
+    keys = [b"k%04d" % i for i in range(40)]
+    items = [(b"p%04d" % i, fmt.md5(b"%d" % i), 1_700_000_000_000_000 + i, 10 * i, 10) for i in range(40)]
+    log = ChangeLog(path)
+    for i, key in enumerate(keys):
+        log.record_edits([(key, bytes([i]) * 16, None)])
+        if i == 19:
+            log.record_pack(PACK_ID, fmt.encode_pack_footer(items))
+    log.close()
+    data = path.read_bytes()
+    spans = record_spans(data)
+    uploads = {m: (PACK_ID, offset, length, ts) for _, m, ts, offset, length in items}
+    log = ChangeLog(path)
+    assert list(log.edits) == keys
+    assert {m: tuple(up) for m, up in log.uploads.items()} == uploads
+    log.close()
+    for cut in (spans[20][0] + 1000, spans[20][2] + 3, spans[-1][2] - 1):
+        cut_path = tmp_path / f"cut{cut}.local_hash"
+        cut_path.write_bytes(data[:cut])
+        whole = [i for i, (_, _, end) in enumerate(spans) if end <= cut]
+        log = ChangeLog(cut_path)
+        assert list(log.edits) == [k for i, k in enumerate(keys) if (i if i < 20 else i + 1) in whole]
+        assert bool(log.uploads) == (20 in whole)
+        log.close()
+    garbled = bytearray(data)
+    garbled[spans[30][1] + 2] ^= 0xFF  # in the key of a record past many pieces
+    bad = tmp_path / "bad.local_hash"
+    bad.write_bytes(bytes(garbled))
+    with pytest.raises(IntegrityError, match=f"damaged at byte {spans[30][0]}:"):
+        ChangeLog(bad)

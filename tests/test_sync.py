@@ -414,6 +414,72 @@ def test_a_push_streams_batches_of_shards(
         assert dict(db.items()) == expected
 
 
+def remote_index(s3_server: Any, db_key: str) -> tuple[dict, dict[int, dict[bytes, tuple]]]:
+    """The head manifest and each index shard's keys -> (md5, timestamp, length), read
+    with plain boto3 (pack ids and offsets left out: they differ between two pushes)."""
+    manifest, _ = remote_manifest(s3_server, db_key)
+    client = s3_server.client()
+    shards = {}
+    for i, name in fmt.iter_shard_names(manifest):
+        body = client.get_object(Bucket=s3_server.bucket, Key=db_key + name)["Body"].read()
+        shards[i] = {k: (e.md5, e.timestamp, e.length) for k, e in fmt.decode_shard(body).items()}
+    return manifest, shards
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_push_of_many_batches_reads_its_values_by_one_scan(
+    s3_server: Any, make_conn: Any, db_key: str, tmp_path: Path, small_shards: int,
+    monkeypatch: pytest.MonkeyPatch, interrupted: bool,
+) -> None:
+    """A push of several batches that sets most of the data file reads its values by one
+    scan, set aside by batch in a temporary file (``changes._ValueSpill``; a scan cut
+    short by a write leaves the rest to lookups): the remote it makes holds the same
+    shards, keys, md5s, timestamps and sizes as a push of one batch from the same file,
+    every value reads back, and equal values of a shard go up once."""
+    import shutil
+
+    from ebooklet._booklet_io import ScanInterrupted
+    from ebooklet.replica import Replica
+
+    data = small_values(3000)
+    data.update({f"dup{i}": b"the same value" for i in range(40)})
+    with open_db(None, tmp_path / "local.blt", "n") as db:
+        db.update(data)
+    for name in ("one", "many"):
+        for f in tmp_path.glob("local.blt*"):
+            shutil.copy(f, tmp_path / (name + f.name[len("local") :]))
+    spills = []
+    monkeypatch.setattr(ebooklet.changes, "PUSH_BATCH_KEYS", 10**9)
+    with open_db(make_conn(db_key + "-one"), tmp_path / "one.blt", "w") as db:
+        one = db.changes().push()
+    monkeypatch.setattr(ebooklet.changes, "PUSH_BATCH_KEYS", 700)
+    monkeypatch.setattr(ebooklet.remote, "PACK_SIZE", 8 << 10)
+    spill = ebooklet.changes._ValueSpill
+    monkeypatch.setattr(ebooklet.changes, "_ValueSpill", lambda *a: spills.append(spill(*a)) or spills[-1])
+    if interrupted:
+        scan = Replica.scan
+
+        def cut_short(self: Replica, include_value: bool = True) -> Any:
+            for i, record in enumerate(scan(self, include_value)):
+                if i == 1000:
+                    raise ScanInterrupted("written to during a scan")
+                yield record
+
+        monkeypatch.setattr(Replica, "scan", cut_short)
+    with open_db(make_conn(db_key + "-many"), tmp_path / "many.blt", "w") as db:
+        many = db.changes().push()
+    assert len(spills) == 1
+    assert (many.keys_pushed, many.bytes_uploaded) == (one.keys_pushed, one.bytes_uploaded)
+    assert many.bytes_uploaded < sum(map(len, data.values()))  # duplicates went up once a shard
+    head_one, shards_one = remote_index(s3_server, db_key + "-one")
+    head_many, shards_many = remote_index(s3_server, db_key + "-many")
+    assert shards_many == shards_one
+    assert (head_many["n_keys"], head_many["n_bytes"]) == (head_one["n_keys"], head_one["n_bytes"])
+    assert head_many["n_shards"] >= 4
+    with open_db(make_conn(db_key + "-many"), tmp_path / "r.blt") as db:
+        assert dict(db.items()) == data
+
+
 def test_push_rewrites_only_touched_shards_with_one_manifest_put(
     conn: Any, s3_server: Any, db_key: str, tmp_path: Path, small_shards: int
 ) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import struct
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -20,7 +23,7 @@ from typing import Any, NamedTuple
 from . import display
 from . import format as fmt
 from . import remote as remote_module
-from ._booklet_io import n_buckets
+from ._booklet_io import ScanInterrupted, n_buckets
 from .errors import (
     CommitRetryError,
     ConflictError,
@@ -32,7 +35,7 @@ from .format import Entry
 from .local import REMOTE_UNKNOWN, Edit, State, remote_md5, three_way
 from .progress import Progress, ProgressArg, check
 from .reads import Reads
-from .remote import PackUpload
+from .remote import NewPack, PackUpload
 from .replica import Replica
 
 logger = logging.getLogger("ebooklet")
@@ -42,6 +45,12 @@ PUSH_BATCH_KEYS = 1 << 16
 """A push reads, uploads and indexes the values of about this many keys (whole index
 shards, at least one) before the next ones: what it holds is bounded by this, not by the
 size of the push; a batch of half the data file or more is read by one scan of it."""
+PUSH_IN_FLIGHT = 16 << 20
+"""Bytes of packs of small values a push has built and not yet seen uploaded (at least
+one pack, at most one per connection thread)."""
+SPILL_BUFFER = 256 << 10
+"""A push of many batches that reads its values by one scan of the data file sets them
+aside by batch in a temporary file, this many bytes a batch at a time."""
 
 
 class Change(NamedTuple):
@@ -221,6 +230,7 @@ class Changes:
         self._reads = reads
         self._packs_checked: dict[bytes, bool] = {}
         self._progress = Progress(False, None)  # the running push's
+        self._remember_shards = True  # the running push keeps the shards it reads parsed
 
     def __repr__(self) -> str:
         return f"<Changes of {str(self._replica.path)!r}: call iter_changes() to list them>"
@@ -432,23 +442,29 @@ class Changes:
         edits = replica.log.edits
         keys = edits if selected is None else [kb for kb in edits if kb in selected]
         head = None if replica.log.replace else replica.remote.manifest
+        by_shard: dict[str | None, Any] = {None: keys} if head is None else {}
         if head is not None:
-            replica.remote.load_shards({replica.remote.shard_for(kb, head)[1] for kb in keys})
+            for kb in keys:
+                by_shard.setdefault(replica.remote.shard_for(kb, head)[1], []).append(kb)
+        self._remember_shards = len(by_shard) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
+        replica.remote.load_shards(by_shard, self._remember_shards)
         sets: list[bytes] = []
         deletes: set[bytes] = set()
         settled, conflicts = [], []
-        for kb in keys:
-            edit = edits[kb]
-            entry = None if head is None else replica.remote.entry(kb, manifest=head)
-            state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
-            if state is State.SETTLED:
-                settled.append((kb, entry))
-            elif state is State.CONFLICT and not force:
-                conflicts.append(kb)
-            elif edit.md5 is None:
-                deletes.add(kb)
-            else:
-                sets.append(kb)
+        for name, kbs in by_shard.items():  # a shard at a time: one parsed at once
+            shard = replica.remote.shard(name, self._remember_shards)
+            for kb in kbs:
+                edit = edits[kb]
+                entry = shard.get(kb)
+                state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
+                if state is State.SETTLED:
+                    settled.append((kb, entry))
+                elif state is State.CONFLICT and not force:
+                    conflicts.append(kb)
+                elif edit.md5 is None:
+                    deletes.add(kb)
+                else:
+                    sets.append(kb)
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(sets, deletes, settled, conflicts)
@@ -519,26 +535,33 @@ class Changes:
         groups: dict[int, list[bytes]] = {}
         for kb in chain(plan.sets, plan.deletes):
             groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
-        shards, numbers = replica.remote.shards_to_write(head, n_shards, groups)
+        shards, numbers = replica.remote.shards_to_write(head, n_shards, groups, self._remember_shards)
         counts = [head["n_keys"] if head else 0, head["n_bytes"] if head else 0]
-        remember = len(groups) <= 1 or sum(map(len, groups.values())) <= PUSH_BATCH_KEYS
+        batch_of, n_batches = _batches(numbers, groups, plan.deletes)
+        remember = n_batches <= 1
         writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember, self._progress)
+        spill = None
         try:
+            if n_batches > 1 and replica.scan_pays(len(plan.sets)):
+                spill = _ValueSpill(replica, batch_of, n_shards, n_batches)
             batch: list[_ShardWrite] = []
             batch_keys: dict[bytes, _ShardWrite] = {}
             for i in numbers:
-                shard = _ShardWrite(i, replica.remote.shard_contents(head, i, n_shards), writer.shared)
+                if batch and batch_of[i] != batch_of[batch[0].number]:
+                    writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
+                    batch, batch_keys = [], {}
+                shard = _ShardWrite(
+                    i, replica.remote.shard_contents(head, i, n_shards, self._remember_shards),
+                    writer.shared,
+                )
                 for kb in groups.pop(i, ()):
                     if kb in plan.deletes:
                         shard.contents.pop(kb, None)
                     else:
                         batch_keys[kb] = shard
                 batch.append(shard)
-                if len(batch_keys) >= PUSH_BATCH_KEYS:
-                    writer.send(batch, batch_keys)
-                    batch, batch_keys = [], {}
             if batch:
-                writer.send(batch, batch_keys)
+                writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
             for i, name, keys_delta, bytes_delta in writer.finish():
                 shards[i] = name
                 counts[0] += keys_delta
@@ -546,6 +569,9 @@ class Changes:
         except BaseException:
             writer.cancel()
             raise
+        finally:
+            if spill is not None:
+                spill.close()
         return shards, n_shards, counts[0], counts[1], writer.uploaded
 
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
@@ -570,11 +596,97 @@ class Changes:
         self._replica.record_push([*plan.sets, *plan.deletes], metadata)
 
 
+def _batches(
+    numbers: Iterable[int], groups: dict[int, list[bytes]], deletes: set[bytes]
+) -> tuple[dict[int, int], int]:
+    """The batch of each shard a push writes (shards in order, a batch closed once it
+    holds :data:`PUSH_BATCH_KEYS` keys to set) and the number of batches."""
+    batch_of: dict[int, int] = {}
+    batch = held = 0
+    for i in numbers:
+        if held >= PUSH_BATCH_KEYS:
+            batch, held = batch + 1, 0
+        batch_of[i] = batch
+        held += sum(kb not in deletes for kb in groups.get(i, ())) if deletes else len(groups.get(i, ()))
+    return batch_of, batch + 1 if batch_of else 0
+
+
+class _ValueSpill:
+    """The values of a push of several batches that sets half the data file or more:
+    one scan of the data file reads them, and sets each batch's aside in an unnamed
+    temporary file beside it, so that a batch reads its own back in a few sequential
+    reads (a lookup per key costs ~20 µs; a scan per batch, a scan of the file each).
+    What it holds in memory is :data:`SPILL_BUFFER` per batch at most.
+
+    A value of every key with a pending value is set aside, by its shard's batch; the
+    batch takes those of its keys (:meth:`_PushWriter.send`). A scan cut short by a write
+    to the data file (:class:`ScanInterrupted`) leaves the rest to lookups.
+    """
+
+    _RECORD = struct.Struct("<IIq")  # key length, value length, timestamp
+
+    def __init__(self, replica: Replica, batch_of: dict[int, int], n_shards: int, n_batches: int):
+        self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+            dir=replica.path.parent, prefix=".ebooklet-push-"
+        )
+        self._chunks: list[list[tuple[int, int]]] = [[] for _ in range(n_batches)]
+        self._end = 0
+        buffers = [bytearray() for _ in range(n_batches)]
+        edits = replica.log.edits
+        shard_of, pack = fmt.shard_of, self._RECORD.pack
+        try:
+            for kb, ts, raw in replica.scan():
+                edit = edits.get(kb)
+                if edit is None or edit.md5 is None:
+                    continue
+                b = batch_of.get(shard_of(kb, n_shards))
+                if b is None:
+                    continue
+                buffer = buffers[b]
+                buffer += pack(len(kb), len(raw), ts)
+                buffer += kb
+                buffer += raw
+                if len(buffer) >= SPILL_BUFFER:
+                    self._flush(b, buffer)
+        except ScanInterrupted:
+            pass  # the values not set aside are looked up by the batches
+        for b, buffer in enumerate(buffers):
+            self._flush(b, buffer)
+
+    def _flush(self, b: int, buffer: bytearray) -> None:
+        if buffer:
+            self._file.write(buffer)
+            self._chunks[b].append((self._end, len(buffer)))
+            self._end += len(buffer)
+            buffer.clear()
+
+    def values(self, b: int) -> Iterator[tuple[bytes, int, bytes]]:
+        """``(encoded key, timestamp, encoded value)`` set aside for batch ``b`` (once)."""
+        self._file.flush()
+        fd, head = self._file.fileno(), self._RECORD
+        chunks, self._chunks[b] = self._chunks[b], []
+        for at, length in chunks:
+            data = os.pread(fd, length, at)
+            pos = 0
+            while pos < length:
+                key_len, value_len, ts = head.unpack_from(data, pos)
+                pos += head.size
+                kb = data[pos : pos + key_len]
+                pos += key_len
+                yield kb, ts, data[pos : pos + value_len]
+                pos += value_len
+
+    def close(self) -> None:
+        """Delete the temporary file."""
+        self._file.close()
+
+
 class _PushWriter:
     """The uploads of one push attempt: values in packs and large values on the
     connection's workers, then each shard once its values are up (see :meth:`Changes._write`).
 
-    At most ``conn.threads`` packs and as many shards are in flight; a batch of shards is
+    At most :data:`PUSH_IN_FLIGHT` bytes of packs and shards of :data:`PUSH_BATCH_KEYS`
+    keys (at least one shard; at most ``conn.threads``) are in flight; a batch of shards is
     finished (duplicates located, shards uploaded) when the next batch's values are sent.
     ``remember``: keep the new shards decoded in memory (a push of one batch at most),
     not only in the local mirror.
@@ -593,47 +705,52 @@ class _PushWriter:
         self._commit_id = commit_id
         self.shared = shared
         self.uploaded = 0
-        self._packs: deque[tuple[list[_ShardWrite], list[_ShardWrite], Future]] = deque()
+        self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[_ShardWrite]], Future]] = deque()
         self._open: deque[list[_ShardWrite]] = deque()
-        self._shards: deque[Future] = deque()
+        self._shards: deque[tuple[int, Future]] = deque()  # (keys, upload) in flight
+        self._shard_keys = 0  # keys of the shards in flight
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
-    def send(self, batch: list[_ShardWrite], kbs: dict[bytes, _ShardWrite]) -> None:
+    def send(
+        self, batch: list[_ShardWrite], kbs: dict[bytes, _ShardWrite],
+        spilled: Iterable[tuple[bytes, int, bytes]] | None = None,
+    ) -> None:
         """Read, check and upload the values of ``kbs`` (keys -> their shard, of
-        ``batch``; emptied), then finish the batch before it.
+        ``batch``; emptied), then finish the batch before it. ``spilled``: values set
+        aside for the batch (:class:`_ValueSpill`; those of other keys are skipped);
+        the keys it lacks are looked up.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
         edits = self._replica.log.edits
-        pack: list[tuple[bytes, bytes, bytes, int]] = []
-        owners: list[_ShardWrite] = []
-        size = 0
-        for kb, ts, raw in self._replica.stored_values(kbs):
-            shard = kbs.pop(kb)
-            if len(raw) > remote_module.PART_SIZE:
+        new, owners = NewPack(), []
+        pack_size, part_size, md5 = remote_module.PACK_SIZE, remote_module.PART_SIZE, fmt.md5
+        for kb, ts, raw in self._values(kbs, spilled):
+            shard = kbs.pop(kb, None)
+            if shard is None:
+                continue  # set aside for a key this push does not send
+            if len(raw) > part_size:
                 self._large.add(shard, kb, ts, raw, edits[kb].md5)
                 del raw  # the upload holds it as long as needed
                 continue
-            m = fmt.md5(raw)
-            if m != edits[kb].md5:
+            m = edits[kb].md5
+            if md5(raw) != m:
                 raise self._replica.damaged_edit(kb, True)
             if shard.reuses(m):
                 shard.duplicates.append((kb, m, ts))
                 continue
             shard.known[m] = None  # being uploaded by this push
-            self.uploaded += len(raw)
-            pack.append((kb, raw, m, ts))
+            new.add(kb, raw, m, ts)
             owners.append(shard)
-            size += len(raw)
-            if size >= remote_module.PACK_SIZE:
-                self._send_pack(batch, pack, owners)
-                pack, owners, size = [], [], 0
+            if len(new.values) >= pack_size:
+                self._send_pack(batch, new, owners)
+                new, owners = NewPack(), []
         if kbs:  # not in the data file
             raise self._replica.damaged_edit(min(kbs), False)
-        self._send_pack(batch, pack, owners)
+        self._send_pack(batch, new, owners)
         self._open.append(batch)
         while len(self._open) > 1:
             self._finish_batch(self._open.popleft())
@@ -646,26 +763,38 @@ class _PushWriter:
         self.uploaded += self._large.wait()
         self._progress.set_total(self._progress_start + self.uploaded)
         while self._shards:
-            self._done.append(self._shards.popleft().result())
+            self._collect_shard()
         return self._done
 
     def cancel(self) -> None:
         """The push fails: start no more large uploads."""
         self._large.cancel()
 
-    def _send_pack(self, batch: list[_ShardWrite], pack: list, owners: list[_ShardWrite]) -> None:
-        if pack:
-            self._packs.append((batch, owners, self._workers.submit(self._remote.upload_pack, pack)))
-        while len(self._packs) > self._threads:
+    def _values(
+        self, kbs: dict[bytes, _ShardWrite], spilled: Iterable[tuple[bytes, int, bytes]] | None
+    ) -> Iterator[tuple[bytes, int, bytes]]:
+        """The values ``spilled`` for ``kbs``, then those of the keys still in ``kbs`` from
+        the data file."""
+        if spilled is not None:
+            yield from spilled
+        if kbs:
+            yield from self._replica.stored_values(list(kbs))
+
+    def _send_pack(self, batch: list[_ShardWrite], new: NewPack, owners: list[_ShardWrite]) -> None:
+        if owners:
+            self.uploaded += len(new.values)
+            self._packs.append((batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
+        in_flight = max(1, min(self._threads, PUSH_IN_FLIGHT // remote_module.PACK_SIZE))
+        while len(self._packs) > in_flight:
             self._collect_pack()
 
     def _collect_pack(self) -> None:
-        _, owners, future = self._packs.popleft()
-        done = future.result()
-        for shard, (kb, entry) in zip(owners, done.located, strict=True):
+        _, (new, owners), future = self._packs.popleft()
+        footer = future.result()
+        for shard, (kb, entry) in zip(owners, new.located(), strict=True):
             shard.contents[kb] = shard.known[entry.md5] = entry
-        self._replica.log.record_pack(done.pack, done.footer)
-        self._progress.update(sum(entry.length for _, entry in done.located))
+        self._replica.log.record_pack(new.pack, footer)
+        self._progress.update(len(new.values))
 
     def _finished(self, shard: _ShardWrite, done: PackUpload) -> None:
         """A large value of ``shard`` is up."""
@@ -681,9 +810,17 @@ class _PushWriter:
         for shard in batch:
             self._large.wait_for(shard)
             shard.locate_duplicates()
-            self._shards.append(self._workers.submit(self._upload_shard, shard))
-            while len(self._shards) > self._threads:
-                self._done.append(self._shards.popleft().result())
+            self._shards.append((len(shard.contents), self._workers.submit(self._upload_shard, shard)))
+            self._shard_keys += len(shard.contents)
+            while len(self._shards) > self._threads or (
+                len(self._shards) > 1 and self._shard_keys > PUSH_BATCH_KEYS
+            ):
+                self._collect_shard()
+
+    def _collect_shard(self) -> None:
+        keys, future = self._shards.popleft()
+        self._shard_keys -= keys
+        self._done.append(future.result())
 
     def _upload_shard(self, shard: _ShardWrite) -> tuple[int, str | None, int, int]:
         contents = shard.contents

@@ -395,6 +395,7 @@ def decode_page(
     n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
     following = directory.first_keys[page + 1] if page + 1 < len(directory.pages) else None
     out: dict[bytes, Entry] = {}
+    packs: dict[bytes, bytes] = {}  # one object per pack id, not one per record
     at, previous = 0, None
     for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[:blob]):
         if not (
@@ -408,7 +409,7 @@ def decode_page(
             raise IntegrityError(
                 f"{name}: the keys of page {page} are not in order from its first key; {_DAMAGED}"
             )
-        out[key] = Entry(md5_, ts, pack, off, length)
+        out[key] = Entry(md5_, ts, packs.setdefault(pack, pack), off, length)
         previous = key
     if at != n or (following is not None and previous is not None and previous >= following):
         raise IntegrityError(
@@ -508,15 +509,40 @@ class PackItem(NamedTuple):
 def encode_pack_footer(items: Iterable[PackItem | tuple[bytes, bytes, int, int, int]]) -> bytes:
     """The self-describing footer appended after a pack's values (and its trailer);
     ``items`` are :class:`PackItem` or tuples of the same fields."""
-    items = list(items)
-    records = bytearray(_HEADER.pack(PACK_MAGIC, len(items)))
-    blob = bytearray()
+    footer = PackFooter()
     for key, md5_, timestamp, offset, length in items:
-        records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(blob), len(key))
-        blob += key
-    body = bytes(records + blob)
-    footer = body + md5(body)
-    return footer + _PACK_TRAILER.pack(len(footer), PACK_MAGIC)
+        footer.add(key, md5_, timestamp, offset, length)
+    return footer.encode()
+
+
+class PackFooter:
+    """A pack's footer built a value at a time, held as packed records (no object per
+    value): :meth:`encode` gives the bytes :func:`encode_pack_footer` would."""
+
+    def __init__(self) -> None:
+        self._records = bytearray()
+        self._keys = bytearray()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, key: bytes, md5_: bytes, timestamp: int, offset: int, length: int) -> None:
+        """Record one value of the pack."""
+        self._records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(self._keys), len(key))
+        self._keys += key
+        self._count += 1
+
+    def locations(self) -> Iterator[tuple[bytes, int, int, int]]:
+        """``(md5, timestamp, offset, length)`` of the values recorded, in order."""
+        for m, ts, off, length, _, _ in _PACK_RECORD.iter_unpack(self._records):
+            yield m, ts, off, length
+
+    def encode(self) -> bytes:
+        """The footer's bytes, its trailer included."""
+        body = b"".join((_HEADER.pack(PACK_MAGIC, self._count), self._records, self._keys))
+        footer = body + md5(body)
+        return footer + _PACK_TRAILER.pack(len(footer), PACK_MAGIC)
 
 
 PACK_TRAILER_SIZE = _PACK_TRAILER.size

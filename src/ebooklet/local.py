@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import struct
@@ -32,11 +33,11 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import booklet
 import orjson
@@ -302,49 +303,73 @@ class _Damaged(Exception):
         self.reason = reason
 
 
-def _parse_journal(data: bytes) -> tuple[list[tuple[bytes, bytes, bytes, bytes, bytes]], int]:
-    """The records ``(kind, key, md5, base, extra)`` of a journal file's bytes, and the
-    length of its intact part (shorter than ``data`` when a last record was cut short).
+JOURNAL_READ = 1 << 20
+"""A journal is read this many bytes at a time (at least a whole record)."""
+_Apply = Callable[[bytes, Any, bytes, bytes, bytes, int], None]
+"""Takes a journal record ``(kind, key, md5, base, extra, where the key starts in the
+file)``; the key of a pack record (its footer) is a memoryview valid during the call."""
+
+
+def _parse_journal(file: BinaryIO, size: int, apply: _Apply) -> tuple[int, bytes | None]:
+    """Hand each record of a journal file of ``size`` bytes to ``apply``, in order, read
+    a piece at a time (no list of records, no copy of the file); returns the length of
+    its intact part (shorter than ``size`` when a last record was cut short) and the
+    kind of its last record (``None``: none).
 
     Raises:
         _Damaged: anything else is wrong (magic, a checksum, a kind, a length).
     """
-    magic = data[: len(_LOG_MAGIC)]
+    magic = file.read(len(_LOG_MAGIC))
     if magic == _LOG_MAGIC:
-        return _parse_records(memoryview(data), len(magic))
+        return _parse_records(file, size, len(magic), apply)
     if magic == _LOG_MAGIC_V1:
-        return _parse_records_v1(data, len(magic))
+        return _parse_records_v1(magic + file.read(), len(magic), apply)
     raise _Damaged(0, "it does not start with the magic bytes of an ebooklet change log")
 
 
-def _parse_records(data: memoryview, pos: int) -> tuple[list[tuple], int]:
+def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[int, bytes | None]:
     """Records of format 2 from ``pos`` (see :func:`_parse_journal`). A record whose head
     is incomplete, or whose head is intact and says it goes past the end, is the last
     one, cut short; every other record must pass both its checksums."""
-    records = []
-    end = len(data)
+    buf, buf_at, last = b"", pos, None
+    view = memoryview(buf)
     while end - pos >= _HEAD.size:
-        kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(data, pos)
-        if zlib.crc32(data[pos : pos + _RECORD_V1.size]) != head_crc:
+        if pos + _HEAD.size > buf_at + len(buf):
+            buf, buf_at = _read_at(file, pos, JOURNAL_READ), pos
+            view = memoryview(buf)
+        at = pos - buf_at
+        kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(buf, at)
+        if zlib.crc32(view[at : at + _RECORD_V1.size]) != head_crc:
             raise _Damaged(pos, "a record's head fails its checksum")
         _check_record(pos, kind, key_len)
-        key_at = pos + _HEAD.size
-        stop = key_at + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
+        stop = pos + _HEAD.size + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
         if stop + _CHECK.size > end:
             break  # the last record, cut short by a crash: the change after it never happened
-        if zlib.crc32(data[pos:stop]) != _CHECK.unpack_from(data, stop)[0]:
+        if stop + _CHECK.size > buf_at + len(buf):
+            buf, buf_at, at = _read_at(file, pos, max(JOURNAL_READ, stop + _CHECK.size - pos)), pos, 0
+            view = memoryview(buf)
+            if len(buf) < stop + _CHECK.size - pos:
+                break  # the file was cut while it was read: as if cut short
+        key_at, stop_at = at + _HEAD.size, stop - buf_at
+        if zlib.crc32(view[at:stop_at]) != _CHECK.unpack_from(buf, stop_at)[0]:
             raise _Damaged(pos, "a record fails its checksum")
-        records.append((kind, bytes(data[key_at : key_at + key_len]), md5_, base,
-                        bytes(data[key_at + key_len : stop])))
+        key_end = key_at + key_len
+        key = view[key_at:key_end] if kind == PACK else buf[key_at:key_end]
+        apply(kind, key, md5_, base, buf[key_end:stop_at], pos + _HEAD.size)
+        last = kind
         pos = stop + _CHECK.size
-    return records, pos
+    return pos, last
 
 
-def _parse_records_v1(data: bytes, pos: int) -> tuple[list[tuple], int]:
-    """Records of format 1 (no checksums) from ``pos``: whatever follows the last whole
-    record counts as cut short."""
-    records = []
-    end = len(data)
+def _read_at(file: BinaryIO, pos: int, length: int) -> bytes:
+    file.seek(pos)
+    return file.read(length)
+
+
+def _parse_records_v1(data: bytes, pos: int, apply: _Apply) -> tuple[int, bytes | None]:
+    """Records of format 1 (no checksums) from ``pos`` in the file's bytes ``data``:
+    whatever follows the last whole record counts as cut short."""
+    end, last = len(data), None
     while pos + _RECORD_V1.size <= end:
         kind, key_len, md5_, base = _RECORD_V1.unpack_from(data, pos)
         _check_record(pos, kind, key_len)
@@ -352,9 +377,10 @@ def _parse_records_v1(data: bytes, pos: int) -> tuple[list[tuple], int]:
         stop = key_at + key_len + (_UPLOAD.size if kind == UPLOADED else 0)
         if stop > end:
             break
-        records.append((kind, data[key_at : key_at + key_len], md5_, base, data[key_at + key_len : stop]))
+        apply(kind, data[key_at : key_at + key_len], md5_, base, data[key_at + key_len : stop], key_at)
+        last = kind
         pos = stop
-    return records, pos
+    return pos, last
 
 
 def _check_record(pos: int, kind: bytes, key_len: int) -> None:
@@ -394,11 +420,12 @@ _REBUILD = (
 """What to do when the journal's pending edits are lost (damaged, cut or missing)."""
 
 
-def _check_closed(records: list[tuple], intact: int, size: int) -> None:
+def _check_closed(last: bytes | None, intact: int, size: int) -> None:
     """Refuse a journal of ``size`` bytes whose last session closed it, but that does not
-    end with the close record: it was cut (at a record boundary, or in a record), and
-    the records after the last whole one, ``intact`` bytes in, are lost."""
-    if not records or records[-1][0] != CLOSED or intact < size:
+    end with the close record (its last record is of kind ``last``): it was cut (at a
+    record boundary, or in a record), and the records after the last whole one,
+    ``intact`` bytes in, are lost."""
+    if last != CLOSED or intact < size:
         raise _Damaged(
             intact,
             "the session that wrote it last closed it cleanly, but it does not end with "
@@ -448,7 +475,10 @@ class ChangeLog:
         """key -> md5 of its edited value as this process wrote it to, or checked it in, the
         data file (not journaled; forgotten with the edit): reads trust those values."""
         self._uploads: dict[bytes, Upload] = {}
-        self._packs: list[tuple[bytes, bytes]] = []  # (pack id, footer) not read into _uploads yet
+        # (pack id, where its footer starts in the file, its length): packs journaled and
+        # not read into _uploads yet; the footers stay in the file (see _journaled_footers)
+        self._packs: list[tuple[bytes, int, int]] = []
+        self._v1 = False  # the file is of format 1 (the _packs positions are in its layout)
         self.replace = False
         self.metadata_dirty = False
         self.ends_closed = False
@@ -481,25 +511,28 @@ class ChangeLog:
         """Replay the journal file; returns whether it is to be rewritten (format 1).
         A torn last record is cut away when ``writable``; see :meth:`__init__` for
         ``expect_closed`` (an empty file is a journal not started yet)."""
-        self._stat = _file_stat(self.path)
-        data = self.path.read_bytes()
-        if not data and not expect_closed:
+        self._stat = _file_stat(self.path)  # before reading: a later change is seen by reload
+        size = self.path.stat().st_size
+        if not size and not expect_closed:
             return False
-        old_format = data[: len(_LOG_MAGIC)] == _LOG_MAGIC_V1
-        try:
-            records, intact = _parse_journal(data)
-            if expect_closed and not old_format:
-                _check_closed(records, intact, len(data))
-        except _Damaged as damage:
+        damage = None
+        with open(self.path, "rb") as file:
+            old_format = self._v1 = file.read(len(_LOG_MAGIC)) == _LOG_MAGIC_V1
+            file.seek(0)
+            try:
+                intact, last = _parse_journal(file, size, self._apply)
+                if expect_closed and not old_format:
+                    _check_closed(last, intact, size)
+            except _Damaged as exc:
+                damage = exc
+        if damage is not None:
             raise self._set_aside(damage, writable) from None
-        for record in records:
-            self._apply(*record)
-        if writable and intact < len(data):
+        if writable and intact < size:
             if old_format:  # no checksums to tell a torn record from damage: keep a copy
                 kept = self._damaged_name()
                 shutil.copyfile(self.path, kept)
                 warnings.warn(
-                    f"{self.path} (format 1) ended with {len(data) - intact} byte(s) that are "
+                    f"{self.path} (format 1) ended with {size - intact} byte(s) that are "
                     f"not a whole record, dropped as a write cut short; the file as it was is "
                     f"kept at {kept}.",
                     RuntimeWarning,
@@ -530,7 +563,9 @@ class ChangeLog:
             f"empty journal that knows no pending edit. Reopen the database and {rebuild}."
         )
 
-    def _apply(self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes) -> None:
+    def _apply(
+        self, kind: bytes, key: bytes, md5_: bytes, base: bytes, extra: bytes, key_at: int = 0
+    ) -> None:
         self._records += 1
         self.ends_closed = kind == CLOSED
         if kind in (SET, DELETE, RETIME):
@@ -541,7 +576,7 @@ class ChangeLog:
         elif kind == UPLOADED:
             self._uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
         elif kind == PACK:
-            self._packs.append((md5_, key))
+            self._packs.append((md5_, key_at, len(key)))
         elif kind == REPLACE:
             self.replace = md5_ != NO_MD5
         elif kind == METADATA:
@@ -657,7 +692,7 @@ class ChangeLog:
             self.edits.update(fresh.edits)
             for key in [k for k, m in self.checked.items() if k not in fresh.edits or fresh.edits[k].md5 != m]:
                 del self.checked[key]
-            self._uploads, self._packs = fresh._uploads, fresh._packs
+            self._uploads, self._packs, self._v1 = fresh._uploads, fresh._packs, fresh._v1
             self.replace, self.metadata_dirty = fresh.replace, fresh.metadata_dirty
             self.ends_closed, self._records, self._stat = fresh.ends_closed, fresh._records, fresh._stat
         return True
@@ -685,7 +720,7 @@ class ChangeLog:
     def uploads(self) -> dict[bytes, Upload]:
         """md5 -> where a value lies that a push uploaded but did not commit (yet)."""
         with self._lock:
-            for pack, footer in self._packs:
+            for pack, footer in self._journaled_footers():
                 try:
                     items = decode_pack_footer(footer[:-PACK_TRAILER_SIZE])
                 except IntegrityError:  # a damaged record: its values are uploaded again
@@ -705,11 +740,39 @@ class ChangeLog:
     def record_pack(self, pack: bytes, footer: bytes) -> None:
         """Remember a pack uploaded by a push that may not commit, so that the next
         attempt reuses its values: one record, the pack id and the pack's footer
-        (read into :attr:`uploads` only when asked)."""
+        (read back from the file into :attr:`uploads` only when asked; not held)."""
         with self._lock:
             self._append(self._encode(PACK, footer, pack, None))
-            self._packs.append((pack, footer))
+            self._packs.append((pack, self._size - _CHECK.size - len(footer), len(footer)))
             self._records += 1
+
+    def _journaled_footers(self) -> list[tuple[bytes, bytes]]:
+        """``(pack id, footer)`` of the packs journaled and not read into :attr:`uploads`,
+        read back from the file; a record that no longer reads back whole there, with its
+        checksums, is left out (its values are uploaded again)."""
+        found: list[tuple[bytes, bytes]] = []
+        if not self._packs:
+            return found
+        head = _RECORD_V1.size if self._v1 else _HEAD.size
+        tail = 0 if self._v1 else _CHECK.size
+        with open(self.path, "rb") as file:
+            for pack, at, length in self._packs:
+                raw = _read_at(file, at - head, head + length + tail)
+                got: list[tuple[bytes, bytes, bytes]] = []
+
+                def keep(kind: bytes, key: Any, md5_: bytes, *_: Any) -> None:
+                    got.append((kind, bytes(key), md5_))  # noqa: B023 - called right here
+
+                try:
+                    if self._v1:
+                        _parse_records_v1(raw, 0, keep)
+                    else:
+                        _parse_records(io.BytesIO(raw), len(raw), 0, keep)
+                except _Damaged:
+                    continue
+                if len(got) == 1 and got[0][0] == PACK and got[0][2] == pack:
+                    found.append((pack, got[0][1]))
+        return found
 
     def set_replace(self, on: bool) -> None:
         """Set or clear the "next push replaces the remote database" flag."""
@@ -747,20 +810,30 @@ class ChangeLog:
         if self._fd is None:
             return
         with self._lock:
+            footers = self._journaled_footers()
             records = [(_edit_kind(e.md5, e.retimed), k, e.md5, e.base) for k, e in self.edits.items()]
             records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self._uploads.items()]
-            records += [(PACK, footer, pack, None) for pack, footer in self._packs]
+            parts = [_LOG_MAGIC, *(self._encode(*r) for r in records)]
+            at = sum(map(len, parts))
+            packs = []
+            for pack, footer in footers:
+                parts.append(self._encode(PACK, footer, pack, None))
+                packs.append((pack, at + _HEAD.size, len(footer)))
+                at += len(parts[-1])
+            flags = []
             if self.replace:
-                records.append((REPLACE, b"", b"\x01" * 16, None))
+                flags.append((REPLACE, b"", b"\x01" * 16, None))
             if self.metadata_dirty:
-                records.append((METADATA, b"", b"\x01" * 16, None))
-            blob = _LOG_MAGIC + b"".join(self._encode(*r) for r in records)
+                flags.append((METADATA, b"", b"\x01" * 16, None))
+            parts += [self._encode(*r) for r in flags]
+            blob = b"".join(parts)
             _replace_durably(self.path, blob)
+            self._packs, self._v1 = packs, False
             self._held.clear()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self._size = len(blob)
-            self._records = len(records)
+            self._records = len(records) + len(packs) + len(flags)
             self.ends_closed = False
             self._end_known = True
 

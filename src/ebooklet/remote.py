@@ -202,8 +202,9 @@ class RemoteIndex:
         i = fmt.shard_of(key, manifest["n_shards"])
         return i, fmt.shard_name_at(manifest, i)
 
-    def cached_shard(self, name: str) -> dict[bytes, Entry] | None:
-        """A shard already in memory or in the local mirror (no request).
+    def cached_shard(self, name: str, remember: bool = True) -> dict[bytes, Entry] | None:
+        """A shard already in memory or in the local mirror (no request); one parsed from
+        the mirror is kept in memory when ``remember``.
 
         Raises:
             CacheDamagedError: the mirror's copy is damaged (:meth:`shard` fetches it again).
@@ -220,7 +221,7 @@ class RemoteIndex:
             shard = fmt.decode_shard(raw, name)
         except IntegrityError as exc:
             raise self._cache_damaged(name, exc) from None
-        return self._remember(name, shard)
+        return self._remember(name, shard) if remember else shard
 
     def _cache_damaged(self, name: str, exc: IntegrityError) -> CacheDamagedError:
         """The error for shard ``name`` (or a piece of it) found damaged in the mirror."""
@@ -238,15 +239,20 @@ class RemoteIndex:
             RuntimeWarning, stacklevel=4,
         )
 
-    def local_shard(self, name: str) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
+    def local_shard(
+        self, name: str, remember: bool = True
+    ) -> tuple[dict[bytes, Entry] | None, CacheDamagedError | None]:
         """``(shard, None)`` from memory or the mirror, ``(None, None)`` when not local,
-        ``(None, error)`` when the mirror's copy is damaged."""
+        ``(None, error)`` when the mirror's copy is damaged (``remember``: see
+        :meth:`cached_shard`)."""
         try:
-            return self.cached_shard(name), None
+            return self.cached_shard(name, remember), None
         except CacheDamagedError as exc:
             return None, exc
 
-    def _fetch_shard(self, name: str, damage: CacheDamagedError | None) -> dict[bytes, Entry]:
+    def _fetch_shard(
+        self, name: str, damage: CacheDamagedError | None, remember: bool = True
+    ) -> dict[bytes, Entry]:
         """GET a shard, validate it and keep it in the mirror (replacing a damaged copy,
         with a ``RuntimeWarning``).
 
@@ -265,30 +271,43 @@ class RemoteIndex:
             raise
         shard = fmt.decode_shard(answer.data, name)
         self.mirror.set_shard(name, answer.data)
-        return self._remember(name, shard)
+        return self._remember(name, shard) if remember else shard
 
     def _remember(self, name: str, shard: dict[bytes, Entry]) -> dict[bytes, Entry]:
         return _cached(self._lock, self._shards, name, shard, SHARD_CACHE)
 
-    def shard(self, name: str | None) -> dict[bytes, Entry]:
-        """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard."""
+    def shard(self, name: str | None, remember: bool = True) -> dict[bytes, Entry]:
+        """A shard by object suffix, fetched (once) if needed; ``None`` is the empty shard.
+        ``remember=False``: a shard not in memory is parsed for the caller only (a push of
+        many shards reads each once: memory), not kept there."""
         if name is None:
             return {}
-        shard, _ = self.local_shard(name)
+        shard, _ = self.local_shard(name, remember)
         if shard is not None:
             return shard
         with self._lock:
             guard = self._fetching.setdefault(name, threading.Lock())
         with guard:
-            shard, damage = self.local_shard(name)
-            return shard if shard is not None else self._fetch_shard(name, damage)
+            shard, damage = self.local_shard(name, remember)
+            return shard if shard is not None else self._fetch_shard(name, damage, remember)
 
-    def load_shards(self, names: Iterable[str | None]) -> None:
-        """Fetch the given shards that are not local yet (or damaged there), in parallel."""
-        missing = sorted({n for n in names if n is not None and self.local_shard(n)[0] is None})
+    def load_shards(self, names: Iterable[str | None], remember: bool = True) -> None:
+        """Fetch the given shards that are not local yet (or damaged there), in parallel.
+        ``remember=False``: fetched shards are kept in the mirror only, and one the mirror
+        holds counts as local without being parsed (a damaged copy is fetched again when
+        :meth:`shard` reads it)."""
+        missing = sorted({n for n in names if n is not None and not self._is_local(n, remember)})
         if missing:
             self._require_conn()
-            list(self.conn.workers.map(self.shard, missing))
+            list(self.conn.workers.map(lambda n: self.shard(n, remember), missing))
+
+    def _is_local(self, name: str, parse: bool) -> bool:
+        if parse:
+            return self.local_shard(name)[0] is not None
+        with self._lock:
+            if name in self._shards:
+                return True
+        return self.mirror.get_shard(name) is not None
 
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
@@ -471,28 +490,31 @@ class RemoteIndex:
         self.load_shards(names.values())
         return {k: self.shard(n).get(k) for k, n in names.items()}
 
-    def shard_contents(self, head: dict | None, number: int, n_shards: int) -> dict[bytes, Entry]:
+    def shard_contents(
+        self, head: dict | None, number: int, n_shards: int, remember: bool = True
+    ) -> dict[bytes, Entry]:
         """The entries of shard ``number`` of ``n_shards`` in ``head`` (a copy; ``{}``
         without a head): when the shard count grew, those of the old shard it splits
-        (see :func:`format.shard_of`)."""
+        (see :func:`format.shard_of`). ``remember``: as :meth:`shard`."""
         if head is None:
             return {}
         old_n = head["n_shards"]
-        old = self.shard(fmt.shard_name_at(head, number * old_n // n_shards))
+        old = self.shard(fmt.shard_name_at(head, number * old_n // n_shards), remember)
         if old_n == n_shards:
             return dict(old)
         return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
 
     def shards_to_write(
-        self, head: dict | None, n_shards: int, touched: Iterable[int]
+        self, head: dict | None, n_shards: int, touched: Iterable[int], remember: bool = True
     ) -> tuple[list[str | None], list[int]]:
         """The shard list of a commit of ``n_shards`` shards on top of ``head``, to be
         filled in, and the numbers of the shards it writes: the ``touched`` ones when the
-        count is ``head``'s, else every shard (each old one is split: all are read now)."""
+        count is ``head``'s, else every shard (each old one is split: all are read now;
+        ``remember``: as :meth:`load_shards`)."""
         if head is not None and n_shards == head["n_shards"]:
             return list(head["shards"]), sorted(touched)
         if head is not None:
-            self.load_shards(n for _, n in fmt.iter_shard_names(head))
+            self.load_shards((n for _, n in fmt.iter_shard_names(head)), remember)
         return [None] * n_shards, list(range(n_shards))
 
     def write_shards(
@@ -663,17 +685,19 @@ class RemoteIndex:
         if len(items) == 1 and len(items[0][1]) > PART_SIZE:
             key, value, _, ts = items[0]
             return self.upload_large(key, value, ts, hashlib.md5(value, usedforsecurity=False))
-        pack = fmt.new_id()
-        located: list[tuple[bytes, Entry]] = []
-        footer_items: list[tuple[bytes, bytes, int, int, int]] = []
-        offset = 0
-        for key, value, md5_, ts in items:
-            located.append((key, Entry(md5_, ts, pack, offset, len(value))))
-            footer_items.append((key, md5_, ts, offset, len(value)))
-            offset += len(value)
-        footer = fmt.encode_pack_footer(footer_items)
-        self.conn.put(fmt.pack_name(pack), b"".join([v for _, v, _, _ in items] + [footer]))
-        return PackUpload(pack, footer, located)
+        new = NewPack()
+        for item in items:
+            new.add(*item)
+        footer = self.send_pack(new)
+        return PackUpload(new.pack, footer, list(new.located()))
+
+    def send_pack(self, new: NewPack) -> bytes:
+        """Upload a pack of small values filled by the caller (one PUT of its values and
+        footer, not joined); returns its footer (trailer included)."""
+        self._require_conn()
+        footer = new.footer()
+        self.conn.put(fmt.pack_name(new.pack), [new.values, footer])
+        return footer
 
     def upload_values(self, items: Iterable[tuple[bytes, bytes, bytes, int]]) -> Iterator[PackUpload]:
         """Upload ``(key, value, md5, timestamp)`` items as new packs; yields each
@@ -860,6 +884,34 @@ class PackUpload(NamedTuple):
     pack: bytes
     footer: bytes
     located: list[tuple[bytes, Entry]]
+
+
+class NewPack:
+    """A pack of small values being filled (by a push), held as packed bytes: its values
+    back to back and its footer's records, and a reference to each key; no object per
+    value. Uploaded by :meth:`RemoteIndex.send_pack`."""
+
+    def __init__(self) -> None:
+        self.pack = fmt.new_id()
+        self.keys: list[bytes] = []
+        self.values = bytearray()
+        self._footer = fmt.PackFooter()
+
+    def add(self, key: bytes, value: bytes | memoryview, md5_: bytes, ts: int) -> None:
+        """Append one value (of md5 ``md5_``, timestamp ``ts``) of ``key``."""
+        self._footer.add(key, md5_, ts, len(self.values), len(value))
+        self.values += value
+        self.keys.append(key)
+
+    def footer(self) -> bytes:
+        """The pack's footer (trailer included)."""
+        return self._footer.encode()
+
+    def located(self) -> Iterator[tuple[bytes, Entry]]:
+        """Each key's :class:`Entry` in this pack, in order."""
+        pack = self.pack
+        for key, (m, ts, offset, length) in zip(self.keys, self._footer.locations(), strict=True):
+            yield key, Entry(m, ts, pack, offset, length)
 
 
 class _Range(NamedTuple):

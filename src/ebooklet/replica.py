@@ -169,6 +169,7 @@ class Replica:
                     self._outside.mark_session_open()
                 elif not self.writable and self._local_writable:
                     ChangeLog.start(log_path)
+                meta_saved = None if fresh else dict(self._meta.data)  # P.ebk.json as on disk
                 local_exists = data_path.exists() and not fresh
                 if not fresh:
                     self._check_same_remote(conn)
@@ -183,7 +184,7 @@ class Replica:
             self._take_remote_lock(lock_timeout)
             with self._batched():
                 self._open_local(
-                    data_path, log_path, fresh, local_exists, cached_from, conn,
+                    data_path, log_path, fresh, local_exists, cached_from, meta_saved, conn,
                     (key_serializer, value_serializer, trust_serializers, n_buckets, buffer_size, timeout),
                 )
         except BaseException:
@@ -196,10 +197,12 @@ class Replica:
 
     def _open_local(
         self, data_path: Path, log_path: Path, fresh: bool, local_exists: bool,
-        cached_from: dict | None, conn: S3Connection | None, params: tuple,
+        cached_from: dict | None, meta_saved: dict | None, conn: S3Connection | None,
+        params: tuple,
     ) -> None:
         """The second half of the open, holding the batch lock: the serializers, the data
-        file, what was written to it outside ebooklet, ``P.ebk.json``."""
+        file, what was written to it outside ebooklet, ``P.ebk.json`` (saved only when it
+        differs from ``meta_saved``, its content as read; ``None``: always)."""
         key_serializer, value_serializer, trust_serializers, n_buckets, buffer_size, timeout = params
         if fresh:
             self._start_afresh(data_path, log_path)
@@ -236,7 +239,7 @@ class Replica:
             value_serializer=self.codec.value_serializer_name,
             n_buckets=n_buckets,
         )
-        self._record_data_state(closed=False, always=True, reread=False)
+        self._record_data_state(closed=False, always=self._meta.data != meta_saved, reread=False)
 
     def _set_damaged_journal_aside(self, log_path: Path, expect_closed: bool) -> None:
         """The journal is damaged: a writer has set it aside (see :class:`ChangeLog`); a
