@@ -240,3 +240,28 @@ def test_remote_manifest_disagreeing_with_the_header_is_refused(
     index.edit_manifest(value_serializer="json")
     with pytest.raises(ebooklet.SerializationError, match="in its header"):
         ebooklet.open(make_conn(), path, "r")
+
+
+def test_a_key_listed_in_another_shard_is_an_integrity_error(
+    conn: Any, reader: Any, boto3_client: Any, s3_server: Any, db_key: str, tmp_path: Path,
+    small_shards: int,
+) -> None:
+    """A forged index lists a key in a shard it does not hash to: a lookup (which goes to
+    the key's own shard) would never find what keys() lists. Iterating raises; the keys
+    in their right shards stay readable."""
+    data = {f"k{i:05d}": f"v{i}" for i in range(3 * small_shards)}
+    publish(conn, tmp_path, "str", data)
+    index = Index(boto3_client, s3_server.bucket, db_key)
+    manifest = orjson.loads(index._get(""))
+    assert manifest["n_shards"] >= 2
+    first, second = (fmt.shard_name(manifest["shards"][i], i) for i in (0, 1))
+    moved, entry = next(iter(fmt.decode_shard(index._get(first)).items()))
+    entries = fmt.decode_shard(index._get(second))
+    entries[moved] = entry
+    manifest["shards"][1] = uuid.uuid4().hex
+    index._put(fmt.shard_name(manifest["shards"][1], 1), fmt.encode_shard(entries))
+    index._put("", orjson.dumps(manifest))
+    with ebooklet.open(reader(), tmp_path / "copy.blt", "r") as db:
+        with pytest.raises(IntegrityError, match="belongs to shard 0"):
+            list(db.keys())
+        assert db[moved.decode()] == data[moved.decode()]

@@ -195,6 +195,26 @@ def shard_of(key: bytes, n_shards: int) -> int:
     return int.from_bytes(digest, "big") >> (64 - (n_shards.bit_length() - 1))
 
 
+def check_placement(keys: Iterable[bytes], number: int, n_shards: int, name: str) -> None:
+    """Check that every key of the shard at position ``number`` of ``n_shards`` belongs
+    there (:func:`shard_of`): a key the index lists in another shard would be iterated
+    but never found by a lookup, which goes to its own shard.
+
+    Raises:
+        IntegrityError: a key belongs to another shard (a damaged or forged index).
+    """
+    if n_shards == 1:
+        return
+    for kb in keys:
+        if shard_of(kb, n_shards) != number:
+            raise IntegrityError(
+                f"Index shard {name} (shard {number} of {n_shards}) lists key "
+                f"{bytes(kb[:40])!r}, which belongs to shard {shard_of(kb, n_shards)}: the "
+                "remote index is damaged or was not written by ebooklet. Ask its owner to "
+                "check it (ebooklet.check) or to push it again."
+            )
+
+
 def shards_needed(n_keys: int, per_shard: int) -> int:
     """The smallest power of two of shards that keeps each near ``per_shard`` keys."""
     n = 1

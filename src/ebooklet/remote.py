@@ -572,14 +572,20 @@ class RemoteIndex:
         return {p for p, ok in zip(todo, conn.workers.map(exists, todo), strict=True) if ok}
 
     def iter_entries(self, manifest: dict | None = None) -> Iterator[tuple[bytes, Entry]]:
-        """Every ``(key, entry)`` of the remote index (all shards fetched in parallel)."""
+        """Every ``(key, entry)`` of the remote index (all shards fetched in parallel).
+
+        Raises:
+            IntegrityError: a shard lists a key of another (:func:`format.check_placement`).
+        """
         manifest = manifest if manifest is not None else self.manifest
         if manifest is None:
             return
-        names = [n for _, n in fmt.iter_shard_names(manifest)]
-        self.load_shards(names)
-        for name in names:
-            yield from self.shard(name).items()
+        placed = list(fmt.iter_shard_names(manifest))
+        self.load_shards(name for _, name in placed)
+        for number, name in placed:
+            shard = self.shard(name)
+            fmt.check_placement(shard, number, manifest["n_shards"], name)
+            yield from shard.items()
 
     # ------------------------------------------------------------ values
 
