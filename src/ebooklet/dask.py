@@ -343,9 +343,12 @@ def write_bag(
     Each partition serializes its values and uploads them as packs from its worker, and
     sends back only index entries; then the client, holding the remote write lock,
     merges the entries into index shards and commits once with the conditional manifest
-    PUT, as :meth:`ebooklet.Changes.push` does. A key given several times keeps its last
-    value (of the last partition holding it, the last pair within a partition). If a
-    partition fails (or is cancelled), nothing is committed; the packs already uploaded
+    PUT, as :meth:`ebooklet.Changes.push` does. A value that the head read at the start
+    holds for its key is not uploaded, and the key is no change (partitions look their
+    keys up in that head's index when it costs less than uploading the values, see
+    :data:`LOOKUP_RECORD_BYTES`); if nothing changed, nothing is committed (unless
+    ``mode='n'``). A key given several times keeps its last value (of the last partition
+    holding it, the last pair within a partition). If a partition fails (or is cancelled), nothing is committed; the packs already uploaded
     are orphans that :func:`ebooklet.check` lists and ``vacuum()`` deletes. It returns
     (or raises) once every partition has finished.
 
