@@ -28,6 +28,7 @@ import dask
 import dask.bag
 
 from . import format as fmt
+from . import remote as remote_module
 from . import serializers
 from .changes import MAX_COMMIT_ATTEMPTS, PushResult
 from .codec import NEW_KEY_SERIALIZER, NEW_VALUE_SERIALIZER, Codec
@@ -63,6 +64,12 @@ number follows the byte count the manifest claims, which a hostile bucket may in
 (a partition of a larger database then holds more than :data:`PARTITION_BYTES`)."""
 N_BUCKETS = 12007
 """The ``n_buckets`` a database created by :func:`write_bag` records (booklet's default)."""
+LOOKUP_RECORD_BYTES = 128
+"""What reading a record of an index shard costs, counted in bytes of values. A partition
+of :func:`write_bag` looks up its keys in the base's index (to upload only the values
+that changed) when the records it would read cost less than its values (estimated at
+the base's mean value size); else it uploads every value: with values of a few dozen
+bytes, reading the index costs more than what it spares."""
 MODES = ("c", "w", "n")
 """The modes of :func:`write_bag`: create or merge, merge into an existing one, replace."""
 
@@ -71,10 +78,14 @@ MODES = ("c", "w", "n")
 class BagWriteResult(PushResult):
     """What :func:`write_bag` did: a :class:`~ebooklet.PushResult` (``keys_pushed``,
     ``bytes_uploaded``, ``requests`` of the client and the workers together, ``commit_id``,
-    ``seq``) plus the number of ``partitions`` written and of ``packs`` they uploaded."""
+    ``seq``) plus the number of ``partitions`` written, of ``packs`` and ``values_uploaded``
+    they uploaded, and of ``keys_unchanged``: pairs whose value the database's head held
+    already for their key, neither uploaded nor (but with mode ``'n'``) re-indexed."""
 
     partitions: int = 0
     packs: int = 0
+    values_uploaded: int = 0
+    keys_unchanged: int = 0
 
 
 class _Coding(NamedTuple):
@@ -106,12 +117,17 @@ class _Coding(NamedTuple):
 
 class _Written(NamedTuple):
     """What a partition of :func:`write_bag` sends back: index entries, never values
-    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob). ``requests``
-    are those of another process's connection (none on the caller's connection, whose
-    own count the client reads)."""
+    (``entries``: a list of ``(key, Entry)`` in one :func:`_packed` blob), and the keys
+    whose value the base holds already (``unchanged``: a blob of a list of keys, whose
+    entries are among ``entries`` when the write replaces the database; ``kept`` of them).
+    ``requests`` are those of another process's connection (none on the caller's
+    connection, whose own count the client reads)."""
 
     entries: bytes
+    unchanged: bytes
+    kept: int
     packs: list[bytes]
+    values: int
     value_bytes: int
     requests: Counter
 
@@ -327,9 +343,12 @@ def write_bag(
     Each partition serializes its values and uploads them as packs from its worker, and
     sends back only index entries; then the client, holding the remote write lock,
     merges the entries into index shards and commits once with the conditional manifest
-    PUT, as :meth:`ebooklet.Changes.push` does. A key given several times keeps its last
-    value (of the last partition holding it, the last pair within a partition). If a
-    partition fails (or is cancelled), nothing is committed; the packs already uploaded
+    PUT, as :meth:`ebooklet.Changes.push` does. A value that the head read at the start
+    holds for its key is not uploaded, and the key is no change (partitions look their
+    keys up in that head's index when it costs less than uploading the values, see
+    :data:`LOOKUP_RECORD_BYTES`); if nothing changed, nothing is committed (unless
+    ``mode='n'``). A key given several times keeps its last value (of the last partition
+    holding it, the last pair within a partition). If a partition fails (or is cancelled), nothing is committed; the packs already uploaded
     are orphans that :func:`ebooklet.check` lists and ``vacuum()`` deletes. It returns
     (or raises) once every partition has finished.
 
@@ -415,25 +434,42 @@ def _write(
     else:
         codec = _reading_codec(base, conn, key_serializer, value_serializer, trust)
     coding = _Coding.of(codec, conn.db_url)
-    tasks = [dask.delayed(_write_part)(handle, coding, part) for part in bag.to_delayed()]
+    # one copy of the base manifest in the graph, which every partition reads
+    shared_base = None if base is None else dask.delayed(base, traverse=False)
+    tasks = [
+        dask.delayed(_write_part)(handle, coding, shared_base, replace, part)
+        for part in bag.to_delayed()
+    ]
     written = _compute(tasks)
+    entries, result = _merged(written)
+    if entries or replace:  # else nothing changed: no commit, as push() makes none
+        lock = RemoteLock(conn, uuid.uuid4().hex, "write_bag")
+        lock.acquire(lock_timeout)
+        try:
+            index = RemoteIndex(conn, MemoryMirror())
+            _check_packs(index, {e.pack for e in entries.values()})
+            _commit(index, entries, base, replace, force, codec, message, result)
+        finally:
+            lock.release()
+    result.requests.update(Counter(conn.request_counts) - before)
+    return result
+
+
+def _merged(written: list[_Written]) -> tuple[dict[bytes, Entry], BagWriteResult]:
+    """The entries of the partitions' keys to commit (a key given by several partitions
+    keeps its state in the last: a new value, or the base's) and the partitions' counts."""
     entries: dict[bytes, Entry] = {}
     result = BagWriteResult(partitions=len(written))
     for part in written:
         entries.update(pickle.loads(part.entries))
+        for kb in pickle.loads(part.unchanged):
+            entries.pop(kb, None)
         result.packs += len(part.packs)
+        result.values_uploaded += part.values
+        result.keys_unchanged += part.kept
         result.bytes_uploaded += part.value_bytes
         result.requests.update(part.requests)
-    lock = RemoteLock(conn, uuid.uuid4().hex, "write_bag")
-    lock.acquire(lock_timeout)
-    try:
-        index = RemoteIndex(conn, MemoryMirror())
-        _check_packs(index, [p for part in written for p in part.packs])
-        _commit(index, entries, base, replace, force, codec, message, result)
-    finally:
-        lock.release()
-    result.requests.update(Counter(conn.request_counts) - before)
-    return result
+    return entries, result
 
 
 def _compute(tasks: list[Any]) -> list[_Written]:
@@ -454,19 +490,20 @@ def _compute(tasks: list[Any]) -> list[_Written]:
     return client.gather(futures)
 
 
-def _check_packs(index: RemoteIndex, packs: list[bytes]) -> None:
-    """Refuse to commit when a pack of this write is gone (a vacuum ran during the
-    uploads: it deletes what no commit references). Called holding the write lock, which
-    keeps vacuum away until the commit.
+def _check_packs(index: RemoteIndex, packs: set[bytes]) -> None:
+    """Refuse to commit when a pack of this write's entries is gone: one it uploaded, or
+    (replacing the database) one of the base holding unchanged values (a vacuum ran
+    meanwhile: it deletes what the commits it keeps do not reference). Called holding the
+    write lock, which keeps vacuum away until the commit.
 
     Raises:
         IntegrityError: some packs are missing (nothing is committed).
     """
-    missing = set(packs) - index.existing_packs(packs)
+    missing = packs - index.existing_packs(packs)
     if missing:
         raise IntegrityError(
-            f"{len(missing)} pack(s) this write uploaded are gone (a vacuum ran meanwhile?); "
-            "nothing was committed. Run write_bag again."
+            f"{len(missing)} pack(s) of the values of this write are gone (a vacuum ran "
+            "meanwhile?); nothing was committed. Run write_bag again."
         )
 
 
@@ -767,28 +804,40 @@ def _read_part(handle: _Handle, coding: _Coding, parts: list[bytes]) -> list[tup
         ]
 
 
-def _write_part(handle: _Handle, coding: _Coding, items: Iterable[Any]) -> _Written:
-    """Serialize one partition's pairs and upload them as packs; their index entries.
+def _write_part(
+    handle: _Handle, coding: _Coding, base: dict | None, replace: bool, items: Iterable[Any]
+) -> _Written:
+    """Serialize one partition's pairs and upload the new values as packs; their index
+    entries.
 
-    A value equal to one already uploaded by the partition is not uploaded again; a key
-    given twice keeps its last value.
+    A value whose md5 is that of its key's entry in ``base`` (the head the write started
+    from) is not uploaded: its key is sent back as unchanged (with its entry in ``base``
+    when the write ``replace``-s the database). A value equal to one already uploaded by
+    the partition is not uploaded again; a key given twice keeps its last value.
     """
     codec = coding.codec()
     with _on_worker(handle) as conn:
         before = Counter(conn.request_counts)
-        index = RemoteIndex(conn, MemoryMirror())
+        pairs = _keyed(codec, items)
+        old: dict[bytes, Entry] = {}
+        if base is not None:
+            pairs = list(pairs)
+            old = _base_entries(conn, base, {kb for kb, _, _ in pairs})
         timestamp = int(time.time() * 1_000_000)
-        keys: dict[bytes, bytes] = {}  # key -> md5 of its value
+        state: dict[bytes, bytes | Entry] = {}  # key -> md5 of its new value, or base entry
         seen: set[bytes] = set()
         sizes = [0]
 
         def values() -> Iterator[tuple[bytes, bytes, bytes, int]]:
-            for i, item in enumerate(items):
-                key, value = _pair(item, i)
-                kb, raw = codec.encode_key(key), codec.encode_value(value)
+            for kb, key, value in pairs:
+                raw = codec.encode_value(value)
                 fmt.check_sizes(key, kb, raw)
                 m = fmt.md5(raw)
-                keys[kb] = m
+                entry = old.get(kb)
+                if entry is not None and entry.md5 == m:
+                    state[kb] = entry
+                    continue
+                state[kb] = m
                 if m not in seen:
                     seen.add(m)
                     sizes[0] += len(raw)
@@ -796,12 +845,70 @@ def _write_part(handle: _Handle, coding: _Coding, items: Iterable[Any]) -> _Writ
 
         located: dict[bytes, Entry] = {}
         packs = []
-        for upload in index.upload_values(values()):
+        for upload in RemoteIndex(conn, MemoryMirror()).upload_values(values()):
             packs.append(upload.pack)
             located.update((entry.md5, entry) for _, entry in upload.located)
-        entries = [(kb, located[m]) for kb, m in keys.items()]
+        entries = [(kb, located[s]) for kb, s in state.items() if isinstance(s, bytes)]
+        unchanged = [(kb, s) for kb, s in state.items() if not isinstance(s, bytes)]
+        if replace:
+            entries += unchanged
         requests = Counter() if handle.callers else Counter(conn.request_counts) - before
-        return _Written(_packed(entries), packs, sizes[0], requests)
+        return _Written(
+            _packed(entries), _packed([] if replace else [kb for kb, _ in unchanged]),
+            len(unchanged), packs, len(seen), sizes[0], requests,
+        )
+
+
+def _keyed(codec: Codec, items: Iterable[Any]) -> Iterator[tuple[bytes, Any, Any]]:
+    """The pairs of ``items`` as ``(encoded key, key, value)``."""
+    for i, item in enumerate(items):
+        key, value = _pair(item, i)
+        yield codec.encode_key(key), key, value
+
+
+def _base_entries(conn: S3Connection, base: dict, keys: Collection[bytes]) -> dict[bytes, Entry]:
+    """The entries in the index of commit ``base`` of those ``keys`` it holds.
+
+    The keys of a shard are looked up on one of the connection's threads, with an index
+    of its own, dropped once done (a worker holds a shard at a time per thread): in the
+    shard's directory and pages as a read of one key does (:meth:`RemoteIndex.entry`),
+    or in the whole shard when more of them than :data:`remote.PAGES_BEFORE_WHOLE`
+    (a read of that many pages of a shard fetches the rest whole). None is looked up
+    (``{}``) when that costs more than uploading the values (:func:`_worth_looking_up`).
+    """
+    groups: dict[str, list[bytes]] = {}
+    for kb in keys:
+        name = fmt.shard_name_at(base, fmt.shard_of(kb, base["n_shards"]))
+        if name is not None:
+            groups.setdefault(name, []).append(kb)
+    if not _worth_looking_up(base, [len(g) for g in groups.values()], len(keys)):
+        return {}
+
+    def look_up(item: tuple[str, list[bytes]]) -> list[tuple[bytes, Entry | None]]:
+        name, group = item
+        index = RemoteIndex(conn, MemoryMirror())
+        if len(group) > remote_module.PAGES_BEFORE_WHOLE:
+            shard = index.shard(name, remember=False)
+            return [(kb, shard.get(kb)) for kb in group]
+        return [(kb, index.entry(kb, manifest=base)) for kb in group]
+
+    found: dict[bytes, Entry] = {}
+    for looked_up in conn.workers.map(look_up, groups.items()):
+        found.update((kb, e) for kb, e in looked_up if e is not None)
+    return found
+
+
+def _worth_looking_up(base: dict, groups: list[int], n_keys: int) -> bool:
+    """Whether ``n_keys`` keys, ``groups`` of them in non-empty shards of ``base``, are
+    worth looking up there: the records read (a shard whole, or a page a key) cost less
+    than the values (see :data:`LOOKUP_RECORD_BYTES`)."""
+    per_shard = base["n_keys"] / base["n_shards"]
+    records = sum(
+        per_shard if n > remote_module.PAGES_BEFORE_WHOLE else min(per_shard, n * fmt.PAGE_RECORDS)
+        for n in groups
+    )
+    mean_value = base["n_bytes"] / max(1, base["n_keys"])
+    return records * LOOKUP_RECORD_BYTES < n_keys * mean_value
 
 
 def _pair(item: Any, i: int) -> tuple[Any, Any]:
