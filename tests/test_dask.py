@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import pickle
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -374,3 +375,20 @@ def test_a_claimed_byte_count_does_not_size_the_graph(
         bag = edask.read_bag(conn)
         assert bag.npartitions == 8
         assert dict(bag.compute()) == dict(items(20))
+
+
+def test_a_key_listed_in_another_shard_fails_the_read(conn: Any, small_shards: int) -> None:
+    """A forged index lists a key in a shard it does not hash to: read_bag's index task
+    raises IntegrityError instead of yielding it (sync scheduler: no cluster needed)."""
+    with dask.config.set(scheduler="sync"):
+        write(items(3 * small_shards), conn, 1, value_serializer="orjson")
+        manifest = fmt.decode_manifest(conn.get("").data)
+        assert manifest["n_shards"] >= 2
+        first, second = (fmt.shard_name(manifest["shards"][i], i) for i in (0, 1))
+        moved, entry = next(iter(fmt.decode_shard(conn.get(first).data).items()))
+        entries = {**fmt.decode_shard(conn.get(second).data), moved: entry}
+        manifest["shards"][1] = uuid.uuid4().hex
+        conn.put(fmt.shard_name(manifest["shards"][1], 1), fmt.encode_shard(entries))
+        conn.put("", fmt.encode_manifest(manifest))
+        with pytest.raises(ebooklet.IntegrityError, match="belongs to shard 0"):
+            edask.read_bag(conn).compute()

@@ -305,7 +305,8 @@ def _bag_of(
     index_tasks = [
         dask.delayed(_index_part)(
             handle,
-            [shards[i] for i in group],
+            [(i, shards[i]) for i in group],
+            head["n_shards"],
             None if wanted is None else [kb for i in group for kb in wanted[i]],
             prefix_bytes,
             n,
@@ -756,21 +757,28 @@ def _on_worker(handle: _Handle) -> Iterator[S3Connection]:
 
 def _index_part(
     handle: _Handle,
-    names: list[str],
+    placed: list[tuple[int, str]],
+    n_shards: int,
     wanted: list[bytes] | None,
     prefix: bytes | None,
     n: int,
 ) -> list[bytes]:
-    """Read index shards ``names``; their entries (of the ``wanted`` keys, or those
-    starting with ``prefix``) for each of the ``n`` partitions, by pack segment (each
-    list of ``(key, Entry)`` as one :func:`_packed` blob)."""
+    """Read the index shards ``placed`` (``(number, name)`` of ``n_shards``); their
+    entries (of the ``wanted`` keys, or those starting with ``prefix``) for each of the
+    ``n`` partitions, by pack segment (each list of ``(key, Entry)`` as one
+    :func:`_packed` blob).
+
+    Raises:
+        IntegrityError: a shard lists a key of another (:func:`format.check_placement`).
+    """
     with _on_worker(handle) as conn:
         index = RemoteIndex(conn, MemoryMirror())
-        index.load_shards(names)
+        index.load_shards(name for _, name in placed)
         parts: list[list[tuple[bytes, Entry]]] = [[] for _ in range(n)]
-        for name in names:
+        for number, name in placed:
             shard = index.shard(name)
             if wanted is None:
+                fmt.check_placement(shard, number, n_shards, name)
                 items: Iterable[tuple[bytes, Entry]] = shard.items()
             else:
                 items = [(kb, shard[kb]) for kb in wanted if kb in shard]
