@@ -59,6 +59,13 @@ PAGES_BEFORE_WHOLE = 4
 """Once this many pages of one shard were fetched one by one, the next read of another
 of its pages fetches the whole shard: reads of many keys cost a few requests, not one a
 page."""
+SEARCHES_BEFORE_PARSE = 256
+"""Lookups of keys in a shard the local mirror holds whole (and that is not parsed in
+memory) search the key's page: its md5 checked, a binary search of its records (tens of
+µs, none of the shard parsed). After this many such lookups of one shard, the next parses
+it whole into the :data:`SHARD_CACHE` (tens of ms at 16,384 keys): keys looked up sparsely
+(random edits of a large database) cost a search each, keys looked up densely at most
+about twice what parsing the shard at once would have."""
 DIRECTORY_PIECE = "#dir"
 """Suffix of the mirror name of a shard's directory (its pages: ``#<page number>``)."""
 
@@ -133,6 +140,7 @@ class RemoteIndex:
         self._directories: OrderedDict[str, fmt.ShardDirectory] = OrderedDict()
         self._pages: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
         self._pages_fetched: dict[str, int] = {}  # pages fetched one by one, by shard
+        self._searches: dict[str, int] = {}  # lookups answered by searching, by shard
         self._lock = threading.RLock()
         self._fetching: dict[str, threading.Lock] = {}
 
@@ -173,6 +181,7 @@ class RemoteIndex:
             self.mirror.drop_shards([piece for name in gone for piece in self._mirrored_names(name)])
             for name in gone:
                 self._shards.pop(name, None)
+                self._searches.pop(name, None)
                 directory = self._directories.pop(name, None)
                 for i in range(len(directory.pages) if directory else 0):
                     self._pages.pop(f"{name}#{i}", None)
@@ -312,9 +321,10 @@ class RemoteIndex:
     def entry(self, key: bytes, fetch: bool = True, manifest: dict | None = None) -> Entry | None:
         """The remote index entry of ``key`` (``None``: not in the remote).
 
-        The key's shard is used whole when it is in memory or in the local mirror; else
-        only the page that would hold the key is read, from the shard's directory and that
-        page, each fetched by one range GET and kept in the mirror (a shard expected small,
+        The key's shard is used whole when it is parsed in memory; when the local mirror
+        holds it whole, the key's page is searched there (see :data:`SEARCHES_BEFORE_PARSE`);
+        else only the page that would hold the key is read, from the shard's directory and
+        that page, each fetched by one range GET and kept in the mirror (a shard expected small,
         see :data:`WHOLE_SHARD_RECORDS`, or found smaller than :data:`DIRECTORY_READ`,
         comes whole). With ``fetch=False`` only what is local is
         consulted and :data:`MISSING_SHARD` is returned when that is not the key's page.
@@ -329,8 +339,105 @@ class RemoteIndex:
         _, name = self.shard_for(key, manifest)
         if name is None:
             return None
+        whole = _memory(self._lock, self._shards, name)
+        if whole is not None:
+            return whole.get(key)
+        found = self._mirrored_entries(name, [key], fetch)
+        if found is not None:
+            return found[key]
         records = self._records_near(name, key, fetch, manifest)
         return MISSING_SHARD if records is None else records.get(key)
+
+    def local_entries(self, keys: Iterable[bytes], manifest: dict | None = None) -> dict[bytes, Any]:
+        """``entry(key, fetch=False)`` of each of ``keys`` (no request), shard by shard: a
+        shard the mirror holds whole is read from it once for all its keys.
+
+        Raises:
+            CacheDamagedError: the mirror's copy of a shard is damaged.
+            IntegrityError: a directory or page kept apart in the mirror is damaged.
+        """
+        manifest = manifest if manifest is not None else self.manifest
+        if manifest is None:
+            return dict.fromkeys(keys)
+        by_shard: dict[str | None, list[bytes]] = {}
+        for key in keys:
+            by_shard.setdefault(self.shard_for(key, manifest)[1], []).append(key)
+        out: dict[bytes, Any] = {}
+        for name, kbs in by_shard.items():
+            whole = _memory(self._lock, self._shards, name) if name is not None else {}
+            if whole is not None:
+                out.update((kb, whole.get(kb)) for kb in kbs)
+                continue
+            found = self._mirrored_entries(name, kbs, fetch=False)
+            if found is None:
+                found = {kb: self.entry(kb, False, manifest) for kb in kbs}
+            out.update(found)
+        return out
+
+    def _mirrored_entries(
+        self, name: str, keys: list[bytes], fetch: bool
+    ) -> dict[bytes, Entry | None] | None:
+        """The entries of ``keys`` (all of shard ``name``, which is not parsed in memory) from
+        the mirror's whole copy of the shard: their pages searched, or after
+        :data:`SEARCHES_BEFORE_PARSE` lookups the shard parsed and kept; ``None`` when the
+        mirror does not hold it whole. A damaged copy is fetched again when ``fetch``.
+
+        Raises:
+            CacheDamagedError: the mirror's copy is damaged and is not to be (or cannot be)
+                fetched again.
+        """
+        with self._lock:
+            searched = self._searches.get(name, 0)
+        if searched < SEARCHES_BEFORE_PARSE:
+            raw = self.mirror.get_shard(name)
+            if raw is None:
+                return None
+            try:
+                found = self._search(name, raw, keys)
+            except IntegrityError as exc:
+                if not fetch:
+                    raise self._cache_damaged(name, exc) from None
+                whole = self.shard(name)  # fetched again, with a warning
+            else:
+                with self._lock:
+                    self._searches[name] = self._searches.get(name, 0) + len(keys)
+                return found
+        else:
+            try:
+                whole = self.cached_shard(name)
+            except CacheDamagedError:
+                if not fetch:
+                    raise
+                whole = self.shard(name)
+            if whole is None:
+                return None
+            with self._lock:
+                self._searches.pop(name, None)
+        return {kb: whole.get(kb) for kb in keys}
+
+    def _search(self, name: str, raw: bytes, keys: list[bytes]) -> dict[bytes, Entry | None]:
+        """The entries of ``keys`` in shard ``name`` whose bytes are ``raw``: its directory
+        (parsed once, kept with the others), then each key's page checked and searched.
+
+        Raises:
+            IntegrityError: the directory or a page is damaged.
+        """
+        directory = _memory(self._lock, self._directories, name)
+        if directory is None:
+            directory = fmt.decode_shard_directory(raw, name)
+            _cached(self._lock, self._directories, name, directory, PAGE_CACHE)
+        by_page: dict[int | None, list[bytes]] = {}
+        for key in keys:
+            by_page.setdefault(directory.page_of(key), []).append(key)
+        view = memoryview(raw)
+        out: dict[bytes, Entry | None] = {}
+        for i, kbs in by_page.items():
+            if i is None:
+                out.update(dict.fromkeys(kbs))
+                continue
+            ref = directory.pages[i]
+            out.update(fmt.search_page(view[ref.offset : ref.offset + ref.length], directory, i, kbs, name))
+        return out
 
     def _records_near(
         self, name: str, key: bytes, fetch: bool, manifest: dict
