@@ -18,6 +18,7 @@ import pytest
 
 import ebooklet
 from ebooklet import format as fmt
+from ebooklet import local as local_mod
 from ebooklet import remote as remote_mod
 
 N_KEYS = 6000
@@ -40,9 +41,10 @@ class Parses:
 
 
 @pytest.fixture
-def pushed(conn: Any, tmp_path: Path, small_shards: int) -> Path:
-    """A writer's copy of N_KEYS pushed keys over 8 shards of ``small_shards`` (their bytes
-    in its mirror)."""
+def pushed(conn: Any, tmp_path: Path, small_shards: int, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A writer's copy of N_KEYS pushed keys over 8 shards of ``small_shards`` in pages of
+    16 records, as large shards have many pages (their bytes in its mirror)."""
+    monkeypatch.setattr(fmt, "PAGE_RECORDS", 16)
     path = tmp_path / "w.blt"
     with ebooklet.open(conn, path, "n", value_serializer="str") as db:
         db.update({f"k{i:05d}": f"v{i}" for i in range(N_KEYS)})
@@ -58,17 +60,24 @@ def test_single_writes_search_pages_not_shards(
     pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With one shard kept parsed, writes of keys spread over every shard parse none of
-    them (each base is a page search), and each edit has the head's md5 as its base: the
-    push sees modifications and additions, no conflict."""
+    them (each base is a page search; once a shard's directory is known, only the key's
+    page is read from the mirror), and each edit has the head's md5 as its base: the push
+    sees modifications and additions, no conflict."""
     monkeypatch.setattr(remote_mod, "SHARD_CACHE", 1)
     keys = random.Random(7).sample(range(N_KEYS), 200)
+    whole_reads = []
+    get_shard = local_mod.IndexMirror.get_shard
     with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
         parses = Parses(monkeypatch)
+        monkeypatch.setattr(
+            local_mod.IndexMirror, "get_shard", lambda m, n: whole_reads.append(n) or get_shard(m, n)
+        )
         for i in keys:
             db[f"k{i:05d}"] = "new"
         db["absent"] = "added"
         db["k"] = "before the first key"
         assert (parses.shards, parses.pages) == (0, 0)
+        assert len(whole_reads) <= 8  # each shard's bytes read once (its directory), then pages
         kinds = _changes(db)
         assert kinds == {**{f"k{i:05d}": "modified" for i in keys}, "absent": "added", "k": "added"}
         db.changes().push()

@@ -210,7 +210,9 @@ def data_changed_from(recorded: dict[str, Any] | None, current: dict[str, int]) 
     return size if appended else 0
 
 
-def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
+def get_value(
+    book: Any, kb: bytes, again: bool = True, part: tuple[int, int] | None = None
+) -> bytes | None:
     """The encoded value of the encoded key ``kb`` in the booklet file ``book`` (``None``:
     not there), as ``book.get`` reads it, minus the key encoding and value decoding.
 
@@ -220,6 +222,8 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
     every write; records still in booklet's write buffer are flushed first, as its
     ``get`` does. A miss in a shared :class:`DataFile` is looked up once more (``again``)
     when another process moved the index meanwhile (:meth:`DataFile.refresh`).
+    ``part``: ``(start, length)``, only those bytes of the value (fewer past its end),
+    read by one ``pread`` of their own.
     """
     key_hash = blake2s(kb, digest_size=_HASH_LEN).digest()
     if key_hash in book._buffer_index_set:
@@ -229,8 +233,8 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
         raw = _mapped_get(book, key_hash, ts_len)
         if raw is not _BEYOND:
             if raw is None and again and book.refresh():
-                return get_value(book, kb, False)
-            return raw
+                return get_value(book, kb, False, part)
+            return raw if part is None or raw is None else bytes(raw[part[0] : part[0] + part[1]])
     with book._thread_lock:
         fd = book._file.fileno()
         bucket = book._index_offset + int.from_bytes(key_hash, "little") % book._n_buckets * width
@@ -244,6 +248,9 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
                 break
             if block_hash == key_hash:
                 start = _RECORD_HEAD.size + ts_len + key_len
+                if part is not None:
+                    skip = min(part[0], value_len)
+                    return os.pread(fd, min(part[1], value_len - skip), block + start + skip)
                 if start + value_len <= len(record):
                     return record[start : start + value_len]
                 return os.pread(fd, value_len, block + start)
@@ -251,7 +258,7 @@ def get_value(book: Any, kb: bytes, again: bool = True) -> bytes | None:
                 break
             block = int.from_bytes(next_block, "little")
     if again and isinstance(book, DataFile) and book.refresh():
-        return get_value(book, kb, False)
+        return get_value(book, kb, False, part)
     return None
 
 
@@ -759,6 +766,11 @@ class DataFile(booklet.VariableLengthValue):
         if value is _MISS and self.refresh():
             value = super().get(key, _MISS)
         return default if value is _MISS else value
+
+    def get_part(self, key: Any, start: int, length: int) -> bytes | None:
+        """Bytes ``start`` to ``start + length`` of the encoded value of ``key`` (fewer past
+        its end; ``None``: no such key), without reading the rest of it."""
+        return get_value(self, self._pre_key(key), part=(start, length))
 
     def get_timestamp(
         self, key: Any, include_value: bool = False, decode_value: bool = True, default: Any = None

@@ -76,6 +76,7 @@ class Mirror(Protocol):
     def get_manifest(self) -> tuple[dict | None, str | None]: ...
     def set_manifest(self, manifest: dict | None, etag: str | None) -> None: ...
     def get_shard(self, name: str) -> bytes | None: ...
+    def get_shard_part(self, name: str, start: int, length: int) -> bytes | None: ...
     def set_shard(self, name: str, data: bytes) -> None: ...
     def drop_shards(self, names: Iterable[str]) -> None: ...
 
@@ -95,6 +96,10 @@ class MemoryMirror:
 
     def get_shard(self, name: str) -> bytes | None:
         return self._shards.get(name)
+
+    def get_shard_part(self, name: str, start: int, length: int) -> bytes | None:
+        data = self._shards.get(name)
+        return None if data is None else data[start : start + length]
 
     def set_shard(self, name: str, data: bytes) -> None:
         self._shards[name] = data
@@ -116,6 +121,9 @@ class PinnedMirror(MemoryMirror):
 
     def get_shard(self, name: str) -> bytes | None:
         return self._base.get_shard(name)
+
+    def get_shard_part(self, name: str, start: int, length: int) -> bytes | None:
+        return self._base.get_shard_part(name, start, length)
 
     def set_shard(self, name: str, data: bytes) -> None:
         self._base.set_shard(name, data)
@@ -389,18 +397,16 @@ class RemoteIndex:
         with self._lock:
             searched = self._searches.get(name, 0)
         if searched < SEARCHES_BEFORE_PARSE:
-            raw = self.mirror.get_shard(name)
-            if raw is None:
-                return None
             try:
-                found = self._search(name, raw, keys)
+                found = self._search(name, keys)
             except IntegrityError as exc:
                 if not fetch:
                     raise self._cache_damaged(name, exc) from None
                 whole = self.shard(name)  # fetched again, with a warning
             else:
-                with self._lock:
-                    self._searches[name] = self._searches.get(name, 0) + len(keys)
+                if found is not None:
+                    with self._lock:
+                        self._searches[name] = self._searches.get(name, 0) + len(keys)
                 return found
         else:
             try:
@@ -415,28 +421,44 @@ class RemoteIndex:
                 self._searches.pop(name, None)
         return {kb: whole.get(kb) for kb in keys}
 
-    def _search(self, name: str, raw: bytes, keys: list[bytes]) -> dict[bytes, Entry | None]:
-        """The entries of ``keys`` in shard ``name`` whose bytes are ``raw``: its directory
-        (parsed once, kept with the others), then each key's page checked and searched.
+    def _search(self, name: str, keys: list[bytes]) -> dict[bytes, Entry | None] | None:
+        """The entries of ``keys`` in shard ``name`` as the mirror's whole copy of it holds
+        them (``None``: it holds none): its directory (parsed once, kept with the others),
+        then each key's page read (alone when the directory is known and the keys are on
+        few pages, else with the whole copy), checked and searched.
 
         Raises:
             IntegrityError: the directory or a page is damaged.
         """
         directory = _memory(self._lock, self._directories, name)
+        raw = None
         if directory is None:
+            raw = self.mirror.get_shard(name)
+            if raw is None:
+                return None
             directory = fmt.decode_shard_directory(raw, name)
             _cached(self._lock, self._directories, name, directory, PAGE_CACHE)
         by_page: dict[int | None, list[bytes]] = {}
         for key in keys:
             by_page.setdefault(directory.page_of(key), []).append(key)
-        view = memoryview(raw)
+        if raw is None and len(by_page) * 4 > len(directory.pages):  # a quarter: read it whole
+            raw = self.mirror.get_shard(name)
+            if raw is None:
+                return None
+        view = memoryview(raw) if raw is not None else None
         out: dict[bytes, Entry | None] = {}
         for i, kbs in by_page.items():
             if i is None:
                 out.update(dict.fromkeys(kbs))
                 continue
             ref = directory.pages[i]
-            out.update(fmt.search_page(view[ref.offset : ref.offset + ref.length], directory, i, kbs, name))
+            if view is not None:
+                data = view[ref.offset : ref.offset + ref.length]
+            else:
+                data = self.mirror.get_shard_part(name, ref.offset, ref.length)
+                if data is None:
+                    return None
+            out.update(fmt.search_page(data, directory, i, kbs, name))
         return out
 
     def _records_near(
