@@ -80,7 +80,9 @@ def test_single_writes_search_pages_not_shards(
         assert len(whole_reads) <= 8  # each shard's bytes read once (its directory), then pages
         kinds = _changes(db)
         assert kinds == {**{f"k{i:05d}": "modified" for i in keys}, "absent": "added", "k": "added"}
+        parses.shards = 0
         db.changes().push()
+        assert parses.shards == 8  # each shard once, to rewrite it; its plan searched it
         assert db[f"k{keys[0]:05d}"] == "new"
 
 

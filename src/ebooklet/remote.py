@@ -382,13 +382,36 @@ class RemoteIndex:
             out.update(found)
         return out
 
+    def shard_entries(
+        self, name: str | None, keys: list[bytes], remember: bool = True
+    ) -> dict[bytes, Entry | None]:
+        """The entries of ``keys``, all of shard ``name`` (``None``: the empty shard): from
+        the shard parsed in memory, else searched in the mirror's whole copy (see
+        :data:`SEARCHES_BEFORE_PARSE`), else from the shard fetched whole (once);
+        ``remember``: as :meth:`shard`.
+
+        Raises:
+            IntegrityError: the shard fetched is damaged or hostile.
+            OfflineError: the shard is not local and the remote is out of reach.
+        """
+        if name is None:
+            return dict.fromkeys(keys)
+        whole = _memory(self._lock, self._shards, name)
+        if whole is None:
+            found = self._mirrored_entries(name, keys, True, remember)
+            if found is not None:
+                return found
+            whole = self.shard(name, remember)
+        return {kb: whole.get(kb) for kb in keys}
+
     def _mirrored_entries(
-        self, name: str, keys: list[bytes], fetch: bool
+        self, name: str, keys: list[bytes], fetch: bool, remember: bool = True
     ) -> dict[bytes, Entry | None] | None:
         """The entries of ``keys`` (all of shard ``name``, which is not parsed in memory) from
         the mirror's whole copy of the shard: their pages searched, or after
-        :data:`SEARCHES_BEFORE_PARSE` lookups the shard parsed and kept; ``None`` when the
-        mirror does not hold it whole. A damaged copy is fetched again when ``fetch``.
+        :data:`SEARCHES_BEFORE_PARSE` lookups the shard parsed (kept when ``remember``);
+        ``None`` when the mirror does not hold it whole. A damaged copy is fetched again
+        when ``fetch``.
 
         Raises:
             CacheDamagedError: the mirror's copy is damaged and is not to be (or cannot be)
@@ -402,7 +425,7 @@ class RemoteIndex:
             except IntegrityError as exc:
                 if not fetch:
                     raise self._cache_damaged(name, exc) from None
-                whole = self.shard(name)  # fetched again, with a warning
+                whole = self.shard(name, remember)  # fetched again, with a warning
             else:
                 if found is not None:
                     with self._lock:
@@ -410,11 +433,11 @@ class RemoteIndex:
                 return found
         else:
             try:
-                whole = self.cached_shard(name)
+                whole = self.cached_shard(name, remember)
             except CacheDamagedError:
                 if not fetch:
                     raise
-                whole = self.shard(name)
+                whole = self.shard(name, remember)
             if whole is None:
                 return None
             with self._lock:
