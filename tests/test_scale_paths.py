@@ -102,8 +102,8 @@ def test_update_looks_bases_up_shard_by_shard(
 def test_dense_lookups_parse_the_shard_once(
     pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After SEARCHES_BEFORE_PARSE searches of one shard, the next lookup parses it whole
-    and the following ones are answered from memory."""
+    """Once a shard's pages were searched SEARCHES_BEFORE_PARSE times their number, the
+    next lookup parses it whole and the following ones are answered from memory."""
     monkeypatch.setattr(remote_mod, "SEARCHES_BEFORE_PARSE", 5)
     with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
         parses = Parses(monkeypatch)

@@ -59,13 +59,15 @@ PAGES_BEFORE_WHOLE = 4
 """Once this many pages of one shard were fetched one by one, the next read of another
 of its pages fetches the whole shard: reads of many keys cost a few requests, not one a
 page."""
-SEARCHES_BEFORE_PARSE = 256
+SEARCHES_BEFORE_PARSE = 16
 """Lookups of keys in a shard the local mirror holds whole (and that is not parsed in
-memory) search the key's page: its md5 checked, a binary search of its records (tens of
-µs, none of the shard parsed). After this many such lookups of one shard, the next parses
-it whole into the :data:`SHARD_CACHE` (tens of ms at 16,384 keys): keys looked up sparsely
-(random edits of a large database) cost a search each, keys looked up densely at most
-about twice what parsing the shard at once would have."""
+memory) search their pages: each page read alone, its md5 checked, a binary search of its
+records (20-50 µs, none of the shard parsed). Once the pages of one shard were searched
+this many times its number of pages (one page a key looked up alone; a batch of keys,
+one a page it touches), the next lookup parses it whole into the :data:`SHARD_CACHE`
+(~0.7 ms a page, 45 ms at 16,384 keys): keys looked up sparsely (random edits of a large
+database) cost a search each, keys looked up densely at most about twice what parsing the
+shard at once would have."""
 DIRECTORY_PIECE = "#dir"
 """Suffix of the mirror name of a shard's directory (its pages: ``#<page number>``)."""
 
@@ -148,7 +150,7 @@ class RemoteIndex:
         self._directories: OrderedDict[str, fmt.ShardDirectory] = OrderedDict()
         self._pages: OrderedDict[str, dict[bytes, Entry]] = OrderedDict()
         self._pages_fetched: dict[str, int] = {}  # pages fetched one by one, by shard
-        self._searches: dict[str, int] = {}  # lookups answered by searching, by shard
+        self._searches: dict[str, int] = {}  # pages searched (see _mirrored_entries), by shard
         self._lock = threading.RLock()
         self._fetching: dict[str, threading.Lock] = {}
 
@@ -409,7 +411,8 @@ class RemoteIndex:
     ) -> dict[bytes, Entry | None] | None:
         """The entries of ``keys`` (all of shard ``name``, which is not parsed in memory) from
         the mirror's whole copy of the shard: their pages searched, or after
-        :data:`SEARCHES_BEFORE_PARSE` lookups the shard parsed (kept when ``remember``);
+        its pages were searched :data:`SEARCHES_BEFORE_PARSE` times their number, the shard
+        parsed (kept when ``remember``);
         ``None`` when the mirror does not hold it whole. A damaged copy is fetched again
         when ``fetch``.
 
@@ -419,7 +422,8 @@ class RemoteIndex:
         """
         with self._lock:
             searched = self._searches.get(name, 0)
-        if searched < SEARCHES_BEFORE_PARSE:
+            directory = self._directories.get(name)
+        if directory is None or searched < SEARCHES_BEFORE_PARSE * len(directory.pages):
             try:
                 found = self._search(name, keys)
             except IntegrityError as exc:
@@ -427,10 +431,11 @@ class RemoteIndex:
                     raise self._cache_damaged(name, exc) from None
                 whole = self.shard(name, remember)  # fetched again, with a warning
             else:
-                if found is not None:
-                    with self._lock:
-                        self._searches[name] = self._searches.get(name, 0) + len(keys)
-                return found
+                if found is None:
+                    return None
+                with self._lock:
+                    self._searches[name] = self._searches.get(name, 0) + found[1]
+                return found[0]
         else:
             try:
                 whole = self.cached_shard(name, remember)
@@ -444,11 +449,12 @@ class RemoteIndex:
                 self._searches.pop(name, None)
         return {kb: whole.get(kb) for kb in keys}
 
-    def _search(self, name: str, keys: list[bytes]) -> dict[bytes, Entry | None] | None:
+    def _search(self, name: str, keys: list[bytes]) -> tuple[dict[bytes, Entry | None], int] | None:
         """The entries of ``keys`` in shard ``name`` as the mirror's whole copy of it holds
-        them (``None``: it holds none): its directory (parsed once, kept with the others),
-        then each key's page read (alone when the directory is known and the keys are on
-        few pages, else with the whole copy), checked and searched.
+        them, and the number of pages searched (``None``: it holds none): its directory
+        (parsed once, kept with the others), then each key's page read (alone when the
+        directory is known and the keys are on few pages, else with the whole copy),
+        checked and searched.
 
         Raises:
             IntegrityError: the directory or a page is damaged.
@@ -482,7 +488,7 @@ class RemoteIndex:
                 if data is None:
                     return None
             out.update(fmt.search_page(data, directory, i, kbs, name))
-        return out
+        return out, len(by_page)
 
     def _records_near(
         self, name: str, key: bytes, fetch: bool, manifest: dict
