@@ -135,3 +135,15 @@ def test_search_page_finds_what_decode_page_finds() -> None:
         ref = directory.pages[page]
         found = fmt.search_page(view[ref.offset : ref.offset + ref.length], directory, page, [key])
         assert found == {key: whole.get(key)}
+
+
+def test_an_update_of_most_keys_parses_each_shard_once(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holding a third of a shard's keys or more parses it (a search a key would
+    cost more than parsing every record once)."""
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        parses = Parses(monkeypatch)
+        db.update({f"k{i:05d}": "all" for i in range(N_KEYS)})
+        assert parses.shards == 8
+        assert db["k00001"] == "all"

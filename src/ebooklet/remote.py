@@ -410,56 +410,50 @@ class RemoteIndex:
         self, name: str, keys: list[bytes], fetch: bool, remember: bool = True
     ) -> dict[bytes, Entry | None] | None:
         """The entries of ``keys`` (all of shard ``name``, which is not parsed in memory) from
-        the mirror's whole copy of the shard: their pages searched, or after
-        its pages were searched :data:`SEARCHES_BEFORE_PARSE` times their number, the shard
-        parsed (kept when ``remember``);
-        ``None`` when the mirror does not hold it whole. A damaged copy is fetched again
-        when ``fetch``.
+        the mirror's whole copy of the shard: their pages searched; or the shard parsed
+        (kept when ``remember``) once its pages were searched :data:`SEARCHES_BEFORE_PARSE`
+        times their number, or when ``keys`` are a third of its records or more (a binary
+        search costs about three records parsed); ``None`` when the mirror does not hold it
+        whole. A damaged copy is fetched again when ``fetch``.
 
         Raises:
             CacheDamagedError: the mirror's copy is damaged and is not to be (or cannot be)
                 fetched again.
         """
+        try:
+            found = self._search(name, keys)
+        except IntegrityError as exc:
+            if not fetch:
+                raise self._cache_damaged(name, exc) from None
+            whole = self.shard(name, remember)  # fetched again, with a warning
+            return {kb: whole.get(kb) for kb in keys}
+        if found is not _PARSE:
+            return found
+        try:
+            whole = self.cached_shard(name, remember)
+        except CacheDamagedError:
+            if not fetch:
+                raise
+            whole = self.shard(name, remember)
+        if whole is None:
+            return None
         with self._lock:
-            searched = self._searches.get(name, 0)
-            directory = self._directories.get(name)
-        if directory is None or searched < SEARCHES_BEFORE_PARSE * len(directory.pages):
-            try:
-                found = self._search(name, keys)
-            except IntegrityError as exc:
-                if not fetch:
-                    raise self._cache_damaged(name, exc) from None
-                whole = self.shard(name, remember)  # fetched again, with a warning
-            else:
-                if found is None:
-                    return None
-                with self._lock:
-                    self._searches[name] = self._searches.get(name, 0) + found[1]
-                return found[0]
-        else:
-            try:
-                whole = self.cached_shard(name, remember)
-            except CacheDamagedError:
-                if not fetch:
-                    raise
-                whole = self.shard(name, remember)
-            if whole is None:
-                return None
-            with self._lock:
-                self._searches.pop(name, None)
+            self._searches.pop(name, None)
         return {kb: whole.get(kb) for kb in keys}
 
-    def _search(self, name: str, keys: list[bytes]) -> tuple[dict[bytes, Entry | None], int] | None:
+    def _search(self, name: str, keys: list[bytes]) -> Any:
         """The entries of ``keys`` in shard ``name`` as the mirror's whole copy of it holds
-        them, and the number of pages searched (``None``: it holds none): its directory
-        (parsed once, kept with the others), then each key's page read (alone when the
-        directory is known and the keys are on few pages, else with the whole copy),
-        checked and searched.
+        them (``None``: it holds none; :data:`_PARSE`: parsing it pays, see
+        :meth:`_mirrored_entries`): its directory (parsed once, kept with the others), then
+        each key's page read (alone when the directory is known and the keys are on few
+        pages, else with the whole copy), checked and searched.
 
         Raises:
             IntegrityError: the directory or a page is damaged.
         """
-        directory = _memory(self._lock, self._directories, name)
+        with self._lock:
+            searched = self._searches.get(name, 0)
+            directory = self._directories.get(name)
         raw = None
         if directory is None:
             raw = self.mirror.get_shard(name)
@@ -467,6 +461,8 @@ class RemoteIndex:
                 return None
             directory = fmt.decode_shard_directory(raw, name)
             _cached(self._lock, self._directories, name, directory, PAGE_CACHE)
+        if searched >= SEARCHES_BEFORE_PARSE * len(directory.pages) or len(keys) * 3 >= directory.count > 0:
+            return _PARSE
         by_page: dict[int | None, list[bytes]] = {}
         for key in keys:
             by_page.setdefault(directory.page_of(key), []).append(key)
@@ -488,7 +484,9 @@ class RemoteIndex:
                 if data is None:
                     return None
             out.update(fmt.search_page(data, directory, i, kbs, name))
-        return out, len(by_page)
+        with self._lock:
+            self._searches[name] = self._searches.get(name, 0) + len(by_page)
+        return out
 
     def _records_near(
         self, name: str, key: bytes, fetch: bool, manifest: dict
@@ -1010,6 +1008,9 @@ def _memory(lock: threading.RLock, cache: OrderedDict, name: str) -> Any:
 def _shard_names(manifest: dict | None) -> set[str]:
     return {name for _, name in fmt.iter_shard_names(manifest)} if manifest else set()
 
+
+_PARSE: Any = object()
+"""Returned by :meth:`RemoteIndex._search` when parsing the shard whole pays."""
 
 MISSING_SHARD: Any = REMOTE_UNKNOWN
 """Returned by :meth:`RemoteIndex.entry` with ``fetch=False`` when the shard is not local:
