@@ -447,15 +447,15 @@ class Changes:
             for kb in keys:
                 by_shard.setdefault(replica.remote.shard_for(kb, head)[1], []).append(kb)
         self._remember_shards = len(by_shard) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
-        replica.remote.load_shards(by_shard, self._remember_shards)
+        replica.remote.load_shards(by_shard, remember=False)  # searched, not parsed, if local
         sets: list[bytes] = []
         deletes: set[bytes] = set()
         settled, conflicts = [], []
-        for name, kbs in by_shard.items():  # a shard at a time: one parsed at once
-            shard = replica.remote.shard(name, self._remember_shards)
+        for name, kbs in by_shard.items():  # a shard at a time: one parsed at once, if any
+            found = replica.remote.shard_entries(name, kbs, self._remember_shards)
             for kb in kbs:
                 edit = edits[kb]
-                entry = shard.get(kb)
+                entry = found[kb]
                 state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
                 if state is State.SETTLED:
                     settled.append((kb, entry))

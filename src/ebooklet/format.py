@@ -513,6 +513,52 @@ def _refuse_record(
     raise IntegrityError(f"{name} holds {problem}; {_DAMAGED}")
 
 
+def search_page(
+    data: bytes | memoryview, directory: ShardDirectory, page: int, keys: Iterable[bytes],
+    name: str = "index shard",
+) -> dict[bytes, Entry | None]:
+    """The entries of ``keys`` in page number ``page`` of an index shard whose directory
+    is ``directory`` (``None``: not there), found by a binary search of its sorted records
+    instead of parsing them all: for a page whose bytes were validated whole by
+    :func:`decode_page` or written by :func:`encode_shard` before they were kept (the local
+    mirror), and are checked here against the directory's md5. Each record read is checked
+    as :func:`decode_page` checks it.
+
+    Raises:
+        IntegrityError: the page does not match its md5, or a record read is out of range.
+    """
+    ref = directory.pages[page]
+    if len(data) != ref.length or md5(data) != ref.md5:
+        raise IntegrityError(
+            f"{name}: page {page} is truncated or corrupted (it does not match the md5 of its "
+            f"directory); {_DAMAGED}"
+        )
+    view = memoryview(data)
+    count, size, unpack = directory.records_in(page), _SHARD_RECORD.size, _SHARD_RECORD.unpack_from
+    blob = count * size
+    n = len(view) - blob
+    out: dict[bytes, Entry | None] = {}
+    for key in keys:
+        out[key] = None
+        low, high = 0, count
+        while low < high:
+            mid = (low + high) // 2
+            md5_, ts, pack, off, length, k_off, k_len = unpack(view, mid * size)
+            if k_off + k_len > n or k_len > KEY_MAX:
+                _refuse_record(name, ts, off, length, k_off, k_len, n, k_off)
+            found = bytes(view[blob + k_off : blob + k_off + k_len])
+            if found < key:
+                low = mid + 1
+            elif found > key:
+                high = mid
+            else:
+                if not (0 <= ts < TIMESTAMP_END and length <= VALUE_MAX and off + length <= MAX_OBJECT_SIZE):
+                    _refuse_record(name, ts, off, length, k_off, k_len, n, k_off)
+                out[key] = Entry(md5_, ts, pack, off, length)
+                break
+    return out
+
+
 # ---------------------------------------------------------------- packs
 
 

@@ -983,6 +983,15 @@ class IndexMirror:
         """The raw bytes of a fetched shard, or ``None``."""
         return self._get("shard:" + name)
 
+    def get_shard_part(self, name: str, start: int, length: int) -> bytes | None:
+        """Bytes ``start`` to ``start + length`` of a fetched shard (one page of it), or
+        ``None``, without reading the rest."""
+        key = "shard:" + name
+        if self._memory is not None and key in self._memory:
+            data = self._memory[key]
+            return None if data is None else data[start : start + length]
+        return self._db.get_part(key, start, length) if self._db is not None else None
+
     def set_shard(self, name: str, data: bytes) -> None:
         """Store a fetched (immutable) shard."""
         with self._lock:

@@ -645,6 +645,14 @@ class Replica:
         remote = self._remote.entry(kb, fetch=False) if edit is None and not replacing else None
         return new_base(edit, remote, replacing)
 
+    def _bases(self, kbs: list[bytes]) -> list[bytes | None]:
+        """:meth:`_base` of each of ``kbs`` (before any of them is journaled), the remote
+        entries looked up shard by shard (:meth:`RemoteIndex.local_entries`)."""
+        edits, replacing = self._log.edits, self._log.replace
+        new = [kb for kb in kbs if kb not in edits] if not replacing else []
+        remote = self._remote.local_entries(new) if new else {}
+        return [new_base(edits.get(kb), remote.get(kb), replacing) for kb in kbs]
+
     def set_value(
         self, key: Any, kb: bytes, raw: bytes, md5: bytes, timestamp: int | None, retimed: bool = False
     ) -> None:
@@ -660,7 +668,8 @@ class Replica:
         """Journal and store ``(encoded key, encoded value, md5)`` as local edits, in one
         write of the data file."""
         with self._rlock, self._batched():
-            self._log.record_edits((kb, m, self._base(kb)) for kb, _, m in encoded)
+            bases = self._bases([kb for kb, _, _ in encoded])
+            self._log.record_edits((kb, m, b) for (kb, _, m), b in zip(encoded, bases, strict=True))
             append_records(self._data, [(kb, raw, None) for kb, raw, _ in encoded])
             self._log.checked.update((kb, m) for kb, _, m in encoded)
 

@@ -1,0 +1,149 @@
+"""Costs that must grow with the change, not the database (issue 12, the 10M run): the
+base md5 of a new edit is looked up by searching the key's page in the local mirror's
+copy of its shard, not by parsing the whole shard, however many shards there are beyond
+what ``remote.SHARD_CACHE`` keeps parsed.
+
+Parses are counted by wrapping ``format.decode_shard`` and ``format.decode_page`` (no
+request or response is touched); databases are pushed to the real server.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ebooklet
+from ebooklet import format as fmt
+from ebooklet import local as local_mod
+from ebooklet import remote as remote_mod
+
+N_KEYS = 6000
+
+
+class Parses:
+    """How many times whole shards and single pages were parsed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.shards = self.pages = 0
+        monkeypatch.setattr(fmt, "decode_shard", self._counted(fmt.decode_shard, "shards"))
+        monkeypatch.setattr(fmt, "decode_page", self._counted(fmt.decode_page, "pages"))
+
+    def _counted(self, parse: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            setattr(self, name, getattr(self, name) + 1)
+            return parse(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def pushed(conn: Any, tmp_path: Path, small_shards: int, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A writer's copy of N_KEYS pushed keys over 8 shards of ``small_shards`` in pages of
+    16 records, as large shards have many pages (their bytes in its mirror)."""
+    monkeypatch.setattr(fmt, "PAGE_RECORDS", 16)
+    path = tmp_path / "w.blt"
+    with ebooklet.open(conn, path, "n", value_serializer="str") as db:
+        db.update({f"k{i:05d}": f"v{i}" for i in range(N_KEYS)})
+        db.changes().push()
+    return path
+
+
+def _changes(db: Any) -> dict[str, str]:
+    return {c.key: c.kind for c in db.changes().iter_changes()}
+
+
+def test_single_writes_search_pages_not_shards(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one shard kept parsed, writes of keys spread over every shard parse none of
+    them (each base is a page search; once a shard's directory is known, only the key's
+    page is read from the mirror), and each edit has the head's md5 as its base: the push
+    sees modifications and additions, no conflict."""
+    monkeypatch.setattr(remote_mod, "SHARD_CACHE", 1)
+    keys = random.Random(7).sample(range(N_KEYS), 200)
+    whole_reads = []
+    get_shard = local_mod.IndexMirror.get_shard
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        parses = Parses(monkeypatch)
+        monkeypatch.setattr(
+            local_mod.IndexMirror, "get_shard", lambda m, n: whole_reads.append(n) or get_shard(m, n)
+        )
+        for i in keys:
+            db[f"k{i:05d}"] = "new"
+        db["absent"] = "added"
+        db["k"] = "before the first key"
+        assert (parses.shards, parses.pages) == (0, 0)
+        assert len(whole_reads) <= 8  # each shard's bytes read once (its directory), then pages
+        kinds = _changes(db)
+        assert kinds == {**{f"k{i:05d}": "modified" for i in keys}, "absent": "added", "k": "added"}
+        parses.shards = 0
+        db.changes().push()
+        assert parses.shards == 8  # each shard once, to rewrite it; its plan searched it
+        assert db[f"k{keys[0]:05d}"] == "new"
+
+
+def test_update_looks_bases_up_shard_by_shard(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """update() reads each shard's bytes from the mirror once per batch and parses none."""
+    monkeypatch.setattr(remote_mod, "SHARD_CACHE", 1)
+    keys = random.Random(8).sample(range(N_KEYS), 1000)
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        parses = Parses(monkeypatch)
+        db.update({f"k{i:05d}": "new" for i in keys} | {"zz": "added"})
+        assert (parses.shards, parses.pages) == (0, 0)
+        assert _changes(db) == {**{f"k{i:05d}": "modified" for i in keys}, "zz": "added"}
+
+
+def test_dense_lookups_parse_the_shard_once(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a shard's pages were searched SEARCHES_BEFORE_PARSE times their number, the
+    next lookup parses it whole and the following ones are answered from memory."""
+    monkeypatch.setattr(remote_mod, "SEARCHES_BEFORE_PARSE", 5)
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        parses = Parses(monkeypatch)
+        for i in range(N_KEYS):
+            db[f"k{i:05d}"] = "dense"
+        assert parses.shards == 8  # N_KEYS keys of small_shards: each shard parsed once
+
+
+def test_search_page_finds_what_decode_page_finds() -> None:
+    """format.search_page agrees with decode_page for every key of every page and for keys
+    between, before and after them."""
+    rng = random.Random(3)
+    entries = {
+        f"key{i * 2:06d}".encode(): fmt.Entry(fmt.md5(b"%d" % i), i, fmt.new_id(), i * 10, i)
+        for i in range(1000)
+    }
+    data = fmt.encode_shard(entries)
+    directory = fmt.decode_shard_directory(data)
+    whole = fmt.decode_shard(data)
+    probes = list(entries) + [f"key{i * 2 + 1:06d}".encode() for i in range(1000)]
+    probes += [b"", b"a", b"key", b"key999999", b"\xff"]
+    rng.shuffle(probes)
+    view = memoryview(data)
+    for key in probes:
+        page = directory.page_of(key)
+        if page is None:
+            assert key not in whole
+            continue
+        ref = directory.pages[page]
+        found = fmt.search_page(view[ref.offset : ref.offset + ref.length], directory, page, [key])
+        assert found == {key: whole.get(key)}
+
+
+def test_an_update_of_most_keys_parses_each_shard_once(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holding a third of a shard's keys or more parses it (a search a key would
+    cost more than parsing every record once)."""
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        parses = Parses(monkeypatch)
+        db.update({f"k{i:05d}": "all" for i in range(N_KEYS)})
+        assert parses.shards == 8
+        assert db["k00001"] == "all"
