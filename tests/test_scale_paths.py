@@ -80,6 +80,7 @@ def test_single_writes_search_pages_not_shards(
         assert len(whole_reads) <= 8  # each shard's bytes read once (its directory), then pages
         kinds = _changes(db)
         assert kinds == {**{f"k{i:05d}": "modified" for i in keys}, "absent": "added", "k": "added"}
+        assert parses.shards <= 3 * 8  # iter_changes: each shard a few times, not once a key (12,012)
         parses.shards = 0
         db.changes().push()
         assert parses.shards == 8  # each shard once, to rewrite it; its plan searched it

@@ -637,14 +637,21 @@ class RemoteIndex:
         return _cached(self._lock, self._pages, f"{name}#{i}", page, PAGE_CACHE)
 
     def entries(self, keys: Iterable[bytes], manifest: dict | None = None) -> dict[bytes, Entry | None]:
-        """Remote entries of many keys, fetching their shards in parallel."""
+        """Remote entries of many keys, fetching their shards in parallel, then reading
+        them shard by shard (:meth:`shard_entries`: each shard once for all its keys, so
+        that more shards than :data:`SHARD_CACHE` keeps parsed are not parsed again)."""
         manifest = manifest if manifest is not None else self.manifest
         keys = list(keys)
         if manifest is None:
             return dict.fromkeys(keys)
-        names = {k: self.shard_for(k, manifest)[1] for k in keys}
-        self.load_shards(names.values())
-        return {k: self.shard(n).get(k) for k, n in names.items()}
+        by_shard: dict[str | None, list[bytes]] = {}
+        for key in keys:
+            by_shard.setdefault(self.shard_for(key, manifest)[1], []).append(key)
+        self.load_shards(by_shard)
+        out: dict[bytes, Entry | None] = {}
+        for name, kbs in by_shard.items():
+            out.update(self.shard_entries(name, kbs))
+        return {key: out[key] for key in keys}
 
     def shard_contents(
         self, head: dict | None, number: int, n_shards: int, remember: bool = True
