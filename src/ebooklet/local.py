@@ -337,6 +337,8 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
         if pos + _HEAD.size > buf_at + len(buf):
             buf, buf_at = _read_at(file, pos, JOURNAL_READ), pos
             view = memoryview(buf)
+            if len(buf) < _HEAD.size:
+                break  # the file was cut while it was read (the writer dropped its close record)
         at = pos - buf_at
         kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(buf, at)
         if zlib.crc32(view[at : at + _RECORD_V1.size]) != head_crc:
@@ -511,12 +513,14 @@ class ChangeLog:
         """Replay the journal file; returns whether it is to be rewritten (format 1).
         A torn last record is cut away when ``writable``; see :meth:`__init__` for
         ``expect_closed`` (an empty file is a journal not started yet)."""
-        self._stat = _file_stat(self.path)  # before reading: a later change is seen by reload
-        size = self.path.stat().st_size
-        if not size and not expect_closed:
-            return False
         damage = None
         with open(self.path, "rb") as file:
+            # the file opened, not the path: the writer may replace it (a compaction) meanwhile
+            stat = os.fstat(file.fileno())
+            self._stat = stat.st_ino, stat.st_size, stat.st_mtime_ns  # as _file_stat: seen by reload
+            size = stat.st_size
+            if not size and not expect_closed:
+                return False
             old_format = self._v1 = file.read(len(_LOG_MAGIC)) == _LOG_MAGIC_V1
             file.seek(0)
             try:
