@@ -114,6 +114,14 @@ def read_one(conn_spec: dict, path: str, key: str, results: Any) -> None:
         results.put(db.get(key))
 
 
+def open_writer_when_told(conn_spec: dict, path: str, ready: Any, go: Any, results: Any) -> None:
+    """Open the copy with flag 'w' when told (imports done first), report its changes."""
+    ready.set()
+    go.wait(WAIT)
+    with ebooklet.open(ebooklet.S3Connection(**conn_spec), path, "w", timeout=WAIT) as db:
+        results.put(([(c.key, c.kind) for c in db.changes().iter_changes()], db["k001"]))
+
+
 def double_length(key: str, value: str) -> int:
     return 2 * len(value)
 
@@ -309,3 +317,42 @@ def connections_to(port: int) -> int:
             if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
+
+
+def test_a_writer_opening_while_a_snapshot_caches_values_finds_no_edit(
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    """A snapshot reader (``commit=``) writes its values to the copy only while no writer
+    has it, and records the data file's state after them (they are not the head's): a
+    writer that opened right then (its writer lock taken between the reader's check and
+    its record) found the snapshot's value as an edit made outside ebooklet, to push."""
+    items = create(conn, tmp_path, 3)
+    with ebooklet.open(conn, tmp_path / "creator.blt", "w") as db:
+        db["k001"] = "new"
+        db.changes().push()
+    path = str(tmp_path / "copy.blt")
+    with ebooklet.open(conn, path, "r"):
+        pass  # the copy's head: commit 2
+    ready, go, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    child = run(open_writer_when_told, spec(s3_server, db_key), path, ready, go, results)
+    assert ready.wait(WAIT)
+    writer_lock = ebooklet.local.FileLock(ebooklet.local.lock_paths(path)[1])
+
+    def writer_opens() -> None:  # as the snapshot writes its value: a writer opens
+        go.set()
+        deadline = time.monotonic() + 1
+        while writer_lock.acquire(0):  # not yet taken by the writer (or held by the reader)
+            writer_lock.release()
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+
+    try:
+        with ebooklet.open(conn, path, "r", commit=1) as snap:
+            snap._replica.data.before_write = writer_opens
+            assert snap["k001"] == items["k001"]
+        join([child])
+        # the snapshot's cached value is older than the head, not a local edit
+        assert results.get(timeout=WAIT) == ([("k001", "remote_changed")], "new")
+    finally:
+        writer_lock.close()
