@@ -314,3 +314,43 @@ def test_a_reader_reads_the_journal_the_writer_cuts_meanwhile(
     monkeypatch.setattr(local, "os", Cutting())
     reader = local.ChangeLog(path, writable=False)
     assert reader.edits == {}
+
+
+def test_the_index_mirror_takes_the_batch_lock_before_its_own(tmp_path: Path) -> None:
+    """Issue 16: one thread flushes the index mirror (its lock, then the copy's batch lock
+    to write) while another, holding the batch lock, writes a reader's head to it (as
+    ``Replica._record_data_state`` does): both finish. They deadlocked (each held the
+    lock the other waited for) while the mirror took its own lock first."""
+    import threading
+    import time
+
+    from ebooklet.local import FileLock, IndexMirror
+
+    batch = FileLock(tmp_path / "db.ebk.lock")
+    mirror = IndexMirror(tmp_path / "db.remote_index", batch_lock=batch)
+    mirror.head_in_memory = True
+    mirror.set_manifest({"n_keys": 0}, "etag")  # a reader's head, kept in memory
+    mirror.head_in_memory = False
+    holding, done = threading.Event(), []
+
+    def flush() -> None:
+        holding.wait(5)
+        mirror.set_shard("s", b"x")  # buffered by the mirror's data file
+        mirror.sync()
+        done.append("flush")
+
+    def record_head() -> None:
+        with batch:
+            holding.set()
+            time.sleep(0.2)  # the other thread is in sync() by now
+            mirror.persist_head()
+        done.append("head")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (flush, record_head)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(done) == ["flush", "head"]
+    mirror.close()
+    batch.close()
