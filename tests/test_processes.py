@@ -356,3 +356,34 @@ def test_a_writer_opening_while_a_snapshot_caches_values_finds_no_edit(
         assert results.get(timeout=WAIT) == ([("k001", "remote_changed")], "new")
     finally:
         writer_lock.close()
+
+
+MAP_IN_MAIN = """
+import ebooklet
+def size(key, value):  # in __main__ of `python -c`, as in a notebook: workers cannot import it
+    return len(value)
+with ebooklet.open(None, "db", "n", key_serializer="str", value_serializer="str") as db:
+    db.update({"a": "x", "b": "yy"})
+    db.map(size, processes=1)
+"""
+
+
+def test_map_of_a_function_the_workers_cannot_import_raises(tmp_path: Path) -> None:
+    """A function defined in ``__main__`` without a file (a notebook, ``python -c``)
+    cannot be loaded by a spawned worker: map() raises that error, with a note saying
+    what to do; it waited forever (each worker died getting its task), and a lambda
+    failed only after every value was loaded."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(ebooklet.__file__).parents[1]))
+    child = subprocess.run(
+        [sys.executable, "-c", MAP_IN_MAIN], cwd=tmp_path, capture_output=True, env=env, timeout=30
+    )
+    err = child.stderr.decode()
+    assert child.returncode == 1, err[-3000:]
+    assert "AttributeError: Can't get attribute 'size'" in err and "define it in a module" in err
+    with ebooklet.open(None, tmp_path / "db", "r") as db:
+        with pytest.raises(Exception, match="local object|lambda") as caught:
+            db.map(lambda key, value: 1, processes=1)
+        assert "define it in a module" in caught.value.__notes__[0]
