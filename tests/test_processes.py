@@ -387,3 +387,26 @@ def test_map_of_a_function_the_workers_cannot_import_raises(tmp_path: Path) -> N
         with pytest.raises(Exception, match="local object|lambda") as caught:
             db.map(lambda key, value: 1, processes=1)
         assert "define it in a module" in caught.value.__notes__[0]
+
+
+def test_a_replaced_remote_does_not_delete_a_copy_open_elsewhere(
+    conn: Any, make_conn: Any, tmp_path: Path
+) -> None:
+    """The remote was replaced by another database (a new uuid): an open that finds the
+    copy's data file open elsewhere (another process, here a writer whose edit is not
+    flushed yet) refuses, and leaves the file; it deleted the file from under the writer,
+    whose edit, flushed there afterwards, was lost with it."""
+    create(conn, tmp_path, 3)
+    path = tmp_path / "copy.blt"
+    with ebooklet.open(conn, path, "w", lock="push") as writer:
+        writer["k001"] = "pending"  # in memory: not flushed yet
+        with ebooklet.open(make_conn(), tmp_path / "other.blt", "n", value_serializer="str") as other:
+            other["x"] = "another database"
+            other.changes().push()
+        inode = os.stat(path).st_ino
+        with pytest.raises(ebooklet.EBookletError, match="open in another process"):
+            ebooklet.open(make_conn(), path, "r")
+        writer.sync()
+        assert os.stat(path).st_ino == inode
+    with booklet.open(str(path)) as book:
+        assert book["k001"] == "pending"

@@ -421,8 +421,14 @@ class Replica:
                 "holds the cache of the old one but cannot be written to drop it: open the "
                 "remote with another, writable file path."
             )
-        if data_path.exists():
-            data_path.unlink()
+        with self._batched():  # no other process opens the data file meanwhile
+            if data_path.exists() and in_use(data_path):
+                raise EBookletError(
+                    f"The remote database was replaced (uuid {manifest['uuid']}), and {self.path} "
+                    "holds the cache of the old one, open in another process: close it there "
+                    "first, or read the new database with another file path."
+                )
+            data_path.unlink(missing_ok=True)
 
     def refresh(self, wait: float | None = None) -> bool:
         """Adopt the newest remote manifest, first resolving unknown bases of edits.
