@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import booklet
 import pytest
@@ -245,3 +246,111 @@ def append_head(key: bytes, value_len: int) -> bytes:
 
     head = _RECORD_HEAD.pack(booklet.utils.hash_key(key), _NO_NEXT_BLOCK, len(key), value_len)
     return head + TS.to_bytes(7, "little") + key
+
+
+def _journal_with_edits(path: Path) -> Any:
+    """A writer's journal (issue 16): 50 edits, 40 of them pushed since (the file is long)."""
+    from ebooklet.local import ChangeLog
+
+    writer = ChangeLog(path)
+    writer.record_edits([(b"k%d" % i, b"\x01" * 16, None) for i in range(50)])
+    writer.mark_clean([b"k%d" % i for i in range(40)])
+    return writer
+
+
+def test_a_reader_reads_the_journal_the_writer_compacts_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer (another process) compacts the journal between the reader's look at
+    its size and its open: the reader reads the new file whole, as the file it opened
+    (it read the new file with the old one's size: struct.error)."""
+    import builtins
+
+    from ebooklet import local
+
+    path = tmp_path / "db.local_hash"
+    writer = _journal_with_edits(path)
+
+    def compacting_first(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(file) == path:
+            monkeypatch.setattr(local, "open", builtins.open, raising=False)
+            writer.compact()  # the writer's push: the journal shrinks to its 10 live edits
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(local, "open", compacting_first, raising=False)
+    reader = local.ChangeLog(path, writable=False)
+    assert sorted(reader.edits) == sorted(b"k%d" % i for i in range(40, 50))
+
+
+def test_a_reader_reads_the_journal_the_writer_cuts_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer drops its close record (it goes on writing) after the reader took the
+    journal's size and before it read it: the reader reads it as cut short there, not as
+    damage (struct.error)."""
+    import os as real_os
+
+    from ebooklet import local
+
+    path = tmp_path / "db.local_hash"
+    writer = _journal_with_edits(path)
+    writer.close()  # ends with its close record
+
+    class Cutting:
+        """os for local: the first fstat of the journal is followed by the writer's cut."""
+
+        cut = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_os, name)
+
+        def fstat(self, fd: int) -> Any:
+            stat = real_os.fstat(fd)
+            if not self.cut:
+                self.cut = True
+                real_os.truncate(path, 8)  # all but the magic: cut in place
+            return stat
+
+    monkeypatch.setattr(local, "os", Cutting())
+    reader = local.ChangeLog(path, writable=False)
+    assert reader.edits == {}
+
+
+def test_the_index_mirror_takes_the_batch_lock_before_its_own(tmp_path: Path) -> None:
+    """Issue 16: one thread flushes the index mirror (its lock, then the copy's batch lock
+    to write) while another, holding the batch lock, writes a reader's head to it (as
+    ``Replica._record_data_state`` does): both finish. They deadlocked (each held the
+    lock the other waited for) while the mirror took its own lock first."""
+    import threading
+    import time
+
+    from ebooklet.local import FileLock, IndexMirror
+
+    batch = FileLock(tmp_path / "db.ebk.lock")
+    mirror = IndexMirror(tmp_path / "db.remote_index", batch_lock=batch)
+    mirror.head_in_memory = True
+    mirror.set_manifest({"n_keys": 0}, "etag")  # a reader's head, kept in memory
+    mirror.head_in_memory = False
+    holding, done = threading.Event(), []
+
+    def flush() -> None:
+        holding.wait(5)
+        mirror.set_shard("s", b"x")  # buffered by the mirror's data file
+        mirror.sync()
+        done.append("flush")
+
+    def record_head() -> None:
+        with batch:
+            holding.set()
+            time.sleep(0.2)  # the other thread is in sync() by now
+            mirror.persist_head()
+        done.append("head")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (flush, record_head)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(done) == ["flush", "head"]
+    mirror.close()
+    batch.close()

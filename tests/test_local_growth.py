@@ -183,3 +183,54 @@ def test_a_batch_links_through_the_bucket_array_read_whole(
         assert db["n1-199"] == "w" and db["k12999"] == "v"
     with booklet.open(str(path)) as book:
         assert _booklet_io.n_buckets(book) == 144_013 and len(book) == 13_400
+
+
+GROWING_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ebooklet import _booklet_io
+    from ebooklet.local import FileLock, lock_paths
+    path = sys.argv[1]
+
+    class Killing:
+        '''os for _booklet_io: SIGKILL right after the 2nd pwrite of a growth (the key
+        count marked, the records' next-record fields relinked; the header not moved).'''
+        calls = 0
+        def __getattr__(self, name):
+            return getattr(os, name)
+        def pwrite(self, fd, data, position):
+            written = os.pwrite(fd, data, position)
+            self.calls += 1
+            if self.calls == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return written
+
+    data = _booklet_io.DataFile(
+        path, "c", FileLock(lock_paths(path)[0]), key_serializer="str", value_serializer="str"
+    )
+    with data.batch():  # as a reader growing the index for the values it caches
+        _booklet_io.os = Killing()
+        data._grow(101)
+    """
+)
+
+
+def test_a_growth_in_another_process_hides_no_edit(tmp_path: Path) -> None:
+    """Issue 16: another process that has the copy open grows the index (relinks every
+    record, then moves the header to the new array) and is killed in between: the writer
+    and a reader that had the copy open read every edit right (a lookup that misses while
+    the file is marked "being written" waits for the batch lock, which repairs it); they
+    read an edit as missing (KeyError, or IntegrityError "lacks the value")."""
+    path = tmp_path / "db"
+    items = {f"k{i}": f"v{i}" for i in range(300)}
+    with ebooklet.open(None, path, "n", key_serializer="str", value_serializer="str") as db:
+        db.update(items)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(ebooklet.__file__).parents[1]), *sys.path]))
+    with ebooklet.open(None, path, "w") as writer, ebooklet.open(None, path, "r") as reader:
+        assert (writer["k1"], reader["k2"]) == ("v1", "v2")  # checked: read without a check from now on
+        child = subprocess.run(
+            [sys.executable, "-c", GROWING_CHILD, str(path)], capture_output=True, env=env, timeout=120
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-3000:]
+        assert {k: writer[k] for k in items} == items
+        assert {k: reader[k] for k in items} == items

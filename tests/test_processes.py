@@ -114,6 +114,14 @@ def read_one(conn_spec: dict, path: str, key: str, results: Any) -> None:
         results.put(db.get(key))
 
 
+def open_writer_when_told(conn_spec: dict, path: str, ready: Any, go: Any, results: Any) -> None:
+    """Open the copy with flag 'w' when told (imports done first), report its changes."""
+    ready.set()
+    go.wait(WAIT)
+    with ebooklet.open(ebooklet.S3Connection(**conn_spec), path, "w", timeout=WAIT) as db:
+        results.put(([(c.key, c.kind) for c in db.changes().iter_changes()], db["k001"]))
+
+
 def double_length(key: str, value: str) -> int:
     return 2 * len(value)
 
@@ -309,3 +317,96 @@ def connections_to(port: int) -> int:
             if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
+
+
+def test_a_writer_opening_while_a_snapshot_caches_values_finds_no_edit(
+    conn: Any, s3_server: Any, db_key: str, tmp_path: Path
+) -> None:
+    """A snapshot reader (``commit=``) writes its values to the copy only while no writer
+    has it, and records the data file's state after them (they are not the head's): a
+    writer that opened right then (its writer lock taken between the reader's check and
+    its record) found the snapshot's value as an edit made outside ebooklet, to push."""
+    items = create(conn, tmp_path, 3)
+    with ebooklet.open(conn, tmp_path / "creator.blt", "w") as db:
+        db["k001"] = "new"
+        db.changes().push()
+    path = str(tmp_path / "copy.blt")
+    with ebooklet.open(conn, path, "r"):
+        pass  # the copy's head: commit 2
+    ready, go, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    child = run(open_writer_when_told, spec(s3_server, db_key), path, ready, go, results)
+    assert ready.wait(WAIT)
+    writer_lock = ebooklet.local.FileLock(ebooklet.local.lock_paths(path)[1])
+
+    def writer_opens() -> None:  # as the snapshot writes its value: a writer opens
+        go.set()
+        deadline = time.monotonic() + 1
+        while writer_lock.acquire(0):  # not yet taken by the writer (or held by the reader)
+            writer_lock.release()
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+
+    try:
+        with ebooklet.open(conn, path, "r", commit=1) as snap:
+            snap._replica.data.before_write = writer_opens
+            assert snap["k001"] == items["k001"]
+        join([child])
+        # the snapshot's cached value is older than the head, not a local edit
+        assert results.get(timeout=WAIT) == ([("k001", "remote_changed")], "new")
+    finally:
+        writer_lock.close()
+
+
+MAP_IN_MAIN = """
+import ebooklet
+def size(key, value):  # in __main__ of `python -c`, as in a notebook: workers cannot import it
+    return len(value)
+with ebooklet.open(None, "db", "n", key_serializer="str", value_serializer="str") as db:
+    db.update({"a": "x", "b": "yy"})
+    db.map(size, processes=1)
+"""
+
+
+def test_map_of_a_function_the_workers_cannot_import_raises(tmp_path: Path) -> None:
+    """A function defined in ``__main__`` without a file (a notebook, ``python -c``)
+    cannot be loaded by a spawned worker: map() raises that error, with a note saying
+    what to do; it waited forever (each worker died getting its task), and a lambda
+    failed only after every value was loaded."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(ebooklet.__file__).parents[1]))
+    child = subprocess.run(
+        [sys.executable, "-c", MAP_IN_MAIN], cwd=tmp_path, capture_output=True, env=env, timeout=30
+    )
+    err = child.stderr.decode()
+    assert child.returncode == 1, err[-3000:]
+    assert "AttributeError: Can't get attribute 'size'" in err and "define it in a module" in err
+    with ebooklet.open(None, tmp_path / "db", "r") as db:
+        with pytest.raises(Exception, match="local object|lambda") as caught:
+            db.map(lambda key, value: 1, processes=1)
+        assert "define it in a module" in caught.value.__notes__[0]
+
+
+def test_a_replaced_remote_does_not_delete_a_copy_open_elsewhere(
+    conn: Any, make_conn: Any, tmp_path: Path
+) -> None:
+    """The remote was replaced by another database (a new uuid): an open that finds the
+    copy's data file open elsewhere (another process, here a writer whose edit is not
+    flushed yet) refuses, and leaves the file; it deleted the file from under the writer,
+    whose edit, flushed there afterwards, was lost with it."""
+    create(conn, tmp_path, 3)
+    path = tmp_path / "copy.blt"
+    with ebooklet.open(conn, path, "w", lock="push") as writer:
+        writer["k001"] = "pending"  # in memory: not flushed yet
+        with ebooklet.open(make_conn(), tmp_path / "other.blt", "n", value_serializer="str") as other:
+            other["x"] = "another database"
+            other.changes().push()
+        inode = os.stat(path).st_ino
+        with pytest.raises(ebooklet.EBookletError, match="open in another process"):
+            ebooklet.open(make_conn(), path, "r")
+        writer.sync()
+        assert os.stat(path).st_ino == inode
+    with booklet.open(str(path)) as book:
+        assert book["k001"] == "pending"

@@ -699,9 +699,17 @@ class DataFile(booklet.VariableLengthValue):
         """Read the header of a shared file again (without the batch lock): returns
         whether another process moved the index or appended records since (a reader's
         map of the file is made again then), so that a lookup that missed is worth
-        another try (its chains were relinked for the new index)."""
+        another try (its chains were relinked for the new index). A header marked "not
+        closed cleanly" (another process in the middle of a write, or killed in one)
+        is waited for under the batch lock, which repairs a killed write."""
         if self._batch_lock is None or self._file is None or self._file.closed:
             return False
+        if os.pread(self._file.fileno(), 4, self._n_keys_pos) == _N_KEYS_CRASH:
+            # another process is linking records or relinking the index (or was killed
+            # doing so): chains may lead astray until it is done; the batch lock waits
+            # for it, or repairs what it left, and reads the header again
+            with self.batch():
+                return True
         with self._thread_lock:
             moved = self._reread_header(repair=False)
             view = getattr(self, "_view", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import pickle
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
@@ -270,6 +271,11 @@ class EBooklet(MutableMapping):
         replica.check_open()
         if replica.pinned is not None:
             raise ValueError("map() reads the local copy's head; a snapshot (commit=) cannot be mapped.")
+        try:  # before anything is loaded: a lambda or a closure fails here
+            task = functools.partial(_map_chunk, pickle.dumps(func))
+        except Exception as exc:
+            exc.add_note(_MAP_IMPORTABLE)
+            raise
         wanted = list(self.keys()) if keys is None else list(keys)
         if replica.local_writable and not replica.offline and replica.conn is not None:
             self.load_items(wanted, progress=False)
@@ -285,7 +291,7 @@ class EBooklet(MutableMapping):
         results: dict[Any, Any] = {}
         context = multiprocessing.get_context("spawn")
         with context.Pool(min(processes, max(1, len(chunks))), _map_open, opener) as pool:
-            for part in pool.imap_unordered(functools.partial(_map_chunk, func), chunks):
+            for part in pool.imap_unordered(task, chunks):
                 results.update(part)
             pool.close()
             pool.join()
@@ -740,20 +746,38 @@ def _pool_size(processes: Any) -> int:
 
 
 _MAP_DB: EBooklet | None = None  # a map() worker's read-only copy, opened once
+_MAP_OPEN_ERROR: BaseException | None = None  # why a map() worker could not open it
+_MAP_IMPORTABLE = (
+    "ebooklet map(): func runs in worker processes started with 'spawn', which load it by "
+    "its module and name: define it in a module (a .py file) and import it, not in a "
+    "notebook or `python -c`, and not as a lambda or a closure."
+)
 
 
 def _map_open(path: str, key_serializer: Any, value_serializer: Any) -> None:
     """Open, in a :meth:`EBooklet.map` worker, the local copy at ``path`` read-only and
     without a remote."""
-    global _MAP_DB
-    _MAP_DB = EBooklet(
-        Replica(None, path, "r", value_serializer, key_serializer, 12007, 2**22, 0.0, None)
-    )
+    global _MAP_DB, _MAP_OPEN_ERROR
+    try:  # a pool restarts a worker whose initializer fails, forever: the task raises instead
+        _MAP_DB = EBooklet(
+            Replica(None, path, "r", value_serializer, key_serializer, 12007, 2**22, 0.0, None)
+        )
+    except Exception as exc:
+        _MAP_OPEN_ERROR = exc
 
 
-def _map_chunk(func: Callable[[Any, Any], Any], keys: list[Any]) -> list[tuple[Any, Any]]:
-    """``(key, func(key, value))`` of those of ``keys`` the worker's copy holds; an
-    exception of ``func`` goes up with a note naming its key."""
+def _map_chunk(pickled: bytes, keys: list[Any]) -> list[tuple[Any, Any]]:
+    """``(key, func(key, value))`` of those of ``keys`` the worker's copy holds, ``func``
+    unpickled from ``pickled`` here (a pool's worker that cannot load its task dies, and
+    the task is lost: its caller waits forever); an exception of ``func`` goes up with a
+    note naming its key, one loading it or opening the copy as it is."""
+    if _MAP_OPEN_ERROR is not None:
+        raise _MAP_OPEN_ERROR
+    try:
+        func = pickle.loads(pickled)
+    except Exception as exc:
+        exc.add_note(_MAP_IMPORTABLE)
+        raise
     db = _MAP_DB
     assert db is not None
     out = []

@@ -33,7 +33,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -337,6 +337,8 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
         if pos + _HEAD.size > buf_at + len(buf):
             buf, buf_at = _read_at(file, pos, JOURNAL_READ), pos
             view = memoryview(buf)
+            if len(buf) < _HEAD.size:
+                break  # the file was cut while it was read (the writer dropped its close record)
         at = pos - buf_at
         kind, key_len, md5_, base, head_crc = _HEAD.unpack_from(buf, at)
         if zlib.crc32(view[at : at + _RECORD_V1.size]) != head_crc:
@@ -511,12 +513,14 @@ class ChangeLog:
         """Replay the journal file; returns whether it is to be rewritten (format 1).
         A torn last record is cut away when ``writable``; see :meth:`__init__` for
         ``expect_closed`` (an empty file is a journal not started yet)."""
-        self._stat = _file_stat(self.path)  # before reading: a later change is seen by reload
-        size = self.path.stat().st_size
-        if not size and not expect_closed:
-            return False
         damage = None
         with open(self.path, "rb") as file:
+            # the file opened, not the path: the writer may replace it (a compaction) meanwhile
+            stat = os.fstat(file.fileno())
+            self._stat = stat.st_ino, stat.st_size, stat.st_mtime_ns  # as _file_stat: seen by reload
+            size = stat.st_size
+            if not size and not expect_closed:
+                return False
             old_format = self._v1 = file.read(len(_LOG_MAGIC)) == _LOG_MAGIC_V1
             file.seek(0)
             try:
@@ -903,6 +907,15 @@ class IndexMirror:
                 ) from None
         self._lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This mirror's lock, after the copy's batch lock when the file is shared: every
+        write takes them in that order, as the replica does (``persist_head`` under the
+        batch lock), so that two threads never wait for each other."""
+        shared = self._db is not None and self._memory is None and self._db.shared
+        with self._db.batch() if shared else contextlib.nullcontext(), self._lock:
+            yield
+
     def _get(self, name: str) -> bytes | None:
         if self._memory is not None and name in self._memory:
             return self._memory[name]
@@ -960,7 +973,7 @@ class IndexMirror:
     def set_manifest(self, manifest: dict | None, etag: str | None) -> None:
         """Store the head manifest and its ETag (``None``: forget it); in memory only
         while :attr:`head_in_memory`."""
-        with self._lock:
+        with self._locked():
             record = None if manifest is None else orjson.dumps({"manifest": manifest, "etag": etag})
             if self.head_in_memory:
                 self._head, self.head_pending = record, True
@@ -971,7 +984,7 @@ class IndexMirror:
 
     def persist_head(self) -> None:
         """Write the head kept in memory (see :attr:`head_in_memory`) to the file."""
-        with self._lock:
+        with self._locked():
             if not self.head_pending:
                 return
             self._put(_MIRROR_HEAD, self._head)
@@ -994,7 +1007,7 @@ class IndexMirror:
 
     def set_shard(self, name: str, data: bytes) -> None:
         """Store a fetched (immutable) shard."""
-        with self._lock:
+        with self._locked():
             self._put("shard:" + name, data)
 
     def drop_shards(self, names: Iterable[str]) -> None:
@@ -1002,13 +1015,13 @@ class IndexMirror:
         :attr:`head_in_memory`: the copy's head in the file may still use them)."""
         if self.head_in_memory:
             return
-        with self._lock:
+        with self._locked():
             for name in names:
                 self._put("shard:" + name, None)
 
     def sync(self) -> None:
         if self._db is not None and self._db.writable:
-            with self._lock:
+            with self._locked():
                 self._db.sync()
 
     def close(self) -> None:

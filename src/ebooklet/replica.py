@@ -421,8 +421,14 @@ class Replica:
                 "holds the cache of the old one but cannot be written to drop it: open the "
                 "remote with another, writable file path."
             )
-        if data_path.exists():
-            data_path.unlink()
+        with self._batched():  # no other process opens the data file meanwhile
+            if data_path.exists() and in_use(data_path):
+                raise EBookletError(
+                    f"The remote database was replaced (uuid {manifest['uuid']}), and {self.path} "
+                    "holds the cache of the old one, open in another process: close it there "
+                    "first, or read the new database with another file path."
+                )
+            data_path.unlink(missing_ok=True)
 
     def refresh(self, wait: float | None = None) -> bool:
         """Adopt the newest remote manifest, first resolving unknown bases of edits.
@@ -608,8 +614,8 @@ class Replica:
         with self._rlock:
             if self._log.replace or self._remote.etag != head or not records or not self._local_writable:
                 return  # else values are returned, not cached
-            with self._batch:
-                if not self._journaling and not self._may_cache(head):
+            with self._batch, self._writing_snapshot() as alone:
+                if not alone or (not self._journaling and not self._may_cache(head)):
                     return
                 edits = self._log.edits
                 records = [r for r in records if r[0] not in edits]
@@ -618,16 +624,29 @@ class Replica:
                     if self._pinned is not None:  # a snapshot's values: not the mirror's head
                         self._record_data_state(closed=False)
 
+    @contextlib.contextmanager
+    def _writing_snapshot(self) -> Iterator[bool]:
+        """A reader of a snapshot: hold the writer lock (without waiting) around a write of
+        its values and the record of the data file's state after them, so that no writer
+        opens in between (it would take them for edits); yields whether it may write.
+        Anyone else: yields ``True``."""
+        if self._pinned is None or self._journaling:
+            yield True
+            return
+        if not self._writer.acquire(0):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._writer.release()
+
     def _may_cache(self, head: str | None) -> bool:
         """Whether a reader may write values of the head ``head`` to the data file now (the
         batch lock held): they must be values of the copy's head (a snapshot's only while
-        no writer has the copy open, to record the state after them), and the journal is
+        no writer has the copy open, see :meth:`_writing_snapshot`), and the journal is
         read again if the writer changed it, so that no edit is written over."""
-        if self._pinned is not None:
-            if not self._writer.acquire(0):
-                return False
-            self._writer.release()
-        elif self._mirror.stored_etag() != head:
+        if self._pinned is None and self._mirror.stored_etag() != head:
             return False  # another process moved the copy's head: a refresh catches up
         try:
             self._log.reload()
