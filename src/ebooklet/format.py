@@ -403,12 +403,7 @@ def decode_page(
         IntegrityError: the page does not match its md5, or a record is out of range or
             out of order.
     """
-    ref = directory.pages[page]
-    if len(data) != ref.length or md5(data) != ref.md5:
-        raise IntegrityError(
-            f"{name}: page {page} is truncated or corrupted (it does not match the md5 of its "
-            f"directory); {_DAMAGED}"
-        )
+    _check_page(data, directory, page, name)
     view = memoryview(data)
     blob = directory.records_in(page) * _SHARD_RECORD.size
     keys = view[blob:]
@@ -497,6 +492,16 @@ def _checked_table(
     return memoryview(data), blob
 
 
+def _check_page(data: bytes | memoryview, directory: ShardDirectory, page: int, name: str) -> None:
+    """Refuse page ``page``'s bytes ``data`` unless they match its directory's length and md5."""
+    ref = directory.pages[page]
+    if len(data) != ref.length or md5(data) != ref.md5:
+        raise IntegrityError(
+            f"{name}: page {page} is truncated or corrupted (it does not match the md5 of its "
+            f"directory); {_DAMAGED}"
+        )
+
+
 def _refuse_record(
     name: str, ts: int, off: int, length: int, k_off: int, k_len: int, blob: int, at: int
 ) -> None:
@@ -527,12 +532,7 @@ def search_page(
     Raises:
         IntegrityError: the page does not match its md5, or a record read is out of range.
     """
-    ref = directory.pages[page]
-    if len(data) != ref.length or md5(data) != ref.md5:
-        raise IntegrityError(
-            f"{name}: page {page} is truncated or corrupted (it does not match the md5 of its "
-            f"directory); {_DAMAGED}"
-        )
+    _check_page(data, directory, page, name)
     view = memoryview(data)
     count, size, unpack = directory.records_in(page), _SHARD_RECORD.size, _SHARD_RECORD.unpack_from
     blob = count * size
