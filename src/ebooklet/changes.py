@@ -442,10 +442,7 @@ class Changes:
         edits = replica.log.edits
         keys = edits if selected is None else [kb for kb in edits if kb in selected]
         head = None if replica.log.replace else replica.remote.manifest
-        by_shard: dict[str | None, Any] = {None: keys} if head is None else {}
-        if head is not None:
-            for kb in keys:
-                by_shard.setdefault(replica.remote.shard_for(kb, head)[1], []).append(kb)
+        by_shard = replica.remote.group_by_shard(keys, head)
         self._remember_shards = len(by_shard) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
         replica.remote.load_shards(by_shard, remember=False)  # searched, not parsed, if local
         sets: list[bytes] = []

@@ -221,6 +221,16 @@ class RemoteIndex:
         i = fmt.shard_of(key, manifest["n_shards"])
         return i, fmt.shard_name_at(manifest, i)
 
+    def group_by_shard(self, keys: Iterable[bytes], manifest: dict | None) -> dict[str | None, list[bytes]]:
+        """``keys`` grouped by the object suffix of the shard of ``manifest`` that holds
+        each (``None``: an empty shard, or every key when there is no ``manifest``)."""
+        if manifest is None:
+            return {None: list(keys)}
+        groups: dict[str | None, list[bytes]] = {}
+        for key in keys:
+            groups.setdefault(self.shard_for(key, manifest)[1], []).append(key)
+        return groups
+
     def cached_shard(self, name: str, remember: bool = True) -> dict[bytes, Entry] | None:
         """A shard already in memory or in the local mirror (no request); one parsed from
         the mirror is kept in memory when ``remember``.
@@ -369,9 +379,7 @@ class RemoteIndex:
         manifest = manifest if manifest is not None else self.manifest
         if manifest is None:
             return dict.fromkeys(keys)
-        by_shard: dict[str | None, list[bytes]] = {}
-        for key in keys:
-            by_shard.setdefault(self.shard_for(key, manifest)[1], []).append(key)
+        by_shard = self.group_by_shard(keys, manifest)
         out: dict[bytes, Any] = {}
         for name, kbs in by_shard.items():
             whole = _memory(self._lock, self._shards, name) if name is not None else {}
@@ -644,9 +652,7 @@ class RemoteIndex:
         keys = list(keys)
         if manifest is None:
             return dict.fromkeys(keys)
-        by_shard: dict[str | None, list[bytes]] = {}
-        for key in keys:
-            by_shard.setdefault(self.shard_for(key, manifest)[1], []).append(key)
+        by_shard = self.group_by_shard(keys, manifest)
         self.load_shards(by_shard)
         out: dict[bytes, Entry | None] = {}
         for name, kbs in by_shard.items():
