@@ -148,3 +148,43 @@ def test_an_update_of_most_keys_parses_each_shard_once(
         db.update({f"k{i:05d}": "all" for i in range(N_KEYS)})
         assert parses.shards == 8
         assert db["k00001"] == "all"
+
+
+def test_search_page_refuses_a_damaged_page() -> None:
+    """A mirrored page whose bytes no longer match its directory's md5 (a damaged local
+    file) is an IntegrityError, never a wrong entry or a miss."""
+    entries = {f"key{i:04d}".encode(): fmt.Entry(fmt.md5(b"%d" % i), i, fmt.new_id(), i, 1) for i in range(50)}
+    data = bytearray(fmt.encode_shard(entries))
+    directory = fmt.decode_shard_directory(bytes(data))
+    ref = directory.pages[0]
+    page = bytearray(data[ref.offset : ref.offset + ref.length])
+    page[len(page) // 2] ^= 0xFF
+    with pytest.raises(ebooklet.IntegrityError, match="page 0 is truncated or corrupted"):
+        fmt.search_page(bytes(page), directory, 0, [b"key0000"])
+    with pytest.raises(ebooklet.IntegrityError, match="page 0 is truncated or corrupted"):
+        fmt.search_page(bytes(page[:-1]), directory, 0, [b"key0000"])
+
+
+def test_a_damaged_mirrored_shard_under_a_write_is_fetched_again(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a shard damaged in the writer's mirror: the base of a new edit is not
+    taken from it (the page's md5 fails); the shard is fetched again with a warning, and
+    the edit is a modification of the head's value, as it is."""
+    import booklet
+
+    monkeypatch.setattr(remote_mod, "SHARD_CACHE", 1)
+    mirror = str(pushed) + ".remote_index"
+    with booklet.open(mirror, "w", key_serializer="str", value_serializer=None) as b:
+        names = [k for k in b if "#" not in k and "-" in k]
+        for name in names:
+            raw = bytearray(b[name])
+            raw[len(raw) // 3] ^= 0xFF
+            b[name] = bytes(raw)
+    assert names
+    with (
+        ebooklet.open(conn, pushed, "w", value_serializer="str") as db,
+        pytest.warns(RuntimeWarning, match="is damaged"),
+    ):
+        db["k00001"] = "new"
+        assert _changes(db) == {"k00001": "modified"}
