@@ -33,7 +33,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - Windows: no record locks, no fetch cla
 
 from ._booklet_io import DATA_STATE_FIELDS, DataFile
 from .errors import FormatVersionError, IntegrityError
-from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer
+from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer, shard_of
 from .store import PUBLIC_FIELDS
 
 LOCAL_FORMAT_VERSION = 1
@@ -436,6 +436,52 @@ def _check_closed(last: bytes | None, intact: int, size: int) -> None:
         )
 
 
+class EditMap(MutableMapping[bytes, Edit]):
+    """The pending edits of a copy: encoded key -> :class:`Edit`.
+
+    A mapping; :meth:`by_shard` hands them out a shard of the remote index at a time
+    (a push streams them so, holding one group at once).
+    """
+
+    def __init__(self) -> None:
+        self._edits: dict[bytes, Edit] = {}
+
+    def __getitem__(self, key: bytes) -> Edit:
+        return self._edits[key]
+
+    def __setitem__(self, key: bytes, edit: Edit) -> None:
+        self._edits[key] = edit
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._edits[key]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._edits)
+
+    def __len__(self) -> int:
+        return len(self._edits)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._edits
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self._edits.get(key, default)
+
+    def by_shard(self, n_shards: int) -> Iterator[tuple[int, list[tuple[bytes, Edit]]]]:
+        """``(shard number, [(key, edit), ...])`` of each shard of ``n_shards`` (a power
+        of two; :func:`format.shard_of`) that holds an edit, in shard order. The map may
+        change between two groups (a group is a copy)."""
+        groups: dict[int, list[tuple[bytes, Edit]]] = {}
+        for key, edit in self._edits.items():
+            groups.setdefault(shard_of(key, n_shards), []).append((key, edit))
+        for number in sorted(groups):
+            yield number, groups.pop(number)
+
+    def close(self) -> None:
+        """Release what the map holds."""
+        self._edits.clear()
+
+
 class ChangeLog:
     """The ``P.local_hash`` journal: pending local edits and uncommitted uploads.
 
@@ -472,7 +518,7 @@ class ChangeLog:
                 ``P.local_hash.damaged-<time>`` first (see :meth:`_set_aside`).
         """
         self.path = Path(path)
-        self.edits: dict[bytes, Edit] = {}
+        self.edits = EditMap()
         self.checked: dict[bytes, bytes] = {}
         """key -> md5 of its edited value as this process wrote it to, or checked it in, the
         data file (not journaled; forgotten with the edit): reads trust those values."""
