@@ -17,7 +17,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, NamedTuple
 
 from . import display
@@ -100,10 +99,21 @@ def _hex(m: bytes | None) -> str | None:
 
 
 class _Plan(NamedTuple):
-    sets: list[bytes]  # keys whose local value goes up (its md5 is the edit's)
-    deletes: set[bytes]
-    settled: list[tuple[bytes, Entry | None]]  # edits that already match the remote
-    conflicts: list[bytes]
+    """What a push sends, counted by :meth:`Changes._plan` (the keys are read again from
+    the edits, a shard at a time, by :meth:`Changes._write`)."""
+
+    n_plan: int  # the shard count the edits were counted by: >= the head's and the commit's
+    sets: list[int]  # per shard of n_plan: keys whose local value goes up
+    deletes: list[int]  # per shard of n_plan: keys deleted
+    selected: frozenset[bytes] | None  # the keys a push of some keys may send
+
+    @property
+    def n_sets(self) -> int:
+        return sum(self.sets)
+
+    @property
+    def n_deletes(self) -> int:
+        return sum(self.deletes)
 
 
 class _ShardWrite:
@@ -396,9 +406,8 @@ class Changes:
                 if selected is not None and replica.log.replace:
                     self._check_partial_replace()
                 plan = self._plan(selected, force)
-                self._settle(plan.settled)
                 metadata = replica.log.metadata_dirty and selected is None
-                if not (plan.sets or plan.deletes or metadata or replica.log.replace):
+                if not (plan.n_sets or plan.n_deletes or metadata or replica.log.replace):
                     break
                 try:
                     self._commit(plan, metadata, message, result)
@@ -432,39 +441,82 @@ class Changes:
         )
 
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
-        """Each selected edit's verdict by the three-way rule, holding no copy of the edits
-        and no map of their remote entries (the shards they are in are loaded first).
+        """Count what a push of the edits (of ``selected`` keys, or all) sends, by the
+        three-way rule, a shard of edits at a time (:meth:`EditMap.by_shard`): nothing of
+        the size of the push is held but a count a shard. Edits already equal to the
+        remote are forgotten on the way (:meth:`_settle`).
 
         Raises:
             ConflictError: keys changed on both sides (and not ``force``).
         """
         replica = self._replica
-        edits = replica.log.edits
-        keys = edits if selected is None else [kb for kb in edits if kb in selected]
         head = None if replica.log.replace else replica.remote.manifest
-        by_shard = replica.remote.group_by_shard(keys, head)
-        self._remember_shards = len(by_shard) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
-        replica.remote.load_shards(by_shard, remember=False)  # searched, not parsed, if local
-        sets: list[bytes] = []
-        deletes: set[bytes] = set()
-        settled, conflicts = [], []
-        for name, kbs in by_shard.items():  # a shard at a time: one parsed at once, if any
-            found = replica.remote.shard_entries(name, kbs, self._remember_shards)
-            for kb in kbs:
-                edit = edits[kb]
-                entry = found[kb]
-                state = three_way(edit, entry, self._edit_ts(kb, edit), replica.log.replace)
+        n_plan = remote_module.shard_count(head, len(replica.log.edits))
+        chosen = None if selected is None else frozenset(selected)
+        self._remember_shards = self._load_head_shards(head, n_plan, chosen)
+        sets, deletes = [0] * n_plan, [0] * n_plan
+        conflicts: list[bytes] = []
+        for number, group in self._edit_groups(n_plan, chosen):
+            settled = []
+            for kb, edit, entry, state in self._verdicts(head, number, n_plan, group):
                 if state is State.SETTLED:
                     settled.append((kb, entry))
                 elif state is State.CONFLICT and not force:
                     conflicts.append(kb)
                 elif edit.md5 is None:
-                    deletes.add(kb)
+                    deletes[number] += 1
                 else:
-                    sets.append(kb)
+                    sets[number] += 1
+            self._settle(settled)
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
-        return _Plan(sets, deletes, settled, conflicts)
+        return _Plan(n_plan, sets, deletes, chosen)
+
+    def _edit_groups(
+        self, n_shards: int, selected: frozenset[bytes] | None
+    ) -> Iterator[tuple[int, list[tuple[bytes, Edit]]]]:
+        """The edits (of ``selected`` keys, or all), grouped by their shard among
+        ``n_shards``, in shard order (empty groups left out)."""
+        for number, group in self._replica.log.edits.by_shard(n_shards):
+            if selected is not None:
+                group = [(kb, edit) for kb, edit in group if kb in selected]
+            if group:
+                yield number, group
+
+    def _verdicts(
+        self, head: dict | None, number: int, n_shards: int, group: list[tuple[bytes, Edit]],
+        contents: dict[bytes, Entry] | None = None,
+    ) -> Iterator[tuple[bytes, Edit, Entry | None, State]]:
+        """``(key, edit, remote entry, state)`` of the edits of ``group``, all of shard
+        ``number`` of ``n_shards`` (as many as the head's or more): their entries from
+        ``contents`` (that shard's in the head) when given, else searched in the head."""
+        replica = self._replica
+        replacing = replica.log.replace
+        if contents is None:
+            name = None if head is None else fmt.shard_name_at(head, number * head["n_shards"] // n_shards)
+            found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
+        else:
+            found = contents
+        for kb, edit in group:
+            entry = found.get(kb)
+            yield kb, edit, entry, three_way(edit, entry, self._edit_ts(kb, edit), replacing)
+
+    def _load_head_shards(self, head: dict | None, n_plan: int, selected: frozenset[bytes] | None) -> bool:
+        """Fetch the head's shards that hold edits and are not local, in parallel (kept in
+        the mirror, not parsed); returns whether the push keeps the shards it parses in
+        memory (a few shards' worth of keys at most: :data:`PUSH_BATCH_KEYS`). With edits
+        four times as many as shards or more, nearly every shard holds one: all are fetched
+        without grouping the edits."""
+        if head is None:
+            return True
+        n_head = head["n_shards"]
+        if selected is None and len(self._replica.log.edits) >= 4 * n_head:
+            names = [name for _, name in fmt.iter_shard_names(head)]
+        else:
+            numbers = {number * n_head // n_plan for number, _ in self._edit_groups(n_plan, selected)}
+            names = [fmt.shard_name_at(head, i) for i in sorted(numbers)]
+        self._replica.remote.load_shards(names, remember=False)  # searched, not parsed, if local
+        return len(names) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS
 
     def _edit_ts(self, kb: bytes, edit: Edit) -> int | None:
         """The local timestamp the three-way rule needs for ``edit``: a retimed edit's
@@ -475,7 +527,8 @@ class Changes:
 
     def _settle(self, settled: list[tuple[bytes, Entry | None]]) -> None:
         """Forget edits equal to the remote; the local copy takes the remote timestamp."""
-        self._replica.settle(settled)
+        if settled:
+            self._replica.settle(settled)
 
     def _commit(self, plan: _Plan, metadata: bool, message: str | None, result: PushResult) -> None:
         replica = self._replica
@@ -494,13 +547,13 @@ class Changes:
             "n_bytes": n_bytes,
             "metadata": replica.data.get_metadata() if metadata else (head or {}).get("metadata"),
             "message": message,
-            "changed_keys": len(plan.sets) + len(plan.deletes),
+            "changed_keys": plan.n_sets + plan.n_deletes,
         }
         manifest = fmt.build_manifest(content, remote.manifest, commit_id=commit_id)
         result.bytes_uploaded += uploaded  # counted even if this attempt loses the race
         remote.commit(manifest, remote.etag)
-        result.keys_pushed = len(plan.sets)
-        result.keys_deleted = len(plan.deletes)
+        result.keys_pushed = plan.n_sets
+        result.keys_deleted = plan.n_deletes
         result.commit_id = commit_id
         result.seq = manifest["seq"]
         logger.info(
@@ -514,10 +567,10 @@ class Changes:
     ) -> tuple[list[str | None], int, int, int, int]:
         """Upload the values of ``plan`` and the index shards they touch, a batch of
         shards after the other (shards holding :data:`PUSH_BATCH_KEYS` keys to set, at
-        least one shard): the values of a batch's keys are read, packed and uploaded, then
-        its new shards, while the next batch's values are read. Besides the plan's key lists
-        (and a reference per key grouping them by shard) nothing of the size of the push
-        or of the database is held: only what two batches hold, and the packs in flight.
+        least one shard): the edits of a batch's shards are read (:meth:`EditMap.by_shard`)
+        and their values read, packed and uploaded, then its new shards, while the next
+        batch's values are read. Nothing of the size of the push or of the database is
+        held: only what two batches hold, the packs in flight and a count a shard.
 
         Returns the manifest's shard list, the shard count, the key and byte counts and
         the bytes of values uploaded.
@@ -528,21 +581,21 @@ class Changes:
         the md5 journaled with its edit before upload (see :meth:`Replica.damaged_edit`).
         """
         replica = self._replica
-        n_shards = remote_module.shard_count(head, len(plan.sets))
-        groups: dict[int, list[bytes]] = {}
-        for kb in chain(plan.sets, plan.deletes):
-            groups.setdefault(fmt.shard_of(kb, n_shards), []).append(kb)
-        shards, numbers = replica.remote.shards_to_write(head, n_shards, groups, self._remember_shards)
+        n_shards = remote_module.shard_count(head, plan.n_sets)
+        sets, touched = _per_shard(plan, n_shards)
+        shards, numbers = replica.remote.shards_to_write(head, n_shards, touched, self._remember_shards)
         counts = [head["n_keys"] if head else 0, head["n_bytes"] if head else 0]
-        batch_of, n_batches = _batches(numbers, groups, plan.deletes)
+        batch_of, n_batches = _batches(numbers, sets)
         remember = n_batches <= 1
         writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember, self._progress)
+        groups = self._edit_groups(n_shards, plan.selected)
+        group = next(groups, None)
         spill = None
         try:
-            if n_batches > 1 and replica.scan_pays(len(plan.sets)):
+            if n_batches > 1 and replica.scan_pays(plan.n_sets):
                 spill = _ValueSpill(replica, batch_of, n_shards, n_batches)
             batch: list[_ShardWrite] = []
-            batch_keys: dict[bytes, _ShardWrite] = {}
+            batch_keys: dict[bytes, tuple[_ShardWrite, bytes]] = {}
             for i in numbers:
                 if batch and batch_of[i] != batch_of[batch[0].number]:
                     writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
@@ -551,12 +604,12 @@ class Changes:
                     i, replica.remote.shard_contents(head, i, n_shards, self._remember_shards),
                     writer.shared,
                 )
-                for kb in groups.pop(i, ()):
-                    if kb in plan.deletes:
-                        shard.contents.pop(kb, None)
-                    else:
-                        batch_keys[kb] = shard
+                if group is not None and group[0] == i:
+                    self._apply_edits(head, shard, n_shards, group[1], batch_keys)
+                    group = next(groups, None)
                 batch.append(shard)
+            if group is not None:  # edits the plan did not count: they would be forgotten
+                raise RuntimeError(f"internal error: the edits of shard {group[0]} were not planned")
             if batch:
                 writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
             for i, name, keys_delta, bytes_delta in writer.finish():
@@ -570,6 +623,20 @@ class Changes:
             if spill is not None:
                 spill.close()
         return shards, n_shards, counts[0], counts[1], writer.uploaded
+
+    def _apply_edits(
+        self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]],
+        batch_keys: dict[bytes, tuple[_ShardWrite, bytes]],
+    ) -> None:
+        """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), and add
+        its keys to set to ``batch_keys`` (key -> its shard and the md5 of its value)."""
+        for kb, edit, _, state in self._verdicts(head, shard.number, n_shards, group, shard.contents):
+            if state is State.SETTLED:
+                continue  # not in the plan: settled by it, or equal once a conflict was forced
+            if edit.md5 is None:
+                shard.contents.pop(kb, None)
+            else:
+                batch_keys[kb] = (shard, edit.md5)
 
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
         """md5 -> location of the values an earlier push uploaded but did not commit,
@@ -590,21 +657,35 @@ class Changes:
         return {p for p in packs if checked[p]}
 
     def _after_commit(self, plan: _Plan, metadata: bool) -> None:
-        self._replica.record_push([*plan.sets, *plan.deletes], metadata)
+        self._replica.record_push(None if plan.selected is None else list(plan.selected), metadata)
 
 
-def _batches(
-    numbers: Iterable[int], groups: dict[int, list[bytes]], deletes: set[bytes]
-) -> tuple[dict[int, int], int]:
+def _per_shard(plan: _Plan, n_shards: int) -> tuple[dict[int, int], set[int]]:
+    """The keys to set in each shard of ``n_shards`` (at most ``plan.n_plan``, both powers
+    of two: a shard of the plan lies in one of them) and the shards a deletion or a set
+    touches."""
+    factor = plan.n_plan // n_shards
+    sets: dict[int, int] = {}
+    touched: set[int] = set()
+    for number, (n_set, n_delete) in enumerate(zip(plan.sets, plan.deletes, strict=True)):
+        if n_set or n_delete:
+            i = number // factor
+            sets[i] = sets.get(i, 0) + n_set
+            touched.add(i)
+    return sets, touched
+
+
+def _batches(numbers: Iterable[int], sets: dict[int, int]) -> tuple[dict[int, int], int]:
     """The batch of each shard a push writes (shards in order, a batch closed once it
-    holds :data:`PUSH_BATCH_KEYS` keys to set) and the number of batches."""
+    holds :data:`PUSH_BATCH_KEYS` keys to set; ``sets``: keys to set by shard) and the
+    number of batches."""
     batch_of: dict[int, int] = {}
     batch = held = 0
     for i in numbers:
         if held >= PUSH_BATCH_KEYS:
             batch, held = batch + 1, 0
         batch_of[i] = batch
-        held += sum(kb not in deletes for kb in groups.get(i, ())) if deletes else len(groups.get(i, ()))
+        held += sets.get(i, 0)
     return batch_of, batch + 1 if batch_of else 0
 
 
@@ -615,8 +696,9 @@ class _ValueSpill:
     reads (a lookup per key costs ~20 µs; a scan per batch, a scan of the file each).
     What it holds in memory is :data:`SPILL_BUFFER` per batch at most.
 
-    A value of every key with a pending value is set aside, by its shard's batch; the
-    batch takes those of its keys (:meth:`_PushWriter.send`). A scan cut short by a write
+    The value of every key of a batch's shards is set aside (the push sets half the file
+    or more: telling its keys from the others would cost a lookup a record); the batch
+    takes those of its keys (:meth:`_PushWriter.send`). A scan cut short by a write
     to the data file (:class:`ScanInterrupted`) leaves the rest to lookups.
     """
 
@@ -629,13 +711,9 @@ class _ValueSpill:
         self._chunks: list[list[tuple[int, int]]] = [[] for _ in range(n_batches)]
         self._end = 0
         buffers = [bytearray() for _ in range(n_batches)]
-        edits = replica.log.edits
         shard_of, pack = fmt.shard_of, self._RECORD.pack
         try:
             for kb, ts, raw in replica.scan():
-                edit = edits.get(kb)
-                if edit is None or edit.md5 is None:
-                    continue
                 b = batch_of.get(shard_of(kb, n_shards))
                 if b is None:
                     continue
@@ -710,11 +788,12 @@ class _PushWriter:
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
     def send(
-        self, batch: list[_ShardWrite], kbs: dict[bytes, _ShardWrite],
+        self, batch: list[_ShardWrite], kbs: dict[bytes, tuple[_ShardWrite, bytes]],
         spilled: Iterable[tuple[bytes, int, bytes]] | None = None,
     ) -> None:
         """Read, check and upload the values of ``kbs`` (keys -> their shard, of
-        ``batch``; emptied), then finish the batch before it. ``spilled``: values set
+        ``batch``, and the md5 journaled with the edit; emptied), then finish the batch
+        before it. ``spilled``: values set
         aside for the batch (:class:`_ValueSpill`; those of other keys are skipped);
         the keys it lacks are looked up.
 
@@ -722,18 +801,17 @@ class _PushWriter:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
-        edits = self._replica.log.edits
         new, owners = NewPack(), []
         pack_size, part_size, md5 = remote_module.PACK_SIZE, remote_module.PART_SIZE, fmt.md5
         for kb, ts, raw in self._values(kbs, spilled):
-            shard = kbs.pop(kb, None)
-            if shard is None:
+            to_send = kbs.pop(kb, None)
+            if to_send is None:
                 continue  # set aside for a key this push does not send
+            shard, m = to_send
             if len(raw) > part_size:
-                self._large.add(shard, kb, ts, raw, edits[kb].md5)
+                self._large.add(shard, kb, ts, raw, m)
                 del raw  # the upload holds it as long as needed
                 continue
-            m = edits[kb].md5
             if md5(raw) != m:
                 raise self._replica.damaged_edit(kb, True)
             if shard.reuses(m):
@@ -768,7 +846,7 @@ class _PushWriter:
         self._large.cancel()
 
     def _values(
-        self, kbs: dict[bytes, _ShardWrite], spilled: Iterable[tuple[bytes, int, bytes]] | None
+        self, kbs: dict[bytes, tuple[_ShardWrite, bytes]], spilled: Iterable[tuple[bytes, int, bytes]] | None
     ) -> Iterator[tuple[bytes, int, bytes]]:
         """The values ``spilled`` for ``kbs``, then those of the keys still in ``kbs`` from
         the data file."""
