@@ -541,8 +541,9 @@ def scale_initial_push(ctx: Ctx) -> None:
 
 
 def scale_boto3_push(ctx: Ctx) -> None:
-    """The initial push's reference: plain boto3 PUTting as many bytes in as many objects
-    as the push sent PUTs, on the same number of threads."""
+    """The initial push's reference: plain boto3 PUTting as many bytes as the push sent
+    (packs and index shards, on the wire) in as many objects as it sent PUTs, on the same
+    number of threads."""
     n_objects, total = ctx.spec["push_puts"], ctx.spec["push_bytes"]
     blob = random.Random(15).randbytes(-(-total // n_objects))
     client = ctx.client()
@@ -1119,7 +1120,7 @@ def run_scale(args: argparse.Namespace, sizes: dict) -> dict:
                         if step == "initial_push":  # what the boto3 reference uploads
                             push = steps[step]["phases"]["initial_push"]
                             extra = {"push_puts": push["requests"].get("PUT", 1),
-                                     "push_bytes": push["bytes_uploaded"]}
+                                     "push_bytes": push["net_up"]}
                 finally:
                     proxy.close()
                 server_rss = _vm_hwm(server.pid)
