@@ -188,3 +188,32 @@ def test_a_damaged_mirrored_shard_under_a_write_is_fetched_again(
     ):
         db["k00001"] = "new"
         assert _changes(db) == {"k00001": "modified"}
+
+
+def test_a_push_of_a_few_keys_a_shard_holds_a_batch_of_shards(
+    pushed: Path, conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push of one key in each of 8 shards of 750 keys, in batches of 1,500 keys: the
+    keys the shards hold count, not only those set, so the push goes in batches of two
+    shards and keeps none of the new shards parsed in memory (each is in the mirror): a
+    push of 1 % of a large database held every shard it rewrote."""
+    import ebooklet.changes
+
+    monkeypatch.setattr(ebooklet.changes, "PUSH_BATCH_KEYS", 1500)
+    with ebooklet.open(conn, pushed, "w", value_serializer="str") as db:
+        remote = db._replica.remote
+        n_shards = remote.manifest["n_shards"]
+        one_a_shard: dict[int, str] = {}
+        for i in range(N_KEYS):
+            kb = db._replica.codec.encode_key(f"k{i:05d}")
+            one_a_shard.setdefault(fmt.shard_of(kb, n_shards), f"k{i:05d}")
+        for key in one_a_shard.values():
+            db[key] = "new"
+        assert db.changes().push().keys_pushed == n_shards == 8
+        parses = Parses(monkeypatch)
+        for _, name in fmt.iter_shard_names(remote.manifest):
+            remote.shard(name)
+        assert parses.shards == n_shards
+    with ebooklet.open(conn, pushed.with_name("r.blt"), value_serializer="str") as db:
+        assert len(db) == N_KEYS
+        assert all(db[key] == "new" for key in one_a_shard.values())

@@ -42,8 +42,9 @@ logger = logging.getLogger("ebooklet")
 MAX_COMMIT_ATTEMPTS = 8
 PUSH_BATCH_KEYS = 1 << 16
 """A push reads, uploads and indexes the values of about this many keys (whole index
-shards, at least one) before the next ones: what it holds is bounded by this, not by the
-size of the push; a batch of half the data file or more is read by one scan of it."""
+shards, at least one: the keys it sets and those the shards already hold) before the next
+ones: what it holds is bounded by this, not by the size of the push or of the database; a
+batch of half the data file or more is read by one scan of it."""
 PUSH_IN_FLIGHT = 16 << 20
 """Bytes of packs of small values a push has built and not yet seen uploaded (at least
 one pack, at most one per connection thread)."""
@@ -585,7 +586,7 @@ class Changes:
         sets, touched = _per_shard(plan, n_shards)
         shards, numbers = replica.remote.shards_to_write(head, n_shards, touched, self._remember_shards)
         counts = [head["n_keys"] if head else 0, head["n_bytes"] if head else 0]
-        batch_of, n_batches = _batches(numbers, sets)
+        batch_of, n_batches = _batches(numbers, sets, counts[0] // n_shards)
         remember = n_batches <= 1
         writer = _PushWriter(replica, self._journaled_uploads(), commit_id, remember, self._progress)
         groups = self._edit_groups(n_shards, plan.selected)
@@ -675,17 +676,17 @@ def _per_shard(plan: _Plan, n_shards: int) -> tuple[dict[int, int], set[int]]:
     return sets, touched
 
 
-def _batches(numbers: Iterable[int], sets: dict[int, int]) -> tuple[dict[int, int], int]:
+def _batches(numbers: Iterable[int], sets: dict[int, int], kept: int) -> tuple[dict[int, int], int]:
     """The batch of each shard a push writes (shards in order, a batch closed once it
-    holds :data:`PUSH_BATCH_KEYS` keys to set; ``sets``: keys to set by shard) and the
-    number of batches."""
+    holds :data:`PUSH_BATCH_KEYS` keys: ``sets`` by shard, and ``kept``, the head's keys
+    a shard holds on average) and the number of batches."""
     batch_of: dict[int, int] = {}
     batch = held = 0
     for i in numbers:
         if held >= PUSH_BATCH_KEYS:
             batch, held = batch + 1, 0
         batch_of[i] = batch
-        held += sets.get(i, 0)
+        held += sets.get(i, 0) + kept
     return batch_of, batch + 1 if batch_of else 0
 
 
