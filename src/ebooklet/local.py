@@ -465,7 +465,7 @@ SPILL_EDITS = 1 << 18
 so that a test may change it); beyond, it moves them to a temporary database of its own."""
 SPILL_CACHE_KIB = 4096
 """KiB of page cache of that temporary database."""
-_SPILL_CHUNK = 4096  # rows read from the temporary database at once when iterating
+_SPILL_CHUNK = 4096  # rows written or read at once in the temporary database
 _SIGN = 1 << 63  # format.key_hash minus this: SQLite's signed 64-bit integer, same order
 _NOTHING: Any = object()
 _RETIMED, _HAS_MD5, _HAS_BASE, _CHECKED_IS_MD5, _HAS_CHECKED = 1, 2, 4, 8, 16
@@ -502,31 +502,36 @@ def _unpack(value: bytes) -> tuple[Edit, bytes | None]:
 class _Bloom:
     """A Bloom filter of the keys of a temporary database, by their Python ``hash()`` (a
     bytes object keeps its hash: a dict lookup of the key already computed it), three
-    probes by double hashing, sized at 16 bits a key for ``capacity`` keys: a key absent
-    from the database passes for one in a thousand (one in thirty at twice the capacity)."""
+    probes by double hashing, 10 bits a key for ``capacity`` keys: a key absent from the
+    database passes for about one in sixty (one in a thousand at half the capacity)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        n_bits = 1 << max(16, (capacity * 16 - 1).bit_length())
-        self._mask = n_bits - 1
-        self._bits = bytearray(n_bits >> 3)
+        self._n_bits = n_bits = max(1 << 16, capacity * 10)
+        self._bits = bytearray(n_bits // 8 + 1)
 
-    def add(self, key: bytes) -> None:
-        bits, mask, h = self._bits, self._mask, hash(key)
-        a, b = h & mask, (h >> 32) | 1
-        for at in (a, (a + b) & mask, (a + 2 * b) & mask):
-            bits[at >> 3] |= 1 << (at & 7)
+    def add(self, keys: Iterable[bytes]) -> None:
+        """Add ``keys``."""
+        bits, n_bits = self._bits, self._n_bits
+        for key in keys:
+            h = hash(key)
+            a, b = h % n_bits, (h >> 32) % n_bits | 1
+            bits[a >> 3] |= 1 << (a & 7)
+            a = (a + b) % n_bits
+            bits[a >> 3] |= 1 << (a & 7)
+            a = (a + b) % n_bits
+            bits[a >> 3] |= 1 << (a & 7)
 
     def __contains__(self, key: bytes) -> bool:
-        bits, mask, h = self._bits, self._mask, hash(key)
-        a = h & mask
+        bits, n_bits, h = self._bits, self._n_bits, hash(key)
+        a = h % n_bits
         if not bits[a >> 3] >> (a & 7) & 1:
             return False
-        b = (h >> 32) | 1
-        a = (a + b) & mask
+        b = (h >> 32) % n_bits | 1
+        a = (a + b) % n_bits
         if not bits[a >> 3] >> (a & 7) & 1:
             return False
-        a = (a + b) & mask
+        a = (a + b) % n_bits
         return bool(bits[a >> 3] >> (a & 7) & 1)
 
 
@@ -600,8 +605,10 @@ class EditMap(MutableMapping[bytes, Edit]):
 
     def __setitem__(self, key: bytes, edit: Edit) -> None:
         edits = self._edits
-        if self._db is not None and key not in edits and self._update_spilled(key, edit):
-            return
+        if self._db is not None and key not in edits:
+            bloom = self._bloom  # asked here: the write loop of new keys stops at it
+            if bloom is not None and key in bloom and self._update_spilled(key, edit):
+                return
         edits[key] = edit
         if len(edits) > SPILL_EDITS:
             self._spill()
@@ -615,12 +622,12 @@ class EditMap(MutableMapping[bytes, Edit]):
         Raises:
             KeyError: no edit of ``key`` and no ``default``.
         """
-        edit = self._edits.pop(key, None)
-        if edit is not None:
-            self._checked.pop(key, None)
-            return edit
-        if self._db is not None:
-            with self._lock:
+        with self._lock:  # with the checked md5 (mark_checked holds it too)
+            edit = self._edits.pop(key, None)
+            if edit is not None:
+                self._checked.pop(key, None)
+                return edit
+            if self._db is not None:
                 value = self._spilled_value(key, "DELETE FROM edits WHERE h = ? AND key = ? RETURNING v")
                 if value is not None:
                     self._spilled -= 1
@@ -685,7 +692,8 @@ class EditMap(MutableMapping[bytes, Edit]):
         spilled ones in (hash, key) order, read a chunk at a time: the map may change
         meanwhile (an edit made during the iteration may be missed)."""
         with self._lock:
-            memory = [(k, e, self._checked.get(k)) for k, e in self._edits.items()]
+            checked = self._checked
+            memory = [(k, e, checked.get(k)) for k, e in list(self._edits.items())]
         yield from memory
         del memory
         sql = "SELECT h, key, v FROM edits {} ORDER BY h, key LIMIT ?"
@@ -792,21 +800,18 @@ class EditMap(MutableMapping[bytes, Edit]):
         with self._lock:
             db = self._db if self._db is not None else self._open_db()
             edits, checked = self._edits, self._checked
-            order = sorted((key_hash(k) - _SIGN, k) for k in edits)
+            order = sorted([(key_hash(k) - _SIGN, k) for k in edits])
             db.execute("BEGIN")
-            db.executemany(
-                "INSERT INTO edits VALUES (?, ?, ?)",
-                ((h, k, _pack(edits[k], checked.get(k))) for h, k in order),
-            )
+            for at in range(0, len(order), _SPILL_CHUNK):
+                rows = [(h, k, _pack(edits[k], checked.get(k))) for h, k in order[at : at + _SPILL_CHUNK]]
+                db.executemany("INSERT INTO edits VALUES (?, ?, ?)", rows)
             db.execute("COMMIT")
             self._spilled += len(order)
-            if self._bloom is None or self._spilled > 2 * self._bloom.capacity:
-                self._bloom = _Bloom(2 * self._spilled)
-                for (key,) in db.execute("SELECT key FROM edits"):
-                    self._bloom.add(key)
+            if self._bloom is None or self._spilled > self._bloom.capacity:
+                self._bloom = _Bloom(self._spilled * 2)
+                self._bloom.add(key for (key,) in db.execute("SELECT key FROM edits"))
             else:
-                for key in edits:
-                    self._bloom.add(key)
+                self._bloom.add(edits)
             self._db, self._edits, self._checked = db, {}, {}
 
     def _open_db(self) -> sqlite3.Connection:
