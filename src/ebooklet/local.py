@@ -586,9 +586,11 @@ class EditMap(MutableMapping[bytes, Edit]):
     # ------------------------------------------------------------ the mapping
 
     def __getitem__(self, key: bytes) -> Edit:
-        edit = self.get(key)
+        edit = self._edits.get(key)
         if edit is None:
-            raise KeyError(key)
+            edit = self.get(key)  # spilled?
+            if edit is None:
+                raise KeyError(key)
         return edit
 
     def get(self, key: bytes, default: Any = None) -> Any:
