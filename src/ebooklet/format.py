@@ -183,16 +183,33 @@ def new_commit_id() -> str:
 # ---------------------------------------------------------------- sharding
 
 
+def key_hash(key: bytes | memoryview) -> int:
+    """The 64-bit hash that places ``key`` (its BLAKE2b digest of 8 bytes, big-endian,
+    unsigned): :func:`shard_of` takes its top bits."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
 def shard_of(key: bytes, n_shards: int) -> int:
     """The shard that holds ``key`` among ``n_shards`` (a power of two).
 
-    The top bits of the key's BLAKE2b hash: doubling ``n_shards`` splits every
+    The top bits of :func:`key_hash`: doubling ``n_shards`` splits every
     shard in two without moving keys between the others.
     """
     if n_shards == 1:
         return 0
-    digest = hashlib.blake2b(key, digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> (64 - (n_shards.bit_length() - 1))
+    return shard_of_hash(key_hash(key), n_shards)
+
+
+def shard_of_hash(h: int, n_shards: int) -> int:
+    """The shard among ``n_shards`` of a key whose :func:`key_hash` is ``h``."""
+    return h >> (64 - (n_shards.bit_length() - 1))
+
+
+def shard_hashes(number: int, n_shards: int) -> tuple[int, int]:
+    """``(first, end)``: the :func:`key_hash` values of the keys of shard ``number`` of
+    ``n_shards`` are those from ``first`` up to ``end`` (excluded)."""
+    shift = 64 - (n_shards.bit_length() - 1)
+    return number << shift, (number + 1) << shift
 
 
 def check_placement(keys: Iterable[bytes], number: int, n_shards: int, name: str) -> None:

@@ -27,13 +27,14 @@ import hashlib
 import io
 import os
 import shutil
+import sqlite3
 import struct
 import threading
 import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -50,7 +51,17 @@ except ImportError:  # pragma: no cover - Windows: no record locks, no fetch cla
 
 from ._booklet_io import DATA_STATE_FIELDS, DataFile
 from .errors import FormatVersionError, IntegrityError
-from .format import KEY_MAX, NO_MD5, PACK_TRAILER_SIZE, check_manifest, decode_pack_footer, shard_of
+from .format import (
+    KEY_MAX,
+    NO_MD5,
+    PACK_TRAILER_SIZE,
+    check_manifest,
+    decode_pack_footer,
+    key_hash,
+    shard_hashes,
+    shard_of,
+    shard_of_hash,
+)
 from .store import PUBLIC_FIELDS
 
 LOCAL_FORMAT_VERSION = 1
@@ -397,13 +408,25 @@ def _check_record(pos: int, kind: bytes, key_len: int) -> None:
         raise _Damaged(pos, f"a record has an unknown kind {kind!r}")
 
 
-def _replace_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` by a file holding ``data``, atomically and durably: the new file is
+def _replace_durably(path: Path, parts: Iterable[bytes]) -> int:
+    """Replace ``path`` by a file holding the bytes of ``parts`` one after the other
+    (written :data:`HOLD_SIZE` bytes at a time), atomically and durably: the new file is
     synced before the rename and the folder after it, so that a power cut leaves the old
-    file or the new one, never an empty or short one (a rename of unsynced data may)."""
+    file or the new one, never an empty or short one (a rename of unsynced data may).
+    Returns the file's size."""
     tmp = path.with_name(path.name + ".tmp")
+    size = 0
     with open(tmp, "wb") as file:
-        file.write(data)
+        chunk: list[bytes] = []
+        held = 0
+        for part in parts:
+            chunk.append(part)
+            held += len(part)
+            if held >= HOLD_SIZE:
+                file.write(b"".join(chunk))
+                size, chunk, held = size + held, [], 0
+        file.write(b"".join(chunk))
+        size += held
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
@@ -412,6 +435,7 @@ def _replace_durably(path: Path, data: bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+    return size
 
 
 _REBUILD = (
@@ -436,58 +460,397 @@ def _check_closed(last: bytes | None, intact: int, size: int) -> None:
         )
 
 
-class EditMap(MutableMapping[bytes, Edit]):
-    """The pending edits of a copy: encoded key -> :class:`Edit`.
+SPILL_EDITS = 1 << 18
+"""Pending edits an :class:`EditMap` holds in memory at most (read as ``local.SPILL_EDITS``
+so that a test may change it); beyond, it moves them to a temporary database of its own."""
+SPILL_CACHE_KIB = 4096
+"""KiB of page cache of that temporary database."""
+_SPILL_CHUNK = 4096  # rows written or read at once in the temporary database
+_SIGN = 1 << 63  # format.key_hash minus this: SQLite's signed 64-bit integer, same order
+_NOTHING: Any = object()
+_RETIMED, _HAS_MD5, _HAS_BASE, _CHECKED_IS_MD5, _HAS_CHECKED = 1, 2, 4, 8, 16
 
-    A mapping; :meth:`by_shard` hands them out a shard of the remote index at a time
-    (a push streams them so, holding one group at once).
+
+def _pack(edit: Edit, checked: bytes | None) -> bytes:
+    """An edit and its checked md5 as one value of the temporary database: a byte of
+    flags, then the md5, base and checked md5 that are there (the last only when it is
+    not the md5)."""
+    md5_, base, retimed = edit
+    flags = retimed | (md5_ is not None) << 1 | (base is not None) << 2
+    if checked is not None:
+        flags |= _CHECKED_IS_MD5 if checked == md5_ else _HAS_CHECKED
+    return b"".join(
+        (bytes((flags,)), md5_ or b"", base or b"", checked if flags & _HAS_CHECKED else b"")  # type: ignore[list-item]
+    )
+
+
+def _unpack(value: bytes) -> tuple[Edit, bytes | None]:
+    """``(edit, checked md5)`` of a value of :func:`_pack`."""
+    flags, at = value[0], 1
+    md5_ = base = checked = None
+    if flags & _HAS_MD5:
+        md5_, at = value[at : at + 16], at + 16
+    if flags & _HAS_BASE:
+        base, at = value[at : at + 16], at + 16
+    if flags & _CHECKED_IS_MD5:
+        checked = md5_
+    elif flags & _HAS_CHECKED:
+        checked = value[at : at + 16]
+    return Edit(md5_, base, bool(flags & _RETIMED)), checked
+
+
+class _Bloom:
+    """A Bloom filter of the keys of a temporary database, by their Python ``hash()`` (a
+    bytes object keeps its hash: a dict lookup of the key already computed it), three
+    probes by double hashing, 10 bits a key for ``capacity`` keys: a key absent from the
+    database passes for about one in sixty (one in a thousand at half the capacity)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._n_bits = n_bits = max(1 << 16, capacity * 10)
+        self._bits = bytearray(n_bits // 8 + 1)
+
+    def add(self, keys: Iterable[bytes]) -> None:
+        """Add ``keys``."""
+        bits, n_bits = self._bits, self._n_bits
+        for key in keys:
+            h = hash(key)
+            a, b = h % n_bits, (h >> 32) % n_bits | 1
+            bits[a >> 3] |= 1 << (a & 7)
+            a = (a + b) % n_bits
+            bits[a >> 3] |= 1 << (a & 7)
+            a = (a + b) % n_bits
+            bits[a >> 3] |= 1 << (a & 7)
+
+    def __contains__(self, key: bytes) -> bool:
+        bits, n_bits, h = self._bits, self._n_bits, hash(key)
+        a = h % n_bits
+        if not bits[a >> 3] >> (a & 7) & 1:
+            return False
+        b = (h >> 32) % n_bits | 1
+        a = (a + b) % n_bits
+        if not bits[a >> 3] >> (a & 7) & 1:
+            return False
+        a = (a + b) % n_bits
+        return bool(bits[a >> 3] >> (a & 7) & 1)
+
+
+class _EditItems(ItemsView):
+    """The ``(key, edit)`` pairs of an :class:`EditMap`, streamed (no lookup per key)."""
+
+    def __iter__(self) -> Iterator[tuple[bytes, Edit]]:
+        return ((key, edit) for key, edit, _ in self._mapping.rows())
+
+
+class _EditValues(ValuesView):
+    """The edits of an :class:`EditMap`, streamed."""
+
+    def __iter__(self) -> Iterator[Edit]:
+        return (edit for _, edit, _ in self._mapping.rows())
+
+
+# Why the pending edits may live in a temporary database.
+#
+# A push of everything (a new database of ten million keys) has ten million pending
+# edits: about 220 bytes each in a dict (key, Edit, md5s, slot), 2.6 GiB. So the map holds
+# SPILL_EDITS of them in a dict (the hot paths, db[k] = v of a new key and a read of an
+# edited key, are a dict lookup as long as nothing spilled) and moves them, a dict at a
+# time, to a private SQLite database: sqlite3.connect("") is a temporary file deleted at
+# close, written with no journal and no sync; its page cache is small, the OS caches the
+# rest. It is scratch: the durable record stays the journal, replayed into a new map at
+# each open. Rows are keyed by (hash, key), the hash format.shard_of places keys by, so
+# that the edits of one shard of the remote index are one range (by_shard: a push holds
+# one shard's group at once); the rest of a row is one packed value (each bound column
+# costs ~0.5 µs a row). A key is in the dict or in the database, never both: a new edit
+# of a spilled key rewrites its row. A lookup of a key the database lacks (every
+# db[k] = v of a new key) is first asked of a Bloom filter: a point query costs ~5 µs,
+# the filter a fraction of one.
+class EditMap(MutableMapping[bytes, Edit]):
+    """The pending edits of a copy: encoded key -> :class:`Edit`, and for each the md5
+    of its value this process wrote or checked (:meth:`checked_md5`).
+
+    At most :data:`SPILL_EDITS` are held in memory, the rest in a temporary database
+    (see the comment above). :meth:`by_shard` hands them out a shard of the remote index
+    at a time. Writes come from one thread at a time (the :class:`ChangeLog`'s lock);
+    reads from any thread.
     """
 
     def __init__(self) -> None:
         self._edits: dict[bytes, Edit] = {}
+        self._checked: dict[bytes, bytes] = {}  # of keys in _edits only
+        self._db: sqlite3.Connection | None = None
+        self._bloom: _Bloom | None = None
+        self._spilled = 0  # rows in _db
+        self._lock = threading.RLock()  # around every use of _db, and a spill
+
+    # ------------------------------------------------------------ the mapping
 
     def __getitem__(self, key: bytes) -> Edit:
-        return self._edits[key]
-
-    def __setitem__(self, key: bytes, edit: Edit) -> None:
-        self._edits[key] = edit
-
-    def __delitem__(self, key: bytes) -> None:
-        del self._edits[key]
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._edits)
-
-    def __len__(self) -> int:
-        return len(self._edits)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._edits
+        edit = self._edits.get(key)
+        if edit is None:
+            edit = self.get(key)  # spilled?
+            if edit is None:
+                raise KeyError(key)
+        return edit
 
     def get(self, key: bytes, default: Any = None) -> Any:
-        return self._edits.get(key, default)
+        edit = self._edits.get(key)
+        if edit is None and self._db is not None:
+            value = self._spilled_value(key)
+            edit = None if value is None else _unpack(value)[0]
+        return default if edit is None else edit
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._edits or (
+            self._db is not None and self._spilled_value(key) is not None  # type: ignore[arg-type]
+        )
+
+    def __setitem__(self, key: bytes, edit: Edit) -> None:
+        edits = self._edits
+        if self._db is not None and key not in edits:
+            bloom = self._bloom  # asked here: the write loop of new keys stops at it
+            if bloom is not None and key in bloom and self._update_spilled(key, edit):
+                return
+        edits[key] = edit
+        if len(edits) > SPILL_EDITS:
+            self._spill()
+
+    def __delitem__(self, key: bytes) -> None:
+        self.pop(key)
+
+    def pop(self, key: bytes, default: Any = _NOTHING) -> Any:
+        """Remove ``key``'s edit (and its checked md5) and return it, else ``default``.
+
+        Raises:
+            KeyError: no edit of ``key`` and no ``default``.
+        """
+        with self._lock:  # with the checked md5 (mark_checked holds it too)
+            edit = self._edits.pop(key, None)
+            if edit is not None:
+                self._checked.pop(key, None)
+                return edit
+            if self._db is not None:
+                value = self._spilled_value(key, "DELETE FROM edits WHERE h = ? AND key = ? RETURNING v")
+                if value is not None:
+                    self._spilled -= 1
+                    return _unpack(value)[0]
+        if default is _NOTHING:
+            raise KeyError(key)
+        return default
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._db is None:
+            return iter(self._edits)
+        return (key for key, _, _ in self.rows())
+
+    def __len__(self) -> int:
+        return len(self._edits) + self._spilled
+
+    def items(self) -> _EditItems:  # type: ignore[override]
+        return _EditItems(self)
+
+    def values(self) -> _EditValues:  # type: ignore[override]
+        return _EditValues(self)
+
+    def clear(self) -> None:
+        """Forget every edit (the temporary database is deleted)."""
+        with self._lock:
+            db = self._db
+            self._edits, self._checked, self._db, self._bloom, self._spilled = {}, {}, None, None, 0
+        if db is not None:
+            db.close()
+
+    def close(self) -> None:
+        """Release what the map holds (it is empty afterwards)."""
+        self.clear()
+
+    # ------------------------------------------------------------ checked values
+
+    def checked_md5(self, key: bytes) -> bytes | None:
+        """The md5 of ``key``'s value as this process wrote it to, or checked it in, the
+        data file since the key's edit was made (``None``: neither): reads trust a value
+        whose edit has that md5. It goes with the edit."""
+        md5_ = self._checked.get(key)
+        if md5_ is None and self._db is not None:
+            value = self._spilled_value(key)
+            md5_ = None if value is None else _unpack(value)[1]
+        return md5_
+
+    def mark_checked(self, key: bytes, md5_: bytes) -> None:
+        """Remember that this process wrote or checked ``key``'s value, of md5 ``md5_``
+        (nothing when the key has no edit)."""
+        with self._lock:
+            if key in self._edits:
+                self._checked[key] = md5_
+                return
+            value = self._spilled_value(key) if self._db is not None else None
+            if value is not None:
+                self._write_row(key, _pack(_unpack(value)[0], md5_))
+
+    # ------------------------------------------------------------ streams
+
+    def rows(self) -> Iterator[tuple[bytes, Edit, bytes | None]]:
+        """``(key, edit, checked md5)`` of every edit, those in memory first, then the
+        spilled ones in (hash, key) order, read a chunk at a time: the map may change
+        meanwhile (an edit made during the iteration may be missed)."""
+        with self._lock:
+            checked = self._checked
+            memory = [(k, e, checked.get(k)) for k, e in list(self._edits.items())]
+        yield from memory
+        del memory
+        sql = "SELECT h, key, v FROM edits {} ORDER BY h, key LIMIT ?"
+        where, after = "", ()
+        while True:
+            with self._lock:
+                if self._db is None:
+                    return
+                found = self._db.execute(sql.format(where), (*after, _SPILL_CHUNK)).fetchall()
+            for _, key, value in found:
+                yield key, *_unpack(value)
+            if len(found) < _SPILL_CHUNK:
+                return
+            where, after = "WHERE (h, key) > (?, ?)", found[-1][:2]
 
     def by_shard(self, n_shards: int) -> Iterator[tuple[int, list[tuple[bytes, Edit]]]]:
         """``(shard number, [(key, edit), ...])`` of each shard of ``n_shards`` (a power
-        of two; :func:`format.shard_of`) that holds an edit, in shard order. The map may
-        change between two groups (a group is a copy)."""
-        groups: dict[int, list[tuple[bytes, Edit]]] = {}
-        for key, edit in self._edits.items():
-            groups.setdefault(shard_of(key, n_shards), []).append((key, edit))
-        for number in sorted(groups):
-            yield number, groups.pop(number)
+        of two; :func:`format.shard_of`) that holds an edit, in shard order, one group in
+        memory at a time (besides the edits the map holds in memory). The map may change
+        between two groups (a group is a copy; an edit made meanwhile may be missed)."""
+        keys: dict[int, list[bytes]] = {}
+        for key in list(self._edits):
+            keys.setdefault(shard_of(key, n_shards), []).append(key)
+        in_memory = sorted(keys, reverse=True)
+        number = 0
+        while True:
+            with self._lock:
+                while in_memory and in_memory[-1] < number:
+                    in_memory.pop()
+                spilled = self._next_spilled_shard(number, n_shards)
+                if spilled is None and not in_memory:
+                    return
+                number = min(n for n in (spilled, in_memory[-1] if in_memory else None) if n is not None)
+                group = self._spilled_group(number, n_shards) if number == spilled else []
+                for key in keys.pop(number, ()):
+                    edit = self._edits.get(key)
+                    if edit is not None:
+                        group.append((key, edit))
+            if group:
+                yield number, group
+            number += 1
 
-    def close(self) -> None:
-        """Release what the map holds."""
-        self._edits.clear()
+    def keys_based_on(self, base: bytes) -> list[bytes]:
+        """The keys whose edit has the base md5 ``base`` (one scan, in SQLite for the
+        spilled edits)."""
+        found = [key for key, edit in list(self._edits.items()) if edit.base == base]
+        with self._lock:
+            rows = [] if self._db is None else self._db.execute(
+                "SELECT key, v FROM edits WHERE instr(v, ?) > 0", (base,)
+            ).fetchall()
+        return found + [key for key, value in rows if _unpack(value)[0].base == base]
+
+    def adopt(self, other: EditMap) -> None:
+        """Take the edits of ``other`` (left empty) in place of this map's: a journal read
+        again. A checked md5 is kept where the key's new edit still has that md5."""
+        for key, _, checked in self.rows():
+            if checked is not None:
+                edit = other.get(key)
+                if edit is not None and edit.md5 == checked:
+                    other.mark_checked(key, checked)
+        with self._lock, other._lock:
+            old = self._db
+            self._edits, self._checked, self._db = other._edits, other._checked, other._db
+            self._bloom, self._spilled = other._bloom, other._spilled
+            other._edits, other._checked, other._db, other._bloom, other._spilled = {}, {}, None, None, 0
+        if old is not None:
+            old.close()
+
+    # ------------------------------------------------------------ the temporary database
+
+    def _spilled_value(
+        self, key: bytes, sql: str = "SELECT v FROM edits WHERE h = ? AND key = ?"
+    ) -> bytes | None:
+        """The packed value ``sql`` returns for the spilled ``key`` (parameters: its hash
+        and the key), ``None`` when it returns none, the Bloom filter rules the key out or
+        nothing is spilled."""
+        bloom = self._bloom  # a spill replaces it by a larger one, clear() by None
+        if bloom is None or key not in bloom:
+            return None
+        with self._lock:
+            if self._db is None:
+                return None
+            found = self._db.execute(sql, (key_hash(key) - _SIGN, key)).fetchall()
+        return found[0][0] if found else None
+
+    def _write_row(self, key: bytes, value: bytes) -> None:
+        """Replace the packed value of the spilled ``key`` (lock held)."""
+        self._db.execute(  # type: ignore[union-attr]
+            "UPDATE edits SET v = ? WHERE h = ? AND key = ?", (value, key_hash(key) - _SIGN, key)
+        )
+
+    def _update_spilled(self, key: bytes, edit: Edit) -> bool:
+        """Write a new edit of ``key`` over its spilled one (its checked md5 stays);
+        returns whether there was one."""
+        with self._lock:
+            value = self._spilled_value(key)
+            if value is None:
+                return False
+            self._write_row(key, _pack(edit, _unpack(value)[1]))
+            return True
+
+    def _spill(self) -> None:
+        """Move the edits held in memory to the temporary database, in (hash, key) order."""
+        with self._lock:
+            db = self._db if self._db is not None else self._open_db()
+            edits, checked = self._edits, self._checked
+            order = sorted([(key_hash(k) - _SIGN, k) for k in edits])
+            db.execute("BEGIN")
+            for at in range(0, len(order), _SPILL_CHUNK):
+                rows = [(h, k, _pack(edits[k], checked.get(k))) for h, k in order[at : at + _SPILL_CHUNK]]
+                db.executemany("INSERT INTO edits VALUES (?, ?, ?)", rows)
+            db.execute("COMMIT")
+            self._spilled += len(order)
+            if self._bloom is None or self._spilled > self._bloom.capacity:
+                self._bloom = _Bloom(self._spilled * 2)
+                self._bloom.add(key for (key,) in db.execute("SELECT key FROM edits"))
+            else:
+                self._bloom.add(edits)
+            self._db, self._edits, self._checked = db, {}, {}
+
+    def _open_db(self) -> sqlite3.Connection:
+        db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(f"PRAGMA cache_size = -{SPILL_CACHE_KIB}")
+        db.execute(
+            "CREATE TABLE edits (h INTEGER NOT NULL, key BLOB NOT NULL, v BLOB NOT NULL, "
+            "PRIMARY KEY (h, key)) WITHOUT ROWID"
+        )
+        return db
+
+    def _next_spilled_shard(self, number: int, n_shards: int) -> int | None:
+        """The first shard from ``number`` on that holds a spilled edit (lock held)."""
+        if self._db is None or number >= n_shards:
+            return None
+        first = shard_hashes(number, n_shards)[0] - _SIGN
+        row = self._db.execute("SELECT h FROM edits WHERE h >= ? ORDER BY h LIMIT 1", (first,)).fetchone()
+        return None if row is None else shard_of_hash(row[0] + _SIGN, n_shards)
+
+    def _spilled_group(self, number: int, n_shards: int) -> list[tuple[bytes, Edit]]:
+        """The spilled edits of shard ``number`` (lock held)."""
+        first, end = shard_hashes(number, n_shards)
+        rows = self._db.execute(  # type: ignore[union-attr]
+            "SELECT key, v FROM edits WHERE h >= ? AND h <= ? ORDER BY h, key",
+            (first - _SIGN, end - 1 - _SIGN),
+        )
+        return [(key, _unpack(value)[0]) for key, value in rows]
 
 
 class ChangeLog:
     """The ``P.local_hash`` journal: pending local edits and uncommitted uploads.
 
-    The whole state is kept in memory (it is proportional to what was edited
-    since the last push); the file is only appended to, and rewritten compactly
-    after a push. The records of :meth:`hold_edit` wait in memory until :meth:`flush`,
+    The state is replayed at open (the pending edits into an :class:`EditMap`, which
+    holds a bounded number in memory); the file is only appended to, and rewritten
+    compactly (streamed) after a push. The records of :meth:`hold_edit` wait in memory until :meth:`flush`,
     which the data file calls before it writes the values they name, or until anything
     else is appended (they go first), at most :data:`HOLD_SIZE` bytes of them. Every
     record carries checksums: only a last record cut short (a write killed midway) is
@@ -519,9 +882,8 @@ class ChangeLog:
         """
         self.path = Path(path)
         self.edits = EditMap()
-        self.checked: dict[bytes, bytes] = {}
-        """key -> md5 of its edited value as this process wrote it to, or checked it in, the
-        data file (not journaled; forgotten with the edit): reads trust those values."""
+        """The pending edits, with the md5 of each value this process wrote or checked
+        (:meth:`EditMap.checked_md5`; not journaled: reads trust those values)."""
         self._uploads: dict[bytes, Upload] = {}
         # (pack id, where its footer starts in the file, its length): packs journaled and
         # not read into _uploads yet; the footers stay in the file (see _journaled_footers)
@@ -622,7 +984,6 @@ class ChangeLog:
             self.edits[key] = Edit(_md5_or_none(md5_), _md5_or_none(base), kind == RETIME)
         elif kind == CLEAN:
             self.edits.pop(key, None)
-            self.checked.pop(key, None)
         elif kind == UPLOADED:
             self._uploads[md5_] = Upload(*_UPLOAD.unpack(extra))
         elif kind == PACK:
@@ -633,7 +994,6 @@ class ChangeLog:
             self.metadata_dirty = md5_ != NO_MD5
         elif kind == RESET:
             self.edits.clear()
-            self.checked.clear()
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
@@ -721,7 +1081,7 @@ class ChangeLog:
         """Start an empty journal at ``path`` if there is none (a reader opening a new
         copy: the copy has its four files, as a writer leaves them)."""
         if not path.exists():
-            _replace_durably(path, _LOG_MAGIC)
+            _replace_durably(path, [_LOG_MAGIC])
 
     def reload(self, writable: bool = False) -> bool:
         """A journal opened read-only (a reader's): read it again if another process (the
@@ -738,10 +1098,7 @@ class ChangeLog:
         fresh = ChangeLog(self.path, writable=writable)
         with self._lock:
             self._fd, self._size, self._end_known = fresh._fd, fresh._size, fresh._end_known
-            self.edits.clear()
-            self.edits.update(fresh.edits)
-            for key in [k for k, m in self.checked.items() if k not in fresh.edits or fresh.edits[k].md5 != m]:
-                del self.checked[key]
+            self.edits.adopt(fresh.edits)
             self._uploads, self._packs, self._v1 = fresh._uploads, fresh._packs, fresh._v1
             self.replace, self.metadata_dirty = fresh.replace, fresh.metadata_dirty
             self.ends_closed, self._records, self._stat = fresh.ends_closed, fresh._records, fresh._stat
@@ -760,7 +1117,6 @@ class ChangeLog:
         with self._lock:
             for key in keys:
                 self.edits.pop(key, None)
-                self.checked.pop(key, None)
 
     def mark_clean(self, keys: Iterable[bytes]) -> None:
         """Forget the edits of ``keys`` (pushed or discarded)."""
@@ -836,18 +1192,19 @@ class ChangeLog:
         """Forget everything (a new, empty database)."""
         self._write([(RESET, b"", None, None)])
 
-    def pushed(self, keys: Iterable[bytes], metadata: bool) -> None:
+    def pushed(self, keys: Iterable[bytes] | None, metadata: bool) -> None:
         """A push committed: forget the edits of ``keys``, every journaled upload and the
         "replace the remote" flag, in one atomic rewrite of the journal (no record per key).
 
         Args:
-            keys: the keys whose edits the commit holds.
+            keys: the keys whose edits the commit holds (``None``: every pending edit).
             metadata: the commit holds the user metadata (clears that flag too).
         """
         with self._lock:
-            for key in keys:
+            if keys is None:
+                self.edits.clear()
+            for key in keys or ():
                 self.edits.pop(key, None)
-                self.checked.pop(key, None)
             self._uploads.clear()
             self._packs.clear()
             self.replace = False
@@ -860,32 +1217,43 @@ class ChangeLog:
         if self._fd is None:
             return
         with self._lock:
-            footers = self._journaled_footers()
-            records = [(_edit_kind(e.md5, e.retimed), k, e.md5, e.base) for k, e in self.edits.items()]
-            records += [(UPLOADED, b"", m, None, _UPLOAD.pack(*u)) for m, u in self._uploads.items()]
-            parts = [_LOG_MAGIC, *(self._encode(*r) for r in records)]
-            at = sum(map(len, parts))
-            packs = []
-            for pack, footer in footers:
-                parts.append(self._encode(PACK, footer, pack, None))
-                packs.append((pack, at + _HEAD.size, len(footer)))
-                at += len(parts[-1])
-            flags = []
-            if self.replace:
-                flags.append((REPLACE, b"", b"\x01" * 16, None))
-            if self.metadata_dirty:
-                flags.append((METADATA, b"", b"\x01" * 16, None))
-            parts += [self._encode(*r) for r in flags]
-            blob = b"".join(parts)
-            _replace_durably(self.path, blob)
+            packs: list[tuple[bytes, int, int]] = []
+            size = _replace_durably(self.path, self._live_records(self._journaled_footers(), packs))
             self._packs, self._v1 = packs, False
             self._held.clear()
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            self._size = len(blob)
-            self._records = len(records) + len(packs) + len(flags)
+            self._size = size
+            self._records = len(self.edits) + len(self._uploads) + len(packs) + self.replace
+            self._records += self.metadata_dirty
             self.ends_closed = False
             self._end_known = True
+
+    def _live_records(
+        self, footers: list[tuple[bytes, bytes]], packs: list[tuple[bytes, int, int]]
+    ) -> Iterator[bytes]:
+        """The journal of the live state, a record at a time after the magic: edits,
+        uploads, the packs of ``footers`` (each appended to ``packs`` as ``(pack id, where
+        its footer starts, its length)``), flags."""
+        yield _LOG_MAGIC
+        at = len(_LOG_MAGIC)
+        for key, edit in self.edits.items():
+            record = self._encode(_edit_kind(edit.md5, edit.retimed), key, edit.md5, edit.base)
+            at += len(record)
+            yield record
+        for md5_, upload in self._uploads.items():
+            record = self._encode(UPLOADED, b"", md5_, None, _UPLOAD.pack(*upload))
+            at += len(record)
+            yield record
+        for pack, footer in footers:
+            packs.append((pack, at + _HEAD.size, len(footer)))
+            record = self._encode(PACK, footer, pack, None)
+            at += len(record)
+            yield record
+        if self.replace:
+            yield self._encode(REPLACE, b"", b"\x01" * 16, None)
+        if self.metadata_dirty:
+            yield self._encode(METADATA, b"", b"\x01" * 16, None)
 
     def needs_compaction(self) -> bool:
         """True when most of the journal is superseded records."""

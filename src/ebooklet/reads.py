@@ -121,7 +121,7 @@ class Reads:
         """
         found = self._replica.cached(key)
         edit = self._log.edits.get(kb)
-        if edit is not None and self._log.checked.get(kb) == edit.md5 and found is not None:
+        if edit is not None and self._log.edits.checked_md5(kb) == edit.md5 and found is not None:
             return found
         if found is None or edit is None or fmt.md5(found[1]) != edit.md5:
             with self._replica.mutex:  # set() journals, then writes: read both as one state
@@ -133,7 +133,7 @@ class Reads:
                     if self._replica.catch_up_edits():  # a writer in another process changed it
                         return self.lookup(key)
                     raise self._replica.damaged_edit(kb, found is not None)
-        self._log.checked[kb] = edit.md5
+        self._log.edits.mark_checked(kb, edit.md5)
         return found
 
     def get(self, key: Any, default: Any) -> Any:
@@ -141,7 +141,7 @@ class Reads:
 
         Two kinds of value are read from the data file alone (no timestamp, no md5, no
         index lookup; :func:`._booklet_io.get_value`): the hot path of a local database. A local edit whose
-        value this process wrote or already checked (see :attr:`ChangeLog.checked`);
+        value this process wrote or already checked (see :meth:`EditMap.checked_md5`);
         otherwise its md5 is checked against the journal once (:meth:`_edited`): an
         md5 per read would cost 12 % of a local get (benchmarks/README.md). And a key
         without a local edit whose cached copy this session already checked against
@@ -159,7 +159,7 @@ class Reads:
                 raw = get_value(self._data, kb)
                 if raw is not None:
                     return self._decode_value(raw)
-        elif edit.md5 is not None and self._log.checked.get(kb) == edit.md5:
+        elif edit.md5 is not None and self._log.edits.checked_md5(kb) == edit.md5:
             raw = get_value(self._data, kb)
             return default if raw is None else self._decode_value(raw)
         local = self._local_only(kb)
@@ -387,7 +387,7 @@ class Reads:
     def _edits_in_remote(self) -> dict[bytes, bool]:
         """For every edited key, whether the remote head has it (as far as known:
         :func:`.local.remote_md5`)."""
-        edits = dict(self._log.edits)
+        edits = dict(self._log.edits.items())
         if self._log.replace or not self._replica.remote.exists:
             return dict.fromkeys(edits, False)
         entries = self._known_entries(edits)
@@ -406,7 +406,7 @@ class Reads:
         """How many keys the database holds: the head's count corrected by the local edits."""
         self._replica.check_open()
         with self._replica.mutex:
-            edits = dict(self._log.edits)
+            edits = dict(self._log.edits.items())
             in_remote = self._edits_in_remote()
             manifest = self._replica.remote.manifest
             n = 0 if self._log.replace or manifest is None else manifest["n_keys"]
@@ -418,7 +418,7 @@ class Reads:
         """Every key, encoded (those starting with ``prefix``): the remote's not edited,
         then the local edits' (offline, the locally cached keys stand for the remote's,
         with an ``OfflineWarning``)."""
-        edits = dict(self._log.edits)
+        edits = dict(self._log.edits.items())
         if not self._log.replace and self._replica.remote.exists:
             try:
                 for kb, _ in self._replica.remote.iter_entries():
@@ -455,7 +455,7 @@ class Reads:
         self._replica.check_open()
         start = b"" if prefix is None else self.prefix_bytes(prefix)
         if keys is None:
-            edits = dict(self._log.edits)
+            edits = dict(self._log.edits.items())
             try:
                 remote = self._remote_entries_to_read(edits)
             except OfflineError:
@@ -493,7 +493,7 @@ class Reads:
                 edit = edits.get(kb)
                 if edit is not None and edit.md5 is not None:
                     done.add(kb)
-                    if edit.md5 != self._log.checked.get(kb) and edit.md5 != fmt.md5(raw):
+                    if edit.md5 != self._log.edits.checked_md5(kb) and edit.md5 != fmt.md5(raw):
                         yield from self._decoded([kb], {})  # checked again: raises if damaged
                     else:
                         yield self._replica.codec.decode_key(kb), self._replica.codec.decode_value(raw)

@@ -444,7 +444,7 @@ class Replica:
         manifest, etag = self._remote.fetch_manifest(wait)
         # Resolve even when the head is unchanged: a key edited before its shard was
         # fetched must not look like a conflict at the next push.
-        unknown = [k for k, e in self._log.edits.items() if e.base == UNKNOWN_MD5]
+        unknown = self._log.edits.keys_based_on(UNKNOWN_MD5)
         if unknown and self._local_writable:  # else resolved by the next writable open
             entries = self._remote.entries(unknown, old_manifest)
             self._outside.note_edits(
@@ -681,7 +681,7 @@ class Replica:
             self._log.hold_edit(kb, md5, self._base(kb), retimed)
             self._store(kb, raw, timestamp)
             if not retimed:
-                self._log.checked[kb] = md5
+                self._log.edits.mark_checked(kb, md5)
 
     def set_values(self, encoded: list[tuple[bytes, bytes, bytes]]) -> None:
         """Journal and store ``(encoded key, encoded value, md5)`` as local edits, in one
@@ -690,7 +690,8 @@ class Replica:
             bases = self._bases([kb for kb, _, _ in encoded])
             self._log.record_edits((kb, m, b) for (kb, _, m), b in zip(encoded, bases, strict=True))
             append_records(self._data, [(kb, raw, None) for kb, raw, _ in encoded])
-            self._log.checked.update((kb, m) for kb, _, m in encoded)
+            for kb, _, m in encoded:
+                self._log.edits.mark_checked(kb, m)
 
     def delete_value(self, key: Any, kb: bytes) -> None:
         """Journal the deletion of ``key`` (encoded ``kb``) and drop its local value."""
@@ -908,7 +909,7 @@ class Replica:
         without local deletions (nothing is left to delete) or a remote manifest."""
         with self._rlock:
             self._become_writer()
-            edits = dict(self._log.edits)
+            edits = dict(self._log.edits.items())
             self._log.mark_clean(kb for kb, edit in edits.items() if edit.md5 is None)
             self._log.record_edits((kb, e.md5, None) for kb, e in edits.items() if e.md5 is not None)
             if self._log.replace:
