@@ -769,7 +769,7 @@ class Replica:
     def record_push(self, kbs: list[bytes] | None, metadata: bool) -> None:
         """A push committed the edits of ``kbs`` (``None``: every edit) and the user
         metadata if ``metadata``."""
-        self._log.pushed(list(self._log.edits) if kbs is None else kbs, metadata)
+        self._log.pushed(kbs, metadata)
         self._meta.save(uuid=self.uuid, conditional_writes=self._conn.conditional_writes())
 
     def sync(self) -> None:
