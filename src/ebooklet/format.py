@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import re
 import struct
 import time
@@ -269,15 +270,16 @@ def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
             records or :data:`SHARD_KEY_BYTES` of keys (nothing is written).
     """
     _check_shard_limits(len(entries), sum(map(len, entries)))
-    items = sorted(entries.items())
+    keys = sorted(entries)
+    values = list(map(entries.__getitem__, keys))
     per_page = PAGE_RECORDS
     pages: list[bytes] = []
-    refs = bytearray(_DIRECTORY_HEADER.pack(SHARD_MAGIC, per_page, len(items)))
+    refs = bytearray(_DIRECTORY_HEADER.pack(SHARD_MAGIC, per_page, len(keys)))
     first_keys = bytearray()
     at = 0
-    for start in range(0, len(items), per_page):
-        page = _encode_page(items[start : start + per_page])
-        first = items[start][0]
+    for start in range(0, len(keys), per_page):
+        page = _encode_page(keys[start : start + per_page], values[start : start + per_page])
+        first = keys[start]
         refs += _PAGE_REF.pack(at, len(page), len(first), md5(page))
         first_keys += first
         pages.append(page)
@@ -287,14 +289,16 @@ def encode_shard(entries: Mapping[bytes, Entry]) -> bytes:
     return b"".join([*pages, directory, _SHARD_TRAILER.pack(len(directory), SHARD_MAGIC)])
 
 
-def _encode_page(items: list[tuple[bytes, Entry]]) -> bytes:
-    """One page: its records, then its keys back to back."""
-    records = bytearray()
-    blob = bytearray()
-    for key, (md5_, timestamp, pack, offset, length) in items:
-        records += _SHARD_RECORD.pack(md5_, timestamp, pack, offset, length, len(blob), len(key))
-        blob += key
-    return bytes(records + blob)
+def _encode_page(keys: list[bytes], entries: list[Entry]) -> bytes:
+    """One page of ``keys`` and their ``entries``: its records, then its keys back to back
+    (packed a column at a time: no Python call per record)."""
+    lengths = list(map(len, keys))
+    md5s, timestamps, packs, offsets, value_lengths = zip(*entries, strict=True)
+    records = map(
+        _SHARD_RECORD.pack, md5s, timestamps, packs, offsets, value_lengths,
+        itertools.accumulate(lengths, initial=0), lengths,
+    )
+    return b"".join([*records, *keys])
 
 
 def _check_shard_limits(n_records: int, key_bytes: int) -> None:
@@ -595,14 +599,16 @@ class PackFooter:
 
     def add(self, key: bytes, md5_: bytes, timestamp: int, offset: int, length: int) -> None:
         """Record one value of the pack."""
-        self._records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(self._keys), len(key))
-        self._keys += key
+        keys = self._keys
+        self._records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(keys), len(key))
+        keys += key
         self._count += 1
 
-    def locations(self) -> Iterator[tuple[bytes, int, int, int]]:
-        """``(md5, timestamp, offset, length)`` of the values recorded, in order."""
-        for m, ts, off, length, _, _ in _PACK_RECORD.iter_unpack(self._records):
-            yield m, ts, off, length
+    def entries(self, pack: bytes) -> Iterator[Entry]:
+        """The :class:`Entry` of each value recorded, in order, for the pack of id ``pack``."""
+        new = tuple.__new__  # Entry's own constructor, without its Python-level frame
+        for m, ts, offset, length, _, _ in _PACK_RECORD.iter_unpack(self._records):
+            yield new(Entry, (m, ts, pack, offset, length))
 
     def encode(self) -> bytes:
         """The footer's bytes, its trailer included."""
