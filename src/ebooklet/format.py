@@ -199,6 +199,9 @@ def new_commit_id() -> str:
 # ---------------------------------------------------------------- sharding
 
 
+_blake2b = hashlib.blake2b
+
+
 def shard_of(key: bytes, n_shards: int) -> int:
     """The shard that holds ``key`` among ``n_shards`` (a power of two).
 
@@ -207,8 +210,7 @@ def shard_of(key: bytes, n_shards: int) -> int:
     """
     if n_shards == 1:
         return 0
-    digest = hashlib.blake2b(key, digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> (64 - (n_shards.bit_length() - 1))
+    return int.from_bytes(_blake2b(key, digest_size=8).digest(), "big") >> (65 - n_shards.bit_length())
 
 
 def check_placement(keys: Iterable[bytes], number: int, n_shards: int, name: str) -> None:
