@@ -10,6 +10,7 @@ import bisect
 import functools
 import hashlib
 import itertools
+import operator
 import re
 import struct
 import time
@@ -428,12 +429,16 @@ def decode_page(
     view = memoryview(data)
     blob = directory.records_in(page) * _SHARD_RECORD.size
     keys = bytes(view[blob:])  # one copy of the key blob: each key is then one slice of it
-    n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
+    rows = list(_SHARD_RECORD.iter_unpack(view[:blob]))
     following = directory.first_keys[page + 1] if page + 1 < len(directory.pages) else None
+    whole = _sound_page(rows, keys, directory.first_keys[page], following)
+    if whole is not None:
+        return whole
+    n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
     out: dict[bytes, Entry] = {}
     packs: dict[bytes, bytes] = {}  # one object per pack id, not one per record
     at, previous = 0, None
-    for md5_, ts, pack, off, length, k_off, k_len in _SHARD_RECORD.iter_unpack(view[:blob]):
+    for md5_, ts, pack, off, length, k_off, k_len in rows:
         if not (
             k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < ts_end
             and length <= value_max and off + length <= object_max
@@ -453,6 +458,35 @@ def decode_page(
             f"next page's first; {_DAMAGED}"
         )
     return out
+
+
+def _sound_page(
+    rows: list[tuple], keys: bytes, first: bytes, following: bytes | None
+) -> dict[bytes, Entry] | None:
+    """The entries of a page's records ``rows`` (unpacked) and key blob ``keys`` when every
+    check of :func:`decode_page` passes, made column by column (no Python call per record);
+    ``None`` when any fails or there is no record (:func:`decode_page` then finds which
+    check, record by record)."""
+    if not rows:
+        return None
+    md5s, timestamps, packs, offsets, lengths, key_offsets, key_lengths = zip(*rows, strict=True)
+    ends = list(itertools.accumulate(key_lengths))
+    if (
+        ends[-1] != len(keys) or key_offsets != (0, *ends[:-1]) or max(key_lengths) > KEY_MAX
+        or min(timestamps) < 0 or max(timestamps) >= TIMESTAMP_END or max(lengths) > VALUE_MAX
+        or max(map(operator.add, offsets, lengths)) > MAX_OBJECT_SIZE
+    ):
+        return None
+    page_keys = list(map(keys.__getitem__, map(slice, key_offsets, ends)))
+    if (
+        page_keys[0] != first
+        or not all(map(operator.lt, page_keys, itertools.islice(page_keys, 1, None)))
+        or (following is not None and page_keys[-1] >= following)
+    ):
+        return None
+    shared: dict[bytes, bytes] = {}  # one object per pack id, not one per record
+    fields = zip(md5s, timestamps, map(shared.setdefault, packs, packs), offsets, lengths, strict=True)
+    return dict(zip(page_keys, map(_new, itertools.repeat(Entry), fields), strict=True))
 
 
 def decode_shard_directory(data: bytes | memoryview, name: str = "index shard") -> ShardDirectory:
