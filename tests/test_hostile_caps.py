@@ -312,3 +312,60 @@ def test_contiguous_keys_are_what_writers_make() -> None:
     spans, blob = contiguous([b"a", b"bc"])
     entry = fmt.Entry(b"\0" * 16, 1, b"\1" * 16, 0, 1)
     assert raw_shard(entry, spans, blob) == fmt.encode_shard({b"a": entry, b"bc": entry})
+
+
+def _forged_pages(forge: Callable[[list[list[Any]], list[bytes]], None]) -> bytes:
+    """A shard of two pages of five records (keys k00..k09), whose first page's records
+    (``[md5, ts, pack, offset, length]``, then the key's ``offset, length`` in the key
+    blob if not where the keys put them) and keys ``forge`` changes in place; the
+    directory keeps the first keys and holds each page's new md5."""
+    pages = []
+    for page in (0, 1):
+        keys = [b"k%02d" % i for i in range(5 * page, 5 * page + 5)]
+        rows = [[b"\0" * 16, 1, b"\1" * 16, 100 * i, 100] for i in range(5)]
+        if page == 0:
+            forge(rows, keys)
+        spans, blob = contiguous(keys)
+        records = (RECORD.pack(*row[:5], *(row[5:] or span)) for row, span in zip(rows, spans, strict=True))
+        pages.append(b"".join(records) + blob)
+    return shard_bytes(pages, [b"k00", b"k05"], 5, 10)
+
+
+def _set(i: int, field: int, value: Any) -> Callable[[list[list[Any]], list[bytes]], None]:
+    def forge(rows: list[list[Any]], keys: list[bytes]) -> None:
+        rows[i][field] = value
+    return forge
+
+
+def _junk_after_keys(rows: list[list[Any]], keys: list[bytes]) -> None:
+    keys[4] += b"junk"
+    rows[4] += [12, 3]
+
+
+def _key(i: int, key: bytes) -> Callable[[list[list[Any]], list[bytes]], None]:
+    def forge(rows: list[list[Any]], keys: list[bytes]) -> None:
+        keys[i] = key
+    return forge
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (_set(2, 1, -1), "a timestamp -1 outside"),
+        (_set(4, 1, fmt.TIMESTAMP_END), "outside 0 <= t < 2"),
+        (_set(3, 4, fmt.VALUE_MAX + 1), "beyond what can exist"),
+        (_set(0, 3, fmt.MAX_OBJECT_SIZE - 99), "beyond what can exist"),
+        (_key(2, b"k01"), "not in order"),  # a key twice
+        (_key(2, b"k04"), "not in order"),
+        (_key(4, b"k05"), "at or past the next page's first"),
+        (_key(1, b"k01" * 22000), "outside its .* key blob or too long"),
+        (lambda rows, keys: rows[2].extend([7, 3]), "a key at 7, not at 6"),
+        (_junk_after_keys, "holds bytes after its last key"),
+    ],
+)
+def test_a_page_refuses_each_forged_record(forge: Callable, message: str) -> None:
+    """A page whose checksums match (a hostile writer recomputes them) is refused for any
+    record out of range or out of order, naming the check; an honest one decodes."""
+    assert len(fmt.decode_shard(_forged_pages(lambda rows, keys: None))) == 10
+    with pytest.raises(IntegrityError, match=message):
+        fmt.decode_shard(_forged_pages(forge))

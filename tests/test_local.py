@@ -129,6 +129,31 @@ def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
         assert list(scan(book, path, include_value=False)) == [(k, ts) for k, ts, _ in expected]
 
 
+@pytest.mark.parametrize("read_size", [16, 97, 1000])
+def test_scan_reads_the_same_whatever_its_read_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_size: int
+) -> None:
+    """Records across the scan's reads, values larger than a read (read on their own), and
+    deleted records (``deleted=True``) come out as booklet reads them."""
+    from ebooklet._booklet_io import scan
+
+    monkeypatch.setattr(ebooklet._booklet_io, "SCAN_BUFFER", read_size)
+    path = tmp_path / "db.blt"
+    rng = random.Random(3)
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        for i in range(300):
+            book.set(b"k%d" % i, rng.randbytes(rng.randrange(1500)), timestamp=TS + i)
+        for i in range(0, 300, 7):
+            del book[b"k%d" % i]
+        expected = list(book.timestamps(include_value=True, decode_value=False))
+        assert list(scan(book, path)) == expected
+        assert list(scan(book, path, include_value=False)) == [(k, ts) for k, ts, _ in expected]
+        with_deleted = list(scan(book, path, include_value=False, deleted=True))
+    assert sorted(with_deleted, key=lambda r: int(r[0][1:])) == [
+        (b"k%d" % i, None if i % 7 == 0 else TS + i) for i in range(300)
+    ]
+
+
 def test_scan_stops_when_the_file_is_written_meanwhile(tmp_path: Path) -> None:
     from ebooklet._booklet_io import scan
 

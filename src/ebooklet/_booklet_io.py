@@ -95,10 +95,7 @@ def scan(
         regions = [(max(begin, start), end) for begin, end in regions if end > start]
     try:
         for start, end in regions:
-            for record in _records(reader, start, end, book._ts_bytes_len, include_value, deleted):
-                if book._mutation_count != mutations:
-                    raise ScanInterrupted(f"{path} was written to during a scan.")
-                yield record
+            yield from _records(reader, start, end, book._ts_bytes_len, include_value, deleted, book, mutations)
     except Exception:
         if book._mutation_count != mutations:  # e.g. cleared or pruned under the reader
             raise ScanInterrupted(f"{path} was written to during a scan.") from None
@@ -108,49 +105,68 @@ def scan(
 
 
 def _records(
-    reader: Any, start: int, end: int, ts_len: int, include_value: bool, deleted: bool = False
+    reader: Any, start: int, end: int, ts_len: int, include_value: bool, deleted: bool,
+    book: Any, mutations: int,
 ) -> Iterator[tuple]:
     """The live records of booklet's data between ``start`` and ``end`` (see
-    :data:`_RECORD_HEAD`); a deleted one has 0 as its next-record position, and is
-    yielded as ``(key, None)`` when ``deleted`` (for :func:`deleted_last`; never with
-    ``include_value``). A value that is not in the buffer already is read on its own,
-    into one new bytes object. A record cut short by the end (a write killed midway)
-    is not one."""
+    :data:`_RECORD_HEAD`), read a :data:`SCAN_BUFFER` at a time; a deleted one has 0 as its
+    next-record position, and is yielded as ``(key, None)`` when ``deleted`` (for
+    :func:`deleted_last`; never with ``include_value``). A value over :data:`SCAN_BUFFER`
+    not in the buffer already is read on its own, into one new bytes object. A record cut
+    short by the end (a write killed midway) is not one. Stops with
+    :class:`ScanInterrupted` once ``book``'s mutation count is no longer ``mutations``."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
-    unpack = _RECORD_LENGTHS.unpack_from
-    data, at, position = b"", 0, start
+    unpack, from_bytes = _RECORD_LENGTHS.unpack_from, int.from_bytes
+    key_start = head_size + ts_len
+    data, at, base = b"", 0, start  # base: the file position of data[0]
     reader.seek(start)
-    while position + head_size <= end:
-        if len(data) - at < head_size:
-            data, at = data[at:] + reader.read(SCAN_BUFFER + head_size), 0
-        next_block, key_len, value_len = unpack(data, at)
-        size = head_size + ts_len + key_len + value_len
-        if position + size > end:
+    while True:
+        n = len(data)
+        if at + head_size <= n:
+            next_block, key_len, value_len = unpack(data, at)
+            key_at = at + key_start
+            value_at = key_at + key_len
+            stop = value_at + value_len
+            whole = stop <= n
+            if whole or (value_at <= n and value_len > SCAN_BUFFER):
+                if not whole and base + stop > end:
+                    return
+                if next_block != _DELETED or deleted:
+                    key = data[key_at:value_at]
+                    if key not in skip:
+                        if book._mutation_count != mutations:
+                            raise ScanInterrupted(f"{reader.name} was written to during a scan.")
+                        if next_block == _DELETED:
+                            yield key, None
+                        elif not include_value:
+                            yield key, from_bytes(data[at + head_size : key_at], "little")
+                        elif whole:
+                            yield key, from_bytes(data[at + head_size : key_at], "little"), data[value_at:stop]
+                        else:
+                            value = _read_at(reader, base + value_at, value_len)
+                            if book._mutation_count != mutations:  # read from a file cut meanwhile
+                                raise ScanInterrupted(f"{reader.name} was written to during a scan.")
+                            yield key, from_bytes(data[at + head_size : key_at], "little"), value
+                            del value
+                if whole:
+                    at = stop
+                else:  # the value was not in the buffer: go on after it
+                    data, at, base = b"", 0, base + stop
+                    reader.seek(base)
+                continue
+        want = min(SCAN_BUFFER, end - base - n)
+        more = reader.read(want) if want else b""
+        if not more:
+            if want and book._mutation_count != mutations:  # the file was cut meanwhile
+                raise ScanInterrupted(f"{reader.name} was written to during a scan.")
             return
-        key_at = at + head_size + ts_len
-        value_at = key_at + key_len
-        if len(data) < value_at:
-            data, at = data[at:] + reader.read(SCAN_BUFFER + value_at - len(data)), 0
-            key_at, value_at = head_size + ts_len, head_size + ts_len + key_len
-        key = data[key_at:value_at]
-        live = next_block != _DELETED and key not in skip
-        if live and include_value:
-            if len(data) >= value_at + value_len:
-                value = data[value_at : value_at + value_len]
-            else:
-                reader.seek(position + value_at - at)
-                value = reader.read(value_len)
-        if live:
-            ts = int.from_bytes(data[at + head_size : key_at], "little")
-            yield (key, ts, value) if include_value else (key, ts)
-        elif deleted and key not in skip:
-            yield key, None
-        position += size
-        if len(data) >= at + size:
-            at += size
-        else:  # the value was not in the buffer: go on after it
-            data, at = b"", 0
-            reader.seek(position)
+        data, at, base = data[at:] + more, 0, base + at
+
+
+def _read_at(reader: Any, position: int, length: int) -> bytes:
+    """``length`` bytes of ``reader`` from ``position``."""
+    reader.seek(position)
+    return reader.read(length)
 
 
 def deleted_last(book: Any, path: Path, keys: Iterable[bytes]) -> set[bytes]:

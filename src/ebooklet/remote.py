@@ -1087,9 +1087,7 @@ class NewPack:
 
     def located(self) -> Iterator[tuple[bytes, Entry]]:
         """Each key's :class:`Entry` in this pack, in order."""
-        pack = self.pack
-        for key, (m, ts, offset, length) in zip(self.keys, self._footer.locations(), strict=True):
-            yield key, Entry(m, ts, pack, offset, length)
+        return zip(self.keys, self._footer.entries(self.pack), strict=True)
 
 
 class _Range(NamedTuple):
