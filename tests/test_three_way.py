@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -213,6 +214,36 @@ def test_retimed_edit_equal_to_the_remote_is_settled_by_both(conn: Any, tmp_path
         assert _kinds(db) == []
         assert db.get_timestamp("k") == T1
         assert db["k"] == "v"
+
+
+def test_a_push_refused_for_a_conflict_changes_nothing(conn: Any, tmp_path: Path) -> None:
+    """A push that meets a conflict forgets no edit, not even one already equal to the
+    remote (it stays pending, with its base): a later remote change of that key is a
+    conflict too. A push with nothing to send still forgets such an edit."""
+    first, second = tmp_path / "first.blt", tmp_path / "second.blt"
+    with ebooklet.open(conn, first, "n") as db:
+        db.changes().push()
+    with ebooklet.open(conn, second, "w") as db:
+        db.update({"a": b"same", "c": b"mine"})
+    with ebooklet.open(conn, first, "w") as db:
+        db.update({"a": b"same", "c": b"theirs"})
+        db.changes().push()
+    with ebooklet.open(conn, second, "w") as db:
+        with pytest.raises(ebooklet.ConflictError) as refused:
+            db.changes().push()
+        assert refused.value.keys == ["c"]
+        assert db.info().pending_edits == 2
+    with ebooklet.open(conn, first, "w") as db:
+        db["a"] = b"changed"
+        db.changes().push()
+    with ebooklet.open(conn, second, "w") as db:
+        with pytest.raises(ebooklet.ConflictError) as refused:
+            db.changes().push()
+        assert sorted(refused.value.keys) == ["a", "c"]
+        db["c"] = b"theirs"
+        db["a"] = b"changed"
+        assert not db.changes().push().committed
+        assert db.info().pending_edits == 0
 
 
 def test_retimed_edit_to_the_remote_timestamp_lists_nothing(conn: Any, tmp_path: Path) -> None:

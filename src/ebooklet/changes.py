@@ -106,6 +106,7 @@ class _Plan(NamedTuple):
     n_plan: int  # the shard count the edits were counted by: >= the head's and the commit's
     sets: list[int]  # per shard of n_plan: keys whose local value goes up
     deletes: list[int]  # per shard of n_plan: keys deleted
+    n_settled: int  # edits already equal to the remote
     selected: frozenset[bytes] | None  # the keys a push of some keys may send
 
     @property
@@ -409,6 +410,8 @@ class Changes:
                 plan = self._plan(selected, force)
                 metadata = replica.log.metadata_dirty and selected is None
                 if not (plan.n_sets or plan.n_deletes or metadata or replica.log.replace):
+                    if plan.n_settled:
+                        self._settle_only(plan)
                     break
                 try:
                     self._commit(plan, metadata, message, result)
@@ -444,8 +447,9 @@ class Changes:
     def _plan(self, selected: set[bytes] | None, force: bool) -> _Plan:
         """Count what a push of the edits (of ``selected`` keys, or all) sends, by the
         three-way rule, a shard of edits at a time (:meth:`EditMap.by_shard`): nothing of
-        the size of the push is held but a count a shard. Edits already equal to the
-        remote are forgotten on the way (:meth:`_settle`).
+        the size of the push is held but a count a shard. Nothing is changed (edits
+        already equal to the remote are forgotten by :meth:`_write`, once no conflict
+        stops the push).
 
         Raises:
             ConflictError: keys changed on both sides (and not ``force``).
@@ -456,22 +460,21 @@ class Changes:
         chosen = None if selected is None else frozenset(selected)
         self._remember_shards = self._load_head_shards(head, n_plan, chosen)
         sets, deletes = [0] * n_plan, [0] * n_plan
+        n_settled = 0
         conflicts: list[bytes] = []
         for number, group in self._edit_groups(n_plan, chosen):
-            settled = []
-            for kb, edit, entry, state in self._verdicts(head, number, n_plan, group):
+            for kb, edit, _, state in self._verdicts(head, number, n_plan, group):
                 if state is State.SETTLED:
-                    settled.append((kb, entry))
+                    n_settled += 1
                 elif state is State.CONFLICT and not force:
                     conflicts.append(kb)
                 elif edit.md5 is None:
                     deletes[number] += 1
                 else:
                     sets[number] += 1
-            self._settle(settled)
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
-        return _Plan(n_plan, sets, deletes, chosen)
+        return _Plan(n_plan, sets, deletes, n_settled, chosen)
 
     def _edit_groups(
         self, n_shards: int, selected: frozenset[bytes] | None
@@ -629,15 +632,26 @@ class Changes:
         self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]],
         batch_keys: dict[bytes, tuple[_ShardWrite, bytes]],
     ) -> None:
-        """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), and add
-        its keys to set to ``batch_keys`` (key -> its shard and the md5 of its value)."""
-        for kb, edit, _, state in self._verdicts(head, shard.number, n_shards, group, shard.contents):
+        """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), add its
+        keys to set to ``batch_keys`` (key -> its shard and the md5 of its value), and
+        forget its edits already equal to the remote (:meth:`_settle`)."""
+        settled = []
+        for kb, edit, entry, state in self._verdicts(head, shard.number, n_shards, group, shard.contents):
             if state is State.SETTLED:
-                continue  # not in the plan: settled by it, or equal once a conflict was forced
-            if edit.md5 is None:
+                settled.append((kb, entry))
+            elif edit.md5 is None:
                 shard.contents.pop(kb, None)
             else:
                 batch_keys[kb] = (shard, edit.md5)
+        self._settle(settled)
+
+    def _settle_only(self, plan: _Plan) -> None:
+        """Forget the edits already equal to the remote, a shard at a time, when a push
+        has nothing else to do (:meth:`_write` does it for one that commits)."""
+        head = None if self._replica.log.replace else self._replica.remote.manifest
+        for number, group in self._edit_groups(plan.n_plan, plan.selected):
+            self._settle([(kb, entry) for kb, _, entry, state in self._verdicts(head, number, plan.n_plan, group)
+                          if state is State.SETTLED])
 
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
         """md5 -> location of the values an earlier push uploaded but did not commit,
