@@ -40,7 +40,7 @@ from .replica import Replica
 logger = logging.getLogger("ebooklet")
 
 MAX_COMMIT_ATTEMPTS = 8
-PUSH_BATCH_KEYS = 1 << 16
+PUSH_BATCH_KEYS = 1 << 15
 """A push reads, uploads and indexes the values of about this many keys (whole index
 shards, at least one: the keys it sets and those the shards already hold) before the next
 ones: what it holds is bounded by this, not by the size of the push or of the database; a

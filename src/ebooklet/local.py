@@ -460,7 +460,7 @@ def _check_closed(last: bytes | None, intact: int, size: int) -> None:
         )
 
 
-SPILL_EDITS = 1 << 18
+SPILL_EDITS = 1 << 17
 """Pending edits an :class:`EditMap` holds in memory at most (read as ``local.SPILL_EDITS``
 so that a test may change it); beyond, it moves them to a temporary database of its own."""
 SPILL_CACHE_KIB = 4096
