@@ -984,3 +984,37 @@ def test_flag_n_replaces_the_remote_only_at_push(
         assert dict(r.items()) == new
         assert 1 in r
     assert local_keys(old_reader) <= set(new)  # the old cache was dropped
+
+
+def test_the_value_spill_holds_its_buffer_in_all_not_a_buffer_a_batch(
+    conn: Any, make_conn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The values a push of many batches sets aside wait in memory ``SPILL_BUFFER``
+    bytes in all, shared by its batches (it was that much a batch: 76 MiB for the 305
+    batches of a push of 10M keys), and the push is whole."""
+    import tracemalloc
+
+    data = {f"k{i:05d}": bytes([i % 251]) * 4000 + i.to_bytes(4, "little") for i in range(3000)}
+    with open_db(None, tmp_path / "w.blt", "n") as db:
+        db.update(data)
+    monkeypatch.setattr(fmt, "KEYS_PER_SHARD", 64)  # 64 shards: a batch of 100 keys is 2
+    monkeypatch.setattr(ebooklet.changes, "PUSH_BATCH_KEYS", 100)
+    monkeypatch.setattr(ebooklet.changes, "SPILL_BUFFER", 256 << 10)
+    monkeypatch.setattr(ebooklet.changes, "SPILL_BATCH_MIN", 1 << 10)
+    spill, peaks = ebooklet.changes._ValueSpill, []
+
+    def measured(*args: Any) -> Any:
+        tracemalloc.start()
+        try:
+            return spill(*args)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(ebooklet.changes, "_ValueSpill", measured)
+    with open_db(conn, tmp_path / "w.blt", "w") as db:
+        assert db.changes().push().keys_pushed == len(data)
+    assert len(peaks) == 1
+    assert peaks[0] < 4 << 20  # the scan's reads, and 256 KiB; with 256 KiB a batch, 7.7 MiB
+    with open_db(make_conn(), tmp_path / "r.blt") as db:
+        assert dict(db.items()) == data

@@ -48,9 +48,11 @@ batch of half the data file or more is read by one scan of it."""
 PUSH_IN_FLIGHT = 16 << 20
 """Bytes of packs of small values a push has built and not yet seen uploaded (at least
 one pack, at most one per connection thread)."""
-SPILL_BUFFER = 256 << 10
+SPILL_BUFFER = 8 << 20
 """A push of many batches that reads its values by one scan of the data file sets them
-aside by batch in a temporary file, this many bytes a batch at a time."""
+aside by batch in a temporary file, holding this many bytes of them in memory at most,
+shared by the batches (at least :data:`SPILL_BATCH_MIN` a batch)."""
+SPILL_BATCH_MIN = 16 << 10
 
 
 class Change(NamedTuple):
@@ -709,7 +711,7 @@ class _ValueSpill:
     one scan of the data file reads them, and sets each batch's aside in an unnamed
     temporary file beside it, so that a batch reads its own back in a few sequential
     reads (a lookup per key costs ~20 µs; a scan per batch, a scan of the file each).
-    What it holds in memory is :data:`SPILL_BUFFER` per batch at most.
+    What it holds in memory is :data:`SPILL_BUFFER` at most, shared by the batches.
 
     The value of every key of a batch's shards is set aside (the push sets half the file
     or more: telling its keys from the others would cost a lookup a record); the batch
@@ -726,6 +728,7 @@ class _ValueSpill:
         self._chunks: list[list[tuple[int, int]]] = [[] for _ in range(n_batches)]
         self._end = 0
         buffers = [bytearray() for _ in range(n_batches)]
+        limit = max(SPILL_BUFFER // n_batches, SPILL_BATCH_MIN)
         shard_of, pack = fmt.shard_of, self._RECORD.pack
         try:
             for kb, ts, raw in replica.scan():
@@ -736,7 +739,7 @@ class _ValueSpill:
                 buffer += pack(len(kb), len(raw), ts)
                 buffer += kb
                 buffer += raw
-                if len(buffer) >= SPILL_BUFFER:
+                if len(buffer) >= limit:
                     self._flush(b, buffer)
         except ScanInterrupted:
             pass  # the values not set aside are looked up by the batches
