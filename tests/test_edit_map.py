@@ -8,6 +8,7 @@ server.
 
 from __future__ import annotations
 
+import os
 import random
 import tracemalloc
 from pathlib import Path
@@ -153,3 +154,22 @@ def test_more_edits_than_memory_holds_are_pushed_whole(
         assert not list(db.changes().iter_changes())
     with ebooklet.open(make_conn(), tmp_path / "r.blt", "r", value_serializer="str") as db:
         assert dict(db.items()) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts the open files in /proc")
+def test_closing_a_database_releases_the_temporary_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() lets the spilled edits' temporary database go (its file, which can be
+    hundreds of MB) even while the closed object is still referenced, as ``db`` stays
+    bound after a ``with`` block in a notebook; the edits stay pending in the journal."""
+    monkeypatch.setattr(local, "SPILL_EDITS", 100)
+    monkeypatch.setattr(local, "SPILL_CACHE_KIB", 64)  # past it, SQLite writes its file
+    before = len(os.listdir("/proc/self/fd"))
+    with ebooklet.open(None, tmp_path / "w.blt", "n", value_serializer="str") as db:
+        db.update({f"k{i}": "v" for i in range(5000)})
+        assert len(os.listdir("/proc/self/fd")) > before
+    assert len(os.listdir("/proc/self/fd")) == before
+    with ebooklet.open(None, tmp_path / "w.blt", "w", value_serializer="str") as again:
+        assert again.info().pending_edits == 5000
+    del db

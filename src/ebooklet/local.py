@@ -1278,6 +1278,7 @@ class ChangeLog:
             finally:
                 os.close(self._fd)
                 self._fd = None
+        self.edits.close()  # the edits are in the file: the map's temporary database goes
 
 
 class IndexMirror:
