@@ -499,7 +499,7 @@ class Changes:
         replica = self._replica
         replacing = replica.log.replace
         if contents is None:
-            name = None if head is None else fmt.shard_name_at(head, number * head["n_shards"] // n_shards)
+            name = None if head is None else fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards))
             found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
         else:
             found = contents
@@ -515,11 +515,10 @@ class Changes:
         without grouping the edits."""
         if head is None:
             return True
-        n_head = head["n_shards"]
-        if selected is None and len(self._replica.log.edits) >= 4 * n_head:
+        if selected is None and len(self._replica.log.edits) >= 4 * head["n_shards"]:
             names = [name for _, name in fmt.iter_shard_names(head)]
         else:
-            numbers = {number * n_head // n_plan for number, _ in self._edit_groups(n_plan, selected)}
+            numbers = {fmt.shard_under(head, number, n_plan) for number, _ in self._edit_groups(n_plan, selected)}
             names = [fmt.shard_name_at(head, i) for i in sorted(numbers)]
         self._replica.remote.load_shards(names, remember=False)  # searched, not parsed, if local
         return len(names) * fmt.KEYS_PER_SHARD <= PUSH_BATCH_KEYS

@@ -452,16 +452,12 @@ def decode_page(
     whole = _sound_page(rows, keys, directory.first_keys[page], following)
     if whole is not None:
         return whole
-    n, ts_end, value_max, object_max = len(keys), TIMESTAMP_END, VALUE_MAX, MAX_OBJECT_SIZE
+    n = len(keys)
     out: dict[bytes, Entry] = {}
     packs: dict[bytes, bytes] = {}  # one object per pack id, not one per record
     at, previous = 0, None
     for md5_, ts, pack, off, length, k_off, k_len in rows:
-        if not (
-            k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < ts_end
-            and length <= value_max and off + length <= object_max
-        ):
-            _refuse_record(name, ts, off, length, k_off, k_len, n, at)
+        _check_record(name, ts, off, length, k_off, k_len, n, at)
         at = k_off + k_len
         key = keys[k_off:at]
         if key <= previous if previous is not None else key != directory.first_keys[page]:
@@ -575,6 +571,24 @@ def _check_page(data: bytes | memoryview, directory: ShardDirectory, page: int, 
         )
 
 
+def _check_record(
+    name: str, ts: int, off: int, length: int, k_off: int, k_len: int, blob: int, at: int,
+    end: int = MAX_OBJECT_SIZE,
+) -> None:
+    """Refuse a shard or footer record out of range: its key not at ``at`` (where the
+    previous one ended), outside the ``blob``-byte key blob or too long, its timestamp
+    out of range, or its value too long or ending past ``end``.
+
+    Raises:
+        IntegrityError: saying which field (:func:`_refuse_record`).
+    """
+    if not (
+        k_off == at and k_off + k_len <= blob and k_len <= KEY_MAX and 0 <= ts < TIMESTAMP_END
+        and length <= VALUE_MAX and off + length <= end
+    ):
+        _refuse_record(name, ts, off, length, k_off, k_len, blob, at)
+
+
 def _refuse_record(
     name: str, ts: int, off: int, length: int, k_off: int, k_len: int, blob: int, at: int
 ) -> None:
@@ -617,16 +631,13 @@ def search_page(
         while low < high:
             mid = (low + high) // 2
             md5_, ts, pack, off, length, k_off, k_len = unpack(view, mid * size)
-            if k_off + k_len > n or k_len > KEY_MAX:
-                _refuse_record(name, ts, off, length, k_off, k_len, n, k_off)
+            _check_record(name, ts, off, length, k_off, k_len, n, k_off)
             found = bytes(view[blob + k_off : blob + k_off + k_len])
             if found < key:
                 low = mid + 1
             elif found > key:
                 high = mid
             else:
-                if not (0 <= ts < TIMESTAMP_END and length <= VALUE_MAX and off + length <= MAX_OBJECT_SIZE):
-                    _refuse_record(name, ts, off, length, k_off, k_len, n, k_off)
                 out[key] = _new(Entry, (md5_, ts, pack, off, length))
                 break
     return out
@@ -750,11 +761,7 @@ def decode_pack_footer(
     keys = bytes(view[blob:-16])
     n, at = len(keys), 0
     for m, ts, off, length, k_off, k_len in _PACK_RECORD.iter_unpack(view[_HEADER.size : blob]):
-        if not (
-            k_off == at and k_off + k_len <= n and k_len <= KEY_MAX and 0 <= ts < TIMESTAMP_END
-            and length <= VALUE_MAX and off + length <= end
-        ):
-            _refuse_record(name, ts, off, length, k_off, k_len, n, at)
+        _check_record(name, ts, off, length, k_off, k_len, n, at, end)
         at = k_off + k_len
         items.append(_new(PackItem, (keys[k_off:at], m, ts, off, length)))
     return items
@@ -977,6 +984,12 @@ def json_depth(value: Any) -> int:
         else:
             stack.pop()
     return deepest
+
+
+def shard_under(manifest: Mapping[str, Any], number: int, n_shards: int) -> int:
+    """The number of the shard of ``manifest`` that holds the keys of shard ``number`` of
+    ``n_shards`` (as many as the manifest's or more: a shard splits by doubling)."""
+    return number * manifest["n_shards"] // n_shards
 
 
 def shard_name_at(manifest: Mapping[str, Any], shard: int) -> str | None:

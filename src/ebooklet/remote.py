@@ -667,9 +667,8 @@ class RemoteIndex:
         (see :func:`format.shard_of`). ``remember``: as :meth:`shard`."""
         if head is None:
             return {}
-        old_n = head["n_shards"]
-        old = self.shard(fmt.shard_name_at(head, number * old_n // n_shards), remember)
-        if old_n == n_shards:
+        old = self.shard(fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards)), remember)
+        if head["n_shards"] == n_shards:
             return dict(old)
         return {kb: e for kb, e in old.items() if fmt.shard_of(kb, n_shards) == number}
 
