@@ -469,6 +469,7 @@ _SPILL_CHUNK = 4096  # rows written or read at once in the temporary database
 _SIGN = 1 << 63  # format.key_hash minus this: SQLite's signed 64-bit integer, same order
 _NOTHING: Any = object()
 _RETIMED, _HAS_MD5, _HAS_BASE, _CHECKED_IS_MD5, _HAS_CHECKED = 1, 2, 4, 8, 16
+_SET_UNCHECKED, _SET_CHECKED = bytes((_HAS_MD5,)), bytes((_HAS_MD5 | _CHECKED_IS_MD5,))
 
 
 def _pack(edit: Edit, checked: bytes | None) -> bytes:
@@ -476,6 +477,11 @@ def _pack(edit: Edit, checked: bytes | None) -> bytes:
     flags, then the md5, base and checked md5 that are there (the last only when it is
     not the md5)."""
     md5_, base, retimed = edit
+    if base is None and not retimed and md5_ is not None:  # most edits: a value set
+        if checked is None:
+            return _SET_UNCHECKED + md5_
+        if checked == md5_:
+            return _SET_CHECKED + md5_
     flags = retimed | (md5_ is not None) << 1 | (base is not None) << 2
     if checked is not None:
         flags |= _CHECKED_IS_MD5 if checked == md5_ else _HAS_CHECKED
@@ -802,13 +808,18 @@ class EditMap(MutableMapping[bytes, Edit]):
         with self._lock:
             db = self._db if self._db is not None else self._open_db()
             edits, checked = self._edits, self._checked
-            order = sorted([(key_hash(k) - _SIGN, k) for k in edits])
+            keys, values = list(edits), list(edits.values())
+            hashes = [key_hash(key) - _SIGN for key in keys]
+            order = sorted(range(len(keys)), key=hashes.__getitem__)  # B-tree order: fewer pages touched
             db.execute("BEGIN")
             for at in range(0, len(order), _SPILL_CHUNK):
-                rows = [(h, k, _pack(edits[k], checked.get(k))) for h, k in order[at : at + _SPILL_CHUNK]]
+                rows = [
+                    (hashes[i], keys[i], _pack(values[i], checked.get(keys[i])))
+                    for i in order[at : at + _SPILL_CHUNK]
+                ]
                 db.executemany("INSERT INTO edits VALUES (?, ?, ?)", rows)
             db.execute("COMMIT")
-            self._spilled += len(order)
+            self._spilled += len(keys)
             if self._bloom is None or self._spilled > self._bloom.capacity:
                 self._bloom = _Bloom(self._spilled * 2)
                 self._bloom.add(key for (key,) in db.execute("SELECT key FROM edits"))
