@@ -136,6 +136,31 @@ def test_a_replay_is_bounded_and_compaction_streams(monkeypatch: pytest.MonkeyPa
     assert not ChangeLog(path, expect_closed=True).edits
 
 
+def test_a_replay_keeps_the_last_edit_of_each_key(spill: int, tmp_path: Path) -> None:
+    """A journal whose keys are edited again, cleaned and edited anew across many spills
+    reads back as the writer held it (the replay replaces spilled edits in bulk), and
+    the map it gives behaves as a dict afterwards."""
+    rng = random.Random(5)
+    path = tmp_path / "x.local_hash"
+    log = ChangeLog(path)
+    pool = [b"key-%d" % i for i in range(8 * spill)]
+    for step in range(1500):
+        key = rng.choice(pool)
+        if rng.random() < 0.8:
+            log.record_edits([(key, rng.choice([None, _md5(step)]), rng.choice([None, _md5(-step)]))])
+        else:
+            log.mark_clean([key])
+    model = dict(log.edits.items())
+    log.flush()  # not closed: a close may compact the journal to one record a key
+    replayed = ChangeLog(path, writable=False)
+    _check_same(replayed.edits, model, {}, pool + [b"never"])
+    for key in pool[::3]:
+        replayed.edits[key] = model[key] = Edit(_md5(1), None, False)
+    _check_same(replayed.edits, model, {}, pool)
+    replayed.close()
+    log.close()
+
+
 def test_more_edits_than_memory_holds_are_pushed_whole(
     conn: Any, make_conn: Any, tmp_path: Path, small_shards: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
