@@ -23,9 +23,11 @@ Byte layouts are in ``docs/format.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -1399,6 +1401,8 @@ class IndexMirror:
 
     def persist_head(self) -> None:
         """Write the head kept in memory (see :attr:`head_in_memory`) to the file."""
+        if not self.head_pending:
+            return  # nothing to write: no lock to take (the usual case, at every open and close)
         with self._locked():
             if not self.head_pending:
                 return
@@ -1457,51 +1461,47 @@ class FileLock:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed by close()
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        self._file = None if fcntl is not None else os.fdopen(self._fd, "r+b")  # portalocker's
         self._mutex = threading.RLock()
         self._depth = 0
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the lock, waiting at most ``timeout`` seconds (``None``: as long as it takes,
         0: not at all); returns whether it was taken. Each taking needs its :meth:`release`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._mutex.acquire(timeout=-1 if timeout is None else timeout):
             return False
-        try:
-            if self._depth == 0:
-                self._lock(deadline)
+        if self._depth:
             self._depth += 1
             return True
-        except portalocker.exceptions.AlreadyLocked:
-            self._mutex.release()
-            return False
+        try:
+            taken = self._lock(None if timeout is None else time.monotonic() + timeout)
         except BaseException:
             self._mutex.release()
             raise
+        if not taken:
+            self._mutex.release()
+            return False
+        self._depth = 1
+        return True
 
-    def _lock(self, deadline: float | None) -> None:
-        """``flock`` the file, polling until ``deadline`` (``None``: a blocking wait).
-
-        Raises:
-            portalocker.exceptions.AlreadyLocked: not taken by the deadline.
-        """
+    def _lock(self, deadline: float | None) -> bool:
+        """Lock the file, polling until ``deadline`` (``None``: a blocking wait); returns
+        whether it was locked by then."""
         if deadline is None:
-            portalocker.lock(self._file, portalocker.LOCK_EX)
-            return
-        while True:
-            try:
-                portalocker.lock(self._file, portalocker.LOCK_EX | portalocker.LOCK_NB)
-                return
-            except portalocker.exceptions.AlreadyLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(LOCK_POLL)
+            _lock_file(self._fd, self._file, wait=True)
+            return True
+        while not _lock_file(self._fd, self._file, wait=False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)
+        return True
 
     def release(self) -> None:
         """Give back one taking of the lock."""
         self._depth -= 1
         if self._depth == 0:
-            portalocker.unlock(self._file)
+            _unlock_file(self._fd, self._file)
         self._mutex.release()
 
     def __enter__(self) -> FileLock:
@@ -1513,7 +1513,37 @@ class FileLock:
 
     def close(self) -> None:
         """Close the file (which releases the lock)."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        elif self._fd is not None:
+            os.close(self._fd)
+        self._fd = self._file = None
+
+
+def _lock_file(fd: int, file: BinaryIO | None, wait: bool) -> bool:
+    """Lock the open file ``fd`` exclusively (``file``: the same as a file object, where
+    there is no ``fcntl``); returns ``False`` when ``wait`` is false and another holds it.
+    ``flock`` is called directly where it exists: portalocker's layers cost several times
+    the system call, on every open and close."""
+    if file is not None:
+        try:
+            portalocker.lock(file, portalocker.LOCK_EX | (0 if wait else portalocker.LOCK_NB))
+        except portalocker.exceptions.AlreadyLocked:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock_file(fd: int, file: BinaryIO | None) -> None:
+    """Unlock what :func:`_lock_file` locked."""
+    if file is not None:
+        portalocker.unlock(file)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class LocalMeta:
@@ -1545,24 +1575,26 @@ class LocalMeta:
 
     def _read(self, damaged_ok: bool) -> None:
         """Read the file into :attr:`data`, if it exists (see :meth:`__init__`)."""
-        if self.path.exists():
-            try:
-                data = orjson.loads(self.path.read_bytes())
-            except orjson.JSONDecodeError:
-                if damaged_ok:
-                    return
-                raise self._damaged("it is not valid JSON") from None
-            problem = _meta_problem(data)
-            if problem is not None:
-                if damaged_ok:
-                    return
-                raise self._damaged(problem)
-            if data["version"] > LOCAL_FORMAT_VERSION:
-                raise FormatVersionError(
-                    f"{self.path} was written by a newer ebooklet (local format "
-                    f"{data['version']}); upgrade ebooklet."
-                )
-            self.data = data
+        raw = _read_if_exists(self.path)
+        if raw is None:
+            return
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            if damaged_ok:
+                return
+            raise self._damaged("it is not valid JSON") from None
+        problem = _meta_problem(data)
+        if problem is not None:
+            if damaged_ok:
+                return
+            raise self._damaged(problem)
+        if data["version"] > LOCAL_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{self.path} was written by a newer ebooklet (local format "
+                f"{data['version']}); upgrade ebooklet."
+            )
+        self.data = data
 
     def _damaged(self, problem: str) -> IntegrityError:
         return IntegrityError(
@@ -1602,6 +1634,16 @@ class LocalMeta:
             os.replace(tmp, self.path)
 
 
+def _read_if_exists(path: Path) -> bytes | None:
+    """The bytes of the file ``path``, ``None`` when it does not exist (one open, no stat
+    before it)."""
+    try:
+        with open(path, "rb", buffering=0) as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
 def _meta_problem(data: Any) -> str | None:
     """What is wrong with the fields of a ``P.ebk.json`` (see docs/format.md 9.4), or ``None``."""
     if not isinstance(data, dict):
@@ -1621,7 +1663,10 @@ def _meta_problem(data: Any) -> str | None:
 
 
 def _hex32(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+_HEX32 = re.compile("[0-9a-f]{32}")
 
 
 def _serializer_name(value: Any) -> bool:
@@ -1707,8 +1752,7 @@ def lock_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(batch lock, writer lock)`` files of a user path (docs/processes.md): ``P.ebk.lock``,
     held around each write to the shared local files, and ``P.ebk.writer``, held by the
     one writer for as long as it has the copy open."""
-    p = Path(path)
-    return p.with_name(p.name + ".ebk.lock"), p.with_name(p.name + ".ebk.writer")
+    return _sibling_paths(os.fspath(path))[4:]
 
 
 def in_use(path: str | os.PathLike) -> bool:
@@ -1728,10 +1772,15 @@ def in_use(path: str | os.PathLike) -> bool:
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     """``(data, change log, index mirror, metadata)`` paths for a user path."""
+    return _sibling_paths(os.fspath(path))[:4]
+
+
+@functools.lru_cache(maxsize=64)
+def _sibling_paths(path: str) -> tuple[Path, ...]:
+    """The files of the copy at ``path``: :func:`local_paths`, then :func:`lock_paths`
+    (remembered: every open asks several times, and pathlib is slow to build them)."""
     p = Path(path)
-    return (
-        p,
-        p.with_name(p.name + ".local_hash"),
-        p.with_name(p.name + ".remote_index"),
-        p.with_name(p.name + ".ebk.json"),
-    )
+    return (p, *(p.with_name(p.name + suffix) for suffix in _SUFFIXES))
+
+
+_SUFFIXES = (".local_hash", ".remote_index", ".ebk.json", ".ebk.lock", ".ebk.writer")
