@@ -931,10 +931,13 @@ class ChangeLog:
             size = stat.st_size
             if not size and not expect_closed:
                 return False
-            old_format = self._v1 = file.read(len(_LOG_MAGIC)) == _LOG_MAGIC_V1
-            file.seek(0)
+            # a journal smaller than a piece is read in one go (the parser's reads of a
+            # whole piece would each allocate JOURNAL_READ bytes for a few records)
+            source: BinaryIO = io.BytesIO(file.read(size)) if size <= JOURNAL_READ else file
+            old_format = self._v1 = source.read(len(_LOG_MAGIC)) == _LOG_MAGIC_V1
+            source.seek(0)
             try:
-                intact, last = _parse_journal(file, size, self._apply)
+                intact, last = _parse_journal(source, size, self._apply)
                 if expect_closed and not old_format:
                     _check_closed(last, intact, size)
             except _Damaged as exc:
