@@ -882,7 +882,7 @@ class ChangeLog:
             IntegrityError: the journal is damaged; when ``writable`` it was moved to
                 ``P.local_hash.damaged-<time>`` first (see :meth:`_set_aside`).
         """
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.edits = EditMap()
         """The pending edits, with the md5 of each value this process wrote or checked
         (:meth:`EditMap.checked_md5`; not journaled: reads trust those values)."""
@@ -1304,7 +1304,7 @@ class IndexMirror:
         self, path: Path, writable: bool = True, timeout: float | None = None,
         batch_lock: FileLock | None = None,
     ):
-        self.path = Path(path)
+        self.path = _as_path(path)
         flag = "c" if writable else "r"
         self._memory: dict[str, bytes | None] | None = None if writable else {}
         self.head_in_memory = False
@@ -1463,7 +1463,7 @@ class FileLock:
     """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = _as_path(path)
         self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         self._file = None if fcntl is not None else os.fdopen(self._fd, "r+b")  # portalocker's
         self._mutex = threading.RLock()
@@ -1565,7 +1565,7 @@ class LocalMeta:
             IntegrityError: the file is not JSON, or a field has a wrong type or value.
             FormatVersionError: written by a newer ebooklet.
         """
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.data: dict[str, Any] = {}
         self._lock = lock
         self._read(damaged_ok)
@@ -1739,6 +1739,12 @@ class FetchClaims:
 def _claim_byte(key: bytes) -> int:
     """The byte of the batch lock file whose record lock claims the download of ``key``."""
     return int.from_bytes(hashlib.blake2s(key, digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def _as_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`, not built again when it is one (pathlib is slow to
+    build, and every open passes the paths of :func:`local_paths`)."""
+    return path if isinstance(path, Path) else Path(path)
 
 
 def _file_stat(path: Path) -> tuple[int, int, int] | None:
