@@ -1452,6 +1452,9 @@ class IndexMirror:
             self._db = None
 
 
+_LOCK_FILE_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+
+
 class FileLock:
     """An exclusive lock on a small file beside the local copy, for the processes that
     open the copy (``flock``, so two opens in one process exclude each other too; on
@@ -1464,7 +1467,7 @@ class FileLock:
 
     def __init__(self, path: Path):
         self.path = _as_path(path)
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        self._fd: int | None = os.open(path, _LOCK_FILE_FLAGS, 0o666)
         self._file = None if fcntl is not None else os.fdopen(self._fd, "r+b")  # portalocker's
         self._mutex = threading.RLock()
         self._depth = 0
