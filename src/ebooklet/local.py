@@ -23,9 +23,11 @@ Byte layouts are in ``docs/format.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -346,7 +348,7 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
     view = memoryview(buf)
     while end - pos >= _HEAD.size:
         if pos + _HEAD.size > buf_at + len(buf):
-            buf, buf_at = _read_at(file, pos, JOURNAL_READ), pos
+            buf, buf_at = _read_at(file, pos, min(JOURNAL_READ, end - pos)), pos  # no more than is left
             view = memoryview(buf)
             if len(buf) < _HEAD.size:
                 break  # the file was cut while it was read (the writer dropped its close record)
@@ -359,7 +361,8 @@ def _parse_records(file: BinaryIO, end: int, pos: int, apply: _Apply) -> tuple[i
         if stop + _CHECK.size > end:
             break  # the last record, cut short by a crash: the change after it never happened
         if stop + _CHECK.size > buf_at + len(buf):
-            buf, buf_at, at = _read_at(file, pos, max(JOURNAL_READ, stop + _CHECK.size - pos)), pos, 0
+            length = min(max(JOURNAL_READ, stop + _CHECK.size - pos), end - pos)
+            buf, buf_at, at = _read_at(file, pos, length), pos, 0
             view = memoryview(buf)
             if len(buf) < stop + _CHECK.size - pos:
                 break  # the file was cut while it was read: as if cut short
@@ -930,7 +933,7 @@ class ChangeLog:
             IntegrityError: the journal is damaged; when ``writable`` it was moved to
                 ``P.local_hash.damaged-<time>`` first (see :meth:`_set_aside`).
         """
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.edits = EditMap()
         """The pending edits, with the md5 of each value this process wrote or checked
         (:meth:`EditMap.checked_md5`; not journaled: reads trust those values)."""
@@ -1350,7 +1353,7 @@ class IndexMirror:
         self, path: Path, writable: bool = True, timeout: float | None = None,
         batch_lock: FileLock | None = None,
     ):
-        self.path = Path(path)
+        self.path = _as_path(path)
         flag = "c" if writable else "r"
         self._memory: dict[str, bytes | None] | None = None if writable else {}
         self.head_in_memory = False
@@ -1450,6 +1453,8 @@ class IndexMirror:
 
     def persist_head(self) -> None:
         """Write the head kept in memory (see :attr:`head_in_memory`) to the file."""
+        if not self.head_pending:
+            return  # nothing to write: no lock to take (the usual case, at every open and close)
         with self._locked():
             if not self.head_pending:
                 return
@@ -1496,6 +1501,9 @@ class IndexMirror:
             self._db = None
 
 
+_LOCK_FILE_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0)
+
+
 class FileLock:
     """An exclusive lock on a small file beside the local copy, for the processes that
     open the copy (``flock``, so two opens in one process exclude each other too; on
@@ -1507,52 +1515,48 @@ class FileLock:
     """
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self._file = open(self.path, "a+b")  # noqa: SIM115 - closed by close()
+        self.path = _as_path(path)
+        self._fd: int | None = os.open(path, _LOCK_FILE_FLAGS, 0o666)
+        self._file = None if fcntl is not None else os.fdopen(self._fd, "r+b")  # portalocker's
         self._mutex = threading.RLock()
         self._depth = 0
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take the lock, waiting at most ``timeout`` seconds (``None``: as long as it takes,
         0: not at all); returns whether it was taken. Each taking needs its :meth:`release`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._mutex.acquire(timeout=-1 if timeout is None else timeout):
             return False
-        try:
-            if self._depth == 0:
-                self._lock(deadline)
+        if self._depth:
             self._depth += 1
             return True
-        except portalocker.exceptions.AlreadyLocked:
-            self._mutex.release()
-            return False
+        try:
+            taken = self._lock(None if timeout is None else time.monotonic() + timeout)
         except BaseException:
             self._mutex.release()
             raise
+        if not taken:
+            self._mutex.release()
+            return False
+        self._depth = 1
+        return True
 
-    def _lock(self, deadline: float | None) -> None:
-        """``flock`` the file, polling until ``deadline`` (``None``: a blocking wait).
-
-        Raises:
-            portalocker.exceptions.AlreadyLocked: not taken by the deadline.
-        """
+    def _lock(self, deadline: float | None) -> bool:
+        """Lock the file, polling until ``deadline`` (``None``: a blocking wait); returns
+        whether it was locked by then."""
         if deadline is None:
-            portalocker.lock(self._file, portalocker.LOCK_EX)
-            return
-        while True:
-            try:
-                portalocker.lock(self._file, portalocker.LOCK_EX | portalocker.LOCK_NB)
-                return
-            except portalocker.exceptions.AlreadyLocked:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(LOCK_POLL)
+            _lock_file(self._fd, self._file, wait=True)
+            return True
+        while not _lock_file(self._fd, self._file, wait=False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)
+        return True
 
     def release(self) -> None:
         """Give back one taking of the lock."""
         self._depth -= 1
         if self._depth == 0:
-            portalocker.unlock(self._file)
+            _unlock_file(self._fd, self._file)
         self._mutex.release()
 
     def __enter__(self) -> FileLock:
@@ -1564,7 +1568,37 @@ class FileLock:
 
     def close(self) -> None:
         """Close the file (which releases the lock)."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        elif self._fd is not None:
+            os.close(self._fd)
+        self._fd = self._file = None
+
+
+def _lock_file(fd: int, file: BinaryIO | None, wait: bool) -> bool:
+    """Lock the open file ``fd`` exclusively (``file``: the same as a file object, where
+    there is no ``fcntl``); returns ``False`` when ``wait`` is false and another holds it.
+    ``flock`` is called directly where it exists: portalocker's layers cost several times
+    the system call, on every open and close."""
+    if file is not None:
+        try:
+            portalocker.lock(file, portalocker.LOCK_EX | (0 if wait else portalocker.LOCK_NB))
+        except portalocker.exceptions.AlreadyLocked:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock_file(fd: int, file: BinaryIO | None) -> None:
+    """Unlock what :func:`_lock_file` locked."""
+    if file is not None:
+        portalocker.unlock(file)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class LocalMeta:
@@ -1583,7 +1617,7 @@ class LocalMeta:
             IntegrityError: the file is not JSON, or a field has a wrong type or value.
             FormatVersionError: written by a newer ebooklet.
         """
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.data: dict[str, Any] = {}
         self._lock = lock
         self._read(damaged_ok)
@@ -1596,24 +1630,26 @@ class LocalMeta:
 
     def _read(self, damaged_ok: bool) -> None:
         """Read the file into :attr:`data`, if it exists (see :meth:`__init__`)."""
-        if self.path.exists():
-            try:
-                data = orjson.loads(self.path.read_bytes())
-            except orjson.JSONDecodeError:
-                if damaged_ok:
-                    return
-                raise self._damaged("it is not valid JSON") from None
-            problem = _meta_problem(data)
-            if problem is not None:
-                if damaged_ok:
-                    return
-                raise self._damaged(problem)
-            if data["version"] > LOCAL_FORMAT_VERSION:
-                raise FormatVersionError(
-                    f"{self.path} was written by a newer ebooklet (local format "
-                    f"{data['version']}); upgrade ebooklet."
-                )
-            self.data = data
+        raw = _read_if_exists(self.path)
+        if raw is None:
+            return
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            if damaged_ok:
+                return
+            raise self._damaged("it is not valid JSON") from None
+        problem = _meta_problem(data)
+        if problem is not None:
+            if damaged_ok:
+                return
+            raise self._damaged(problem)
+        if data["version"] > LOCAL_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{self.path} was written by a newer ebooklet (local format "
+                f"{data['version']}); upgrade ebooklet."
+            )
+        self.data = data
 
     def _damaged(self, problem: str) -> IntegrityError:
         return IntegrityError(
@@ -1653,6 +1689,16 @@ class LocalMeta:
             os.replace(tmp, self.path)
 
 
+def _read_if_exists(path: Path) -> bytes | None:
+    """The bytes of the file ``path``, ``None`` when it does not exist (one open, no stat
+    before it)."""
+    try:
+        with open(path, "rb", buffering=0) as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
 def _meta_problem(data: Any) -> str | None:
     """What is wrong with the fields of a ``P.ebk.json`` (see docs/format.md 9.4), or ``None``."""
     if not isinstance(data, dict):
@@ -1672,7 +1718,10 @@ def _meta_problem(data: Any) -> str | None:
 
 
 def _hex32(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+_HEX32 = re.compile("[0-9a-f]{32}")
 
 
 def _serializer_name(value: Any) -> bool:
@@ -1744,6 +1793,12 @@ def _claim_byte(key: bytes) -> int:
     return int.from_bytes(hashlib.blake2s(key, digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
+def _as_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`, not built again when it is one (pathlib is slow to
+    build, and every open passes the paths of :func:`local_paths`)."""
+    return path if isinstance(path, Path) else Path(path)
+
+
 def _file_stat(path: Path) -> tuple[int, int, int] | None:
     """``(inode, size, mtime in ns)`` of a file, ``None`` when missing: what changes when
     another process appends to it or replaces it."""
@@ -1758,8 +1813,7 @@ def lock_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(batch lock, writer lock)`` files of a user path (docs/processes.md): ``P.ebk.lock``,
     held around each write to the shared local files, and ``P.ebk.writer``, held by the
     one writer for as long as it has the copy open."""
-    p = Path(path)
-    return p.with_name(p.name + ".ebk.lock"), p.with_name(p.name + ".ebk.writer")
+    return _sibling_paths(os.fspath(path))[4:]
 
 
 def in_use(path: str | os.PathLike) -> bool:
@@ -1779,10 +1833,15 @@ def in_use(path: str | os.PathLike) -> bool:
 
 def local_paths(path: str | os.PathLike) -> tuple[Path, Path, Path, Path]:
     """``(data, change log, index mirror, metadata)`` paths for a user path."""
+    return _sibling_paths(os.fspath(path))[:4]
+
+
+@functools.lru_cache(maxsize=64)
+def _sibling_paths(path: str) -> tuple[Path, ...]:
+    """The files of the copy at ``path``: :func:`local_paths`, then :func:`lock_paths`
+    (remembered: every open asks several times, and pathlib is slow to build them)."""
     p = Path(path)
-    return (
-        p,
-        p.with_name(p.name + ".local_hash"),
-        p.with_name(p.name + ".remote_index"),
-        p.with_name(p.name + ".ebk.json"),
-    )
+    return (p, *(p.with_name(p.name + suffix) for suffix in _SUFFIXES))
+
+
+_SUFFIXES = (".local_hash", ".remote_index", ".ebk.json", ".ebk.lock", ".ebk.writer")

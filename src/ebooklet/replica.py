@@ -232,7 +232,8 @@ class Replica:
             self._outside.reconcile_at_open(
                 self._data, data_path, self._log, self._remote, self.codec, self.offline, cached_from
             )
-        self._meta.data.setdefault("uuid", uuid.uuid4().hex)
+        if "uuid" not in self._meta.data:
+            self._meta.data["uuid"] = uuid.uuid4().hex
         self._meta.data.update(
             remote=conn.public_params() if conn else self._meta.data.get("remote"),
             key_serializer=self.codec.key_serializer_name,
@@ -969,9 +970,10 @@ def _local_files_writable(path: Path, flag: str) -> bool:
     Raises:
         ReadOnlyError: another flag, or no data file to read.
     """
-    files = [p for p in local_paths(path) if p.exists()]
     folder = path.parent
-    if (os.access(folder, os.W_OK) or not folder.exists()) and all(os.access(p, os.W_OK) for p in files):
+    if (os.access(folder, os.W_OK) or not folder.exists()) and all(
+        os.access(p, os.W_OK) or not p.exists() for p in local_paths(path)
+    ):
         return True
     why = "read-only file system, or no permission"
     if flag != "r":
