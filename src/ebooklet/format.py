@@ -666,30 +666,41 @@ def encode_pack_footer(items: Iterable[PackItem | tuple[bytes, bytes, int, int, 
 
 
 class PackFooter:
-    """A pack's footer built a value at a time, held as packed records (no object per
-    value): :meth:`encode` gives the bytes :func:`encode_pack_footer` would."""
+    """A pack's footer built a value at a time, held as columns (no object per value,
+    packed at :meth:`encode`): :meth:`encode` gives the bytes :func:`encode_pack_footer`
+    would."""
 
     def __init__(self) -> None:
-        self._records = bytearray()
-        self._keys = bytearray()
+        self._keys: list[bytes] = []
+        self._md5s: list[bytes] = []
+        self._timestamps: list[int] = []
+        self._offsets: list[int] = []
+        self._lengths: list[int] = []
 
     def __len__(self) -> int:
-        return len(self._records) // _PACK_RECORD.size
+        return len(self._keys)
 
     def add(self, key: bytes, md5_: bytes, timestamp: int, offset: int, length: int) -> None:
         """Record one value of the pack."""
-        keys = self._keys
-        self._records += _PACK_RECORD.pack(md5_, timestamp, offset, length, len(keys), len(key))
-        keys += key
+        self._keys.append(key)
+        self._md5s.append(md5_)
+        self._timestamps.append(timestamp)
+        self._offsets.append(offset)
+        self._lengths.append(length)
 
     def entries(self, pack: bytes) -> Iterator[Entry]:
         """The :class:`Entry` of each value recorded, in order, for the pack of id ``pack``."""
-        for m, ts, offset, length, _, _ in _PACK_RECORD.iter_unpack(self._records):
-            yield _new(Entry, (m, ts, pack, offset, length))
+        columns = zip(self._md5s, self._timestamps, itertools.repeat(pack), self._offsets, self._lengths)
+        return map(_new, itertools.repeat(Entry), columns)
 
     def encode(self) -> bytes:
         """The footer's bytes, its trailer included."""
-        body = b"".join((_HEADER.pack(PACK_MAGIC, len(self)), self._records, self._keys))
+        key_lengths = list(map(len, self._keys))
+        records = map(
+            _PACK_RECORD.pack, self._md5s, self._timestamps, self._offsets, self._lengths,
+            itertools.accumulate(key_lengths, initial=0), key_lengths,
+        )
+        body = b"".join([_HEADER.pack(PACK_MAGIC, len(self)), *records, *self._keys])
         footer = body + md5(body)
         return footer + _PACK_TRAILER.pack(len(footer), PACK_MAGIC)
 
