@@ -7,6 +7,7 @@ What differs is decided per key by the three-way rule, :func:`.local.three_way`:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import struct
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -124,19 +125,22 @@ class _ShardWrite:
     """One index shard a push writes, and the values of its keys being uploaded.
 
     ``contents`` starts as the shard's entries in the head (deletions applied) and takes
-    each uploaded value's entry; ``known`` maps the md5s of the shard's values to their
-    location (``None`` while this push uploads it), ``shared`` those of the push
-    (journaled uploads, large values): a value of either is not uploaded again.
-    ``duplicates`` are ``(key, md5, timestamp)`` of such values, located once the
-    uploads are done.
+    each uploaded value's entry; ``to_send`` maps the keys whose value the push sends to
+    the md5 journaled with their edit. ``known`` maps the md5s of the shard's values to
+    their location: an entry of the head, a key of ``contents`` whose value this push
+    uploads in a pack, ``None`` while a large value is being uploaded (then its entry);
+    ``shared`` those of the push (journaled uploads, large values): a value of either is
+    not uploaded again. ``duplicates`` are ``(key, md5, timestamp)`` of such values,
+    located once the uploads are done.
     """
 
     def __init__(self, number: int, contents: dict[bytes, Entry], shared: dict[bytes, Entry | None]):
         self.number = number
         self.contents = contents
+        self.to_send: dict[bytes, bytes] = {}
         self.old_keys = len(contents)
         self.old_bytes = sum(e.length for e in contents.values())
-        self.known: dict[bytes, Entry | None] = {e.md5: e for e in contents.values()}
+        self.known: dict[bytes, Entry | bytes | None] = {e.md5: e for e in contents.values()}
         self.shared = shared
         self.duplicates: list[tuple[bytes, bytes, int]] = []
 
@@ -147,7 +151,11 @@ class _ShardWrite:
     def locate_duplicates(self) -> None:
         """Give each duplicate the location of its md5 (every upload of the shard is done)."""
         for kb, m, ts in self.duplicates:
-            e = self.known.get(m) or self.shared[m]
+            e = self.known.get(m)
+            if e is None:  # the push's (a journaled upload, a large value)
+                e = self.shared[m]
+            elif isinstance(e, bytes):  # the key this push uploaded the value under
+                e = self.contents[e]
             self.contents[kb] = Entry(m, ts, e.pack, e.offset, e.length)
         self.duplicates = []
 
@@ -465,15 +473,18 @@ class Changes:
         n_settled = 0
         conflicts: list[bytes] = []
         for number, group in self._edit_groups(n_plan, chosen):
-            for kb, edit, _, state in self._verdicts(head, number, n_plan, group):
-                if state is State.SETTLED:
-                    n_settled += 1
-                elif state is State.CONFLICT and not force:
-                    conflicts.append(kb)
-                elif edit.md5 is None:
-                    deletes[number] += 1
+            states, _ = self._verdicts(head, number, n_plan, group)
+            n_settled += states.count(State.SETTLED)
+            sets[number] = states.count(State.ADDED) + states.count(State.MODIFIED)
+            deletes[number] = states.count(State.DELETED)
+            if State.CONFLICT in states:
+                in_conflict = [pair for pair, state in zip(group, states, strict=True) if state is State.CONFLICT]
+                if force:  # pushed as they are
+                    n_deleted = sum(edit.md5 is None for _, edit in in_conflict)
+                    sets[number] += len(in_conflict) - n_deleted
+                    deletes[number] += n_deleted
                 else:
-                    sets[number] += 1
+                    conflicts += [kb for kb, _ in in_conflict]
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(n_plan, sets, deletes, n_settled, chosen)
@@ -492,20 +503,25 @@ class Changes:
     def _verdicts(
         self, head: dict | None, number: int, n_shards: int, group: list[tuple[bytes, Edit]],
         contents: dict[bytes, Entry] | None = None,
-    ) -> Iterator[tuple[bytes, Edit, Entry | None, State]]:
-        """``(key, edit, remote entry, state)`` of the edits of ``group``, all of shard
-        ``number`` of ``n_shards`` (as many as the head's or more): their entries from
-        ``contents`` (that shard's in the head) when given, else searched in the head."""
+    ) -> tuple[list[State], Mapping[bytes, Entry | None]]:
+        """The state of each edit of ``group`` (in its order), all of shard ``number`` of
+        ``n_shards`` (as many as the head's or more), and the remote entries they were
+        judged by (key -> entry; a key not there has none): ``contents`` (that shard's in
+        the head) when given, else those of the head."""
         replica = self._replica
         replacing = replica.log.replace
-        if contents is None:
-            name = None if head is None else fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards))
-            found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
+        if contents is not None:
+            found: Mapping[bytes, Entry | None] = contents
+        elif head is None:
+            found = {}
         else:
-            found = contents
-        for kb, edit in group:
-            entry = found.get(kb)
-            yield kb, edit, entry, three_way(edit, entry, self._edit_ts(kb, edit), replacing)
+            name = fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards))
+            found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
+        get, edit_ts = found.get, self._edit_ts
+        return [  # a list, not a generator: these run once a key of a push, twice
+            three_way(edit, get(kb), edit_ts(kb, edit) if edit.retimed else None, replacing)
+            for kb, edit in group
+        ], found
 
     def _load_head_shards(self, head: dict | None, n_plan: int, selected: frozenset[bytes] | None) -> bool:
         """Fetch the head's shards that hold edits and are not local, in parallel (kept in
@@ -600,23 +616,22 @@ class Changes:
             if n_batches > 1 and replica.scan_pays(plan.n_sets):
                 spill = _ValueSpill(replica, batch_of, n_shards, n_batches)
             batch: list[_ShardWrite] = []
-            batch_keys: dict[bytes, tuple[_ShardWrite, bytes]] = {}
             for i in numbers:
                 if batch and batch_of[i] != batch_of[batch[0].number]:
-                    writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
-                    batch, batch_keys = [], {}
+                    writer.send(batch, spill and spill.values(batch_of[batch[0].number]))
+                    batch = []
                 shard = _ShardWrite(
                     i, replica.remote.shard_contents(head, i, n_shards, self._remember_shards),
                     writer.shared,
                 )
                 if group is not None and group[0] == i:
-                    self._apply_edits(head, shard, n_shards, group[1], batch_keys)
+                    self._apply_edits(head, shard, n_shards, group[1])
                     group = next(groups, None)
                 batch.append(shard)
             if group is not None:  # edits the plan did not count: they would be forgotten
                 raise RuntimeError(f"internal error: the edits of shard {group[0]} were not planned")
             if batch:
-                writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
+                writer.send(batch, spill and spill.values(batch_of[batch[0].number]))
             for i, name, keys_delta, bytes_delta in writer.finish():
                 shards[i] = name
                 counts[0] += keys_delta
@@ -630,20 +645,21 @@ class Changes:
         return shards, n_shards, counts[0], counts[1], writer.uploaded
 
     def _apply_edits(
-        self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]],
-        batch_keys: dict[bytes, tuple[_ShardWrite, bytes]],
+        self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]]
     ) -> None:
         """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), add its
-        keys to set to ``batch_keys`` (key -> its shard and the md5 of its value), and
-        forget its edits already equal to the remote (:meth:`_settle`)."""
+        keys to set to its ``to_send`` (key -> the md5 of its value), and forget its edits
+        already equal to the remote (:meth:`_settle`)."""
         settled = []
-        for kb, edit, entry, state in self._verdicts(head, shard.number, n_shards, group, shard.contents):
+        contents, to_send = shard.contents, shard.to_send
+        states, _ = self._verdicts(head, shard.number, n_shards, group, contents)
+        for (kb, edit), state in zip(group, states, strict=True):
             if state is State.SETTLED:
-                settled.append((kb, entry))
+                settled.append((kb, contents.get(kb)))
             elif edit.md5 is None:
-                shard.contents.pop(kb, None)
+                contents.pop(kb, None)
             else:
-                batch_keys[kb] = (shard, edit.md5)
+                to_send[kb] = edit.md5
         self._settle(settled)
 
     def _settle_only(self, plan: _Plan) -> None:
@@ -651,7 +667,8 @@ class Changes:
         has nothing else to do (:meth:`_write` does it for one that commits)."""
         head = None if self._replica.log.replace else self._replica.remote.manifest
         for number, group in self._edit_groups(plan.n_plan, plan.selected):
-            self._settle([(kb, entry) for kb, _, entry, state in self._verdicts(head, number, plan.n_plan, group)
+            states, found = self._verdicts(head, number, plan.n_plan, group)
+            self._settle([(kb, found.get(kb)) for (kb, _), state in zip(group, states, strict=True)
                           if state is State.SETTLED])
 
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
@@ -718,7 +735,7 @@ class _ValueSpill:
     to the data file (:class:`ScanInterrupted`) leaves the rest to lookups.
     """
 
-    _RECORD = struct.Struct("<IIq")  # key length, value length, timestamp
+    _RECORD = struct.Struct("<IIIq")  # shard number, key length, value length, timestamp
 
     def __init__(self, replica: Replica, batch_of: dict[int, int], n_shards: int, n_batches: int):
         self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
@@ -731,11 +748,12 @@ class _ValueSpill:
         shard_of, pack = fmt.shard_of, self._RECORD.pack
         try:
             for kb, ts, raw in replica.scan():
-                b = batch_of.get(shard_of(kb, n_shards))
+                number = shard_of(kb, n_shards)
+                b = batch_of.get(number)
                 if b is None:
                     continue
                 buffer = buffers[b]
-                buffer += pack(len(kb), len(raw), ts)
+                buffer += pack(number, len(kb), len(raw), ts)
                 buffer += kb
                 buffer += raw
                 if len(buffer) >= limit:
@@ -752,8 +770,9 @@ class _ValueSpill:
             self._end += len(buffer)
             buffer.clear()
 
-    def values(self, b: int) -> Iterator[tuple[bytes, int, bytes]]:
-        """``(encoded key, timestamp, encoded value)`` set aside for batch ``b`` (once)."""
+    def values(self, b: int) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """``(shard number, encoded key, timestamp, encoded value)`` set aside for batch
+        ``b`` (once)."""
         self._file.flush()
         fd, head = self._file.fileno(), self._RECORD
         chunks, self._chunks[b] = self._chunks[b], []
@@ -761,11 +780,11 @@ class _ValueSpill:
             data = os.pread(fd, length, at)
             pos = 0
             while pos < length:
-                key_len, value_len, ts = head.unpack_from(data, pos)
+                number, key_len, value_len, ts = head.unpack_from(data, pos)
                 pos += head.size
                 kb = data[pos : pos + key_len]
                 pos += key_len
-                yield kb, ts, data[pos : pos + value_len]
+                yield number, kb, ts, data[pos : pos + value_len]
                 pos += value_len
 
     def close(self) -> None:
@@ -797,7 +816,7 @@ class _PushWriter:
         self._commit_id = commit_id
         self.shared = shared
         self.uploaded = 0
-        self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[_ShardWrite]], Future]] = deque()
+        self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[dict[bytes, Entry]]], Future]] = deque()
         self._open: deque[list[_ShardWrite]] = deque()
         self._shards: deque[tuple[int, Future]] = deque()  # (keys, upload) in flight
         self._shard_keys = 0  # keys of the shards in flight
@@ -805,14 +824,12 @@ class _PushWriter:
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
 
     def send(
-        self, batch: list[_ShardWrite], kbs: dict[bytes, tuple[_ShardWrite, bytes]],
-        spilled: Iterable[tuple[bytes, int, bytes]] | None = None,
+        self, batch: list[_ShardWrite], spilled: Iterable[tuple[int, bytes, int, bytes]] | None = None
     ) -> None:
-        """Read, check and upload the values of ``kbs`` (keys -> their shard, of
-        ``batch``, and the md5 journaled with the edit; emptied), then finish the batch
-        before it. ``spilled``: values set
-        aside for the batch (:class:`_ValueSpill`; those of other keys are skipped);
-        the keys it lacks are looked up.
+        """Read, check and upload the values of the keys of each shard's ``to_send`` (of
+        ``batch``; emptied), then finish the batch before it. ``spilled``: ``(shard number,
+        key, timestamp, value)`` set aside for the batch (:class:`_ValueSpill`; those of
+        other keys are skipped); the keys it lacks are looked up.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
@@ -820,11 +837,12 @@ class _PushWriter:
         """
         new, owners = NewPack(), []
         pack_size, part_size, md5 = remote_module.PACK_SIZE, remote_module.PART_SIZE, fmt.md5
-        for kb, ts, raw in self._values(kbs, spilled):
-            to_send = kbs.pop(kb, None)
-            if to_send is None:
+        by_number = {shard.number: shard for shard in batch}
+        for number, kb, ts, raw in self._values(batch, spilled):
+            shard = by_number[number]
+            m = shard.to_send.pop(kb, None)
+            if m is None:
                 continue  # set aside for a key this push does not send
-            shard, m = to_send
             if len(raw) > part_size:
                 self._large.add(shard, kb, ts, raw, m)
                 del raw  # the upload holds it as long as needed
@@ -834,14 +852,15 @@ class _PushWriter:
             if shard.reuses(m):
                 shard.duplicates.append((kb, m, ts))
                 continue
-            shard.known[m] = None  # being uploaded by this push
+            shard.known[m] = kb  # uploaded under this key by this push
             new.add(kb, raw, m, ts)
-            owners.append(shard)
+            owners.append(shard.contents)
             if len(new.values) >= pack_size:
                 self._send_pack(batch, new, owners)
                 new, owners = NewPack(), []
-        if kbs:  # not in the data file
-            raise self._replica.damaged_edit(min(kbs), False)
+        missing = [kb for shard in batch for kb in shard.to_send]
+        if missing:  # not in the data file
+            raise self._replica.damaged_edit(min(missing), False)
         self._send_pack(batch, new, owners)
         self._open.append(batch)
         while len(self._open) > 1:
@@ -863,16 +882,22 @@ class _PushWriter:
         self._large.cancel()
 
     def _values(
-        self, kbs: dict[bytes, tuple[_ShardWrite, bytes]], spilled: Iterable[tuple[bytes, int, bytes]] | None
-    ) -> Iterator[tuple[bytes, int, bytes]]:
-        """The values ``spilled`` for ``kbs``, then those of the keys still in ``kbs`` from
-        the data file."""
-        if spilled is not None:
-            yield from spilled
-        if kbs:
-            yield from self._replica.stored_values(list(kbs))
+        self, batch: list[_ShardWrite], spilled: Iterable[tuple[int, bytes, int, bytes]] | None
+    ) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """``(shard number, key, timestamp, value)``: those ``spilled``, then those of the
+        keys still to send by ``batch`` (listed once ``spilled`` is read) from the data file."""
+        looked_up = self._looked_up(batch)
+        return looked_up if spilled is None else itertools.chain(spilled, looked_up)
 
-    def _send_pack(self, batch: list[_ShardWrite], new: NewPack, owners: list[_ShardWrite]) -> None:
+    def _looked_up(self, batch: list[_ShardWrite]) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """``(shard number, key, timestamp, value)`` of the keys still to send by ``batch``,
+        from the data file."""
+        owner = {kb: shard.number for shard in batch for kb in shard.to_send}
+        if owner:
+            for kb, ts, raw in self._replica.stored_values(list(owner)):
+                yield owner[kb], kb, ts, raw
+
+    def _send_pack(self, batch: list[_ShardWrite], new: NewPack, owners: list[dict[bytes, Entry]]) -> None:
         if owners:
             self.uploaded += len(new.values)
             self._packs.append((batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
@@ -883,8 +908,8 @@ class _PushWriter:
     def _collect_pack(self) -> None:
         _, (new, owners), future = self._packs.popleft()
         footer = future.result()
-        for shard, (kb, entry) in zip(owners, new.located(), strict=True):
-            shard.contents[kb] = shard.known[entry.md5] = entry
+        for contents, (kb, entry) in zip(owners, new.located(), strict=True):
+            contents[kb] = entry
         self._replica.log.record_pack(new.pack, footer)
         self._progress.update(len(new.values))
 
