@@ -6,6 +6,7 @@ What differs is decided per key by the three-way rule, :func:`.local.three_way`:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import logging
@@ -54,6 +55,57 @@ SPILL_BUFFER = 8 << 20
 aside by batch in a temporary file, holding this many bytes of them in memory at most,
 shared by the batches (at least :data:`SPILL_BATCH_MIN` a batch)."""
 SPILL_BATCH_MIN = 16 << 10
+PUSH_GC_THRESHOLD = 10_000
+"""While a push runs, the first threshold of Python's cyclic garbage collector is at least
+this (CPython's default is 700); see :class:`_FewerCollections`."""
+
+
+# Why a push raises the garbage collector's first threshold.
+#
+# A push of many keys makes millions of small objects that live a shard or a batch of
+# shards: the edits of a shard, the index entries of a batch. CPython collects the young
+# objects after every 700 allocations net, and every hundredth collection is a full one
+# that walks everything alive; the batch's survivors keep making that due. At 1M keys of
+# 100 B that was 50 full collections, about a fifth of the push's CPU time (2.5 s of
+# 12.5). With the first threshold at 10,000 there are one to three, and the push's CPU
+# time drops by that fifth; disabling the collector outright saves no more. Cycles are
+# still collected, by the young collections (a few ms each) and the rare full ones: the
+# push itself leaves about 90 objects in cycles at 1M keys. The threshold is raised, not
+# the collector disabled, because it is the process's: other threads keep collecting.
+# It is put back when the last push of the process ends, unless something else set
+# another meanwhile (that one is kept); a collector disabled by the application
+# (threshold 0 or ``gc.disable()``) is left as it is.
+class _FewerCollections:
+    """A context manager: the collector's first threshold at :data:`PUSH_GC_THRESHOLD` at
+    least while a push of this process runs (pushes of several threads share it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._saved: tuple[int, ...] | None = None  # the thresholds to put back
+        self._raised: tuple[int, ...] | None = None  # those set in their place
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running > 1:
+                return
+            saved = gc.get_threshold()
+            if 0 < saved[0] < PUSH_GC_THRESHOLD:
+                self._saved, self._raised = saved, (PUSH_GC_THRESHOLD, *saved[1:])
+                gc.set_threshold(*self._raised)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running or self._saved is None:
+                return
+            if gc.get_threshold() == self._raised:
+                gc.set_threshold(*self._saved)
+            self._saved = self._raised = None
+
+
+_FEWER_COLLECTIONS = _FewerCollections()
 
 
 class Change(NamedTuple):
@@ -411,7 +463,7 @@ class Changes:
         before = Counter(conn.request_counts)
         result = PushResult()
         self._progress = Progress(progress, None, "B", "push")
-        with self._progress, replica.mutex, replica.holding_lock() as lock:
+        with self._progress, replica.mutex, _FEWER_COLLECTIONS, replica.holding_lock() as lock:
             replica.sync()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
