@@ -6,17 +6,20 @@ What differs is decided per key by the three-way rule, :func:`.local.three_way`:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import gc
 import hashlib
 import itertools
 import logging
+import operator
 import os
 import struct
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -55,6 +58,10 @@ SPILL_BUFFER = 8 << 20
 aside by batch in a temporary file, holding this many bytes of them in memory at most,
 shared by the batches (at least :data:`SPILL_BATCH_MIN` a batch)."""
 SPILL_BATCH_MIN = 16 << 10
+CHUNK_RECORDS = 1 << 15
+"""A push reads the values of its keys in chunks of this many at most, each holding an
+eighth of :data:`SPILL_BUFFER` of values at most (or one value), handled a column at a
+time."""
 PUSH_GC_THRESHOLD = 10_000
 """While a push runs, the first threshold of Python's cyclic garbage collector is at least
 this (CPython's default is 700); see :class:`_FewerCollections`."""
@@ -774,20 +781,65 @@ def _batches(numbers: Iterable[int], sets: dict[int, int], kept: int) -> tuple[d
     return batch_of, batch + 1 if batch_of else 0
 
 
+Block = tuple[Sequence[int], Sequence[bytes], Sequence[int], Sequence[bytes]]
+"""Values a push reads, a column each: shard numbers, encoded keys, timestamps, encoded
+values."""
+
+
+def _chunks(
+    records: Iterable[tuple[bytes, int, bytes]],
+) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
+    """``records`` (``(key, timestamp, value)``) a chunk at a time, a column each (keys,
+    timestamps, values): :data:`CHUNK_RECORDS` at most, cut once the values reach an
+    eighth of :data:`SPILL_BUFFER`. No record's tuple is kept: tuples alive by the
+    thousand are what the garbage collector walks."""
+    keys: list[bytes] = []
+    timestamps: list[int] = []
+    values: list[bytes] = []
+    size, most, largest = 0, CHUNK_RECORDS, SPILL_BUFFER // 8
+    for kb, ts, raw in records:
+        keys.append(kb)
+        timestamps.append(ts)
+        values.append(raw)
+        size += len(raw)
+        if size >= largest or len(keys) >= most:
+            yield keys, timestamps, values
+            keys, timestamps, values, size = [], [], [], 0
+    if keys:
+        yield keys, timestamps, values
+
+
+_TO_SEND = operator.attrgetter("to_send")
+_KNOWN = operator.attrgetter("known")
+_CONTENTS = operator.attrgetter("contents")
+
+
+def _consume(calls: Iterable[Any]) -> None:
+    """Run ``calls``, a ``map`` of a function called for its effect: a loop in C, not in
+    Python, for the loops that make one call a value."""
+    deque(calls, maxlen=0)
+
+
 class _ValueSpill:
     """The values of a push of several batches that sets half the data file or more:
     one scan of the data file reads them, and sets each batch's aside in an unnamed
     temporary file beside it, so that a batch reads its own back in a few sequential
     reads (a lookup per key costs ~20 µs; a scan per batch, a scan of the file each).
-    What it holds in memory is :data:`SPILL_BUFFER` at most, shared by the batches.
+    What it holds in memory is :data:`SPILL_BUFFER` at most, shared by the batches, and
+    a chunk of the scan (an eighth of that).
 
     The value of every key of a batch's shards is set aside (the push sets half the file
     or more: telling its keys from the others would cost a lookup a record); the batch
     takes those of its keys (:meth:`_PushWriter.send`). A scan cut short by a write
     to the data file (:class:`ScanInterrupted`) leaves the rest to lookups.
+
+    The scan is read a chunk at a time (:func:`_chunks`), and the records of a chunk
+    that go to one batch are set aside as one block of columns: their count, then shard
+    numbers, key lengths, value lengths and timestamps, then the keys and the values
+    back to back (no Python call a value, set aside or read back).
     """
 
-    _RECORD = struct.Struct("<IIIq")  # shard number, key length, value length, timestamp
+    _COUNT = struct.Struct("<I")  # records in a block
 
     def __init__(self, replica: Replica, batch_of: dict[int, int], n_shards: int, n_batches: int):
         self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
@@ -797,23 +849,37 @@ class _ValueSpill:
         self._end = 0
         buffers = [bytearray() for _ in range(n_batches)]
         limit = max(SPILL_BUFFER // n_batches, SPILL_BATCH_MIN)
-        shard_of, pack = fmt.shard_of, self._RECORD.pack
+        batch_or_none = functools.partial(map, batch_of.get)
         try:
-            for kb, ts, raw in replica.scan():
-                number = shard_of(kb, n_shards)
-                b = batch_of.get(number)
-                if b is None:
-                    continue
-                buffer = buffers[b]
-                buffer += pack(number, len(kb), len(raw), ts)
-                buffer += kb
-                buffer += raw
-                if len(buffer) >= limit:
-                    self._flush(b, buffer)
+            for chunk in _chunks(replica.scan()):
+                numbers = fmt.shards_of(chunk[0], n_shards)
+                columns = (numbers, *chunk)
+                del chunk
+                by_batch: list[list[int]] = [[] for _ in range(n_batches + 1)]
+                _consume(map(  # the positions of each batch's records; the last: shards not written
+                    list.append, map(by_batch.__getitem__, batch_or_none(numbers, itertools.repeat(-1))),
+                    range(len(numbers)),
+                ))
+                for b, positions in enumerate(by_batch[:-1]):
+                    if positions:
+                        self._put(buffers[b], *(list(map(column.__getitem__, positions)) for column in columns))
+                        if len(buffers[b]) >= limit:
+                            self._flush(b, buffers[b])
         except ScanInterrupted:
             pass  # the values not set aside are looked up by the batches
         for b, buffer in enumerate(buffers):
             self._flush(b, buffer)
+
+    def _put(
+        self, buffer: bytearray, numbers: list[int], keys: list[bytes], timestamps: list[int],
+        values: list[bytes],
+    ) -> None:
+        """Append records (shard numbers, keys, timestamps, values) to ``buffer`` as a block."""
+        n = len(numbers)
+        buffer += self._COUNT.pack(n)
+        buffer += struct.pack(f"<{3 * n}I{n}q", *numbers, *map(len, keys), *map(len, values), *timestamps)
+        buffer += b"".join(keys)
+        buffer += b"".join(values)
 
     def _flush(self, b: int, buffer: bytearray) -> None:
         if buffer:
@@ -822,22 +888,32 @@ class _ValueSpill:
             self._end += len(buffer)
             buffer.clear()
 
-    def values(self, b: int) -> Iterator[tuple[int, bytes, int, bytes]]:
-        """``(shard number, encoded key, timestamp, encoded value)`` set aside for batch
-        ``b`` (once)."""
+    def values(self, b: int) -> Iterator[Block]:
+        """The values set aside for batch ``b`` (once), a block for each piece of the
+        file they were written in."""
         self._file.flush()
-        fd, head = self._file.fileno(), self._RECORD
+        fd = self._file.fileno()
         chunks, self._chunks[b] = self._chunks[b], []
         for at, length in chunks:
             data = os.pread(fd, length, at)
+            numbers: list[int] = []
+            keys: list[bytes] = []
+            timestamps: list[int] = []
+            values: list[bytes] = []
             pos = 0
             while pos < length:
-                number, key_len, value_len, ts = head.unpack_from(data, pos)
-                pos += head.size
-                kb = data[pos : pos + key_len]
-                pos += key_len
-                yield number, kb, ts, data[pos : pos + value_len]
-                pos += value_len
+                (n,) = self._COUNT.unpack_from(data, pos)
+                columns = struct.unpack_from(f"<{3 * n}I{n}q", data, pos + self._COUNT.size)
+                pos += self._COUNT.size + 20 * n
+                key_ends = list(itertools.accumulate(columns[n : 2 * n], initial=pos))
+                value_ends = list(itertools.accumulate(columns[2 * n : 3 * n], initial=key_ends[-1]))
+                pos = value_ends[-1]
+                numbers += columns[:n]
+                keys += map(data.__getitem__, map(slice, key_ends, key_ends[1:]))
+                timestamps += columns[3 * n :]
+                values += map(data.__getitem__, map(slice, value_ends, value_ends[1:]))
+            del data
+            yield numbers, keys, timestamps, values
 
     def close(self) -> None:
         """Delete the temporary file."""
@@ -874,49 +950,97 @@ class _PushWriter:
         self._shard_keys = 0  # keys of the shards in flight
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
+        self._batch: list[_ShardWrite] = []  # the batch being sent
+        self._new, self._owners = NewPack(), []  # the pack being filled, the contents of each value's shard
 
-    def send(
-        self, batch: list[_ShardWrite], spilled: Iterable[tuple[int, bytes, int, bytes]] | None = None
-    ) -> None:
+    def send(self, batch: list[_ShardWrite], spilled: Iterable[Block] | None = None) -> None:
         """Read, check and upload the values of the keys of each shard's ``to_send`` (of
-        ``batch``; emptied), then finish the batch before it. ``spilled``: ``(shard number,
-        key, timestamp, value)`` set aside for the batch (:class:`_ValueSpill`; those of
-        other keys are skipped); the keys it lacks are looked up.
+        ``batch``; emptied), then finish the batch before it. ``spilled``: values set
+        aside for the batch (:class:`_ValueSpill`; those of other keys are skipped); the
+        keys it lacks are looked up.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
-        new, owners = NewPack(), []
-        pack_size, part_size, md5 = remote_module.PACK_SIZE, remote_module.PART_SIZE, fmt.md5
+        self._batch = batch
         by_number = {shard.number: shard for shard in batch}
-        for number, kb, ts, raw in self._values(batch, spilled):
-            shard = by_number[number]
-            m = shard.to_send.pop(kb, None)
-            if m is None:
-                continue  # set aside for a key this push does not send
-            if len(raw) > part_size:
-                self._large.add(shard, kb, ts, raw, m)
-                del raw  # the upload holds it as long as needed
-                continue
-            if md5(raw) != m:
-                raise self._replica.damaged_edit(kb, True)
-            if shard.reuses(m):
-                shard.duplicates.append((kb, m, ts))
-                continue
-            shard.known[m] = kb  # uploaded under this key by this push
-            new.add(kb, raw, m, ts)
-            owners.append(shard.contents)
-            if len(new.values) >= pack_size:
-                self._send_pack(batch, new, owners)
-                new, owners = NewPack(), []
+        for numbers, keys, timestamps, values in self._values(batch, spilled):
+            self._add_block(list(map(by_number.__getitem__, numbers)), keys, timestamps, values)
         missing = [kb for shard in batch for kb in shard.to_send]
         if missing:  # not in the data file
             raise self._replica.damaged_edit(min(missing), False)
-        self._send_pack(batch, new, owners)
+        self._send_pack()
         self._open.append(batch)
         while len(self._open) > 1:
             self._finish_batch(self._open.popleft())
+
+    def _add_block(
+        self, shards: list[_ShardWrite], keys: Sequence[bytes], timestamps: Sequence[int],
+        values: Sequence[bytes],
+    ) -> None:
+        """Check and pack the values of a block (``shards``: the shard of each) whose keys
+        are to send; skip the others. A block of small values that are all new (no md5
+        twice, none known) is checked and packed a column at a time, any other a value
+        at a time (:meth:`_add_value`)."""
+        expected = list(map(dict.pop, map(_TO_SEND, shards), keys, itertools.repeat(None)))
+        if None in expected:  # values set aside for keys this push does not send
+            sent = list(map(operator.is_not, expected, itertools.repeat(None)))
+            shards, keys, timestamps, values, expected = (
+                list(itertools.compress(column, sent)) for column in (shards, keys, timestamps, values, expected)
+            )
+        if not keys:
+            return
+        if max(map(len, values)) > remote_module.PART_SIZE or not self._all_new(shards, expected):
+            _consume(map(self._add_value, shards, keys, timestamps, values, expected))
+            return
+        digests = fmt.md5s(values)
+        if digests != expected:
+            damaged = next(kb for kb, m, d in zip(keys, expected, digests, strict=True) if m != d)
+            raise self._replica.damaged_edit(damaged, True)
+        _consume(map(dict.__setitem__, map(_KNOWN, shards), digests, keys))  # uploaded under this key
+        self._extend_pack(shards, keys, timestamps, values, digests)
+
+    def _all_new(self, shards: list[_ShardWrite], md5s: list[bytes]) -> bool:
+        """Whether no two of ``md5s`` are equal and none is known to the push or to its
+        shard (the same place in ``shards``)."""
+        distinct = set(md5s)  # a dict's keys() view checks the smaller side of the two
+        return (
+            len(distinct) == len(md5s)
+            and self.shared.keys().isdisjoint(distinct)
+            and not any(map(operator.contains, map(_KNOWN, shards), md5s))
+        )
+
+    def _add_value(self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, m: bytes) -> None:
+        """Check and upload one value of ``shard`` whose edit journaled the md5 ``m``: in
+        the pack being filled, on its own when large, not at all when known (a duplicate)."""
+        if len(raw) > remote_module.PART_SIZE:
+            self._large.add(shard, kb, ts, raw, m)
+            return
+        if fmt.md5(raw) != m:
+            raise self._replica.damaged_edit(kb, True)
+        if shard.reuses(m):
+            shard.duplicates.append((kb, m, ts))
+            return
+        shard.known[m] = kb  # uploaded under this key by this push
+        self._extend_pack([shard], [kb], [ts], [raw], [m])
+
+    def _extend_pack(
+        self, shards: Sequence[_ShardWrite], keys: Sequence[bytes], timestamps: Sequence[int],
+        values: Sequence[bytes], md5s: Sequence[bytes],
+    ) -> None:
+        """Add values of the batch's ``shards`` to the pack being filled, in order, sending
+        it each time it reaches :data:`PACK_SIZE` (with the value that reaches it)."""
+        lengths = list(map(len, values))
+        start = 0
+        while start < len(keys):
+            room = remote_module.PACK_SIZE - len(self._new.values)
+            stop = start + bisect.bisect_left(list(itertools.accumulate(lengths[start:])), room) + 1
+            self._new.extend(keys[start:stop], values[start:stop], md5s[start:stop], timestamps[start:stop])
+            self._owners.extend(map(_CONTENTS, shards[start:stop]))
+            if len(self._new.values) >= remote_module.PACK_SIZE:
+                self._send_pack()
+            start = stop
 
     def finish(self) -> list[tuple[int, str | None, int, int]]:
         """Finish every shard; returns ``(number, its commit id or None when empty, key
@@ -933,26 +1057,27 @@ class _PushWriter:
         """The push fails: start no more large uploads."""
         self._large.cancel()
 
-    def _values(
-        self, batch: list[_ShardWrite], spilled: Iterable[tuple[int, bytes, int, bytes]] | None
-    ) -> Iterator[tuple[int, bytes, int, bytes]]:
-        """``(shard number, key, timestamp, value)``: those ``spilled``, then those of the
-        keys still to send by ``batch`` (listed once ``spilled`` is read) from the data file."""
+    def _values(self, batch: list[_ShardWrite], spilled: Iterable[Block] | None) -> Iterator[Block]:
+        """The blocks ``spilled``, then those of the keys still to send by ``batch`` (listed
+        once ``spilled`` is read) from the data file."""
         looked_up = self._looked_up(batch)
         return looked_up if spilled is None else itertools.chain(spilled, looked_up)
 
-    def _looked_up(self, batch: list[_ShardWrite]) -> Iterator[tuple[int, bytes, int, bytes]]:
-        """``(shard number, key, timestamp, value)`` of the keys still to send by ``batch``,
-        from the data file."""
+    def _looked_up(self, batch: list[_ShardWrite]) -> Iterator[Block]:
+        """The values of the keys still to send by ``batch`` from the data file, in blocks."""
         owner = {kb: shard.number for shard in batch for kb in shard.to_send}
         if owner:
-            for kb, ts, raw in self._replica.stored_values(list(owner)):
-                yield owner[kb], kb, ts, raw
+            for keys, timestamps, values in _chunks(self._replica.stored_values(list(owner))):
+                yield list(map(owner.__getitem__, keys)), keys, timestamps, values
 
-    def _send_pack(self, batch: list[_ShardWrite], new: NewPack, owners: list[dict[bytes, Entry]]) -> None:
+    def _send_pack(self) -> None:
+        """Send the pack being filled (if it holds a value), of the batch's shards, and
+        start another."""
+        new, owners = self._new, self._owners
         if owners:
             self.uploaded += len(new.values)
-            self._packs.append((batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
+            self._packs.append((self._batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
+            self._new, self._owners = NewPack(), []
         in_flight = max(1, min(self._threads, PUSH_IN_FLIGHT // remote_module.PACK_SIZE))
         while len(self._packs) > in_flight:
             self._collect_pack()
@@ -960,8 +1085,7 @@ class _PushWriter:
     def _collect_pack(self) -> None:
         _, (new, owners), future = self._packs.popleft()
         footer = future.result()
-        for contents, (kb, entry) in zip(owners, new.located(), strict=True):
-            contents[kb] = entry
+        _consume(map(dict.__setitem__, owners, new.keys, new.entries()))
         self._replica.log.record_pack(new.pack, footer)
         self._progress.update(len(new.values))
 
