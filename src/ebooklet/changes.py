@@ -684,7 +684,7 @@ class Changes:
                     writer.shared,
                 )
                 if group is not None and group[0] == i:
-                    self._apply_edits(head, shard, n_shards, group[1])
+                    self._apply_edits(head, shard, n_shards, group[1], sets.get(i, 0))
                     group = next(groups, None)
                 batch.append(shard)
             if group is not None:  # edits the plan did not count: they would be forgotten
@@ -704,13 +704,21 @@ class Changes:
         return shards, n_shards, counts[0], counts[1], writer.uploaded
 
     def _apply_edits(
-        self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]]
+        self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]],
+        n_sets: int,
     ) -> None:
         """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), add its
         keys to set to its ``to_send`` (key -> the md5 of its value), and forget its edits
-        already equal to the remote (:meth:`_settle`)."""
-        settled = []
+        already equal to the remote (:meth:`_settle`). ``n_sets``: the keys to set the plan
+        counted in the shard; when that is every edit of ``group``, they are not judged
+        again (the mutex held since, nothing changed them)."""
         contents, to_send = shard.contents, shard.to_send
+        if n_sets == len(group):
+            md5s = list(map(_MD5, map(_EDIT, group)))
+            if None not in md5s:  # a deletion would be a plan gone wrong: judged below
+                to_send.update(zip(map(_KEY, group), md5s, strict=True))
+                return
+        settled = []
         states, _ = self._verdicts(head, shard.number, n_shards, group, contents)
         for (kb, edit), state in zip(group, states, strict=True):
             if state is State.SETTLED:
@@ -809,6 +817,7 @@ def _chunks(
         yield keys, timestamps, values
 
 
+_KEY, _EDIT, _MD5 = operator.itemgetter(0), operator.itemgetter(1), operator.attrgetter("md5")
 _TO_SEND = operator.attrgetter("to_send")
 _KNOWN = operator.attrgetter("known")
 _CONTENTS = operator.attrgetter("contents")
