@@ -180,6 +180,10 @@ class _Plan(NamedTuple):
         return sum(self.deletes)
 
 
+_KEY, _EDIT = operator.itemgetter(0), operator.itemgetter(1)
+_MD5, _LENGTH = operator.attrgetter("md5"), operator.attrgetter("length")
+
+
 class _ShardWrite:
     """One index shard a push writes, and the values of its keys being uploaded.
 
@@ -198,8 +202,9 @@ class _ShardWrite:
         self.contents = contents
         self.to_send: dict[bytes, bytes] = {}
         self.old_keys = len(contents)
-        self.old_bytes = sum(e.length for e in contents.values())
-        self.known: dict[bytes, Entry | bytes | None] = {e.md5: e for e in contents.values()}
+        entries = contents.values()
+        self.old_bytes = sum(map(_LENGTH, entries))
+        self.known: dict[bytes, Entry | bytes | None] = dict(zip(map(_MD5, entries), entries, strict=True))
         self.shared = shared
         self.duplicates: list[tuple[bytes, bytes, int]] = []
 
@@ -817,7 +822,6 @@ def _chunks(
         yield keys, timestamps, values
 
 
-_KEY, _EDIT, _MD5 = operator.itemgetter(0), operator.itemgetter(1), operator.attrgetter("md5")
 _TO_SEND = operator.attrgetter("to_send")
 _KNOWN = operator.attrgetter("known")
 _CONTENTS = operator.attrgetter("contents")
@@ -1130,5 +1134,5 @@ class _PushWriter:
         if contents:
             self._remote.upload_shard(self._commit_id, shard.number, contents, self._remember)
             written = self._commit_id
-        n_bytes = sum(e.length for e in contents.values())
+        n_bytes = sum(map(_LENGTH, contents.values()))
         return shard.number, written, len(contents) - shard.old_keys, n_bytes - shard.old_bytes
