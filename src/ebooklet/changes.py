@@ -62,26 +62,27 @@ CHUNK_RECORDS = 1 << 15
 """A push reads the values of its keys in chunks of this many at most, each holding an
 eighth of :data:`SPILL_BUFFER` of values at most (or one value), handled a column at a
 time."""
-PUSH_GC_THRESHOLD = 10_000
+PUSH_GC_THRESHOLD = 50_000
 """While a push runs, the first threshold of Python's cyclic garbage collector is at least
 this (CPython's default is 700); see :class:`_FewerCollections`."""
 
 
 # Why a push raises the garbage collector's first threshold.
 #
-# A push of many keys makes millions of small objects that live a shard or a batch of
-# shards: the edits of a shard, the index entries of a batch. CPython collects the young
-# objects after every 700 allocations net, and every hundredth collection is a full one
-# that walks everything alive; the batch's survivors keep making that due. At 1M keys of
-# 100 B that was 50 full collections, about a fifth of the push's CPU time (2.5 s of
-# 12.5). With the first threshold at 10,000 there are one to three, and the push's CPU
-# time drops by that fifth; disabling the collector outright saves no more. Cycles are
-# still collected, by the young collections (a few ms each) and the rare full ones: the
-# push itself leaves about 90 objects in cycles at 1M keys. The threshold is raised, not
-# the collector disabled, because it is the process's: other threads keep collecting.
-# It is put back when the last push of the process ends, unless something else set
-# another meanwhile (that one is kept); a collector disabled by the application
-# (threshold 0 or ``gc.disable()``) is left as it is.
+# A push of many keys holds tens of thousands of small objects at a time that live a
+# shard or a batch of shards: the edits of a shard (two objects each), the index entries
+# of a batch. CPython collects the young objects each time 700 more are alive than at the
+# last collection, and every hundredth collection is a full one that walks everything
+# alive; a shard's edits alone make that due. At 1M keys of 100 B that was 50 full
+# collections, about a fifth of the push's CPU time (2.5 s of 12.5). With the first
+# threshold at 10,000 there were 316 young collections and 3 full ones (0.8 s); at 50,000,
+# more than a push holds at once, there are about 3 young collections in all (0.01 s),
+# as good as disabling the collector. Cycles are still collected: the push itself leaves
+# about 90 objects in cycles at 1M keys, and other threads' cycles wait for 50,000 new
+# objects at most. The threshold is raised, not the collector disabled, because it is
+# the process's: other threads keep collecting. It is put back when the last push of the
+# process ends, unless something else set another meanwhile (that one is kept); a
+# collector disabled by the application (threshold 0 or ``gc.disable()``) is left as it is.
 class _FewerCollections:
     """A context manager: the collector's first threshold at :data:`PUSH_GC_THRESHOLD` at
     least while a push of this process runs (pushes of several threads share it)."""
