@@ -129,6 +129,31 @@ def test_scan_reads_what_booklet_timestamps_reads(tmp_path: Path) -> None:
         assert list(scan(book, path, include_value=False)) == [(k, ts) for k, ts, _ in expected]
 
 
+@pytest.mark.parametrize("read_size", [40, 1 << 20])
+def test_scan_reads_edge_records_as_booklet_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_size: int
+) -> None:
+    """Records the scan's usual path leaves to its careful one: keys as long as booklet's
+    reserved keys (not reserved: they are read), an empty key and an empty value (nothing
+    after the timestamp), and a last record of one byte, with the metadata's reserved
+    record among them; across reads or within one."""
+    from ebooklet._booklet_io import scan
+
+    monkeypatch.setattr(ebooklet._booklet_io, "SCAN_BUFFER", read_size)
+    path = tmp_path / "db.blt"
+    reserved_length = len(next(iter(booklet.utils.reserved_key_bytes)))
+    with booklet.open(str(path), "n", key_serializer="bytes", value_serializer="bytes") as book:
+        book.set(b"k" * reserved_length, b"same length as a reserved key", timestamp=TS)
+        book.set_metadata({"a": 1})
+        book.set(b"", b"", timestamp=TS + 1)
+        book.set(b"x" * reserved_length, b"", timestamp=TS + 2)
+        book.set(b"z", b"", timestamp=TS + 3)
+        expected = list(book.timestamps(include_value=True, decode_value=False))
+        assert len(expected) == 4
+        assert list(scan(book, path)) == expected
+        assert list(scan(book, path, include_value=False)) == [(k, ts) for k, ts, _ in expected]
+
+
 @pytest.mark.parametrize("read_size", [16, 97, 1000])
 def test_scan_reads_the_same_whatever_its_read_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_size: int

@@ -141,6 +141,30 @@ def test_shard_layout_round_trips() -> None:
         assert directory.pages_end + fmt.DIRECTORY_TRAILER_SIZE < len(raw) or n == 0
 
 
+def test_the_column_helpers_of_a_push_agree_with_their_one_value_forms() -> None:
+    """What a push computes a column at a time equals the one-value rules: ``shards_of``
+    and ``shard_of`` (the top bits of an 8-byte BLAKE2b, big-endian), ``md5s`` and ``md5``
+    (small values, and a large one among them), and a pack footer filled by ``extend``
+    or by ``add``."""
+    import hashlib
+
+    keys = [b"", b"k", b"key%09d" % 7, bytes(range(256)) * 3]
+    for key in keys:
+        assert fmt.key_hash(key) == int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    for n_shards in (1, 2, 64, 1 << 20):
+        assert fmt.shards_of(keys, n_shards) == [fmt.shard_of(k, n_shards) for k in keys]
+    small, mixed = [b"", b"v" * 100, b"w" * 1023], [b"v", b"x" * 5000]
+    for values in (small, mixed, []):
+        assert fmt.md5s(values) == [hashlib.md5(v).digest() for v in values]
+    one, many = fmt.PackFooter(), fmt.PackFooter()
+    items = [(b"a", fmt.md5(b"1"), 5, 0, 1), (b"bb", fmt.md5(b"22"), 6, 1, 2)]
+    for item in items:
+        one.add(*item)
+    many.extend(*zip(*items, strict=True))
+    assert many.encode() == one.encode() == fmt.encode_pack_footer(items)
+    assert list(many.entries(b"P" * 16)) == [fmt.Entry(m, ts, b"P" * 16, o, n) for _, m, ts, o, n in items]
+
+
 # --------------------------------------------------------------------------- hostile shards
 
 

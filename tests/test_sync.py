@@ -986,6 +986,42 @@ def test_flag_n_replaces_the_remote_only_at_push(
     assert local_keys(old_reader) <= set(new)  # the old cache was dropped
 
 
+def test_a_push_raises_the_collectors_threshold_while_it_runs(conn: Any, tmp_path: Path) -> None:
+    """While a push runs, the cyclic collector's first threshold is at least
+    ``changes.PUSH_GC_THRESHOLD`` (collecting every 700 allocations was a fifth of an
+    initial push's CPU time); it is put back afterwards, also when the push fails, and a
+    collector the application turned off (threshold 0) stays off."""
+    import gc
+
+    before = gc.get_threshold()
+    seen: list[int] = []
+
+    def progress(done: int, total: int | None) -> None:
+        seen.append(gc.get_threshold()[0])
+
+    def failing(done: int, total: int | None) -> None:
+        seen.append(gc.get_threshold()[0])
+        raise KeyboardInterrupt
+
+    with open_db(conn, tmp_path / "w.blt", "n") as db:
+        db.update(small_values(50))
+        with pytest.raises(KeyboardInterrupt):
+            db.changes().push(progress=failing)
+        assert gc.get_threshold() == before
+        db.changes().push(progress=progress)
+        assert gc.get_threshold() == before
+        assert len(seen) >= 2 and min(seen) >= ebooklet.changes.PUSH_GC_THRESHOLD
+        seen.clear()
+        db["more"] = b"x"
+        gc.set_threshold(0)
+        try:
+            db.changes().push(progress=progress)
+            assert gc.get_threshold()[0] == 0
+        finally:
+            gc.set_threshold(*before)
+    assert seen and set(seen) == {0}
+
+
 def test_the_value_spill_holds_its_buffer_in_all_not_a_buffer_a_batch(
     conn: Any, make_conn: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -42,6 +42,10 @@ _RECORD_HEAD = struct.Struct(f"<{_HASH_LEN}s{booklet.utils.n_bytes_file}sHI")
 _NO_NEXT_BLOCK = (1).to_bytes(booklet.utils.n_bytes_file, "little")  # the end of a bucket's chain
 _DELETED = bytes(booklet.utils.n_bytes_file)  # the next-record position of a deleted record
 _RECORD_LENGTHS = struct.Struct(f"<{_HASH_LEN}x{booklet.utils.n_bytes_file}sHI")
+#: The same and 8 bytes on: booklet's 7-byte timestamp and the next byte, which
+#: ``& _TIMESTAMP_MASK`` drops (a timestamp without a slice of its own).
+_RECORD_LENGTHS_TIMESTAMP = struct.Struct(f"<{_HASH_LEN}x{booklet.utils.n_bytes_file}sHIQ")
+_TIMESTAMP_MASK = (1 << 56) - 1
 
 #: :func:`append_records` copies values up to this size into its write buffer, and
 #: writes that buffer whenever it holds this much.
@@ -116,12 +120,28 @@ def _records(
     short by the end (a write killed midway) is not one. Stops with
     :class:`ScanInterrupted` once ``book``'s mutation count is no longer ``mutations``."""
     head_size, skip = _RECORD_HEAD.size, booklet.utils.reserved_key_bytes
+    skip_lengths = frozenset(map(len, skip))
     unpack, from_bytes = _RECORD_LENGTHS.unpack_from, int.from_bytes
     key_start = head_size + ts_len
-    data, at, base = b"", 0, start  # base: the file position of data[0]
+    # the usual record (live, whole in the buffer, with its value asked, not of a reserved
+    # key's length, a 7-byte timestamp and a byte after it) is read by the first branch
+    # below, any other by the second, one check at a time (which reads the usual ones alike)
+    usual_size = _RECORD_LENGTHS_TIMESTAMP.size if include_value and ts_len == 7 else 1 << 62
+    unpack_usual = _RECORD_LENGTHS_TIMESTAMP.unpack_from
+    data, at, base, n = b"", 0, start, 0  # base: the file position of data[0]; n: its length
     reader.seek(start)
     while True:
-        n = len(data)
+        if at + usual_size <= n:
+            next_block, key_len, value_len, ts = unpack_usual(data, at)
+            key_at = at + key_start
+            value_at = key_at + key_len
+            stop = value_at + value_len
+            if stop <= n and next_block != _DELETED and key_len not in skip_lengths:
+                if book._mutation_count != mutations:
+                    raise ScanInterrupted(f"{reader.name} was written to during a scan.")
+                yield data[key_at:value_at], ts & _TIMESTAMP_MASK, data[value_at:stop]
+                at = stop
+                continue
         if at + head_size <= n:
             next_block, key_len, value_len = unpack(data, at)
             key_at = at + key_start
@@ -151,7 +171,7 @@ def _records(
                 if whole:
                     at = stop
                 else:  # the value was not in the buffer: go on after it
-                    data, at, base = b"", 0, base + stop
+                    data, at, base, n = b"", 0, base + stop, 0
                     reader.seek(base)
                 continue
         want = min(SCAN_BUFFER, end - base - n)
@@ -161,6 +181,7 @@ def _records(
                 raise ScanInterrupted(f"{reader.name} was written to during a scan.")
             return
         data, at, base = data[at:] + more, 0, base + at
+        n = len(data)
 
 
 def _read_at(reader: Any, position: int, length: int) -> bytes:

@@ -6,15 +6,20 @@ What differs is decided per key by the three-way rule, :func:`.local.three_way`:
 
 from __future__ import annotations
 
+import bisect
+import functools
+import gc
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import struct
 import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -53,6 +58,62 @@ SPILL_BUFFER = 8 << 20
 aside by batch in a temporary file, holding this many bytes of them in memory at most,
 shared by the batches (at least :data:`SPILL_BATCH_MIN` a batch)."""
 SPILL_BATCH_MIN = 16 << 10
+CHUNK_RECORDS = 1 << 15
+"""A push reads the values of its keys in chunks of this many at most, each holding an
+eighth of :data:`SPILL_BUFFER` of values at most (or one value), handled a column at a
+time."""
+PUSH_GC_THRESHOLD = 50_000
+"""While a push runs, the first threshold of Python's cyclic garbage collector is at least
+this (CPython's default is 700); see :class:`_FewerCollections`."""
+
+
+# Why a push raises the garbage collector's first threshold.
+#
+# A push of many keys holds tens of thousands of small objects at a time that live a
+# shard or a batch of shards: the edits of a shard (two objects each), the index entries
+# of a batch. CPython collects the young objects each time 700 more are alive than at the
+# last collection, and every hundredth collection is a full one that walks everything
+# alive; a shard's edits alone make that due. At 1M keys of 100 B that was 50 full
+# collections, about a fifth of the push's CPU time (2.5 s of 12.5). With the first
+# threshold at 10,000 there were 316 young collections and 3 full ones (0.8 s); at 50,000,
+# more than a push holds at once, there are about 3 young collections in all (0.01 s),
+# as good as disabling the collector. Cycles are still collected: the push itself leaves
+# about 90 objects in cycles at 1M keys, and other threads' cycles wait for 50,000 new
+# objects at most. The threshold is raised, not the collector disabled, because it is
+# the process's: other threads keep collecting. It is put back when the last push of the
+# process ends, unless something else set another meanwhile (that one is kept); a
+# collector disabled by the application (threshold 0 or ``gc.disable()``) is left as it is.
+class _FewerCollections:
+    """A context manager: the collector's first threshold at :data:`PUSH_GC_THRESHOLD` at
+    least while a push of this process runs (pushes of several threads share it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._saved: tuple[int, ...] | None = None  # the thresholds to put back
+        self._raised: tuple[int, ...] | None = None  # those set in their place
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running > 1:
+                return
+            saved = gc.get_threshold()
+            if 0 < saved[0] < PUSH_GC_THRESHOLD:
+                self._saved, self._raised = saved, (PUSH_GC_THRESHOLD, *saved[1:])
+                gc.set_threshold(*self._raised)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running or self._saved is None:
+                return
+            if gc.get_threshold() == self._raised:
+                gc.set_threshold(*self._saved)
+            self._saved = self._raised = None
+
+
+_FEWER_COLLECTIONS = _FewerCollections()
 
 
 class Change(NamedTuple):
@@ -120,23 +181,31 @@ class _Plan(NamedTuple):
         return sum(self.deletes)
 
 
+_KEY, _EDIT = operator.itemgetter(0), operator.itemgetter(1)
+_MD5, _LENGTH = operator.attrgetter("md5"), operator.attrgetter("length")
+
+
 class _ShardWrite:
     """One index shard a push writes, and the values of its keys being uploaded.
 
     ``contents`` starts as the shard's entries in the head (deletions applied) and takes
-    each uploaded value's entry; ``known`` maps the md5s of the shard's values to their
-    location (``None`` while this push uploads it), ``shared`` those of the push
-    (journaled uploads, large values): a value of either is not uploaded again.
-    ``duplicates`` are ``(key, md5, timestamp)`` of such values, located once the
-    uploads are done.
+    each uploaded value's entry; ``to_send`` maps the keys whose value the push sends to
+    the md5 journaled with their edit. ``known`` maps the md5s of the shard's values to
+    their location: an entry of the head, a key of ``contents`` whose value this push
+    uploads in a pack, ``None`` while a large value is being uploaded (then its entry);
+    ``shared`` those of the push (journaled uploads, large values): a value of either is
+    not uploaded again. ``duplicates`` are ``(key, md5, timestamp)`` of such values,
+    located once the uploads are done.
     """
 
     def __init__(self, number: int, contents: dict[bytes, Entry], shared: dict[bytes, Entry | None]):
         self.number = number
         self.contents = contents
+        self.to_send: dict[bytes, bytes] = {}
         self.old_keys = len(contents)
-        self.old_bytes = sum(e.length for e in contents.values())
-        self.known: dict[bytes, Entry | None] = {e.md5: e for e in contents.values()}
+        entries = contents.values()
+        self.old_bytes = sum(map(_LENGTH, entries))
+        self.known: dict[bytes, Entry | bytes | None] = dict(zip(map(_MD5, entries), entries, strict=True))
         self.shared = shared
         self.duplicates: list[tuple[bytes, bytes, int]] = []
 
@@ -147,7 +216,11 @@ class _ShardWrite:
     def locate_duplicates(self) -> None:
         """Give each duplicate the location of its md5 (every upload of the shard is done)."""
         for kb, m, ts in self.duplicates:
-            e = self.known.get(m) or self.shared[m]
+            e = self.known.get(m)
+            if e is None:  # the push's (a journaled upload, a large value)
+                e = self.shared[m]
+            elif isinstance(e, bytes):  # the key this push uploaded the value under
+                e = self.contents[e]
             self.contents[kb] = Entry(m, ts, e.pack, e.offset, e.length)
         self.duplicates = []
 
@@ -403,7 +476,7 @@ class Changes:
         before = Counter(conn.request_counts)
         result = PushResult()
         self._progress = Progress(progress, None, "B", "push")
-        with self._progress, replica.mutex, replica.holding_lock() as lock:
+        with self._progress, replica.mutex, _FEWER_COLLECTIONS, replica.holding_lock() as lock:
             replica.sync()
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 self._refresh()
@@ -465,15 +538,18 @@ class Changes:
         n_settled = 0
         conflicts: list[bytes] = []
         for number, group in self._edit_groups(n_plan, chosen):
-            for kb, edit, _, state in self._verdicts(head, number, n_plan, group):
-                if state is State.SETTLED:
-                    n_settled += 1
-                elif state is State.CONFLICT and not force:
-                    conflicts.append(kb)
-                elif edit.md5 is None:
-                    deletes[number] += 1
+            states, _ = self._verdicts(head, number, n_plan, group)
+            n_settled += states.count(State.SETTLED)
+            sets[number] = states.count(State.ADDED) + states.count(State.MODIFIED)
+            deletes[number] = states.count(State.DELETED)
+            if State.CONFLICT in states:
+                in_conflict = [pair for pair, state in zip(group, states, strict=True) if state is State.CONFLICT]
+                if force:  # pushed as they are
+                    n_deleted = sum(edit.md5 is None for _, edit in in_conflict)
+                    sets[number] += len(in_conflict) - n_deleted
+                    deletes[number] += n_deleted
                 else:
-                    sets[number] += 1
+                    conflicts += [kb for kb, _ in in_conflict]
         if conflicts:
             raise ConflictError([replica.codec.decode_key(kb) for kb in conflicts])
         return _Plan(n_plan, sets, deletes, n_settled, chosen)
@@ -492,20 +568,25 @@ class Changes:
     def _verdicts(
         self, head: dict | None, number: int, n_shards: int, group: list[tuple[bytes, Edit]],
         contents: dict[bytes, Entry] | None = None,
-    ) -> Iterator[tuple[bytes, Edit, Entry | None, State]]:
-        """``(key, edit, remote entry, state)`` of the edits of ``group``, all of shard
-        ``number`` of ``n_shards`` (as many as the head's or more): their entries from
-        ``contents`` (that shard's in the head) when given, else searched in the head."""
+    ) -> tuple[list[State], Mapping[bytes, Entry | None]]:
+        """The state of each edit of ``group`` (in its order), all of shard ``number`` of
+        ``n_shards`` (as many as the head's or more), and the remote entries they were
+        judged by (key -> entry; a key not there has none): ``contents`` (that shard's in
+        the head) when given, else those of the head."""
         replica = self._replica
         replacing = replica.log.replace
-        if contents is None:
-            name = None if head is None else fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards))
-            found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
+        if contents is not None:
+            found: Mapping[bytes, Entry | None] = contents
+        elif head is None:
+            found = {}
         else:
-            found = contents
-        for kb, edit in group:
-            entry = found.get(kb)
-            yield kb, edit, entry, three_way(edit, entry, self._edit_ts(kb, edit), replacing)
+            name = fmt.shard_name_at(head, fmt.shard_under(head, number, n_shards))
+            found = replica.remote.shard_entries(name, [kb for kb, _ in group], self._remember_shards)
+        get, edit_ts = found.get, self._edit_ts
+        return [  # a list, not a generator: these run once a key of a push, twice
+            three_way(edit, get(kb), edit_ts(kb, edit) if edit.retimed else None, replacing)
+            for kb, edit in group
+        ], found
 
     def _load_head_shards(self, head: dict | None, n_plan: int, selected: frozenset[bytes] | None) -> bool:
         """Fetch the head's shards that hold edits and are not local, in parallel (kept in
@@ -600,23 +681,22 @@ class Changes:
             if n_batches > 1 and replica.scan_pays(plan.n_sets):
                 spill = _ValueSpill(replica, batch_of, n_shards, n_batches)
             batch: list[_ShardWrite] = []
-            batch_keys: dict[bytes, tuple[_ShardWrite, bytes]] = {}
             for i in numbers:
                 if batch and batch_of[i] != batch_of[batch[0].number]:
-                    writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
-                    batch, batch_keys = [], {}
+                    writer.send(batch, spill and spill.values(batch_of[batch[0].number]))
+                    batch = []
                 shard = _ShardWrite(
                     i, replica.remote.shard_contents(head, i, n_shards, self._remember_shards),
                     writer.shared,
                 )
                 if group is not None and group[0] == i:
-                    self._apply_edits(head, shard, n_shards, group[1], batch_keys)
+                    self._apply_edits(head, shard, n_shards, group[1], sets.get(i, 0))
                     group = next(groups, None)
                 batch.append(shard)
             if group is not None:  # edits the plan did not count: they would be forgotten
                 raise RuntimeError(f"internal error: the edits of shard {group[0]} were not planned")
             if batch:
-                writer.send(batch, batch_keys, spill and spill.values(batch_of[batch[0].number]))
+                writer.send(batch, spill and spill.values(batch_of[batch[0].number]))
             for i, name, keys_delta, bytes_delta in writer.finish():
                 shards[i] = name
                 counts[0] += keys_delta
@@ -631,19 +711,28 @@ class Changes:
 
     def _apply_edits(
         self, head: dict | None, shard: _ShardWrite, n_shards: int, group: list[tuple[bytes, Edit]],
-        batch_keys: dict[bytes, tuple[_ShardWrite, bytes]],
+        n_sets: int,
     ) -> None:
         """Apply to ``shard`` the deletions of the edits of ``group`` (its keys), add its
-        keys to set to ``batch_keys`` (key -> its shard and the md5 of its value), and
-        forget its edits already equal to the remote (:meth:`_settle`)."""
+        keys to set to its ``to_send`` (key -> the md5 of its value), and forget its edits
+        already equal to the remote (:meth:`_settle`). ``n_sets``: the keys to set the plan
+        counted in the shard; when that is every edit of ``group``, they are not judged
+        again (the mutex held since, nothing changed them)."""
+        contents, to_send = shard.contents, shard.to_send
+        if n_sets == len(group):
+            md5s = list(map(_MD5, map(_EDIT, group)))
+            if None not in md5s:  # a deletion would be a plan gone wrong: judged below
+                to_send.update(zip(map(_KEY, group), md5s, strict=True))
+                return
         settled = []
-        for kb, edit, entry, state in self._verdicts(head, shard.number, n_shards, group, shard.contents):
+        states, _ = self._verdicts(head, shard.number, n_shards, group, contents)
+        for (kb, edit), state in zip(group, states, strict=True):
             if state is State.SETTLED:
-                settled.append((kb, entry))
+                settled.append((kb, contents.get(kb)))
             elif edit.md5 is None:
-                shard.contents.pop(kb, None)
+                contents.pop(kb, None)
             else:
-                batch_keys[kb] = (shard, edit.md5)
+                to_send[kb] = edit.md5
         self._settle(settled)
 
     def _settle_only(self, plan: _Plan) -> None:
@@ -651,7 +740,8 @@ class Changes:
         has nothing else to do (:meth:`_write` does it for one that commits)."""
         head = None if self._replica.log.replace else self._replica.remote.manifest
         for number, group in self._edit_groups(plan.n_plan, plan.selected):
-            self._settle([(kb, entry) for kb, _, entry, state in self._verdicts(head, number, plan.n_plan, group)
+            states, found = self._verdicts(head, number, plan.n_plan, group)
+            self._settle([(kb, found.get(kb)) for (kb, _), state in zip(group, states, strict=True)
                           if state is State.SETTLED])
 
     def _journaled_uploads(self) -> dict[bytes, Entry | None]:
@@ -705,20 +795,65 @@ def _batches(numbers: Iterable[int], sets: dict[int, int], kept: int) -> tuple[d
     return batch_of, batch + 1 if batch_of else 0
 
 
+Block = tuple[Sequence[int], Sequence[bytes], Sequence[int], Sequence[bytes]]
+"""Values a push reads, a column each: shard numbers, encoded keys, timestamps, encoded
+values."""
+
+
+def _chunks(
+    records: Iterable[tuple[bytes, int, bytes]],
+) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
+    """``records`` (``(key, timestamp, value)``) a chunk at a time, a column each (keys,
+    timestamps, values): :data:`CHUNK_RECORDS` at most, cut once the values reach an
+    eighth of :data:`SPILL_BUFFER`. No record's tuple is kept: tuples alive by the
+    thousand are what the garbage collector walks."""
+    keys: list[bytes] = []
+    timestamps: list[int] = []
+    values: list[bytes] = []
+    size, most, largest = 0, CHUNK_RECORDS, SPILL_BUFFER // 8
+    for kb, ts, raw in records:
+        keys.append(kb)
+        timestamps.append(ts)
+        values.append(raw)
+        size += len(raw)
+        if size >= largest or len(keys) >= most:
+            yield keys, timestamps, values
+            keys, timestamps, values, size = [], [], [], 0
+    if keys:
+        yield keys, timestamps, values
+
+
+_TO_SEND = operator.attrgetter("to_send")
+_KNOWN = operator.attrgetter("known")
+_CONTENTS = operator.attrgetter("contents")
+
+
+def _consume(calls: Iterable[Any]) -> None:
+    """Run ``calls``, a ``map`` of a function called for its effect: a loop in C, not in
+    Python, for the loops that make one call a value."""
+    deque(calls, maxlen=0)
+
+
 class _ValueSpill:
     """The values of a push of several batches that sets half the data file or more:
     one scan of the data file reads them, and sets each batch's aside in an unnamed
     temporary file beside it, so that a batch reads its own back in a few sequential
     reads (a lookup per key costs ~20 µs; a scan per batch, a scan of the file each).
-    What it holds in memory is :data:`SPILL_BUFFER` at most, shared by the batches.
+    What it holds in memory is :data:`SPILL_BUFFER` at most, shared by the batches, and
+    a chunk of the scan (an eighth of that).
 
     The value of every key of a batch's shards is set aside (the push sets half the file
     or more: telling its keys from the others would cost a lookup a record); the batch
     takes those of its keys (:meth:`_PushWriter.send`). A scan cut short by a write
     to the data file (:class:`ScanInterrupted`) leaves the rest to lookups.
+
+    The scan is read a chunk at a time (:func:`_chunks`), and the records of a chunk
+    that go to one batch are set aside as one block of columns: their count, then shard
+    numbers, key lengths, value lengths and timestamps, then the keys and the values
+    back to back (no Python call a value, set aside or read back).
     """
 
-    _RECORD = struct.Struct("<IIq")  # key length, value length, timestamp
+    _COUNT = struct.Struct("<I")  # records in a block
 
     def __init__(self, replica: Replica, batch_of: dict[int, int], n_shards: int, n_batches: int):
         self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
@@ -728,22 +863,37 @@ class _ValueSpill:
         self._end = 0
         buffers = [bytearray() for _ in range(n_batches)]
         limit = max(SPILL_BUFFER // n_batches, SPILL_BATCH_MIN)
-        shard_of, pack = fmt.shard_of, self._RECORD.pack
+        batch_or_none = functools.partial(map, batch_of.get)
         try:
-            for kb, ts, raw in replica.scan():
-                b = batch_of.get(shard_of(kb, n_shards))
-                if b is None:
-                    continue
-                buffer = buffers[b]
-                buffer += pack(len(kb), len(raw), ts)
-                buffer += kb
-                buffer += raw
-                if len(buffer) >= limit:
-                    self._flush(b, buffer)
+            for chunk in _chunks(replica.scan()):
+                numbers = fmt.shards_of(chunk[0], n_shards)
+                columns = (numbers, *chunk)
+                del chunk
+                by_batch: list[list[int]] = [[] for _ in range(n_batches + 1)]
+                _consume(map(  # the positions of each batch's records; the last: shards not written
+                    list.append, map(by_batch.__getitem__, batch_or_none(numbers, itertools.repeat(-1))),
+                    range(len(numbers)),
+                ))
+                for b, positions in enumerate(by_batch[:-1]):
+                    if positions:
+                        self._put(buffers[b], *(list(map(column.__getitem__, positions)) for column in columns))
+                        if len(buffers[b]) >= limit:
+                            self._flush(b, buffers[b])
         except ScanInterrupted:
             pass  # the values not set aside are looked up by the batches
         for b, buffer in enumerate(buffers):
             self._flush(b, buffer)
+
+    def _put(
+        self, buffer: bytearray, numbers: list[int], keys: list[bytes], timestamps: list[int],
+        values: list[bytes],
+    ) -> None:
+        """Append records (shard numbers, keys, timestamps, values) to ``buffer`` as a block."""
+        n = len(numbers)
+        buffer += self._COUNT.pack(n)
+        buffer += struct.pack(f"<{3 * n}I{n}q", *numbers, *map(len, keys), *map(len, values), *timestamps)
+        buffer += b"".join(keys)
+        buffer += b"".join(values)
 
     def _flush(self, b: int, buffer: bytearray) -> None:
         if buffer:
@@ -752,21 +902,32 @@ class _ValueSpill:
             self._end += len(buffer)
             buffer.clear()
 
-    def values(self, b: int) -> Iterator[tuple[bytes, int, bytes]]:
-        """``(encoded key, timestamp, encoded value)`` set aside for batch ``b`` (once)."""
+    def values(self, b: int) -> Iterator[Block]:
+        """The values set aside for batch ``b`` (once), a block for each piece of the
+        file they were written in."""
         self._file.flush()
-        fd, head = self._file.fileno(), self._RECORD
+        fd = self._file.fileno()
         chunks, self._chunks[b] = self._chunks[b], []
         for at, length in chunks:
             data = os.pread(fd, length, at)
+            numbers: list[int] = []
+            keys: list[bytes] = []
+            timestamps: list[int] = []
+            values: list[bytes] = []
             pos = 0
             while pos < length:
-                key_len, value_len, ts = head.unpack_from(data, pos)
-                pos += head.size
-                kb = data[pos : pos + key_len]
-                pos += key_len
-                yield kb, ts, data[pos : pos + value_len]
-                pos += value_len
+                (n,) = self._COUNT.unpack_from(data, pos)
+                columns = struct.unpack_from(f"<{3 * n}I{n}q", data, pos + self._COUNT.size)
+                pos += self._COUNT.size + 20 * n
+                key_ends = list(itertools.accumulate(columns[n : 2 * n], initial=pos))
+                value_ends = list(itertools.accumulate(columns[2 * n : 3 * n], initial=key_ends[-1]))
+                pos = value_ends[-1]
+                numbers += columns[:n]
+                keys += map(data.__getitem__, map(slice, key_ends, key_ends[1:]))
+                timestamps += columns[3 * n :]
+                values += map(data.__getitem__, map(slice, value_ends, value_ends[1:]))
+            del data
+            yield numbers, keys, timestamps, values
 
     def close(self) -> None:
         """Delete the temporary file."""
@@ -797,55 +958,103 @@ class _PushWriter:
         self._commit_id = commit_id
         self.shared = shared
         self.uploaded = 0
-        self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[_ShardWrite]], Future]] = deque()
+        self._packs: deque[tuple[list[_ShardWrite], tuple[NewPack, list[dict[bytes, Entry]]], Future]] = deque()
         self._open: deque[list[_ShardWrite]] = deque()
         self._shards: deque[tuple[int, Future]] = deque()  # (keys, upload) in flight
         self._shard_keys = 0  # keys of the shards in flight
         self._done: list[tuple[int, str | None, int, int]] = []
         self._large = _LargeUploads(self._remote, self._finished, lambda kb: replica.damaged_edit(kb, True))
+        self._batch: list[_ShardWrite] = []  # the batch being sent
+        self._new, self._owners = NewPack(), []  # the pack being filled, the contents of each value's shard
 
-    def send(
-        self, batch: list[_ShardWrite], kbs: dict[bytes, tuple[_ShardWrite, bytes]],
-        spilled: Iterable[tuple[bytes, int, bytes]] | None = None,
-    ) -> None:
-        """Read, check and upload the values of ``kbs`` (keys -> their shard, of
-        ``batch``, and the md5 journaled with the edit; emptied), then finish the batch
-        before it. ``spilled``: values set
-        aside for the batch (:class:`_ValueSpill`; those of other keys are skipped);
-        the keys it lacks are looked up.
+    def send(self, batch: list[_ShardWrite], spilled: Iterable[Block] | None = None) -> None:
+        """Read, check and upload the values of the keys of each shard's ``to_send`` (of
+        ``batch``; emptied), then finish the batch before it. ``spilled``: values set
+        aside for the batch (:class:`_ValueSpill`; those of other keys are skipped); the
+        keys it lacks are looked up.
 
         Raises:
             IntegrityError: a value is missing from the data file or is not the one
                 journaled with its edit.
         """
-        new, owners = NewPack(), []
-        pack_size, part_size, md5 = remote_module.PACK_SIZE, remote_module.PART_SIZE, fmt.md5
-        for kb, ts, raw in self._values(kbs, spilled):
-            to_send = kbs.pop(kb, None)
-            if to_send is None:
-                continue  # set aside for a key this push does not send
-            shard, m = to_send
-            if len(raw) > part_size:
-                self._large.add(shard, kb, ts, raw, m)
-                del raw  # the upload holds it as long as needed
-                continue
-            if md5(raw) != m:
-                raise self._replica.damaged_edit(kb, True)
-            if shard.reuses(m):
-                shard.duplicates.append((kb, m, ts))
-                continue
-            shard.known[m] = None  # being uploaded by this push
-            new.add(kb, raw, m, ts)
-            owners.append(shard)
-            if len(new.values) >= pack_size:
-                self._send_pack(batch, new, owners)
-                new, owners = NewPack(), []
-        if kbs:  # not in the data file
-            raise self._replica.damaged_edit(min(kbs), False)
-        self._send_pack(batch, new, owners)
+        self._batch = batch
+        by_number = {shard.number: shard for shard in batch}
+        for numbers, keys, timestamps, values in self._values(batch, spilled):
+            self._add_block(list(map(by_number.__getitem__, numbers)), keys, timestamps, values)
+        missing = [kb for shard in batch for kb in shard.to_send]
+        if missing:  # not in the data file
+            raise self._replica.damaged_edit(min(missing), False)
+        self._send_pack()
         self._open.append(batch)
         while len(self._open) > 1:
             self._finish_batch(self._open.popleft())
+
+    def _add_block(
+        self, shards: list[_ShardWrite], keys: Sequence[bytes], timestamps: Sequence[int],
+        values: Sequence[bytes],
+    ) -> None:
+        """Check and pack the values of a block (``shards``: the shard of each) whose keys
+        are to send; skip the others. A block of small values that are all new (no md5
+        twice, none known) is checked and packed a column at a time, any other a value
+        at a time (:meth:`_add_value`)."""
+        expected = list(map(dict.pop, map(_TO_SEND, shards), keys, itertools.repeat(None)))
+        if None in expected:  # values set aside for keys this push does not send
+            sent = list(map(operator.is_not, expected, itertools.repeat(None)))
+            shards, keys, timestamps, values, expected = (
+                list(itertools.compress(column, sent)) for column in (shards, keys, timestamps, values, expected)
+            )
+        if not keys:
+            return
+        if max(map(len, values)) > remote_module.PART_SIZE or not self._all_new(shards, expected):
+            _consume(map(self._add_value, shards, keys, timestamps, values, expected))
+            return
+        digests = fmt.md5s(values)
+        if digests != expected:
+            damaged = next(kb for kb, m, d in zip(keys, expected, digests, strict=True) if m != d)
+            raise self._replica.damaged_edit(damaged, True)
+        _consume(map(dict.__setitem__, map(_KNOWN, shards), digests, keys))  # uploaded under this key
+        self._extend_pack(shards, keys, timestamps, values, digests)
+
+    def _all_new(self, shards: list[_ShardWrite], md5s: list[bytes]) -> bool:
+        """Whether no two of ``md5s`` are equal and none is known to the push or to its
+        shard (the same place in ``shards``)."""
+        distinct = set(md5s)  # a dict's keys() view checks the smaller side of the two
+        return (
+            len(distinct) == len(md5s)
+            and self.shared.keys().isdisjoint(distinct)
+            and not any(map(operator.contains, map(_KNOWN, shards), md5s))
+        )
+
+    def _add_value(self, shard: _ShardWrite, kb: bytes, ts: int, raw: bytes, m: bytes) -> None:
+        """Check and upload one value of ``shard`` whose edit journaled the md5 ``m``: in
+        the pack being filled, on its own when large, not at all when known (a duplicate)."""
+        if len(raw) > remote_module.PART_SIZE:
+            self._large.add(shard, kb, ts, raw, m)
+            return
+        if fmt.md5(raw) != m:
+            raise self._replica.damaged_edit(kb, True)
+        if shard.reuses(m):
+            shard.duplicates.append((kb, m, ts))
+            return
+        shard.known[m] = kb  # uploaded under this key by this push
+        self._extend_pack([shard], [kb], [ts], [raw], [m])
+
+    def _extend_pack(
+        self, shards: Sequence[_ShardWrite], keys: Sequence[bytes], timestamps: Sequence[int],
+        values: Sequence[bytes], md5s: Sequence[bytes],
+    ) -> None:
+        """Add values of the batch's ``shards`` to the pack being filled, in order, sending
+        it each time it reaches :data:`PACK_SIZE` (with the value that reaches it)."""
+        lengths = list(map(len, values))
+        start = 0
+        while start < len(keys):
+            room = remote_module.PACK_SIZE - len(self._new.values)
+            stop = start + bisect.bisect_left(list(itertools.accumulate(lengths[start:])), room) + 1
+            self._new.extend(keys[start:stop], values[start:stop], md5s[start:stop], timestamps[start:stop])
+            self._owners.extend(map(_CONTENTS, shards[start:stop]))
+            if len(self._new.values) >= remote_module.PACK_SIZE:
+                self._send_pack()
+            start = stop
 
     def finish(self) -> list[tuple[int, str | None, int, int]]:
         """Finish every shard; returns ``(number, its commit id or None when empty, key
@@ -862,20 +1071,27 @@ class _PushWriter:
         """The push fails: start no more large uploads."""
         self._large.cancel()
 
-    def _values(
-        self, kbs: dict[bytes, tuple[_ShardWrite, bytes]], spilled: Iterable[tuple[bytes, int, bytes]] | None
-    ) -> Iterator[tuple[bytes, int, bytes]]:
-        """The values ``spilled`` for ``kbs``, then those of the keys still in ``kbs`` from
-        the data file."""
-        if spilled is not None:
-            yield from spilled
-        if kbs:
-            yield from self._replica.stored_values(list(kbs))
+    def _values(self, batch: list[_ShardWrite], spilled: Iterable[Block] | None) -> Iterator[Block]:
+        """The blocks ``spilled``, then those of the keys still to send by ``batch`` (listed
+        once ``spilled`` is read) from the data file."""
+        looked_up = self._looked_up(batch)
+        return looked_up if spilled is None else itertools.chain(spilled, looked_up)
 
-    def _send_pack(self, batch: list[_ShardWrite], new: NewPack, owners: list[_ShardWrite]) -> None:
+    def _looked_up(self, batch: list[_ShardWrite]) -> Iterator[Block]:
+        """The values of the keys still to send by ``batch`` from the data file, in blocks."""
+        owner = {kb: shard.number for shard in batch for kb in shard.to_send}
+        if owner:
+            for keys, timestamps, values in _chunks(self._replica.stored_values(list(owner))):
+                yield list(map(owner.__getitem__, keys)), keys, timestamps, values
+
+    def _send_pack(self) -> None:
+        """Send the pack being filled (if it holds a value), of the batch's shards, and
+        start another."""
+        new, owners = self._new, self._owners
         if owners:
             self.uploaded += len(new.values)
-            self._packs.append((batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
+            self._packs.append((self._batch, (new, owners), self._workers.submit(self._remote.send_pack, new)))
+            self._new, self._owners = NewPack(), []
         in_flight = max(1, min(self._threads, PUSH_IN_FLIGHT // remote_module.PACK_SIZE))
         while len(self._packs) > in_flight:
             self._collect_pack()
@@ -883,8 +1099,7 @@ class _PushWriter:
     def _collect_pack(self) -> None:
         _, (new, owners), future = self._packs.popleft()
         footer = future.result()
-        for shard, (kb, entry) in zip(owners, new.located(), strict=True):
-            shard.contents[kb] = shard.known[entry.md5] = entry
+        _consume(map(dict.__setitem__, owners, new.keys, new.entries()))
         self._replica.log.record_pack(new.pack, footer)
         self._progress.update(len(new.values))
 
@@ -920,5 +1135,5 @@ class _PushWriter:
         if contents:
             self._remote.upload_shard(self._commit_id, shard.number, contents, self._remember)
             written = self._commit_id
-        n_bytes = sum(e.length for e in contents.values())
+        n_bytes = sum(map(_LENGTH, contents.values()))
         return shard.number, written, len(contents) - shard.old_keys, n_bytes - shard.old_bytes

@@ -8,6 +8,7 @@ object it is handed to keep fetched shards in.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import warnings
 from collections import OrderedDict, deque
@@ -1080,9 +1081,21 @@ class NewPack:
         self.values += value
         self.keys.append(key)
 
+    def extend(self, keys: list[bytes], values: list[bytes], md5s: list[bytes], timestamps: list[int]) -> None:
+        """Append values, a column each (as :meth:`add` one at a time)."""
+        lengths = list(map(len, values))
+        offsets = itertools.islice(itertools.accumulate(lengths, initial=len(self.values)), len(lengths))
+        self._footer.extend(keys, md5s, timestamps, offsets, lengths)
+        self.values += b"".join(values)
+        self.keys.extend(keys)
+
     def footer(self) -> bytes:
         """The pack's footer (trailer included)."""
         return self._footer.encode()
+
+    def entries(self) -> Iterator[Entry]:
+        """Each value's :class:`Entry` in this pack, in order (of the keys of ``keys``)."""
+        return self._footer.entries(self.pack)
 
     def located(self) -> Iterator[tuple[bytes, Entry]]:
         """Each key's :class:`Entry` in this pack, in order."""
