@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ebooklet.server import wait_stopped
+
 BUCKET = "ebooklet-test"
 ACCESS_KEY_ID = "ebooklet-test-key"
 ACCESS_KEY = "ebooklet-test-secret"
@@ -219,6 +221,7 @@ class SeaweedFS:
         """Freeze the server (SIGSTOP): connections hang instead of failing."""
         if self.running:
             self._proc.send_signal(signal.SIGSTOP)
+            wait_stopped(self._proc.pid)  # weed's threads stop a moment later
 
     def resume(self) -> None:
         """Let a server frozen by :meth:`pause` run again."""

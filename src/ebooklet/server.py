@@ -98,6 +98,27 @@ def moto_server_command() -> list[str]:
     )
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until every thread of process ``pid`` is stopped (after a SIGSTOP, which a busy
+    machine may take a few milliseconds to bring to all threads: a request sent at once
+    could still be answered). Returns whether they are; ``True`` at once where
+    ``/proc`` is missing (nothing to watch)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = [(task / "stat").read_text().rpartition(")")[2].split()[0] for task in tasks.iterdir()]
+        except (OSError, IndexError):
+            return False  # the process is gone
+        if all(state in ("T", "t") for state in states):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
 class LocalS3Server:
     """A local ``moto_server`` process speaking the S3 API on ``127.0.0.1``.
 
@@ -264,9 +285,11 @@ class LocalS3Server:
             self._proc.wait()
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections hang instead of failing (POSIX)."""
+        """Freeze the server (SIGSTOP): connections hang instead of failing (POSIX).
+        Returns once every thread of it has stopped (see :func:`wait_stopped`)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGSTOP)
+            wait_stopped(self._proc.pid)
 
     def resume(self) -> None:
         """Let a server frozen by :meth:`pause` run again (SIGCONT)."""
