@@ -1099,7 +1099,7 @@ class NewPack:
 
     def located(self) -> Iterator[tuple[bytes, Entry]]:
         """Each key's :class:`Entry` in this pack, in order."""
-        return zip(self.keys, self._footer.entries(self.pack), strict=True)
+        return zip(self.keys, self.entries(), strict=True)
 
 
 class _Range(NamedTuple):
